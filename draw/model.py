@@ -1,0 +1,157 @@
+"""DRAW: a recurrent variational auto-encoder that draws with selective attention (Gregor et al. 2015).
+
+A pure module: no I/O. The recurrence is Eqs. 3-8, the loss Eqs. 9-12, generation Eqs. 13-16; read and
+write are either attentive (Eqs. 27, 29, through `kernels`) or whole-image (Eqs. 17, 18).
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from draw.config import DRAWConfig
+
+
+class DRAWOutput(NamedTuple):
+    loss: torch.Tensor  # scalar: mean over the batch of L_x + beta * L_z
+    l_x: torch.Tensor  # [B] reconstruction loss -log D(x | c_T), nats  (9)
+    l_z: torch.Tensor  # [B] latent loss, sum over t of KL(Q(Z_t | h_enc_t) || N(0, I)), nats  (10, 11)
+    log_weight: torch.Tensor  # [B] log p(x, z) - log q(z | x) for the sampled z (importance weight)
+    canvases: torch.Tensor | None  # [T, B, C, H, W] canvas logits c_1..c_T, when asked for
+    write_params: torch.Tensor | None  # [T, B, 5] raw write parameters, when asked for
+
+
+class Generation(NamedTuple):
+    canvases: torch.Tensor  # [T, n, C, H, W] canvas logits c~_1..c~_T
+    write_params: torch.Tensor | None  # [T, n, 5] raw write parameters (None without write attention)
+
+
+class DRAW(nn.Module):
+    def __init__(self, config: DRAWConfig):
+        super().__init__()
+        self.config = config
+        c, h, w = config.channels, config.height, config.width
+        read_size = 2 * c * (config.read_n**2 if config.read_attn else h * w)
+        write_size = c * (config.write_n**2 if config.write_attn else h * w)
+
+        self.encoder = nn.LSTMCell(read_size + config.dec_size, config.enc_size)  # (5)
+        self.to_latent = nn.Linear(config.enc_size, 2 * config.z_size)  # mu and log sigma  (1, 2)
+        self.decoder = nn.LSTMCell(config.z_size, config.dec_size)  # (7)
+        self.to_write = nn.Linear(config.dec_size, write_size)  # w_t  (28) or W(h_dec)  (18)
+        self.to_read_params = nn.Linear(config.dec_size, 5) if config.read_attn else None  # (21)
+        self.to_write_params = nn.Linear(config.dec_size, 5) if config.write_attn else None
+
+        # learned initial canvas and LSTM states, broadcast over the batch
+        self.canvas0 = nn.Parameter(torch.zeros(c, h, w))
+        self.h_enc0 = nn.Parameter(torch.zeros(config.enc_size))
+        self.c_enc0 = nn.Parameter(torch.zeros(config.enc_size))
+        self.h_dec0 = nn.Parameter(torch.zeros(config.dec_size))
+        self.c_dec0 = nn.Parameter(torch.zeros(config.dec_size))
+
+    # --- read and write ---------------------------------------------------------------------
+
+    def read(self, x, canvas, h_dec):
+        """r_t, Eq. 4: [B, 2*C*N*N] with attention (27), else [B, 2*C*H*W] (17)."""
+        cfg = self.config
+        if cfg.read_attn:
+            params = self.to_read_params(h_dec)  # [B, 5]
+            glimpse = kernels.read(x, canvas, params, cfg.read_n, backend=cfg.backend)  # [B, 2, C, N, N]
+            return glimpse.flatten(1)
+        x_hat = x - torch.sigmoid(canvas)  # (3)
+        return torch.cat([x.flatten(1), x_hat.flatten(1)], dim=1)
+
+    def write(self, canvas, h_dec):
+        """c_t = c_{t-1} + write(h_dec_t), Eq. 8. Returns (c_t [B, C, H, W], raw write params [B, 5] or None)."""
+        cfg = self.config
+        patch = self.to_write(h_dec)
+        if cfg.write_attn:
+            params = self.to_write_params(h_dec)  # [B, 5]
+            patch = patch.view(-1, cfg.channels, cfg.write_n, cfg.write_n)  # [B, C, N^, N^]
+            return kernels.write(patch, params, canvas, backend=cfg.backend), params
+        return canvas + patch.view_as(canvas), None
+
+    def _initial_state(self, batch: int, dtype: torch.dtype):
+        def expand(p, *shape):
+            return p.to(dtype).expand(batch, *shape)
+
+        cfg = self.config
+        canvas = self.canvas0.expand(batch, -1, -1, -1)  # [B, C, H, W]
+        enc = (expand(self.h_enc0, cfg.enc_size), expand(self.c_enc0, cfg.enc_size))
+        dec = (expand(self.h_dec0, cfg.dec_size), expand(self.c_dec0, cfg.dec_size))
+        return canvas, enc, dec
+
+    # --- inference: the variational bound ---------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *, return_sequence: bool = False) -> DRAWOutput:
+        """Encode and reconstruct x, returning the loss of Eqs. 9-12.
+
+        Args:
+            x: [B, C, H, W] binary (or grey-level) images in [0, 1].
+            return_sequence: also return the T canvases and write parameters (for figures).
+        """
+        cfg = self.config
+        expected = (cfg.channels, cfg.height, cfg.width)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"x must be [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
+        batch = x.shape[0]
+        canvas, (h_enc, c_enc), (h_dec, c_dec) = self._initial_state(batch, x.dtype)
+        kl = x.new_zeros(batch)
+        log_ratio = x.new_zeros(batch)  # sum_t log N(z_t; 0, I) - log N(z_t; mu_t, sigma_t)
+        canvases, write_params = [], []
+        for _ in range(cfg.T):
+            r = self.read(x, canvas, h_dec)  # (3, 4)
+            h_enc, c_enc = self.encoder(torch.cat([r, h_dec], dim=1), (h_enc, c_enc))  # (5)
+            mu, log_sigma = self.to_latent(h_enc).chunk(2, dim=1)  # [B, z] each  (1, 2)
+            eps = torch.randn_like(mu)
+            z = mu + torch.exp(log_sigma) * eps  # reparameterised sample of Q(Z_t | h_enc_t)  (6)
+            h_dec, c_dec = self.decoder(z, (h_dec, c_dec))  # (7)
+            canvas, params = self.write(canvas, h_dec)  # (8)
+            # KL(N(mu, sigma) || N(0, 1)) = 0.5 (mu^2 + sigma^2 - log sigma^2) - 1/2, per unit  (11)
+            kl = kl + (0.5 * (mu**2 + torch.exp(2 * log_sigma)) - log_sigma - 0.5).sum(1)
+            log_ratio = log_ratio + (0.5 * (eps**2 - z**2) + log_sigma).sum(1)
+            if return_sequence:
+                canvases.append(canvas)
+                write_params.append(params)
+        l_x = F.binary_cross_entropy_with_logits(canvas.float(), x.float(), reduction="none").sum((1, 2, 3))  # (9)
+        l_z = kl.float()
+        loss = (l_x + cfg.beta * l_z).mean()  # (12)
+        log_weight = -l_x + log_ratio.float()  # log p(x | z) + log p(z) - log q(z | x)
+        return DRAWOutput(
+            loss,
+            l_x,
+            l_z,
+            log_weight,
+            torch.stack(canvases) if return_sequence else None,
+            torch.stack(write_params) if return_sequence and cfg.write_attn else None,
+        )
+
+    # --- generation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, n: int, *, generator: torch.Generator | None = None) -> Generation:
+        """Draw n images from the prior, Eqs. 13-16 (the encoder is not used).
+
+        Returns the canvas logits at every step; sigmoid(canvases[-1]) is the Bernoulli mean of x~.
+        """
+        cfg = self.config
+        device = self.canvas0.device
+        canvas, _, (h_dec, c_dec) = self._initial_state(n, self.canvas0.dtype)
+        canvases, write_params = [], []
+        for _ in range(cfg.T):
+            z = torch.randn(n, cfg.z_size, device=device, generator=generator)  # (13)
+            h_dec, c_dec = self.decoder(z, (h_dec, c_dec))  # (14)
+            canvas, params = self.write(canvas, h_dec)  # (15)
+            canvases.append(canvas)
+            write_params.append(params)
+        return Generation(torch.stack(canvases), torch.stack(write_params) if cfg.write_attn else None)
+
+
+def importance_weighted_bound(model: DRAW, x: torch.Tensor, k: int) -> torch.Tensor:
+    """-log (1/K) sum_k p(x, z_k) / q(z_k | x), per image, in nats: [B]. K = 1 gives the usual bound."""
+    batch = x.shape[0]
+    repeated = x.repeat_interleave(k, dim=0)  # [B*K, C, H, W], the K copies of an image adjacent
+    log_weight = model(repeated).log_weight.view(batch, k)  # [B, K]
+    return -(torch.logsumexp(log_weight, dim=1) - math.log(k))

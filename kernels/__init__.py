@@ -1,0 +1,160 @@
+"""DRAW's selective attention (Gregor et al. 2015, Eqs. 19-29): filterbank, read and write.
+
+Two backends share one API and one set of conventions (DRAW-SPEC.md):
+    "reference"  batched PyTorch (kernels/reference.py), any device, the definition of correctness;
+    "triton"     fused Triton kernels (kernels/triton_attention.py), CUDA tensors, or CPU tensors
+                 under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported);
+    "auto"       Triton for CUDA tensors when Triton imports, else the reference.
+"""
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from kernels import reference
+
+BACKENDS = ("auto", "reference", "triton")
+
+__all__ = ["BACKENDS", "filterbank", "read", "write", "resolve_backend", "triton_available"]
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when the `triton` package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend ("reference" or "triton") that `backend` selects for tensors on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs the `triton` package, which is not installed")
+        if device.type != "cuda" and not _triton_interpreter():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors, got tensors on {device}; on CPU use "
+                "backend='reference', or set TRITON_INTERPRET=1 before importing triton to run "
+                "the kernels in Triton's interpreter"
+            )
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks: every backend sees inputs that already passed these.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, t, rank: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must be {layout} (rank {rank}), got shape {list(t.shape)}")
+
+
+def _check_grid_size(name: str, n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {n!r}")
+
+
+def _check_params(params, batch: int) -> None:
+    _check_tensor("params", params, 2, "[B, 5]")
+    if params.shape != (batch, 5):
+        raise ValueError(f"params must be [B, 5] = [{batch}, 5], got {list(params.shape)}")
+
+
+def _check_same_device(**tensors) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        found = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"all inputs must be on one device, got {found}")
+    return next(iter(devices.values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def filterbank(params: torch.Tensor, n: int, height: int, width: int):
+    """Filterbanks and intensity of Eqs. 19-26 (always the reference maths: it is the spec).
+
+    Args:
+        params: [B, 5] raw (gx~, gy~, log sigma^2, log delta~, log gamma).
+        n: grid size N >= 1.
+        height, width: image size H, W >= 1.
+    Returns:
+        fx [B, n, W], fy [B, n, H], gamma [B].
+    """
+    _check_tensor("params", params, 2, "[B, 5]")
+    if params.shape[1] != 5:
+        raise ValueError(f"params must be [B, 5], got {list(params.shape)}")
+    _check_grid_size("n", n)
+    _check_grid_size("height", height)
+    _check_grid_size("width", width)
+    return reference.filterbank(params, n, height, width)
+
+
+def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int, *, backend: str = "auto"):
+    """Attention read, Eqs. 3 and 27: gamma * [F_Y x F_X^T, F_Y x_hat F_X^T], x_hat = x - sigmoid(canvas).
+
+    Args:
+        x: [B, C, H, W] images.
+        canvas: [B, C, H, W] canvas logits.
+        params: [B, 5] raw read parameters.
+        n: read grid size N >= 1.
+        backend: "auto", "reference" or "triton".
+    Returns:
+        [B, 2, C, n, n] glimpses of x (index 0) and of the error image (index 1), in x's dtype.
+    """
+    _check_tensor("x", x, 4, "[B, C, H, W]")
+    _check_tensor("canvas", canvas, 4, "[B, C, H, W]")
+    if canvas.shape != x.shape:
+        raise ValueError(f"canvas must have x's shape {list(x.shape)}, got {list(canvas.shape)}")
+    _check_params(params, x.shape[0])
+    _check_grid_size("n", n)
+    device = _check_same_device(x=x, canvas=canvas, params=params)
+    if resolve_backend(backend, device) == "triton":
+        from kernels import triton_attention
+
+        return triton_attention.read(x, canvas, params, n)
+    return reference.read(x, canvas, params, n)
+
+
+def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor, *, backend: str = "auto"):
+    """Attention write added to the canvas, Eqs. 8 and 29: canvas + (1 / gamma) F_Y^T w F_X.
+
+    Args:
+        patch: [B, C, n, n] write patch.
+        params: [B, 5] raw write parameters.
+        canvas: [B, C, H, W] canvas logits.
+        backend: "auto", "reference" or "triton".
+    Returns:
+        [B, C, H, W] the new canvas, in the canvas's dtype.
+    """
+    _check_tensor("patch", patch, 4, "[B, C, n, n]")
+    _check_tensor("canvas", canvas, 4, "[B, C, H, W]")
+    batch, channels = canvas.shape[:2]
+    if patch.shape[0] != batch or patch.shape[1] != channels or patch.shape[2] != patch.shape[3]:
+        raise ValueError(
+            f"patch must be [B, C, n, n] = [{batch}, {channels}, n, n] to match the canvas "
+            f"{list(canvas.shape)}, got {list(patch.shape)}"
+        )
+    _check_grid_size("write grid size n (patch.shape[-1])", patch.shape[-1])
+    _check_params(params, batch)
+    device = _check_same_device(patch=patch, params=params, canvas=canvas)
+    if resolve_backend(backend, device) == "triton":
+        from kernels import triton_attention
+
+        return triton_attention.write(patch, params, canvas)
+    return reference.write(patch, params, canvas)

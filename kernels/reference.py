@@ -1,0 +1,104 @@
+"""DRAW's selective attention in plain, batched PyTorch: the executable spec.
+
+Gregor et al. 2015, Eqs. 19-29, with the conventions of DRAW-SPEC.md: 1-based pixel coordinates
+a = 1..W, b = 1..H, a 1-based grid index i = 1..N, Z = max(row sum, 1e-8), and N = 1 allowed.
+
+Every function here is differentiable by autograd, runs on any device and dtype, and has no Python
+loop over the batch, the grid or the pixels. The fused Triton kernels are tested against it.
+
+Bytes moved (fp32, B images of C x H x W, grid N), counting what the maths must touch:
+    read : x and canvas in (2 * B*C*H*W * 4), params in (B*5*4), glimpses out (B*2*C*N*N * 4)
+    write: canvas in and out (2 * B*C*H*W * 4), patch in (B*C*N*N * 4), params in (B*5*4)
+This reference moves more: it materialises F_X [B, N, W], F_Y [B, N, H], sigmoid(canvas) and x_hat.
+"""
+
+import torch
+
+ROW_SUM_FLOOR = 1e-8  # Z = max(row sum, 1e-8): an all-underflow row becomes ~0, never NaN
+
+
+def attention_grid(params: torch.Tensor, n: int, height: int, width: int):
+    """Decode raw attention parameters into the grid's centre, stride, variance and intensity.
+
+    Args:
+        params: [B, 5] raw (gx~, gy~, log sigma^2, log delta~, log gamma), Eq. 21.
+        n: grid size N (>= 1).
+        height, width: image size H, W.
+    Returns:
+        gx [B], gy [B] (1-based pixel coordinates), delta [B], sigma2 [B], gamma [B].
+    """
+    gx_, gy_, log_sigma2, log_delta_, log_gamma = params.unbind(-1)
+    gx = (width + 1) / 2 * (gx_ + 1)  # (22)
+    gy = (height + 1) / 2 * (gy_ + 1)  # (23)
+    delta = (max(width, height) - 1) / max(n - 1, 1) * torch.exp(log_delta_)  # (24), N = 1: divisor 1
+    return gx, gy, delta, torch.exp(log_sigma2), torch.exp(log_gamma)
+
+
+def _gaussian_rows(centre, delta, inv_two_sigma2, n: int, size: int):
+    """Normalised Gaussian filterbank rows [B, n, size], Eqs. 19-20 and 25-26.
+
+    The exponent -(a - mu)^2 / (2 sigma^2) is formed as -(a - mu)^2 * (exp(-log sigma^2) / 2): with a
+    division, the gradient would square sigma^2, which underflows (and turns 0 * inf into NaN) for
+    sigma^2 below ~1e-19 in fp32.
+    """
+    grid = torch.arange(1, n + 1, device=centre.device, dtype=centre.dtype)  # i = 1..N
+    mu = centre[:, None] + (grid - n / 2 - 0.5) * delta[:, None]  # [B, n]  (19), (20)
+    pixels = torch.arange(1, size + 1, device=centre.device, dtype=centre.dtype)  # a = 1..size
+    rows = torch.exp(-((pixels - mu[:, :, None]) ** 2) * inv_two_sigma2[:, None, None])  # [B, n, size]
+    return rows / rows.sum(-1, keepdim=True).clamp_min(ROW_SUM_FLOOR)  # (25), (26)
+
+
+def filterbank(params: torch.Tensor, n: int, height: int, width: int):
+    """The filterbank matrices and intensity of Eqs. 19-26.
+
+    Args:
+        params: [B, 5] raw attention parameters.
+        n: grid size N.
+        height, width: image size H, W.
+    Returns:
+        fx [B, n, W], fy [B, n, H], gamma [B]. Half-precision params are computed in fp32.
+    """
+    compute = torch.float32 if params.dtype in (torch.float16, torch.bfloat16) else params.dtype
+    params = params.to(compute)
+    gx, gy, delta, _, gamma = attention_grid(params, n, height, width)
+    inv_two_sigma2 = 0.5 * torch.exp(-params[:, 2])  # 1 / (2 sigma^2)
+    fx = _gaussian_rows(gx, delta, inv_two_sigma2, n, width)
+    fy = _gaussian_rows(gy, delta, inv_two_sigma2, n, height)
+    return fx, fy, gamma
+
+
+def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int) -> torch.Tensor:
+    """Attention read, Eqs. 3 and 27: gamma * [F_Y x F_X^T, F_Y x_hat F_X^T], x_hat = x - sigmoid(canvas).
+
+    Args:
+        x: [B, C, H, W] images.
+        canvas: [B, C, H, W] canvas logits c_{t-1}.
+        params: [B, 5] raw read parameters.
+        n: read grid size N.
+    Returns:
+        [B, 2, C, n, n] glimpses (index 0: of x, index 1: of the error image), in x's dtype.
+    """
+    height, width = x.shape[-2:]
+    fx, fy, gamma = filterbank(params, n, height, width)
+    compute = fx.dtype
+    x_hat = x.to(compute) - torch.sigmoid(canvas.to(compute))  # (3)
+    images = torch.stack([x.to(compute), x_hat], dim=1)  # [B, 2, C, H, W]
+    glimpse = torch.einsum("bjh,bkchw,biw->bkcji", fy, images, fx)  # [B, 2, C, n, n]  (27)
+    return (gamma[:, None, None, None, None] * glimpse).to(x.dtype)
+
+
+def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+    """Attention write added to the canvas, Eqs. 8 and 29: canvas + (1 / gamma) F_Y^T w F_X.
+
+    Args:
+        patch: [B, C, n, n] the write patch w_t.
+        params: [B, 5] raw write parameters.
+        canvas: [B, C, H, W] canvas logits c_{t-1}.
+    Returns:
+        [B, C, H, W] the new canvas c_t, in the canvas's dtype.
+    """
+    n = patch.shape[-1]
+    height, width = canvas.shape[-2:]
+    fx, fy, gamma = filterbank(params, n, height, width)
+    written = torch.einsum("bjh,bcji,biw->bchw", fy, patch.to(fx.dtype), fx)  # [B, C, H, W]  (29)
+    return (canvas.to(fx.dtype) + written / gamma[:, None, None, None]).to(canvas.dtype)

@@ -1,0 +1,234 @@
+"""The DRAW model, its training loop, checkpoints and command line, on small synthetic data."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from draw import DRAW, DRAWConfig, importance_weighted_bound
+from draw.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from draw.cli import main
+from draw.data import load_dataset
+from draw.evaluate import evaluate_bound
+from draw.train import RunSettings, train
+
+SMALL = DRAWConfig(height=12, width=10, channels=1, T=4, enc_size=24, dec_size=24, z_size=6, read_n=2, write_n=3, backend="reference")
+
+
+def binary_images(batch, config=SMALL, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(torch.full((batch, config.channels, config.height, config.width), 0.3), generator=g)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"read_attn": False, "write_attn": False}, {"read_attn": False}, {"write_attn": False},
+     {"channels": 3, "read_n": 1, "write_n": 4}],
+    ids=["attention", "no-attention", "write-only", "read-only", "colour-N1"],
+)
+def test_forward_shapes_and_finite_loss(changes):
+    config = DRAWConfig(**{**SMALL.__dict__, **changes})
+    model = DRAW(config)
+    x = binary_images(5, config)
+    out = model(x, return_sequence=True)
+    assert out.loss.shape == () and torch.isfinite(out.loss)
+    assert out.l_x.shape == out.l_z.shape == out.log_weight.shape == (5,)
+    assert (out.l_z > -1e-5).all()  # a KL divergence
+    assert out.canvases.shape == (config.T, 5, config.channels, config.height, config.width)
+    assert (out.write_params is None) == (not config.write_attn)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    gen = model.generate(7)
+    assert gen.canvases.shape == (config.T, 7, config.channels, config.height, config.width)
+    if config.write_attn:
+        assert gen.write_params.shape == (config.T, 7, 5)
+
+
+def test_loss_is_the_papers_bound():
+    """L_x is the Bernoulli negative log-likelihood of x under sigmoid(c_T), and loss = mean(L_x + beta L_z)."""
+    torch.manual_seed(0)
+    model = DRAW(SMALL)
+    x = binary_images(4)
+    torch.manual_seed(1)
+    out = model(x, return_sequence=True)
+    p = torch.sigmoid(out.canvases[-1])
+    nll = -(x * torch.log(p) + (1 - x) * torch.log1p(-p)).sum((1, 2, 3))
+    torch.testing.assert_close(out.l_x, nll, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.loss, (out.l_x + out.l_z).mean())
+    model_beta = DRAW(DRAWConfig(**{**SMALL.__dict__, "beta": 0.5}))
+    model_beta.load_state_dict(model.state_dict())
+    torch.manual_seed(1)
+    out_beta = model_beta(x)
+    torch.testing.assert_close(out_beta.loss, (out.l_x + 0.5 * out.l_z).mean())
+
+
+def test_initial_canvas_and_states_are_learned():
+    model = DRAW(SMALL)
+    names = {name for name, _ in model.named_parameters()}
+    assert {"canvas0", "h_enc0", "c_enc0", "h_dec0", "c_dec0"} <= names
+    out = model(binary_images(3))
+    out.loss.backward()
+    assert model.canvas0.grad.abs().sum() > 0 and model.h_dec0.grad.abs().sum() > 0
+
+
+def test_importance_weighted_bound_is_tighter_on_the_same_samples():
+    """-log mean_k w_k <= mean_k -log w_k (Jensen), and K = 1 is the variational bound L_x + L_z."""
+    torch.manual_seed(0)
+    model = DRAW(SMALL)
+    x = binary_images(6)
+    k = 16
+    torch.manual_seed(1)
+    iw = importance_weighted_bound(model, x, k)
+    torch.manual_seed(1)
+    log_weight = model(x.repeat_interleave(k, dim=0)).log_weight.view(6, k)  # the same samples
+    assert iw.shape == (6,)
+    torch.testing.assert_close(iw, -(torch.logsumexp(log_weight, 1) - math.log(k)))
+    assert (iw <= -log_weight.mean(1) + 1e-4).all()
+    torch.manual_seed(2)
+    k1 = importance_weighted_bound(model, x, 1)
+    torch.manual_seed(2)
+    out = model(x)
+    # E_q[-log w] = L_x + KL; for one sample they differ only by the KL's Monte Carlo noise
+    torch.testing.assert_close(k1, -out.log_weight)
+    assert abs((k1 - (out.l_x + out.l_z)).mean().item()) < 0.5 * out.l_z.mean().item() + 5.0
+
+
+def test_loss_falls_on_synthetic_data():
+    torch.manual_seed(0)
+    config = DRAWConfig(**{**SMALL.__dict__, "height": 16, "width": 16})
+    data = load_dataset("synthetic", shape=(1, 16, 16))
+    model = DRAW(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(60):
+        x = torch.bernoulli(data.train[(step * 32) % 480 :][:32])
+        loss = model(x).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_bad_input_shape_is_refused():
+    with pytest.raises(ValueError, match=r"x must be \[B, 1, 12, 10\]"):
+        DRAW(SMALL)(torch.zeros(2, 1, 10, 12))
+    with pytest.raises(ValueError, match="T must be an int >= 1"):
+        DRAWConfig(T=0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        DRAWConfig(backend="cuda")
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = DRAW(SMALL)
+    path = save_checkpoint(tmp_path / "c.pt", model, step=7)
+    payload = load_checkpoint(path)
+    rebuilt = model_from_checkpoint(payload)
+    assert rebuilt.config == SMALL and payload["step"] == 7
+    for (name, a), (_, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
+        assert torch.equal(a, b), name
+    x = binary_images(3)
+    torch.manual_seed(5)
+    a = model(x).loss
+    torch.manual_seed(5)
+    assert torch.equal(a, rebuilt(x).loss)
+
+
+def test_bad_checkpoints_are_refused(tmp_path):
+    good = save_checkpoint(tmp_path / "good.pt", DRAW(SMALL), step=1)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all" * 10)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(truncated)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(garbage)
+    with pytest.raises(CheckpointError, match="not a DRAW checkpoint"):
+        load_checkpoint(foreign)
+    other = load_checkpoint(good)
+    other["model_config"] = {**other["model_config"], "enc_size": 48}  # a checkpoint of another model
+    with pytest.raises(CheckpointError, match="does not hold a DRAW model"):
+        model_from_checkpoint(other)
+
+
+def run_settings(**changes):
+    base = dict(dataset="synthetic", batch_size=16, lr=2e-3, total_steps=12, eval_every=6, log_every=1, checkpoint_every=6, seed=3)
+    return RunSettings(**{**base, **changes})
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_with_identical_losses(tmp_path):
+    config = DRAWConfig(**{**SMALL.__dict__, "height": 28, "width": 28})
+    quiet = dict(progress=False, make_figures=False, log=lambda *_: None)
+    full = tmp_path / "full"
+    train(full, model_config=config, settings=run_settings(), **quiet)
+    split = tmp_path / "split"
+    train(split, model_config=config, settings=run_settings(total_steps=6), **quiet)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(split, model_config=config, settings=run_settings(), **quiet)  # never overwrite a run
+    summary = train(split, resume=True, total_steps=12, **quiet)
+    assert summary["steps"] == 12
+    losses = lambda d: [(r["step"], r["loss"]) for r in read_metrics(d) if "loss" in r]
+    assert losses(split) == losses(full)
+    assert len(losses(full)) == 12
+    a, b = load_checkpoint(full / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    bounds = [r["test_bound"] for r in read_metrics(full) if "test_bound" in r]
+    assert len(bounds) == 2 and all(math.isfinite(v) for v in bounds)
+
+
+def test_evaluate_bound_is_reproducible_and_leaves_rng_alone():
+    model = DRAW(SMALL)
+    x = binary_images(10)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = evaluate_bound(model, x, batch_size=4)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = evaluate_bound(model, x, batch_size=4)
+    assert a == b and a["images"] == 10
+    assert a["nats"] == pytest.approx(a["l_x"] + a["l_z"])
+    iw = evaluate_bound(model, x, batch_size=8, importance_samples=4)
+    assert iw["importance_samples"] == 4 and math.isfinite(iw["nats"])
+
+
+def test_cli_end_to_end_on_synthetic_data(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "synthetic", "--steps", "4", "--batch-size", "16", "--out", str(run), "--no-progress"]) == 0
+    for name in ["checkpoint.pt", "metrics.jsonl", "summary.json", "samples.png", "generation.gif", "generation.png",
+                 "reconstruction.gif", "loss_curve.png"]:
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    capsys.readouterr()
+    assert main(["eval", str(run / "checkpoint.pt"), "--importance-samples", "3"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(last)
+    assert result["dataset"] == "synthetic" and result["importance_samples"] == 3 and result["step"] == 4
+    assert math.isfinite(result["nats"])
+    assert main(["sample", str(run), "--n", "5", "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "samples.png").is_file() and (tmp_path / "s" / "generation.gif").is_file()
+    # a second train into the same directory is refused, and the run is untouched
+    before = (run / "checkpoint.pt").read_bytes()
+    assert main(["train", "--dataset", "synthetic", "--steps", "2", "--out", str(run), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_cli_reports_bad_checkpoints_without_writing(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    out = tmp_path / "out"
+    assert main(["sample", str(bad), "--out", str(out)]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["eval", str(tmp_path / "nowhere.pt")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
