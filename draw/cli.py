@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--epochs", type=_positive_float, help="passes over the training set (default: the preset's)")
     t.add_argument("--batch-size", type=_positive_int, help="images per step (default: the preset's)")
     t.add_argument("--lr", type=_positive_float, help="Adam learning rate (default: the preset's, scaled by sqrt(batch / preset batch) when --batch-size differs)")
+    t.add_argument("--lr-schedule", choices=("constant", "cosine"), help="constant, or cosine decay to lr/10 (default: the preset's)")
     t.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     t.add_argument("--out", type=pathlib.Path, help="run directory (default: runs/PRESET, or runs/PRESET-DATASET for other datasets)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
@@ -103,6 +104,7 @@ def cmd_train(args) -> int:
         total_steps=args.steps,
         epochs=args.epochs or preset.train.epochs,
         grad_clip=preset.train.grad_clip,
+        lr_schedule=args.lr_schedule or preset.train.lr_schedule,
         eval_every=args.eval_every or preset.train.eval_every,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,

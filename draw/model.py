@@ -29,6 +29,28 @@ class Generation(NamedTuple):
     write_params: torch.Tensor | None  # [T, n, 5] raw write parameters (None without write attention)
 
 
+def _attention_params(in_features: int, n: int, height: int, width: int, *, write: bool) -> nn.Linear:
+    """The linear layer of Eq. 21, initialised so that the first glimpses see the image and the first
+    writes can change it. Only the starting point differs from a default nn.Linear; the maths is Eq. 21.
+
+    With a zero bias, log delta~ = 0 stretches the grid over the whole image (Eq. 24) and sigma = 1
+    pixel: a 2x2 read grid would sit on the four corner pixels, blank in MNIST, and no gradient would
+    tell the encoder where to look. So the bias starts the grid centred over the middle (N-1)/N of the
+    image with filters half as wide as the grid spacing, sigma = max(H, W) / (2N). A write's filters
+    are normalised (Eq. 25), so a patch value reaches a pixel scaled by about 1 / (2 pi sigma^2); the
+    write's gamma starts at that value, giving the first writes unit gain (Eq. 29 divides by gamma),
+    where gamma = 1 would leave the decoder too weak a hand on the canvas to be worth encoding into z.
+    """
+    layer = nn.Linear(in_features, 5)
+    sigma = max(height, width) / (2 * n)
+    log_gamma = -math.log(2 * math.pi * sigma**2) if write else 0.0
+    log_delta = math.log((n - 1) / n) if n > 1 else 0.0
+    with torch.no_grad():
+        layer.weight.mul_(0.1)
+        layer.bias.copy_(torch.tensor([0.0, 0.0, 2 * math.log(sigma), log_delta, log_gamma]))
+    return layer
+
+
 class DRAW(nn.Module):
     def __init__(self, config: DRAWConfig):
         super().__init__()
@@ -41,8 +63,8 @@ class DRAW(nn.Module):
         self.to_latent = nn.Linear(config.enc_size, 2 * config.z_size)  # mu and log sigma  (1, 2)
         self.decoder = nn.LSTMCell(config.z_size, config.dec_size)  # (7)
         self.to_write = nn.Linear(config.dec_size, write_size)  # w_t  (28) or W(h_dec)  (18)
-        self.to_read_params = nn.Linear(config.dec_size, 5) if config.read_attn else None  # (21)
-        self.to_write_params = nn.Linear(config.dec_size, 5) if config.write_attn else None
+        self.to_read_params = _attention_params(config.dec_size, config.read_n, h, w, write=False) if config.read_attn else None  # (21)
+        self.to_write_params = _attention_params(config.dec_size, config.write_n, h, w, write=True) if config.write_attn else None
 
         # learned initial canvas and LSTM states, broadcast over the batch
         self.canvas0 = nn.Parameter(torch.zeros(c, h, w))

@@ -39,6 +39,7 @@ class RunSettings:
     total_steps: int | None = None  # None: `epochs` passes over the training set
     epochs: float = 1.0
     grad_clip: float = 10.0
+    lr_schedule: str = "constant"  # or "cosine": from lr down to lr / 10 over the run
     eval_every: int = 1000
     log_every: int = 50
     checkpoint_every: int = 500
@@ -55,6 +56,8 @@ class RunSettings:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
 
@@ -62,6 +65,14 @@ class RunSettings:
 def scaled_lr(base_lr: float, base_batch: int, batch: int) -> float:
     """Square-root learning-rate scaling for a batch size other than the preset's: lr * sqrt(B / B0)."""
     return base_lr * math.sqrt(batch / base_batch)
+
+
+def lr_at(settings: RunSettings, step: int) -> float:
+    """The learning rate of step `step` (0-based): a pure function of the step, so resumes match."""
+    if settings.lr_schedule == "constant":
+        return settings.lr
+    progress = min(step / settings.total_steps, 1.0)
+    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -212,6 +223,8 @@ def train(
     try:
         while step < settings.total_steps:
             x = sampler.batch(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(settings, step)
             with _autocast(settings, device):
                 out = step_fn(x)
             optimizer.zero_grad(set_to_none=True)
@@ -230,7 +243,8 @@ def train(
                 now = time.perf_counter()
                 rate = count * settings.batch_size / (now - tick)
                 epoch = step / sampler.per_epoch
-                metrics.write({"step": step, "epoch": round(epoch, 4), "loss": loss, "l_x": l_x, "l_z": l_z, "images_per_s": rate})
+                metrics.write({"step": step, "epoch": round(epoch, 4), "loss": loss, "l_x": l_x, "l_z": l_z,
+                               "lr": optimizer.param_groups[0]["lr"], "images_per_s": rate})
                 bar.set_postfix(loss=f"{loss:.2f}", L_x=f"{l_x:.2f}", L_z=f"{l_z:.2f}", img_s=f"{rate:.0f}", refresh=False)
                 sums.zero_()
                 count, tick = 0, time.perf_counter()

@@ -7,7 +7,6 @@ Two backends share one API and one set of conventions (DRAW-SPEC.md):
     "auto"       Triton for CUDA tensors when Triton imports, else the reference.
 """
 
-import functools
 import importlib.util
 import os
 
@@ -20,10 +19,12 @@ BACKENDS = ("auto", "reference", "triton")
 __all__ = ["BACKENDS", "filterbank", "read", "write", "resolve_backend", "triton_available"]
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """True when the `triton` package can be imported."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def _triton_interpreter() -> bool:

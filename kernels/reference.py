@@ -83,7 +83,8 @@ def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int) ->
     compute = fx.dtype
     x_hat = x.to(compute) - torch.sigmoid(canvas.to(compute))  # (3)
     images = torch.stack([x.to(compute), x_hat], dim=1)  # [B, 2, C, H, W]
-    glimpse = torch.einsum("bjh,bkchw,biw->bkcji", fy, images, fx)  # [B, 2, C, n, n]  (27)
+    rows = images @ fx[:, None, None].transpose(-1, -2)  # [B, 2, C, H, n]: x F_X^T
+    glimpse = fy[:, None, None] @ rows  # [B, 2, C, n, n]: F_Y x F_X^T  (27)
     return (gamma[:, None, None, None, None] * glimpse).to(x.dtype)
 
 
@@ -100,5 +101,5 @@ def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> to
     n = patch.shape[-1]
     height, width = canvas.shape[-2:]
     fx, fy, gamma = filterbank(params, n, height, width)
-    written = torch.einsum("bjh,bcji,biw->bchw", fy, patch.to(fx.dtype), fx)  # [B, C, H, W]  (29)
+    written = fy[:, None].transpose(-1, -2) @ patch.to(fx.dtype) @ fx[:, None]  # [B, C, H, W]: F_Y^T w F_X  (29)
     return (canvas.to(fx.dtype) + written / gamma[:, None, None, None]).to(canvas.dtype)

@@ -1,0 +1,418 @@
+"""Benchmark DRAW's attention read and write (Eqs. 27 and 29): GB/s per provider, as in the Triton tutorials.
+
+Providers, all measured in one run on the same inputs:
+    eager     kernels.read / kernels.write with backend="reference" (batched PyTorch)
+    compiled  torch.compile(dynamic=False) of a function calling the reference backend
+    triton    backend="triton", the fused kernels; CUDA only (skipped with a message otherwise)
+Modes: "fwd" (forward alone) and "fwd+bwd" (forward, then torch.autograd.grad with a fixed random grad_out).
+
+GB/s = the fewest bytes the op must move (read_bytes / write_bytes below) / the median time; the run also
+measures the device's copy bandwidth (dst.copy_(src)) and reports GB/s as a percentage of it.
+
+    python bench/bench_attention.py                          # CPU: the small sizes, eager and compiled
+    python bench/bench_attention.py --sizes launch,middle,bandwidth --json out.json --plot out.png  # GPU
+"""
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import torch
+
+import common
+import kernels
+
+OPS = ("read", "write")
+MODES = ("fwd", "fwd+bwd")
+PROVIDERS = ("eager", "compiled", "triton")
+REL_ERR_WARN = 1e-3  # a provider whose forward differs from eager by more than this (relative) is flagged
+
+
+@dataclass(frozen=True)
+class Size:
+    group: str  # "small" (CPU default), "launch", "middle" or "bandwidth"
+    batch: int
+    channels: int
+    height: int
+    width: int
+    read_n: int
+    write_n: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.batch}x{self.channels}x{self.height}x{self.width}"
+
+    def n(self, op: str) -> int:
+        return self.read_n if op == "read" else self.write_n
+
+
+SIZES = (
+    # small: the CPU default, to check the script (MNIST and CIFAR shapes at small batches)
+    Size("small", 64, 1, 28, 28, 2, 5),
+    Size("small", 256, 1, 28, 28, 2, 5),
+    Size("small", 64, 3, 32, 32, 5, 5),
+    Size("small", 256, 3, 32, 32, 5, 5),
+    # launch-bound: the MNIST model (read 2x2, write 5x5) at training batch sizes
+    Size("launch", 256, 1, 28, 28, 2, 5),
+    Size("launch", 1024, 1, 28, 28, 2, 5),
+    # middle: CIFAR-10 (5x5) at a large batch
+    Size("middle", 4096, 3, 32, 32, 5, 5),
+    # bandwidth-bound: SVHN crops and cluttered MNIST (12x12) at very large batches
+    Size("bandwidth", 16384, 3, 54, 54, 12, 12),
+    Size("bandwidth", 65536, 3, 54, 54, 12, 12),
+    Size("bandwidth", 16384, 1, 100, 100, 12, 12),
+    Size("bandwidth", 65536, 1, 100, 100, 12, 12),
+)
+GROUPS = ("small", "launch", "middle", "bandwidth")
+CUDAGRAPH_GROUPS = ("small", "launch")  # also timed with do_bench_cudagraph on CUDA
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes: what each op must move at the least
+# ---------------------------------------------------------------------------------------------
+
+
+def read_bytes(size: Size, mode: str, element_size: int = 4) -> int:
+    """Fewest bytes the read moves: each input read once, each output written once.
+
+    With I = B*C*H*W image elements and G = B*2*C*N*N glimpse elements:
+        fwd     in:  x (I), canvas (I), params (5B)              out: glimpses (G)
+        bwd     in:  x (I), canvas (I), params (5B), grad_out (G) out: grad_canvas (I), grad_params (5B)
+        fwd+bwd = fwd + bwd = 5I + 2G + 15B elements.
+    No grad_x: x is the data in DRAW and never requires grad, so the benchmark does not ask for it.
+    The backward recomputes the filterbanks from params instead of reading saved activations, so
+    only the inputs count; a kernel that saves and re-reads more is charged for it by a lower GB/s.
+    """
+    b, c, h, w, n = size.batch, size.channels, size.height, size.width, size.read_n
+    image, glimpse, params = b * c * h * w, b * 2 * c * n * n, b * 5
+    fwd = 2 * image + params + glimpse
+    bwd = 2 * image + params + glimpse + image + params
+    return element_size * (fwd if mode == "fwd" else fwd + bwd)
+
+
+def write_bytes(size: Size, mode: str, element_size: int = 4) -> int:
+    """Fewest bytes the write moves: each input read once, each output written once.
+
+    With I = B*C*H*W canvas elements and P = B*C*N*N patch elements:
+        fwd     in:  canvas (I), patch (P), params (5B)             out: new canvas (I)
+        bwd     in:  grad_out (I), patch (P), params (5B)           out: grad_patch (P), grad_params (5B)
+        fwd+bwd = fwd + bwd = 3I + 3P + 15B elements.
+    grad_canvas is not counted: the write adds to the canvas, so grad_canvas IS grad_out (autograd
+    passes the same tensor on, no copy). A backward that copies it pays 2I more bytes, uncounted, and
+    shows as lower GB/s. The canvas itself is not needed by the backward.
+    """
+    b, c, h, w, n = size.batch, size.channels, size.height, size.width, size.write_n
+    canvas, patch, params = b * c * h * w, b * c * n * n, b * 5
+    fwd = canvas + patch + params + canvas
+    bwd = canvas + patch + params + patch + params
+    return element_size * (fwd if mode == "fwd" else fwd + bwd)
+
+
+BYTES = {"read": read_bytes, "write": write_bytes}
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases: inputs and the function each provider runs
+# ---------------------------------------------------------------------------------------------
+
+
+def make_inputs(op: str, size: Size, mode: str, device: torch.device, seed: int = 0) -> dict:
+    """Inputs of one case: tensors, the grid size, which tensors need grads, and a fixed grad_out.
+
+    x is binary like the data, canvas and patch standard normal, params 0.5 * N(0, 1) (windows near
+    the centre, of moderate width); fwd+bwd asks for the gradients DRAW trains with (not x's).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    b, c, h, w, n = size.batch, size.channels, size.height, size.width, size.n(op)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+
+    params = 0.5 * randn(b, 5)
+    canvas = randn(b, c, h, w)
+    if op == "read":
+        x = torch.randint(0, 2, (b, c, h, w), generator=gen).float().to(device)
+        tensors = {"x": x, "canvas": canvas, "params": params}
+        grad_names = ("canvas", "params")
+        out_shape = (b, 2, c, n, n)
+    else:
+        tensors = {"patch": randn(b, c, n, n), "params": params, "canvas": canvas}
+        grad_names = ("patch", "params", "canvas")
+        out_shape = (b, c, h, w)
+    if mode == "fwd":
+        grad_names = ()
+    for name in grad_names:
+        tensors[name].requires_grad_(True)
+    grad_out = randn(*out_shape) if grad_names else None
+    return {"op": op, "n": n, "tensors": tensors, "grad_names": grad_names, "grad_out": grad_out}
+
+
+def _read_reference(x, canvas, params, n):
+    return kernels.read(x, canvas, params, n, backend="reference")
+
+
+def _write_reference(patch, params, canvas):
+    return kernels.write(patch, params, canvas, backend="reference")
+
+
+def forward_fn(provider: str, case: dict):
+    """A zero-argument callable running the forward of `case` with `provider`."""
+    t = case["tensors"]
+    if provider == "compiled":
+        torch.compiler.reset()  # a fresh, shape-specialised compile per case (no recompile limit hit)
+        read_op = torch.compile(_read_reference, dynamic=False)
+        write_op = torch.compile(_write_reference, dynamic=False)
+    else:
+        backend = {"eager": "reference", "triton": "triton"}[provider]
+
+        def read_op(x, canvas, params, n):
+            return kernels.read(x, canvas, params, n, backend=backend)
+
+        def write_op(patch, params, canvas):
+            return kernels.write(patch, params, canvas, backend=backend)
+
+    if case["op"] == "read":
+        return lambda: read_op(t["x"], t["canvas"], t["params"], case["n"])
+    return lambda: write_op(t["patch"], t["params"], t["canvas"])
+
+
+def benchmark_fn(forward, case: dict):
+    """forward alone, or forward + torch.autograd.grad (no .grad accumulation between calls)."""
+    if not case["grad_names"]:
+        return forward
+    inputs = [case["tensors"][name] for name in case["grad_names"]]
+    grad_out = case["grad_out"]
+    return lambda: torch.autograd.grad(forward(), inputs, grad_out)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|; inf on NaN or shape mismatch."""
+    if out.shape != ref.shape:
+        return float("inf")
+    err = (out.detach().double() - ref.detach().double()).abs().max()
+    if torch.isnan(err):
+        return float("inf")
+    return float(err / ref.detach().double().abs().max().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+
+def select_sizes(spec: str | None, device: torch.device) -> list[Size]:
+    """Group names and/or size names ("launch,65536x3x54x54"); default small on CPU, the rest on CUDA."""
+    if spec is None:
+        spec = "launch,middle,bandwidth" if device.type == "cuda" else "small"
+    chosen = []
+    for item in common.split_list(spec):
+        matches = [s for s in SIZES if item in (s.group, s.name, f"{s.group}:{s.name}")]
+        if not matches:
+            names = sorted({s.name for s in SIZES})
+            raise SystemExit(f"--sizes: unknown {item!r}; groups {list(GROUPS)}, sizes {names}")
+        chosen += [s for s in matches if s.name not in {c.name for c in chosen}]  # a shape runs once
+    return chosen
+
+
+def timers_for(size: Size, device: torch.device, cudagraph: bool) -> list[str]:
+    if device.type != "cuda":
+        return ["perf_counter"]
+    return ["do_bench", "cudagraph"] if cudagraph and size.group in CUDAGRAPH_GROUPS else ["do_bench"]
+
+
+def time_ms(fn, timer: str, args) -> float:
+    if timer == "do_bench":
+        return common.cuda_median_ms(fn, rep_ms=args.rep_ms)
+    if timer == "cudagraph":
+        return common.cuda_graph_median_ms(fn)
+    return common.cpu_median_ms(fn, reps=args.reps, budget_s=args.budget)
+
+
+def run_case(op, mode, size, providers, device, args, copy_gbps, triton_reason, rows, skipped):
+    case = make_inputs(op, size, mode, device, seed=args.seed)
+    nbytes = BYTES[op](size, mode)
+    with torch.no_grad():
+        reference_out = forward_fn("eager", case)()
+    for provider in providers:
+        where = f"{op} {mode} {size.group} {size.name} {provider}"
+        if provider == "triton" and triton_reason:
+            skipped.append({"op": op, "mode": mode, "size": size.name, "provider": provider, "reason": triton_reason})
+            continue
+        try:
+            forward = forward_fn(provider, case)
+            rel_err = relative_error(forward(), reference_out)
+            if rel_err > REL_ERR_WARN:
+                common.log(f"WARNING {where}: forward differs from eager by {rel_err:.2e} (relative)")
+            fn = benchmark_fn(forward, case)
+            for timer in timers_for(size, device, not args.no_cudagraph):
+                ms = time_ms(fn, timer, args)
+                gbps = nbytes / (ms * 1e-3) / 1e9
+                rows.append(
+                    {
+                        "op": op,
+                        "mode": mode,
+                        "group": size.group,
+                        "size": size.name,
+                        "n": size.n(op),
+                        "provider": provider,
+                        "timer": timer,
+                        "ms": ms,
+                        "bytes": nbytes,
+                        "gbps": gbps,
+                        "pct_copy": 100 * gbps / copy_gbps,
+                        "rel_err": rel_err,
+                    }
+                )
+                common.log(f"{where} [{timer}]: {ms:.4f} ms, {gbps:.2f} GB/s")
+        except Exception as error:  # one failing provider or size must not end the run
+            reason = "out of memory" if common.is_out_of_memory(error) else f"{type(error).__name__}: {error}"
+            reason = reason.splitlines()[0][:300]
+            common.log(f"SKIPPED {where}: {reason}")
+            skipped.append({"op": op, "mode": mode, "size": size.name, "provider": provider, "reason": reason})
+        common.free_memory(device)
+    del case, reference_out
+    common.free_memory(device)
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """vs_eager / vs_compiled: that provider's time over this row's, same op, mode, size and timer."""
+    by_key = {(r["op"], r["mode"], r["size"], r["timer"], r["provider"]): r["ms"] for r in rows}
+    for r in rows:
+        for baseline in ("eager", "compiled"):
+            ms = by_key.get((r["op"], r["mode"], r["size"], r["timer"], baseline))
+            r[f"vs_{baseline}"] = ms / r["ms"] if ms else None
+
+
+COLUMNS = (
+    ("op", "op"),
+    ("mode", "mode"),
+    ("group", "group"),
+    ("size", "size (BxCxHxW)"),
+    ("n", "N"),
+    ("provider", "provider"),
+    ("timer", "timer"),
+    ("ms", "median ms"),
+    ("gbps", "GB/s"),
+    ("pct_copy", "% copy"),
+    ("vs_eager", "x eager"),
+    ("vs_compiled", "x compiled"),
+)
+
+
+def plot(rows: list[dict], copy_gbps: float, path: str) -> None:
+    """GB/s over size, one line per provider (and timer), one panel per op and mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(op, mode) for op in OPS for mode in MODES if any(r["op"] == op and r["mode"] == mode for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (op, mode) in zip(axes[0], panels):
+        panel = [r for r in rows if r["op"] == op and r["mode"] == mode]
+        sizes = sorted({r["size"] for r in panel}, key=lambda s: next(r["bytes"] for r in panel if r["size"] == s))
+        for provider in PROVIDERS:
+            for timer in ("perf_counter", "do_bench", "cudagraph"):
+                line = {r["size"]: r["gbps"] for r in panel if r["provider"] == provider and r["timer"] == timer}
+                if line:
+                    xs = [i for i, s in enumerate(sizes) if s in line]
+                    label = provider if timer != "cudagraph" else f"{provider} (CUDA graph)"
+                    ax.plot(xs, [line[sizes[i]] for i in xs], "o-" if timer != "cudagraph" else "s--", label=label)
+        ax.axhline(copy_gbps, color="grey", linestyle=":", label=f"copy {copy_gbps:.0f} GB/s")
+        ax.set_xticks(range(len(sizes)), sizes, rotation=30, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(f"{op} {mode}")
+        ax.set_ylabel("GB/s (fewest bytes / median time)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default=None, help="comma-separated groups (small, launch, middle, bandwidth) or sizes "
+                   "like 1024x1x28x28; default: small on CPU, launch,middle,bandwidth on CUDA")
+    p.add_argument("--ops", type=common.split_list, default=list(OPS), help="comma-separated ops: read,write")
+    p.add_argument("--modes", type=common.split_list, default=list(MODES), help="comma-separated modes: fwd,fwd+bwd")
+    p.add_argument("--providers", type=common.split_list, default=list(PROVIDERS),
+                   help="comma-separated providers: eager,compiled,triton (triton: CUDA only, skipped otherwise)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--copy-mib", type=int, default=None,
+                   help="size of the copy-bandwidth buffer in MiB; default 1024 on CUDA, 64 on CPU")
+    p.add_argument("--no-cudagraph", action="store_true",
+                   help="on CUDA, skip the extra do_bench_cudagraph timing of the small and launch-bound sizes")
+    p.add_argument("--rep-ms", type=int, default=200,
+                   help="CUDA: do_bench's rep, the milliseconds of timed calls per case (slow cases still get >= 1)")
+    p.add_argument("--reps", type=int, default=20, help="CPU: at most this many timed calls per case, after 3 warm-up calls")
+    p.add_argument("--budget", type=float, default=2.0, help="CPU: stop timing a case after this many seconds (>= 3 calls)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads(THREADS); default 1 on CPU (steady on a shared machine; "
+                   "use all cores on a quiet one), torch's default on CUDA")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--json", default=None, metavar="PATH", help="write results and metadata as JSON to PATH")
+    p.add_argument("--markdown", default=None, metavar="PATH", help="write results and metadata as a markdown table to PATH")
+    p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of GB/s over size per provider to PATH")
+    args = p.parse_args(argv)
+    for flag, values, allowed in (("--ops", args.ops, OPS), ("--modes", args.modes, MODES), ("--providers", args.providers, PROVIDERS)):
+        unknown = [v for v in values if v not in allowed]
+        if unknown:
+            p.error(f"{flag}: unknown {unknown}; choose from {list(allowed)}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = common.pick_device(args.device)
+    common.set_cpu_threads(args.threads, device)
+    sizes = select_sizes(args.sizes, device)
+    copy_mib = args.copy_mib or (1024 if device.type == "cuda" else 64)
+
+    copy_gbps = common.copy_bandwidth_gbps(device, copy_mib * common.MIB)
+    common.log(f"copy bandwidth ({copy_mib} MiB dst.copy_(src), 2x bytes): {copy_gbps:.1f} GB/s")
+    triton_reason = common.triton_skip_reason(device) if "triton" in args.providers else None
+    if triton_reason:
+        common.log(f"triton provider skipped: {triton_reason}")
+
+    meta = common.metadata(device, copy_bandwidth_gbps=round(copy_gbps, 2), copy_buffer_mib=copy_mib, dtype="float32")
+    rows, skipped = [], []
+    for size in sizes:
+        for op in args.ops:
+            for mode in args.modes:
+                run_case(op, mode, size, args.providers, device, args, copy_gbps, triton_reason, rows, skipped)
+    add_speedups(rows)
+
+    print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']}")
+    print(f"copy bandwidth: {copy_gbps:.1f} GB/s ({copy_mib} MiB buffer)")
+    for op in args.ops:
+        for mode in args.modes:
+            block = [r for r in rows if r["op"] == op and r["mode"] == mode]
+            if block:
+                print(f"\n{op} {mode}\n" + common.text_table(block, COLUMNS))
+    if skipped:
+        reasons = sorted({s["provider"] + ": " + s["reason"] for s in skipped})
+        print(f"\nskipped {len(skipped)} case(s):\n" + "\n".join(f"  {r}" for r in reasons))
+
+    if args.json:
+        common.write_json(args.json, meta, rows, skipped=skipped)
+    if args.markdown:
+        tables = [
+            (f"{op} {mode}", common.markdown_table([r for r in rows if r["op"] == op and r["mode"] == mode], COLUMNS))
+            for op in args.ops
+            for mode in args.modes
+            if any(r["op"] == op and r["mode"] == mode for r in rows)
+        ]
+        notes = [f"Copy bandwidth: {copy_gbps:.1f} GB/s ({copy_mib} MiB `dst.copy_(src)`, 2x bytes)."]
+        notes += [f"Skipped {s['provider']}: {s['reason']}" for s in {s["provider"] + s["reason"]: s for s in skipped}.values()]
+        common.write_markdown(args.markdown, "Attention read/write benchmark", meta, tables, notes)
+    if args.plot:
+        if rows:
+            plot(rows, copy_gbps, args.plot)
+        else:
+            common.log("--plot: no results to plot")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

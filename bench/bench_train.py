@@ -1,0 +1,299 @@
+"""Benchmark a whole DRAW training step: images/s and peak memory per preset, batch size, mode and dtype.
+
+A step is what draw/train.py does: forward (the loss, Eqs. 9-12), backward, gradient clipping to the
+preset's max norm, Adam step. The data are random binary images of the preset's shape (no download).
+
+Modes:
+    reference          eager model, attention backend="reference"
+    reference-compiled torch.compile of the model, backend="reference"
+    triton             eager model, backend="triton" (CUDA only)
+    triton-compiled    torch.compile of the model, backend="triton" (CUDA only)
+Compiled modes compile the model's forward (AOTAutograd compiles its backward too) with
+--compile-mode, default "reduce-overhead" on CUDA: inductor plus CUDA graphs, because a T = 64 step
+recurrence of small kernels is launch-bound at the batch sizes DRAW trains with; on CPU "default".
+Clipping and Adam stay eager, as in draw/train.py.
+
+    python bench/bench_train.py                                    # CPU: 3 MNIST presets at batch 64
+    python bench/bench_train.py --json train.json --plot train.png # CUDA: the default plan below
+"""
+
+import argparse
+import contextlib
+import resource
+import sys
+import time
+from dataclasses import replace
+
+import torch
+
+import common
+from draw import DRAW, PRESETS
+
+MODES = ("reference", "reference-compiled", "triton", "triton-compiled")
+CUDA_ONLY_MODES = ("triton", "triton-compiled")
+AMPS = ("fp32", "bf16")
+CPU_PLAN = {"mnist-quick": (64,), "mnist-paper": (64,), "mnist-noattn": (64,)}
+CUDA_PLAN = {"mnist-paper": (256, 1024, 4096), "svhn-paper": (256, 1024), "cifar-paper": (256, 1024)}
+FALLBACK_BATCHES = {"cpu": (64,), "cuda": (256, 1024)}  # a preset named in --presets but not in the plan
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """CUDA: torch.cuda.max_memory_allocated since the case began. CPU: the process's max resident set
+    (resource.getrusage ru_maxrss), which only grows, so it covers every case run so far in the process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / common.MIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def autocast(amp: str, device: torch.device):
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def skip_reason(mode: str, amp: str, device: torch.device, triton_reason: str | None) -> str | None:
+    if device.type != "cuda" and mode in CUDA_ONLY_MODES:
+        return f"mode {mode} needs CUDA"
+    if device.type != "cuda" and amp != "fp32":
+        return f"--amp {amp} is benchmarked on CUDA only"
+    if mode.startswith("triton") and triton_reason:
+        return f"mode {mode}: {triton_reason}"
+    return None
+
+
+def run_case(preset_name: str, batch: int, mode: str, amp: str, device: torch.device, args) -> dict:
+    """Build the model and optimizer, run the warm-up steps (compiling, if asked), time the next steps."""
+    preset = PRESETS[preset_name]
+    backend = "triton" if mode.startswith("triton") else "reference"
+    config = replace(preset.model, backend=backend)
+    compiled = mode.endswith("-compiled")
+
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = DRAW(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=preset.train.lr)
+    if compiled:
+        torch.compiler.reset()
+        compile_mode = args.compile_mode if device.type == "cuda" else "default"
+        step_model = torch.compile(model, mode=compile_mode, dynamic=False)
+    else:
+        step_model = model
+    shape = (batch, config.channels, config.height, config.width)
+    batches = [torch.randint(0, 2, shape, device=device).float() for _ in range(2)]  # random binary images
+
+    def step(i: int) -> torch.Tensor:
+        if compiled and device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # reduce-overhead: a new iteration begins
+        with autocast(amp, device):
+            out = step_model(batches[i % 2])
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), preset.train.grad_clip)
+        optimizer.step()
+        return out.loss.detach()
+
+    t0 = time.perf_counter()
+    for i in range(args.warmup):
+        step(i)
+    common.synchronize(device)
+    warmup_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        loss = step(i)
+    common.synchronize(device)
+    elapsed = time.perf_counter() - t0
+
+    result = {
+        "preset": preset_name,
+        "batch": batch,
+        "mode": mode,
+        "dtype": amp,
+        "images_per_s": batch * args.steps / elapsed,
+        "ms_per_step": 1e3 * elapsed / args.steps,
+        "peak_mib": peak_memory_mib(device),
+        "warmup_s": warmup_s,
+        "final_loss": float(loss.float()),
+        "steps": args.steps,
+        "warmup_steps": args.warmup,
+        "compile_mode": (args.compile_mode if device.type == "cuda" else "default") if compiled else None,
+    }
+    del model, optimizer, step_model, batches
+    if compiled:
+        torch.compiler.reset()
+    common.free_memory(device)
+    return result
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speed-up: this row's images/s over the eager reference in fp32 at the same preset and batch."""
+    baseline = {(r["preset"], r["batch"]): r["images_per_s"] for r in rows if r["mode"] == "reference" and r["dtype"] == "fp32"}
+    for r in rows:
+        base = baseline.get((r["preset"], r["batch"]))
+        r["vs_reference"] = r["images_per_s"] / base if base else None
+
+
+COLUMNS = (
+    ("preset", "preset"),
+    ("batch", "batch"),
+    ("mode", "mode"),
+    ("dtype", "dtype"),
+    ("images_per_s", "images/s"),
+    ("ms_per_step", "ms/step"),
+    ("peak_mib", "peak MiB"),
+    ("vs_reference", "x reference"),
+    ("warmup_s", "warm-up s"),
+    ("final_loss", "loss"),
+)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Speed-up over the fp32 eager reference against batch size, one panel per preset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    fig, axes = plt.subplots(1, len(presets), figsize=(5 * len(presets), 4), squeeze=False)
+    for ax, preset in zip(axes[0], presets):
+        panel = [r for r in rows if r["preset"] == preset and r["vs_reference"] is not None]
+        for mode in MODES:
+            for amp in AMPS:
+                line = sorted((r["batch"], r["vs_reference"]) for r in panel if r["mode"] == mode and r["dtype"] == amp)
+                if line:
+                    ax.plot(*zip(*line), "o-", label=f"{mode} {amp}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("speed-up over reference eager fp32")
+        ax.set_title(preset)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", type=common.split_list, default=None,
+                   help=f"comma-separated names from draw.config.PRESETS; default on CPU {','.join(CPU_PLAN)}, "
+                   f"on CUDA {','.join(CUDA_PLAN)} (missing presets are skipped with a message)")
+    p.add_argument("--batch-sizes", type=lambda s: [int(b) for b in common.split_list(s)], default=None,
+                   help="comma-separated batch sizes for every preset; default per preset: CPU 64, "
+                   "CUDA mnist-paper 256,1024,4096 and the colour presets 256,1024")
+    p.add_argument("--modes", type=common.split_list, default=None,
+                   help=f"comma-separated from {','.join(MODES)}; default reference on CPU, "
+                   "reference,triton,triton-compiled on CUDA")
+    p.add_argument("--amp", type=common.split_list, default=None,
+                   help="comma-separated dtypes: fp32 (TF32 matmuls on CUDA) and/or bf16 (autocast, CUDA only); "
+                   "default fp32 on CPU, fp32,bf16 on CUDA")
+    p.add_argument("--compile-mode", default="reduce-overhead",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode of the compiled modes on CUDA (CPU always uses default)")
+    p.add_argument("--no-tf32", action="store_true", help="CUDA: keep fp32 matmuls in full fp32 (no TF32)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (they include compiling); default 2 CPU, 5 CUDA")
+    p.add_argument("--steps", type=int, default=None, help="timed steps; default 5 CPU, 20 CUDA")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads(THREADS); default 1 on CPU (steady on a shared machine; "
+                   "use all cores on a quiet one), torch's default on CUDA")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model's initial weights and the random images")
+    p.add_argument("--json", default=None, metavar="PATH", help="write results and metadata as JSON to PATH")
+    p.add_argument("--markdown", default=None, metavar="PATH", help="write results and metadata as a markdown table to PATH")
+    p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of the speed-up over batch size to PATH")
+    args = p.parse_args(argv)
+    if args.batch_sizes is not None and (not args.batch_sizes or min(args.batch_sizes) < 1):
+        p.error("--batch-sizes: each must be >= 1")
+    if (args.steps is not None and args.steps < 1) or (args.warmup is not None and args.warmup < 0):
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    for flag, values, allowed in (("--modes", args.modes or [], MODES), ("--amp", args.amp or [], AMPS)):
+        unknown = [v for v in values if v not in allowed]
+        if unknown:
+            p.error(f"{flag}: unknown {unknown}; choose from {list(allowed)}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = common.pick_device(args.device)
+    common.set_cpu_threads(args.threads, device)
+    cuda = device.type == "cuda"
+    plan = CUDA_PLAN if cuda else CPU_PLAN
+    presets = args.presets or list(plan)
+    modes = args.modes or (["reference", "triton", "triton-compiled"] if cuda else ["reference"])
+    amps = args.amp or (["fp32", "bf16"] if cuda else ["fp32"])
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
+    args.steps = args.steps if args.steps is not None else (20 if cuda else 5)
+    if cuda:  # TF32 for the LSTM matmuls; the Triton attention kernels compute in fp32 regardless
+        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
+        torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    triton_reason = common.triton_skip_reason(device) if any(m.startswith("triton") for m in modes) else None
+
+    memory = "torch.cuda.max_memory_allocated per case" if cuda else "process max RSS (getrusage ru_maxrss), cumulative over the run"
+    meta = common.metadata(
+        device,
+        tf32=bool(cuda and not args.no_tf32),
+        compile_mode=args.compile_mode if cuda else "default",
+        warmup_steps=args.warmup,
+        timed_steps=args.steps,
+        peak_memory=memory,
+    )
+
+    rows, skipped = [], []
+
+    def skip(preset, batch, mode, amp, reason):
+        common.log(f"SKIPPED {preset} {batch or ''} {mode or ''} {amp or ''}: {reason}".replace("  ", " "))
+        skipped.append({"preset": preset, "batch": batch, "mode": mode, "dtype": amp, "reason": reason})
+
+    for preset in presets:
+        if preset not in PRESETS:
+            skip(preset, None, None, None, f"not in draw.config.PRESETS ({', '.join(sorted(PRESETS))})")
+            continue
+        for batch in args.batch_sizes or plan.get(preset, FALLBACK_BATCHES[device.type]):
+            for mode in modes:
+                for amp in amps:
+                    reason = skip_reason(mode, amp, device, triton_reason)
+                    if reason:
+                        skip(preset, batch, mode, amp, reason)
+                        continue
+                    try:
+                        row = run_case(preset, batch, mode, amp, device, args)
+                    except Exception as error:  # one failing case must not end the run
+                        row = None
+                        reason = "out of memory" if common.is_out_of_memory(error) else f"{type(error).__name__}: {error}"
+                    if row is None:  # out of the except block: its traceback no longer holds the case's tensors
+                        torch.compiler.reset()
+                        common.free_memory(device)
+                        skip(preset, batch, mode, amp, reason.splitlines()[0][:300])
+                        continue
+                    rows.append(row)
+                    common.log(
+                        f"{preset} batch {batch} {mode} {amp}: {row['images_per_s']:,.0f} images/s, "
+                        f"{row['ms_per_step']:.1f} ms/step, peak {row['peak_mib']:,.0f} MiB"
+                    )
+    add_speedups(rows)
+
+    print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']}")
+    print(f"peak memory: {memory}")
+    if rows:
+        print(common.text_table(rows, COLUMNS))
+    if skipped:
+        print(f"\nskipped {len(skipped)} case(s):\n" + "\n".join(sorted({f"  {s['reason']}" for s in skipped})))
+
+    if args.json:
+        common.write_json(args.json, meta, rows, skipped=skipped)
+    if args.markdown:
+        notes = [f"Peak memory: {memory}."] + [f"Skipped: {r}" for r in sorted({s["reason"] for s in skipped})]
+        common.write_markdown(args.markdown, "DRAW training-step benchmark", meta, [("Training step", common.markdown_table(rows, COLUMNS))], notes)
+    if args.plot:
+        if rows:
+            plot(rows, args.plot)
+        else:
+            common.log("--plot: no results to plot")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Shared helpers for the benchmarks in bench/: timing, copy bandwidth, metadata, tables, output files.
+
+Nothing here runs at import. The scripts import it as `common` (bench/ is on sys.path when a script in
+it runs as `python bench/<name>.py`, and bench/conftest.py adds it for pytest).
+"""
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+# ---------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    """"auto" -> CUDA when available, else CPU; otherwise the named device (must be usable)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, not the machine's total)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def set_cpu_threads(threads: int | None, device: torch.device) -> None:
+    """torch.set_num_threads: `threads` when given, else 1 for CPU runs (CUDA runs keep torch's default).
+
+    Why 1 by default: on a shared 2-core machine, torch's OpenMP threads spin-wait for each other, and
+    one descheduled thread stalls every parallel op (bench/RESULTS.md has what we saw). Pass
+    --threads 2 (or more) on a quiet machine.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif device.type == "cpu":
+        torch.set_num_threads(1)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU ({cpu_cores()} cores, {torch.get_num_threads()} torch threads): {model}"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    """Return cached blocks between cases so one case's leftovers do not crowd the next."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def triton_skip_reason(device: torch.device) -> str | None:
+    """None when backend="triton" runs a tiny read and write on `device`; else why it cannot be benchmarked.
+
+    Goes through the public API only (kernels.read / kernels.write), so kernels/triton_attention.py is
+    imported lazily, by kernels, and a missing or broken module shows up here as a message.
+    """
+    if device.type != "cuda":
+        return (
+            "needs CUDA (on CPU the Triton kernels only run in Triton's interpreter, TRITON_INTERPRET=1, "
+            "far too slow to benchmark)"
+        )
+    import kernels
+
+    if not kernels.triton_available():
+        return "the triton package is not installed"
+    try:
+        x = torch.rand(2, 1, 8, 8, device=device).round()
+        canvas = torch.randn(2, 1, 8, 8, device=device)
+        params = torch.zeros(2, 5, device=device)
+        kernels.read(x, canvas, params, 2, backend="triton")
+        kernels.write(torch.randn(2, 1, 3, 3, device=device), params, canvas, backend="triton")
+        torch.cuda.synchronize(device)
+    except Exception as error:  # ImportError while the module is being written, a compile error, ...
+        first_line = (str(error).splitlines() or [""])[0][:300]
+        return f"backend='triton' failed on a tiny input: {type(error).__name__}: {first_line}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_median_ms(fn: Callable[[], object], *, warmup: int = 3, reps: int = 20, budget_s: float = 2.0) -> float:
+    """Median wall time of fn() in ms: `warmup` untimed calls, then up to `reps` timed calls.
+
+    Stops early once `budget_s` seconds of timed calls have passed, after at least 3 of them.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    started = time.perf_counter()
+    for _ in range(max(reps, 1)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 3 and time.perf_counter() - started > budget_s:
+            break
+    return statistics.median(times)
+
+
+def cuda_median_ms(fn: Callable[[], object], rep_ms: int = 100) -> float:
+    """Median time of fn() in ms from triton.testing.do_bench (which flushes L2 between calls);
+    it runs fn for about `rep_ms` ms (and at least once)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, rep=rep_ms, return_mode="median"))
+
+
+def cuda_graph_median_ms(fn: Callable[[], object]) -> float:
+    """Median time of fn() in ms replayed from a CUDA graph: launch overhead removed."""
+    import triton.testing
+
+    for _ in range(3):  # compile / autotune outside the capture
+        fn()
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench_cudagraph(fn, return_mode="median"))
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, *, cpu_reps: int = 20, cpu_budget_s: float = 2.0) -> float:
+    """do_bench's median on CUDA; a perf_counter median after warm-up on CPU."""
+    if device.type == "cuda":
+        return cuda_median_ms(fn, rep_ms=200)
+    return cpu_median_ms(fn, reps=cpu_reps, budget_s=cpu_budget_s)
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int) -> float:
+    """The device's measured copy bandwidth in GB/s (1e9 B/s): dst.copy_(src) moves 2 * nbytes."""
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, cpu_reps=10)
+    del src, dst
+    free_memory(device)
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata
+# ---------------------------------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    """Short commit hash of the checkout holding bench/, or "unknown" (not a repo, no commit, no git)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=BENCH_DIR,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:  # not installed, or broken
+        return "not installed"
+
+
+def metadata(device: torch.device, **extra) -> dict:
+    """Device, versions, commit, date and the exact command line of this run."""
+    meta = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "cuda": torch.version.cuda or "none",
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+    }
+    meta.update(extra)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables and files
+# ---------------------------------------------------------------------------------------------
+
+
+def format_cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value == 0 or abs(value) >= 100:
+            return f"{value:,.0f}"
+        if abs(value) >= 1:
+            return f"{value:.2f}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+def text_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    """A fixed-width table; `columns` is (key, header) pairs. Numbers right-aligned, text left."""
+    cells = [[format_cell(row.get(key)) for key, _ in columns] for row in rows]
+    headers = [header for _, header in columns]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row.get(key), (int, float)) or row.get(key) is None for row in rows) for key, _ in columns]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in cells])
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    numeric = [all(isinstance(row.get(key), (int, float)) or row.get(key) is None for row in rows) for key, _ in columns]
+    lines = [
+        "| " + " | ".join(header for _, header in columns) + " |",
+        "|" + "|".join("---:" if num else "---" for num in numeric) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(format_cell(row.get(key)) for key, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: str, meta: dict, rows: Sequence[dict], **extra) -> None:
+    payload = {"metadata": meta, **extra, "results": list(rows)}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def write_markdown(path: str, title: str, meta: dict, tables: Sequence[tuple[str, str]], notes: Sequence[str] = ()) -> None:
+    """A markdown report: title, metadata bullets, notes, then (heading, markdown table) sections."""
+    lines = [f"# {title}", ""]
+    lines += [f"- {key}: `{value}`" for key, value in meta.items()]
+    for note in notes:
+        lines += ["", note]
+    lines += [""]
+    for heading, table in tables:
+        lines += [f"## {heading}", "", table, ""]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines))
+    print(f"wrote {path}")
+
+
+def split_list(text: str) -> list[str]:
+    """"a,b, c" -> ["a", "b", "c"] (argparse type for comma-separated lists)."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def log(message: str) -> None:
+    """Progress and skip messages go to stderr so that stdout holds only the tables."""
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,558 @@
+"""Figures: image grids, the drawing sequence with its write window (the paper's Fig. 1), loss curves.
+
+Images are [N, C, H, W] in [0, 1] (C = 1 or 3); sequences are the canvas logits [T, N, C, H, W] that
+DRAW.generate and DRAW.forward(x, return_sequence=True) return, with the raw write parameters
+[T, N, 5] beside them. Every save_* function creates the parent directory, writes atomically (a
+temporary file in the same directory, then os.replace) and returns the path.
+
+matplotlib is imported only inside the loss-curve functions, and through its object-oriented API
+(Figure, no pyplot), so `import draw` stays fast and no display or global backend is touched.
+"""
+
+import json
+import math
+import os
+import pathlib
+import secrets
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from kernels.reference import attention_grid
+
+__all__ = [
+    "image_grid",
+    "save_grid",
+    "window_boxes",
+    "save_sequence_gif",
+    "save_sequence_strip",
+    "save_loss_curve",
+    "save_loss_comparison",
+]
+
+WINDOW_RGB = (255, 0, 0)  # the write window, drawn as a 1-pixel red outline
+PAD_VALUE = 0.75  # light grey between cells: apart from MNIST's black and white and an untrained model's 0.5
+GIF_GREYS = 254  # grey levels in a GIF palette; index 254 is the window's red, 255 stays free
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_images(images) -> None:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor [N, C, H, W], got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[0] < 1 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be [N, C, H, W] with N >= 1 and C in (1, 3), got {list(images.shape)}")
+
+
+def _check_sequence(canvases, write_params, write_n) -> None:
+    if not isinstance(canvases, torch.Tensor):
+        raise TypeError(f"canvases must be a torch.Tensor [T, N, C, H, W], got {type(canvases).__name__}")
+    if canvases.dim() != 5 or canvases.shape[0] < 1 or canvases.shape[1] < 1 or canvases.shape[2] not in (1, 3):
+        raise ValueError(
+            f"canvases must be [T, N, C, H, W] logits with T, N >= 1 and C in (1, 3), got {list(canvases.shape)}"
+        )
+    if write_params is None:
+        return
+    steps, count = canvases.shape[:2]
+    if not isinstance(write_params, torch.Tensor) or tuple(write_params.shape) != (steps, count, 5):
+        shape = list(write_params.shape) if isinstance(write_params, torch.Tensor) else type(write_params).__name__
+        raise ValueError(f"write_params must be [T, N, 5] = [{steps}, {count}, 5] to match the canvases, got {shape}")
+    _check_int("write_n (needed with write_params)", write_n, 1)
+
+
+def _to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """[N, C, H, W] in [0, 1] -> [N, H, W, 3] uint8 (grey repeated over RGB; NaN shows black)."""
+    x = np.nan_to_num(images.detach().float().cpu().numpy(), nan=0.0)
+    x = np.rint(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8).transpose(0, 2, 3, 1)  # [N, H, W, C]
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return np.ascontiguousarray(x)
+
+
+def _grid_layout(count: int, nrow: int | None) -> tuple[int, int]:
+    """(rows, cols): nrow is the number of images per row, as in torchvision's make_grid."""
+    cols = math.ceil(math.sqrt(count)) if nrow is None else nrow
+    _check_int("nrow", cols, 1)
+    cols = min(cols, count)
+    return math.ceil(count / cols), cols
+
+
+def _cell_origin(k: int, cols: int, cell_h: int, cell_w: int, padding: int) -> tuple[int, int]:
+    """(top, left) of image k's cell in the grid, in output pixels."""
+    row, col = divmod(k, cols)
+    return padding + row * (cell_h + padding), padding + col * (cell_w + padding)
+
+
+def _grid_array(pixels: np.ndarray, nrow: int | None, padding: int, scale: int, pad_value: float):
+    """[N, H, W, 3] uint8 -> ([H', W', 3] uint8 grid, cols). Cells are H*scale x W*scale, padding between and around."""
+    count, height, width, _ = pixels.shape
+    rows, cols = _grid_layout(count, nrow)
+    cell_h, cell_w = height * scale, width * scale
+    grid = np.full(
+        (rows * (cell_h + padding) + padding, cols * (cell_w + padding) + padding, 3),
+        round(pad_value * 255),
+        dtype=np.uint8,
+    )
+    upscaled = pixels.repeat(scale, axis=1).repeat(scale, axis=2)  # nearest neighbour  [N, H*s, W*s, 3]
+    for k in range(count):
+        top, left = _cell_origin(k, cols, cell_h, cell_w, padding)
+        grid[top : top + cell_h, left : left + cell_w] = upscaled[k]
+    return grid, cols
+
+
+def _atomic_save(path, write) -> pathlib.Path:
+    """Call write(temporary path) in path's directory, then move the file onto path."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # created by write(): the umask's mode
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Image grids
+# ---------------------------------------------------------------------------------------------
+
+
+def image_grid(
+    images: torch.Tensor, nrow: int | None = None, padding: int = 2, scale: int = 1, pad_value: float = PAD_VALUE
+) -> Image.Image:
+    """Tile images into one RGB picture.
+
+    Args:
+        images: [N, C, H, W] in [0, 1], C = 1 (grey) or 3 (RGB); values outside are clipped.
+        nrow: images per row (torchvision's convention, at most N); default ceil(sqrt(N)).
+        padding: pixels between cells and around the grid (not scaled).
+        scale: nearest-neighbour upscaling factor of every image.
+        pad_value: grey level of the padding, in [0, 1].
+    Returns:
+        An RGB image of width cols*(W*scale + padding) + padding and height rows*(H*scale + padding) + padding.
+    """
+    _check_images(images)
+    _check_int("padding", padding, 0)
+    _check_int("scale", scale, 1)
+    grid, _ = _grid_array(_to_uint8_hwc(images), nrow, padding, scale, pad_value)
+    return Image.fromarray(grid)
+
+
+def save_grid(images: torch.Tensor, path, nrow: int | None = None, scale: int = 2) -> pathlib.Path:
+    """Save image_grid(images, nrow, scale=scale) as a PNG at path (atomically). Returns the path."""
+    grid = image_grid(images, nrow=nrow, scale=scale)
+    return _atomic_save(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The write window
+# ---------------------------------------------------------------------------------------------
+
+
+def window_boxes(write_params: torch.Tensor, n: int, height: int, width: int) -> torch.Tensor:
+    """The box covered by an attention grid, in 0-based pixel coordinates of the image.
+
+    The grid's points are mu^i = g + (i - N/2 - 0.5) * delta, i = 1..N (Eqs. 19-20), in 1-based pixels;
+    the box spans mu^1..mu^N, i.e. g -/+ (N - 1)/2 * delta, minus 1 for 0-based pixels. With zero
+    params and log delta~ = 0 it is exactly the image: (0, 0, W - 1, H - 1) for a square image. A box
+    never has a half-size below 0.5 pixel, and for N = 1 (a one-point grid) its half-size is
+    max(sigma, 0.5), the spread of the single filter. Boxes are not clipped to the image.
+
+    Args:
+        write_params: [..., 5] raw (gx~, gy~, log sigma^2, log delta~, log gamma), Eq. 21.
+        n: write grid size N^ >= 1.
+        height, width: image size H, W.
+    Returns:
+        [..., 4] float (left, top, right, bottom), 0-based pixel coordinates.
+    """
+    if not isinstance(write_params, torch.Tensor) or write_params.dim() < 1 or write_params.shape[-1] != 5:
+        shape = list(write_params.shape) if isinstance(write_params, torch.Tensor) else type(write_params).__name__
+        raise ValueError(f"write_params must be [..., 5], got {shape}")
+    _check_int("n", n, 1)
+    _check_int("height", height, 1)
+    _check_int("width", width, 1)
+    gx, gy, delta, sigma2, _ = attention_grid(write_params.detach().float().cpu(), n, height, width)  # (22-24)
+    if n == 1:
+        half = sigma2.sqrt().clamp_min(0.5)
+    else:
+        half = ((n - 1) / 2 * delta).clamp_min(0.5)
+    cx, cy = gx - 1, gy - 1  # 1-based -> 0-based pixel coordinates
+    return torch.stack([cx - half, cy - half, cx + half, cy + half], dim=-1)
+
+
+def _window_mask(boxes: torch.Tensor, grid_shape, cols: int, height: int, width: int, padding: int, scale: int):
+    """Boolean [H', W'] mask of the boxes' outlines (boxes [N, 4], image k in cell k), clipped to each cell.
+
+    Pixel p (0-based) of an image covers [p*scale, (p+1)*scale) in its cell, so a box over pixels
+    left..right is outlined from left*scale to (right+1)*scale - 1: the outline encloses those pixels.
+    """
+    mask = np.zeros(grid_shape[:2], dtype=bool)
+    cell_h, cell_w = height * scale, width * scale
+    for k, (left, top, right, bottom) in enumerate(boxes.tolist()):
+        if not all(map(math.isfinite, (left, top, right, bottom))):
+            continue
+        x0, x1 = round(left * scale), round((right + 1) * scale) - 1
+        y0, y1 = round(top * scale), round((bottom + 1) * scale) - 1
+        if x1 < 0 or y1 < 0 or x0 > cell_w - 1 or y0 > cell_h - 1:
+            continue  # the window lies wholly outside the image
+        x0, x1 = max(x0, 0), min(x1, cell_w - 1)
+        y0, y1 = max(y0, 0), min(y1, cell_h - 1)
+        top0, left0 = _cell_origin(k, cols, cell_h, cell_w, padding)
+        cell = mask[top0 : top0 + cell_h, left0 : left0 + cell_w]
+        cell[y0, x0 : x1 + 1] = cell[y1, x0 : x1 + 1] = True
+        cell[y0 : y1 + 1, x0] = cell[y0 : y1 + 1, x1] = True
+    return mask
+
+
+def _sequence_frames(canvases, write_params, write_n, nrow, scale, padding):
+    """Yield (RGB grid [H', W', 3] uint8, window mask [H', W'] or None) for t = 1..T."""
+    height, width = canvases.shape[-2:]
+    means = torch.sigmoid(canvases.detach().float().cpu())  # [T, N, C, H, W], one op for every frame
+    for t in range(canvases.shape[0]):
+        grid, cols = _grid_array(_to_uint8_hwc(means[t]), nrow, padding, scale, PAD_VALUE)
+        mask = None
+        if write_params is not None:
+            boxes = window_boxes(write_params[t], write_n, height, width)  # [N, 4]
+            mask = _window_mask(boxes, grid.shape, cols, height, width, padding, scale)
+        yield grid, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# The drawing sequence
+# ---------------------------------------------------------------------------------------------
+
+
+def _gif_palette(canvases, nrow, scale, padding) -> tuple[Image.Image | None, list[int]]:
+    """A palette of GIF_GREYS colours plus the window's red at index GIF_GREYS.
+
+    Grey images use GIF_GREYS evenly spaced greys (no quantiser needed); colour images use a
+    median-cut palette of the last frame, the most detailed one.
+    """
+    if canvases.shape[2] == 1:
+        greys = [round(i * 255 / (GIF_GREYS - 1)) for i in range(GIF_GREYS)]
+        colours = [v for g in greys for v in (g, g, g)]
+        quantiser = None
+    else:
+        last, _ = _grid_array(_to_uint8_hwc(torch.sigmoid(canvases[-1].float())), nrow, padding, scale, PAD_VALUE)
+        quantiser = Image.fromarray(last).quantize(GIF_GREYS, method=Image.Quantize.MEDIANCUT)
+        colours = quantiser.getpalette()[: 3 * GIF_GREYS]
+        colours += colours[:3] * (GIF_GREYS - len(colours) // 3)  # pad a short palette with its first colour
+        quantiser.putpalette(colours + colours[:3] * (256 - GIF_GREYS))  # red stays out of the quantiser's reach
+    return quantiser, colours + list(WINDOW_RGB) + [0, 0, 0] * (255 - GIF_GREYS)
+
+
+def save_sequence_gif(
+    canvases: torch.Tensor,
+    path,
+    write_params: torch.Tensor | None = None,
+    write_n: int | None = None,
+    nrow: int | None = None,
+    scale: int = 3,
+    frame_ms: int = 80,
+    hold_last_ms: int = 1500,
+) -> pathlib.Path:
+    """An animated GIF of the drawing: frame t is the grid of sigmoid(canvases[t]), the write window drawn in red.
+
+    Args:
+        canvases: [T, N, C, H, W] canvas logits c_1..c_T (C = 1 or 3).
+        path: where to write the GIF.
+        write_params: [T, N, 5] raw write parameters, or None (no window drawn).
+        write_n: write grid size N^, required with write_params.
+        nrow: images per row; default ceil(sqrt(N)).
+        scale: nearest-neighbour upscaling of every image.
+        frame_ms, hold_last_ms: duration of each frame and of the last one. The GIF loops forever.
+    Returns:
+        The path. Pillow merges consecutive identical frames, so a canvas that stops changing gives fewer frames.
+    """
+    _check_sequence(canvases, write_params, write_n)
+    _check_int("scale", scale, 1)
+    _check_int("frame_ms", frame_ms, 1)
+    _check_int("hold_last_ms", hold_last_ms, 1)
+    padding = 2
+    quantiser, palette = _gif_palette(canvases, nrow, scale, padding)
+    frames = []
+    for grid, mask in _sequence_frames(canvases, write_params, write_n, nrow, scale, padding):
+        if quantiser is None:  # grey: index = grey level on GIF_GREYS steps
+            index = np.rint(grid[..., 0].astype(np.float32) * ((GIF_GREYS - 1) / 255)).astype(np.uint8)
+        else:
+            rgb = Image.fromarray(grid)
+            index = np.asarray(rgb.quantize(palette=quantiser, dither=Image.Dither.NONE)).copy()
+        if mask is not None:
+            index[mask] = GIF_GREYS  # the window's red
+        frame = Image.frombytes("P", (index.shape[1], index.shape[0]), index.tobytes())
+        frame.putpalette(palette)
+        frames.append(frame)
+    durations = [frame_ms] * (len(frames) - 1) + [hold_last_ms]
+
+    def write(tmp):
+        frames[0].save(
+            tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0, optimize=False
+        )
+
+    return _atomic_save(path, write)
+
+
+def _strip_steps(total: int, steps: int) -> list[int]:
+    """`steps` evenly spaced 0-based step indices ending at the last: ceil(k * T / steps) - 1, k = 1..steps."""
+    steps = min(steps, total)
+    return [math.ceil(k * total / steps) - 1 for k in range(1, steps + 1)]
+
+
+def save_sequence_strip(
+    canvases: torch.Tensor,
+    path,
+    write_params: torch.Tensor | None = None,
+    write_n: int | None = None,
+    steps: int = 8,
+    scale: int = 2,
+    max_images: int = 8,
+) -> pathlib.Path:
+    """A static PNG of the drawing: one row per image (the first max_images), one column per chosen step.
+
+    The columns are `steps` evenly spaced time steps ending at T (t = T/steps, 2T/steps, ..., T, 1-based),
+    labelled "t=..." in a header band; the write window of each step is drawn in red.
+
+    Args:
+        canvases: [T, N, C, H, W] canvas logits.
+        path: where to write the PNG.
+        write_params: [T, N, 5] raw write parameters, or None.
+        write_n: write grid size N^, required with write_params.
+        steps: number of columns (at most T).
+        scale: nearest-neighbour upscaling of every image.
+        max_images: number of rows (at most N).
+    Returns:
+        The path.
+    """
+    _check_sequence(canvases, write_params, write_n)
+    _check_int("steps", steps, 1)
+    _check_int("scale", scale, 1)
+    _check_int("max_images", max_images, 1)
+    total, count = canvases.shape[:2]
+    height, width = canvases.shape[-2:]
+    chosen = _strip_steps(total, steps)
+    rows, cols = min(count, max_images), len(chosen)
+    # [rows * cols, ...] in row-major order: image i at step chosen[j] is cell i * cols + j
+    frames = canvases[chosen, :rows].detach().float().cpu().transpose(0, 1)  # [rows, cols, C, H, W]
+    padding = 2
+    grid, _ = _grid_array(_to_uint8_hwc(torch.sigmoid(frames.flatten(0, 1))), cols, padding, scale, PAD_VALUE)
+    if write_params is not None:
+        params = write_params[chosen, :rows].detach().float().cpu().transpose(0, 1)  # [rows, cols, 5]
+        boxes = window_boxes(params.flatten(0, 1), write_n, height, width)  # [rows * cols, 4]
+        grid[_window_mask(boxes, grid.shape, cols, height, width, padding, scale)] = WINDOW_RGB
+
+    font = ImageFont.load_default()
+    band = 14  # header height for the step labels
+    picture = Image.new("RGB", (grid.shape[1], grid.shape[0] + band), (255, 255, 255))
+    picture.paste(Image.fromarray(grid), (0, band))
+    draw = ImageDraw.Draw(picture)
+    for j, t in enumerate(chosen):
+        _, left = _cell_origin(j, cols, height * scale, width * scale, padding)
+        label = f"t={t + 1}"
+        x0, y0, x1, y1 = draw.textbbox((0, 0), label, font=font)  # centred by hand: bitmap fonts take no anchor
+        centre_x, centre_y = left + width * scale / 2, band / 2
+        draw.text((centre_x - (x0 + x1) / 2, centre_y - (y0 + y1) / 2), label, fill=(0, 0, 0), font=font)
+    return _atomic_save(path, lambda tmp: picture.save(tmp, format="PNG"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss curves
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_records(source) -> list[dict]:
+    """A metrics.jsonl path (one JSON object a line; blank lines skipped) or a list of dicts."""
+    if isinstance(source, (str, os.PathLike)):
+        records = []
+        with open(source) as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{source}:{number}: not a JSON object: {e}") from e
+        return records
+    if isinstance(source, (list, tuple)) and all(isinstance(r, dict) for r in source):
+        return list(source)
+    raise ValueError(f"expected a metrics.jsonl path or a list of dicts, got {type(source).__name__}")
+
+
+def _series(records: list[dict], x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of the records holding both keys with finite numbers, sorted by x."""
+    pairs = [
+        (float(r[x]), float(r[y]))
+        for r in records
+        if isinstance(r.get(x), (int, float)) and isinstance(r.get(y), (int, float))
+    ]
+    pairs = sorted(p for p in pairs if math.isfinite(p[0]) and math.isfinite(p[1]))
+    if not pairs:
+        return np.zeros(0), np.zeros(0)
+    xs, ys = zip(*pairs)
+    return np.asarray(xs), np.asarray(ys)
+
+
+def _smooth(values: np.ndarray, window: int | None = None) -> np.ndarray:
+    """Trailing moving average over `window` points (default: 1/25 of the series, at least 1)."""
+    if len(values) == 0:
+        return values
+    window = window or max(1, len(values) // 25)
+    cumulative = np.concatenate([[0.0], np.cumsum(values)])
+    index = np.arange(1, len(values) + 1)
+    start = np.maximum(index - window, 0)
+    return (cumulative[index] - cumulative[start]) / (index - start)
+
+
+def _x_at_steps(records: list[dict], x: str, steps: np.ndarray) -> np.ndarray:
+    """Map steps to the x key by interpolating the training records that carry both (e.g. step -> epoch)."""
+    known_steps, known_x = _series(records, "step", x)
+    if len(known_steps) == 0:
+        return np.full(len(steps), np.nan)
+    return np.interp(steps, known_steps, known_x)
+
+
+def _bound_series(records: list[dict], x: str) -> tuple[np.ndarray, np.ndarray]:
+    """Test bounds against x; evaluation records without x are placed by their step when possible."""
+    xs, ys = _series(records, x, "test_bound")
+    if len(xs) == 0 and x != "step":
+        steps, ys = _series(records, "step", "test_bound")
+        xs = _x_at_steps(records, x, steps)
+        keep = np.isfinite(xs)
+        xs, ys = xs[keep], ys[keep]
+    return xs, ys
+
+
+def _y_limits(series: list[tuple[np.ndarray, np.ndarray]], from_zero: bool) -> tuple[float, float] | None:
+    """A y range set by the late half of every series (x >= the middle of its x range), or None.
+
+    The top is the highest of the series' late-half 95th percentiles, plus a margin, so early
+    losses of 10^4 nats do not flatten the curve of a model that ends near 100, while a few test
+    bounds above the training loss stay in view. The bottom is 0 (or the lowest value, if negative)
+    when from_zero, else the lowest late-half value minus a margin: the zoom for telling runs apart.
+    """
+    tops, late_lows, lows = [], [], []
+    for xs, ys in series:
+        if len(ys) == 0:
+            continue
+        late = ys[xs >= (xs[0] + xs[-1]) / 2]
+        tops.append(float(np.percentile(late, 95)))
+        late_lows.append(float(late.min()))
+        lows.append(float(ys.min()))
+    if not tops:
+        return None
+    top = max(tops)
+    bottom = min(0.0, min(lows)) if from_zero else min(late_lows)
+    span = max(top - bottom, 1e-3 * max(abs(top), 1.0))
+    if from_zero:
+        return bottom, top + 0.15 * span
+    return bottom - 0.1 * span, top + 0.35 * span  # room above for the descent into the zoomed range
+
+
+def _figure(title: str | None, xlabel: str):
+    from matplotlib.figure import Figure  # object-oriented API: no pyplot, no global backend
+
+    fig = Figure(figsize=(9, 4.2), dpi=120, layout="constrained")
+    ax = fig.subplots()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("nats per image")
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title)
+    return fig, ax
+
+
+def _finish(fig, ax, limits, path) -> pathlib.Path:
+    """Apply the y range, put the legend right of the axes (never over the curves), save atomically."""
+    if limits:
+        ax.set_ylim(*limits)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    suffix = pathlib.Path(path).suffix.lstrip(".").lower() or "png"
+    return _atomic_save(path, lambda tmp: fig.savefig(tmp, format=suffix))
+
+
+def save_loss_curve(metrics_path_or_records, path, title: str | None = None) -> pathlib.Path:
+    """Plot one run: training loss (raw, light, and smoothed), L_x and L_z (smoothed), and the test bound.
+
+    Training records carry {"step", "loss", "l_x", "l_z"}; evaluation records {"step", "test_bound"}
+    (nats); other records and non-finite values are ignored. The y axis runs from 0 to the late
+    half's 95th percentile plus a margin, so the huge first losses do not flatten the curve.
+
+    Args:
+        metrics_path_or_records: a metrics.jsonl path, or a list of dicts.
+        path: where to write the figure (PNG unless the suffix says otherwise).
+        title: axes title.
+    Returns:
+        The path.
+    """
+    records = _load_records(metrics_path_or_records)
+    loss = _series(records, "step", "loss")
+    l_x = _series(records, "step", "l_x")
+    l_z = _series(records, "step", "l_z")
+    bound = _series(records, "step", "test_bound")
+    if len(loss[0]) == 0 and len(bound[0]) == 0:
+        raise ValueError("no training ('step', 'loss') or evaluation ('step', 'test_bound') records to plot")
+
+    fig, ax = _figure(title, "step")
+    if len(loss[0]):
+        ax.plot(*loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss, per logged step")
+        ax.plot(
+            loss[0], _smooth(loss[1]), color="tab:blue", linewidth=1.8, zorder=3, label="loss L = L_x + L_z (smoothed)"
+        )
+    for (xs, ys), colour, label in ((l_x, "tab:green", "L_x reconstruction"), (l_z, "tab:orange", "L_z latent")):
+        if len(xs):
+            ax.plot(xs, _smooth(ys), color=colour, linewidth=1.2, label=label)
+    if len(bound[0]):
+        ax.plot(*bound, "o", color="tab:red", markersize=5, zorder=4, label=f"test bound (last {bound[1][-1]:.2f})")
+    return _finish(fig, ax, _y_limits([loss, l_x, l_z, bound], from_zero=True), path)
+
+
+def save_loss_comparison(runs: dict, path, x: str = "step", title: str | None = None) -> pathlib.Path:
+    """Plot several runs' smoothed training loss (and test-bound markers) on one axes.
+
+    The y range zooms on the late half of the curves (lowest value to 95th percentile, plus margins)
+    so that runs a few nats apart can be told apart.
+
+    Args:
+        runs: {label: metrics.jsonl path or list of dicts}, one colour per run, in the dict's order.
+        path: where to write the figure.
+        x: the record key on the x axis ("step", "epoch", ...). Evaluation records without it are
+            placed by interpolating their step on the training records' (step, x) pairs.
+        title: axes title.
+    Returns:
+        The path.
+    """
+    if not isinstance(runs, dict) or not runs:
+        raise ValueError(f"runs must be a non-empty dict {{label: metrics path or records}}, got {runs!r:.80}")
+    fig, ax = _figure(title, x)
+    series = []
+    for k, (label, source) in enumerate(runs.items()):
+        records = _load_records(source)
+        loss, bound = _series(records, x, "loss"), _bound_series(records, x)
+        if len(loss[0]) == 0 and len(bound[0]) == 0:
+            raise ValueError(f"run {label!r}: no records with both {x!r} and 'loss' or 'test_bound'")
+        colour = f"C{k % 10}"
+        smoothed = (loss[0], _smooth(loss[1]))
+        if len(loss[0]):
+            ax.plot(*smoothed, color=colour, linewidth=1.6, label=f"{label} (last {smoothed[1][-1]:.2f})")
+        if len(bound[0]):
+            ax.plot(
+                *bound,
+                "o",
+                color=colour,
+                markersize=5,
+                markeredgecolor="black",
+                markeredgewidth=0.5,
+                label=f"{label}: test bound (last {bound[1][-1]:.2f})",
+            )
+        series += [smoothed, bound]
+    return _finish(fig, ax, _y_limits(series, from_zero=False), path)

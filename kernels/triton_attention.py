@@ -1,0 +1,730 @@
+"""Fused Triton kernels for DRAW's selective attention (Gregor et al. 2015, Eqs. 19-29).
+
+The maths (DRAW-SPEC.md; 1-based pixels a = 1..W, b = 1..H, 1-based grid i = 1..N):
+    gx = (W + 1) / 2 * (gx~ + 1),  gy = (H + 1) / 2 * (gy~ + 1)                  (22), (23)
+    delta = (max(W, H) - 1) / max(N - 1, 1) * exp(log delta~)                      (24)
+    mu_i = g + (i - N/2 - 0.5) * delta                                            (19), (20)
+    F[i, a] = exp(-(a - mu_i)^2 / (2 sigma^2)) / Z[i],  Z = max(row sum, 1e-8)    (25), (26)
+    read  = gamma * [F_Y x F_X^T, F_Y (x - sigmoid(canvas)) F_X^T]                (3), (27)
+    write = canvas + (1 / gamma) F_Y^T w F_X                                       (8), (29)
+
+What is fused: one launch per op and direction. Each program decodes the five raw parameters of its
+batch item, builds the filterbank rows in registers (F_X and F_Y never touch global memory), forms
+x_hat = x - sigmoid(canvas) on the fly, and streams its image once, in blocks of rows.
+
+Minimal bytes per op (B images, C channels, H x W pixels, read grid N, write grid N^, s = bytes per
+element; every input read once, every output written once) -- what these kernels move:
+    read  forward : s * (2*B*C*H*W  + 2*B*C*N*N  + 5*B)      x, canvas, params in; glimpses out
+    read  backward: s * (4*B*C*H*W  + 2*B*C*N*N  + 10*B)     x, canvas, dglimpses, params in;
+                                                             dx, dcanvas, dparams out (dx only when
+                                                             x requires grad: 3*B*C*H*W without it)
+    write forward : s * (2*B*C*H*W  + B*C*N^*N^  + 5*B)      canvas, patch, params in; canvas out
+    write backward: s * (B*C*H*W    + 2*B*C*N^*N^ + 10*B)    dcanvas_new, patch, params in; dpatch,
+                                                             dparams out; dcanvas = dcanvas_new is
+                                                             passed through without a copy
+The backward kernels also write and re-read per-channel parameter partials [B, C, 5] (fp32/fp64),
+reduced over C by one small torch sum: deterministic, no atomics.
+
+Program layout (every kernel): grid = (B, C); program (b, c) owns batch item b, channel c, all of
+its rows. A program holds full-width rows in registers (BLOCK_W = next_power_of_2(W)) and loops
+over the image in blocks of BLOCK_H rows, with BLOCK_H chosen so that the largest broadcast
+temporary [BLOCK_H, BLOCK_N, BLOCK_W] stays within a tile budget (_FORWARD_TILE, _BACKWARD_TILE);
+register use is therefore bounded for any H, and grows with W only through the [BLOCK_N, BLOCK_W]
+row tiles (fp32, sm_90: no register spills for N <= 16, W <= 128; wider images work but spill).
+Contractions are broadcast-multiply-and-sum in the compute dtype (no tl.dot, so no TF32 and no
+minimum block size of 16).
+
+Precision: compute in fp64 when any input is fp64, else in fp32 (fp16/bf16 are loaded and upcast;
+outputs are stored in their tensor's dtype). Inputs may be non-contiguous: every tensor is passed
+with its strides, outputs are allocated contiguous.
+
+Backward: the filterbanks are recomputed, not saved. The gradient reaches the raw parameters through
+per-row moments of dF * F (see _row_moments), which a program accumulates while it streams its rows,
+so no [N, W] or [N, H] gradient is ever stored.
+"""
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reference import ROW_SUM_FLOOR
+
+__all__ = [
+    "attention_read_backward",
+    "attention_read_forward",
+    "attention_write_backward",
+    "attention_write_forward",
+    "read",
+    "write",
+]
+
+_FLOOR = tl.constexpr(ROW_SUM_FLOOR)  # Z = max(row sum, 1e-8), as in kernels/reference.py
+# Caps on the [BLOCK_H, BLOCK_N, BLOCK_W] broadcast temporaries, which set BLOCK_H. Chosen from ptxas
+# register counts for sm_90 (triton 3.9, fp32): the backward kernels keep more [BLOCK_N, BLOCK_W]
+# tiles live, so they take fewer rows per step. Triton's interpreter pays per operation, not per
+# element, so under it the row blocks are larger (same code; set _INTERPRETER_TILE = 0 to use the
+# GPU tiles there too, as one test does).
+_FORWARD_TILE = 2048
+_BACKWARD_TILE = 512
+_INTERPRETER_TILE = 8192
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared @triton.jit helpers: the filterbank maths (Eqs. 19-26) and its chain rule
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_attention_grid(params_ptr, stride_params_b, stride_params_k, pid_b, offs_n, height, width,
+                         grid_span, N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """Eqs. 19-24 for one batch item: raw (gx~, gy~, log sigma^2, log delta~, log gamma) -> grid.
+
+    Returns mu_x, mu_y (the grid's centres, 1-based pixels), grid = i - N/2 - 0.5 for i = offs_n + 1,
+    all [BLOCK_N], and the scalars delta, sigma^2, gamma. grid_span = max(W, H) - 1.
+    """
+    row = params_ptr + pid_b * stride_params_b
+    gx_ = tl.load(row + 0 * stride_params_k).to(COMPUTE_DTYPE)
+    gy_ = tl.load(row + 1 * stride_params_k).to(COMPUTE_DTYPE)
+    log_sigma2 = tl.load(row + 2 * stride_params_k).to(COMPUTE_DTYPE)
+    log_delta_ = tl.load(row + 3 * stride_params_k).to(COMPUTE_DTYPE)
+    log_gamma = tl.load(row + 4 * stride_params_k).to(COMPUTE_DTYPE)
+    # Integers multiply a COMPUTE_DTYPE value first, so no constant is ever rounded to fp32.
+    gx = (gx_ + 1) * (width + 1) * 0.5  # (22)
+    gy = (gy_ + 1) * (height + 1) * 0.5  # (23)
+    if N > 1:
+        delta = tl.exp(log_delta_) * grid_span / (N - 1)  # (24)
+    else:
+        delta = tl.exp(log_delta_) * grid_span  # (24), N = 1: divisor 1
+    grid = (offs_n + 1).to(COMPUTE_DTYPE) - N / 2 - 0.5  # [BLOCK_N]  i - N/2 - 0.5, i = 1..N
+    mu_x = gx + grid * delta  # (19)
+    mu_y = gy + grid * delta  # (20)
+    return mu_x, mu_y, grid, delta, tl.exp(log_sigma2), tl.exp(log_gamma)
+
+
+@triton.jit
+def _gaussian_terms(mu, sigma2, offs_n, offs_pix, size, N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """Unnormalised filterbank rows of Eqs. 25-26 on the pixels offs_pix (0-based) of one axis.
+
+    Returns gauss = exp(-(a - mu_i)^2 / (2 sigma^2)), offset = a - mu_i and exponent =
+    (a - mu_i)^2 / (2 sigma^2), all [BLOCK_N, BLOCK_P]. The mask zeroes grid rows i > N (BLOCK_N
+    is a power of two) and pixels past the image edge; offset and exponent are also zeroed wherever
+    gauss is 0, which changes no gradient (both only ever appear multiplied by F) but keeps
+    0 * inf out of the moments when sigma^2 is tiny or the centre is far away.
+    """
+    pixel = (offs_pix + 1).to(COMPUTE_DTYPE)  # [BLOCK_P]  a = 1..size
+    offset = pixel[None, :] - mu[:, None]  # [BLOCK_N, BLOCK_P]
+    exponent = offset * offset / (2 * sigma2)
+    valid = (offs_n < N)[:, None] & (offs_pix < size)[None, :]
+    gauss = tl.where(valid, tl.exp(-exponent), 0.0)
+    live = gauss > 0
+    return gauss, tl.where(live, offset, 0.0), tl.where(live, exponent, 0.0)
+
+
+@triton.jit
+def _gaussian_rows(mu, sigma2, offs_n, offs_pix, size, N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """The unnormalised rows alone, [BLOCK_N, BLOCK_P] (see _gaussian_terms)."""
+    gauss, _offset, _exponent = _gaussian_terms(mu, sigma2, offs_n, offs_pix, size, N, COMPUTE_DTYPE)
+    return gauss
+
+
+@triton.jit
+def _row_sums(mu, sigma2, offs_n, size,
+              N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """S[i] = sum_a gauss[i, a] over a whole axis, in blocks of BLOCK_P pixels: [BLOCK_N].
+
+    The normaliser is Z = max(S, 1e-8); the gradient reaches S only where S >= 1e-8 (torch.clamp_min).
+    """
+    total = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    for start in range(0, size, BLOCK_P):
+        offs_pix = start + tl.arange(0, BLOCK_P)
+        total += tl.sum(_gaussian_rows(mu, sigma2, offs_n, offs_pix, size, N, COMPUTE_DTYPE), axis=1)
+    return total
+
+
+@triton.jit
+def _row_moments(dfilter, filt, offset, exponent):
+    """Per-row sums that carry dL/dF [BLOCK_N, BLOCK_P] back to mu and log sigma^2.
+
+    With F = e / Z, Z = max(S, floor), S = sum_a e, and e = exp(-t), t = (a - mu)^2 / (2 sigma^2):
+        dL/de[i, a] = (dF[i, a] - gate_i * r_i) / Z_i,          r_i = sum_a dF[i, a] F[i, a]
+        dL/dmu_i    = sum_a (dF - gate r) F (a - mu_i) / sigma^2
+        dL/dlog s^2 = sum_i sum_a (dF - gate r) F t
+    All five sums are additive over pixel blocks, so a program accumulates them as it streams.
+    Returns (r, sum dF F (a-mu), sum F (a-mu), sum dF F t, sum F t), each [BLOCK_N].
+    """
+    weighted = dfilter * filt
+    return (tl.sum(weighted, axis=1), tl.sum(weighted * offset, axis=1), tl.sum(filt * offset, axis=1),
+            tl.sum(weighted * exponent, axis=1), tl.sum(filt * exponent, axis=1))
+
+
+@triton.jit
+def _axis_gradients(r, dfilt_offset, filt_offset, dfilt_exponent, filt_exponent, gate, sigma2, grid):
+    """Finish one axis's chain rule (see _row_moments): returns dL/dg (the centre gx or gy),
+    the axis's share of dL/ddelta (through mu_i = g + grid_i delta) and of dL/dlog sigma^2.
+    """
+    gated_r = tl.where(gate, r, 0.0)  # gate = S >= floor: no gradient into S where the floor is active
+    dmu = (dfilt_offset - gated_r * filt_offset) / sigma2  # [BLOCK_N]  dL/dmu_i (rows i > N are 0)
+    dcentre = tl.sum(dmu, axis=0)
+    ddelta = tl.sum(dmu * grid, axis=0)
+    dlog_sigma2 = tl.sum(dfilt_exponent - gated_r * filt_exponent, axis=0)
+    return dcentre, ddelta, dlog_sigma2
+
+
+@triton.jit
+def _store_param_grads(dparams_ptr, dgx, dgy, dlog_sigma2, ddelta, dlog_gamma, delta, height, width):
+    """Chain (gx, gy, sigma^2, delta, gamma) -> raw params (Eqs. 22-24) and store the 5 values."""
+    tl.store(dparams_ptr + 0, dgx * (width + 1) * 0.5)  # d gx / d gx~ = (W + 1) / 2
+    tl.store(dparams_ptr + 1, dgy * (height + 1) * 0.5)  # d gy / d gy~ = (H + 1) / 2
+    tl.store(dparams_ptr + 2, dlog_sigma2)
+    tl.store(dparams_ptr + 3, ddelta * delta)  # d delta / d log delta~ = delta
+    tl.store(dparams_ptr + 4, dlog_gamma)  # already w.r.t. log gamma
+
+
+@triton.jit
+def _cast_for_store(value, ptr):
+    """Round value to ptr's element type; 16-bit types go through fp32 (fp64 -> bf16 is not a direct
+    cast on every target, and Triton's interpreter gets it wrong)."""
+    if ptr.dtype.element_ty.primitive_bitwidth == 16:
+        value = value.to(tl.float32)
+    return value.to(ptr.dtype.element_ty)
+
+
+# ---------------------------------------------------------------------------------------------
+# Read, Eqs. 3 and 27: forward and backward kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attention_read_forward_kernel(
+    x_ptr, canvas_ptr, params_ptr, out_ptr,
+    height, width, grid_span,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_cb, stride_cc, stride_ch, stride_cw,
+    stride_pb, stride_pk,
+    stride_ob, stride_ok, stride_oc, stride_oj, stride_oi,
+    N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    # Program (b, c) owns out[b, :, c] = gamma * F_Y [x, x_hat] F_X^T, both [N, N] glimpses.
+    pid_b = tl.program_id(0).to(tl.int64)  # int64: b * stride can pass 2^31 for big batches
+    pid_c = tl.program_id(1).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)  # grid rows i (or j); rows >= N are masked inside the helpers
+    mu_x, mu_y, _grid, _delta, sigma2, gamma = _load_attention_grid(
+        params_ptr, stride_pb, stride_pk, pid_b, offs_n, height, width, grid_span, N, COMPUTE_DTYPE)
+
+    offs_w = tl.arange(0, BLOCK_W)  # full-width columns; mask_w drops the power-of-two padding
+    mask_w = offs_w < width
+    gauss_x = _gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
+    f_x = gauss_x / tl.maximum(tl.sum(gauss_x, axis=1), _FLOOR)[:, None]  # [BLOCK_N(i), BLOCK_W]  (25)
+    z_y = tl.maximum(_row_sums(mu_y, sigma2, offs_n, height, N, BLOCK_N, BLOCK_H, COMPUTE_DTYPE), _FLOOR)
+
+    x_base = x_ptr + pid_b * stride_xb + pid_c * stride_xc
+    c_base = canvas_ptr + pid_b * stride_cb + pid_c * stride_cc
+    glimpse_x = tl.zeros([BLOCK_N, BLOCK_N], dtype=COMPUTE_DTYPE)  # [j, i]
+    glimpse_err = tl.zeros([BLOCK_N, BLOCK_N], dtype=COMPUTE_DTYPE)
+    for row_start in range(0, height, BLOCK_H):
+        offs_h = row_start + tl.arange(0, BLOCK_H)
+        mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
+        gauss_y = _gaussian_rows(mu_y, sigma2, offs_n, offs_h, height, N, COMPUTE_DTYPE)
+        f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
+        x = tl.load(x_base + offs_h[:, None] * stride_xh + offs_w[None, :] * stride_xw,
+                    mask=mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
+        logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
+                         mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        x_hat = tl.where(mask, x - 1 / (1 + tl.exp(-logits)), 0.0)  # (3) error image
+        # rows of x F_X^T: [BLOCK_H, BLOCK_N(i)], then F_Y (x F_X^T): [BLOCK_N(j), BLOCK_N(i)]
+        x_fx = tl.sum(x[:, None, :] * f_x[None, :, :], axis=2)
+        err_fx = tl.sum(x_hat[:, None, :] * f_x[None, :, :], axis=2)
+        glimpse_x += tl.sum(f_y[:, :, None] * x_fx[None, :, :], axis=1)
+        glimpse_err += tl.sum(f_y[:, :, None] * err_fx[None, :, :], axis=1)
+
+    offs_j = offs_n[:, None]
+    offs_i = offs_n[None, :]
+    out_mask = (offs_j < N) & (offs_i < N)  # the [BLOCK_N, BLOCK_N] tile is padded to a power of 2
+    out_base = out_ptr + pid_b * stride_ob + pid_c * stride_oc + offs_j * stride_oj + offs_i * stride_oi
+    tl.store(out_base, _cast_for_store(gamma * glimpse_x, out_ptr), mask=out_mask)  # (27)
+    tl.store(out_base + stride_ok, _cast_for_store(gamma * glimpse_err, out_ptr), mask=out_mask)
+
+
+@triton.jit
+def _attention_read_backward_kernel(
+    x_ptr, canvas_ptr, params_ptr, grad_out_ptr, grad_x_ptr, grad_canvas_ptr, grad_params_ptr,
+    height, width, grid_span,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_cb, stride_cc, stride_ch, stride_cw,
+    stride_pb, stride_pk,
+    stride_gb, stride_gk, stride_gc, stride_gj, stride_gi,
+    N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, STORE_GRAD_X: tl.constexpr, STORE_GRAD_CANVAS: tl.constexpr,
+):
+    # Program (b, c) owns dx[b, c], dcanvas[b, c] (contiguous [B, C, H, W]) and the partial
+    # parameter gradient of channel c, grad_params[b, c, :] (contiguous [B, C, 5]).
+    #   d img_k = gamma F_Y^T G_k F_X                      (img_0 = x, img_1 = x_hat; G = dL/dread)
+    #   dx = d img_0 + d img_1,  dcanvas = -d img_1 * sigmoid' (canvas)
+    #   dF_Y[j, h] = gamma sum_k sum_i G_k[j, i] (img_k F_X^T)[h, i]   complete per row block
+    #   dF_X[i, w] = gamma sum_k sum_j G_k[j, i] (F_Y img_k)[j, w]     accumulated over row blocks
+    #   dlog gamma = sum G * read = sum_{i,w} dF_X F_X = sum_i r_X[i]  (read is linear in F_X)
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)  # grid rows i (or j); rows >= N are masked inside the helpers
+    mu_x, mu_y, grid, delta, sigma2, gamma = _load_attention_grid(
+        params_ptr, stride_pb, stride_pk, pid_b, offs_n, height, width, grid_span, N, COMPUTE_DTYPE)
+
+    offs_w = tl.arange(0, BLOCK_W)
+    mask_w = offs_w < width
+    gauss_x = _gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
+    sum_x = tl.sum(gauss_x, axis=1)
+    f_x = gauss_x / tl.maximum(sum_x, _FLOOR)[:, None]  # [BLOCK_N(i), BLOCK_W]  (25)
+    sum_y = _row_sums(mu_y, sigma2, offs_n, height, N, BLOCK_N, BLOCK_H, COMPUTE_DTYPE)
+    z_y = tl.maximum(sum_y, _FLOOR)
+
+    g_mask = (offs_n < N)[:, None] & (offs_n < N)[None, :]  # padded [BLOCK_N, BLOCK_N] tile
+    g_base = (grad_out_ptr + pid_b * stride_gb + pid_c * stride_gc
+              + offs_n[:, None] * stride_gj + offs_n[None, :] * stride_gi)
+    g_x = tl.load(g_base, mask=g_mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_N(j), BLOCK_N(i)]
+    g_err = tl.load(g_base + stride_gk, mask=g_mask, other=0.0).to(COMPUTE_DTYPE)
+
+    x_base = x_ptr + pid_b * stride_xb + pid_c * stride_xc
+    c_base = canvas_ptr + pid_b * stride_cb + pid_c * stride_cc
+    grad_base = (pid_b * tl.num_programs(1) + pid_c) * height * width  # contiguous [B, C, H, W]
+    fy_x = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y x      [j, w]
+    fy_err = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y x_hat  [j, w]
+    r_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    dfo_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    fo_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    dfe_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    fe_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    for row_start in range(0, height, BLOCK_H):
+        offs_h = row_start + tl.arange(0, BLOCK_H)
+        mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
+        gauss_y, offset_y, exponent_y = _gaussian_terms(mu_y, sigma2, offs_n, offs_h, height, N,
+                                                        COMPUTE_DTYPE)
+        f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
+        x = tl.load(x_base + offs_h[:, None] * stride_xh + offs_w[None, :] * stride_xw,
+                    mask=mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
+        logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
+                         mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        sig = 1 / (1 + tl.exp(-logits))
+        x_hat = tl.where(mask, x - sig, 0.0)
+
+        # d img_k = gamma (F_Y^T G_k) F_X: [BLOCK_H, BLOCK_N(i)], then [BLOCK_H, BLOCK_W]
+        fyt_g_err = tl.sum(f_y[:, :, None] * g_err[:, None, :], axis=0)
+        d_err = gamma * tl.sum(fyt_g_err[:, :, None] * f_x[None, :, :], axis=1)
+        grad_offs = grad_base + offs_h[:, None] * width + offs_w[None, :]
+        if STORE_GRAD_X:
+            fyt_g_x = tl.sum(f_y[:, :, None] * g_x[:, None, :], axis=0)
+            d_x = gamma * tl.sum(fyt_g_x[:, :, None] * f_x[None, :, :], axis=1)
+            tl.store(grad_x_ptr + grad_offs, _cast_for_store(d_x + d_err, grad_x_ptr), mask=mask)
+        if STORE_GRAD_CANVAS:
+            d_logits = -d_err * sig * (1 - sig)  # d x_hat / d canvas = -sigmoid'(canvas)
+            tl.store(grad_canvas_ptr + grad_offs, _cast_for_store(d_logits, grad_canvas_ptr), mask=mask)
+
+        # dF_Y for these rows: [BLOCK_N(j), BLOCK_H]
+        x_fx = tl.sum(x[:, None, :] * f_x[None, :, :], axis=2)  # [BLOCK_H, BLOCK_N(i)]
+        err_fx = tl.sum(x_hat[:, None, :] * f_x[None, :, :], axis=2)
+        df_y = gamma * (tl.sum(g_x[:, None, :] * x_fx[None, :, :], axis=2)
+                        + tl.sum(g_err[:, None, :] * err_fx[None, :, :], axis=2))
+        m_r, m_dfo, m_fo, m_dfe, m_fe = _row_moments(df_y, f_y, offset_y, exponent_y)
+        r_y += m_r
+        dfo_y += m_dfo
+        fo_y += m_fo
+        dfe_y += m_dfe
+        fe_y += m_fe
+
+        # F_Y img_k, needed whole for dF_X: [BLOCK_N(j), BLOCK_W]
+        fy_x += tl.sum(f_y[:, :, None] * x[None, :, :], axis=1)
+        fy_err += tl.sum(f_y[:, :, None] * x_hat[None, :, :], axis=1)
+
+    df_x = gamma * (tl.sum(g_x[:, :, None] * fy_x[:, None, :], axis=0)
+                    + tl.sum(g_err[:, :, None] * fy_err[:, None, :], axis=0))  # [BLOCK_N(i), BLOCK_W]
+    # offsets and exponents recomputed rather than kept live through the row loop
+    gauss_x, offset_x, exponent_x = _gaussian_terms(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
+    r_x, dfo_x, fo_x, dfe_x, fe_x = _row_moments(df_x, f_x, offset_x, exponent_x)
+    dgx, ddelta_x, dls_x = _axis_gradients(r_x, dfo_x, fo_x, dfe_x, fe_x, sum_x >= _FLOOR, sigma2, grid)
+    dgy, ddelta_y, dls_y = _axis_gradients(r_y, dfo_y, fo_y, dfe_y, fe_y, sum_y >= _FLOOR, sigma2, grid)
+    dlog_gamma = tl.sum(r_x, axis=0)
+    dparams_ptr = grad_params_ptr + (pid_b * tl.num_programs(1) + pid_c) * 5
+    _store_param_grads(dparams_ptr, dgx, dgy, dls_x + dls_y, ddelta_x + ddelta_y, dlog_gamma, delta,
+                       height, width)
+
+
+# ---------------------------------------------------------------------------------------------
+# Write, Eqs. 8 and 29: forward and backward kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attention_write_forward_kernel(
+    patch_ptr, params_ptr, canvas_ptr, out_ptr,
+    height, width, grid_span,
+    stride_wb, stride_wc, stride_wj, stride_wi,
+    stride_pb, stride_pk,
+    stride_cb, stride_cc, stride_ch, stride_cw,
+    N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    # Program (b, c) owns out[b, c] = canvas[b, c] + (1 / gamma) F_Y^T w[b, c] F_X, [H, W],
+    # written in blocks of BLOCK_H full-width rows (out is contiguous [B, C, H, W]).
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)  # grid rows i (or j); rows >= N are masked inside the helpers
+    mu_x, mu_y, _grid, _delta, sigma2, gamma = _load_attention_grid(
+        params_ptr, stride_pb, stride_pk, pid_b, offs_n, height, width, grid_span, N, COMPUTE_DTYPE)
+
+    offs_w = tl.arange(0, BLOCK_W)
+    mask_w = offs_w < width
+    gauss_x = _gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
+    f_x = gauss_x / tl.maximum(tl.sum(gauss_x, axis=1), _FLOOR)[:, None]  # [BLOCK_N(i), BLOCK_W]  (25)
+    z_y = tl.maximum(_row_sums(mu_y, sigma2, offs_n, height, N, BLOCK_N, BLOCK_H, COMPUTE_DTYPE), _FLOOR)
+
+    w_mask = (offs_n < N)[:, None] & (offs_n < N)[None, :]  # padded [BLOCK_N, BLOCK_N] tile
+    w = tl.load(patch_ptr + pid_b * stride_wb + pid_c * stride_wc
+                + offs_n[:, None] * stride_wj + offs_n[None, :] * stride_wi,
+                mask=w_mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_N(j), BLOCK_N(i)]
+    w_fx = tl.sum(w[:, :, None] * f_x[None, :, :], axis=1)  # w F_X: [BLOCK_N(j), BLOCK_W]
+
+    c_base = canvas_ptr + pid_b * stride_cb + pid_c * stride_cc
+    out_base = out_ptr + (pid_b * tl.num_programs(1) + pid_c) * height * width
+    for row_start in range(0, height, BLOCK_H):
+        offs_h = row_start + tl.arange(0, BLOCK_H)
+        mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
+        gauss_y = _gaussian_rows(mu_y, sigma2, offs_n, offs_h, height, N, COMPUTE_DTYPE)
+        f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
+        written = tl.sum(f_y[:, :, None] * w_fx[:, None, :], axis=0)  # F_Y^T w F_X: [BLOCK_H, BLOCK_W]
+        logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
+                         mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        new_logits = logits + written / gamma  # (29), (8)
+        tl.store(out_base + offs_h[:, None] * width + offs_w[None, :],
+                 _cast_for_store(new_logits, out_ptr), mask=mask)
+
+
+@triton.jit
+def _attention_write_backward_kernel(
+    patch_ptr, params_ptr, grad_out_ptr, grad_patch_ptr, grad_params_ptr,
+    height, width, grid_span,
+    stride_wb, stride_wc, stride_wj, stride_wi,
+    stride_pb, stride_pk,
+    stride_gb, stride_gc, stride_gh, stride_gw,
+    N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    # Program (b, c) owns dpatch[b, c] (contiguous [B, C, N, N]) and the partial parameter
+    # gradient of channel c, grad_params[b, c, :] (contiguous [B, C, 5]). With G = dL/dnew_canvas:
+    #   dpatch     = (1 / gamma) F_Y G F_X^T
+    #   dF_Y[j, h] = (1 / gamma) sum_i w[j, i] (G F_X^T)[h, i]     complete per row block
+    #   dF_X[i, w] = (1 / gamma) sum_j w[j, i] (F_Y G)[j, w]       accumulated over row blocks
+    #   dlog gamma = -sum w * dpatch = -sum_{i,w} dF_X F_X = -sum_i r_X[i]
+    # (dcanvas = G needs no kernel.)
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)  # grid rows i (or j); rows >= N are masked inside the helpers
+    mu_x, mu_y, grid, delta, sigma2, gamma = _load_attention_grid(
+        params_ptr, stride_pb, stride_pk, pid_b, offs_n, height, width, grid_span, N, COMPUTE_DTYPE)
+    inv_gamma = 1 / gamma
+
+    offs_w = tl.arange(0, BLOCK_W)
+    mask_w = offs_w < width
+    gauss_x = _gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
+    sum_x = tl.sum(gauss_x, axis=1)
+    f_x = gauss_x / tl.maximum(sum_x, _FLOOR)[:, None]  # [BLOCK_N(i), BLOCK_W]  (25)
+    sum_y = _row_sums(mu_y, sigma2, offs_n, height, N, BLOCK_N, BLOCK_H, COMPUTE_DTYPE)
+    z_y = tl.maximum(sum_y, _FLOOR)
+
+    w_mask = (offs_n < N)[:, None] & (offs_n < N)[None, :]  # padded [BLOCK_N, BLOCK_N] tile
+    w = tl.load(patch_ptr + pid_b * stride_wb + pid_c * stride_wc
+                + offs_n[:, None] * stride_wj + offs_n[None, :] * stride_wi,
+                mask=w_mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_N(j), BLOCK_N(i)]
+
+    g_base = grad_out_ptr + pid_b * stride_gb + pid_c * stride_gc
+    fy_g = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y G  [j, w]
+    r_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    dfo_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    fo_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    dfe_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    fe_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    for row_start in range(0, height, BLOCK_H):
+        offs_h = row_start + tl.arange(0, BLOCK_H)
+        mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
+        gauss_y, offset_y, exponent_y = _gaussian_terms(mu_y, sigma2, offs_n, offs_h, height, N,
+                                                        COMPUTE_DTYPE)
+        f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
+        g = tl.load(g_base + offs_h[:, None] * stride_gh + offs_w[None, :] * stride_gw,
+                    mask=mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
+        g_fx = tl.sum(g[:, None, :] * f_x[None, :, :], axis=2)  # G F_X^T: [BLOCK_H, BLOCK_N(i)]
+        df_y = inv_gamma * tl.sum(w[:, None, :] * g_fx[None, :, :], axis=2)  # [BLOCK_N(j), BLOCK_H]
+        m_r, m_dfo, m_fo, m_dfe, m_fe = _row_moments(df_y, f_y, offset_y, exponent_y)
+        r_y += m_r
+        dfo_y += m_dfo
+        fo_y += m_fo
+        dfe_y += m_dfe
+        fe_y += m_fe
+        fy_g += tl.sum(f_y[:, :, None] * g[None, :, :], axis=1)
+
+    df_x = inv_gamma * tl.sum(w[:, :, None] * fy_g[:, None, :], axis=0)  # [BLOCK_N(i), BLOCK_W]
+    # offsets and exponents recomputed rather than kept live through the row loop
+    gauss_x, offset_x, exponent_x = _gaussian_terms(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
+    r_x, dfo_x, fo_x, dfe_x, fe_x = _row_moments(df_x, f_x, offset_x, exponent_x)
+    dgx, ddelta_x, dls_x = _axis_gradients(r_x, dfo_x, fo_x, dfe_x, fe_x, sum_x >= _FLOOR, sigma2, grid)
+    dgy, ddelta_y, dls_y = _axis_gradients(r_y, dfo_y, fo_y, dfe_y, fe_y, sum_y >= _FLOOR, sigma2, grid)
+    dlog_gamma = -tl.sum(r_x, axis=0)
+    program = pid_b * tl.num_programs(1) + pid_c
+    _store_param_grads(grad_params_ptr + program * 5, dgx, dgy, dls_x + dls_y, ddelta_x + ddelta_y,
+                       dlog_gamma, delta, height, width)
+
+    # dpatch = (1 / gamma) (F_Y G) F_X^T: [BLOCK_N(j), BLOCK_N(i)]
+    d_w = inv_gamma * tl.sum(fy_g[:, None, :] * f_x[None, :, :], axis=2)
+    tl.store(grad_patch_ptr + program * N * N + offs_n[:, None] * N + offs_n[None, :],
+             _cast_for_store(d_w, grad_patch_ptr), mask=w_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers: allocate contiguous outputs, pick block sizes, launch one program per (b, c)
+# ---------------------------------------------------------------------------------------------
+
+
+def _compute_dtypes(*tensors):
+    """fp64 arithmetic when any input is fp64, else fp32 (fp16/bf16 are upcast on load)."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64, tl.float64
+    return torch.float32, tl.float32
+
+
+def _launch_config(n: int, height: int, width: int, backward: bool) -> dict:
+    """Block sizes (powers of two) and warps for an n-grid over H x W images."""
+    block_n = max(triton.next_power_of_2(n), 2)
+    block_w = max(triton.next_power_of_2(width), 2)
+    row_elements = block_n * block_w  # each [BLOCK_N, BLOCK_W] register tile
+    tile = _BACKWARD_TILE if backward else _FORWARD_TILE
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        tile = _INTERPRETER_TILE or tile
+    block_h = min(max(tile // row_elements, 1), triton.next_power_of_2(height))  # powers of two
+    # ptxas, sm_90, fp32: no spills up to [16, 128] row tiles (n <= 16, W <= 128); [16, 256] spills
+    # in the backward kernels (about 1.2 KB per thread) but stays correct.
+    num_warps = 4 if row_elements <= (256 if backward else 2048) else 8
+    return {"N": n, "BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": num_warps}
+
+
+def _device_guard(t: torch.Tensor):
+    """Launch on the tensors' GPU, not whichever one is current."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def attention_read_forward(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int):
+    """Launch the read forward kernel. x, canvas [B, C, H, W]; params [B, 5] -> [B, 2, C, n, n]."""
+    batch, channels, height, width = x.shape
+    out = torch.empty((batch, 2, channels, n, n), device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    if height * width == 0:
+        return out.zero_()
+    _, compute = _compute_dtypes(x, canvas, params)
+    with _device_guard(x):
+        _attention_read_forward_kernel[(batch, channels)](
+            x, canvas, params, out,
+            height, width, max(height, width) - 1,
+            *x.stride(), *canvas.stride(), *params.stride(), *out.stride(),
+            COMPUTE_DTYPE=compute, **_launch_config(n, height, width, backward=False),
+        )
+    return out
+
+
+def attention_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: bool,
+                            canvas_needs_grad: bool):
+    """Launch the read backward kernel. Returns (dx, dcanvas, dparams); dx / dcanvas are empty [0]
+    tensors when not needed."""
+    batch, channels, height, width = x.shape
+    grad_x = torch.empty(x.shape if x_needs_grad else (0,), device=x.device, dtype=x.dtype)
+    grad_canvas = torch.empty(canvas.shape if canvas_needs_grad else (0,), device=x.device,
+                              dtype=canvas.dtype)
+    acc_dtype, compute = _compute_dtypes(x, canvas, params)
+    partials = torch.empty((batch, channels, 5), device=x.device, dtype=acc_dtype)  # all written
+    if x.numel() > 0:
+        with _device_guard(x):
+            _attention_read_backward_kernel[(batch, channels)](
+                x, canvas, params, grad_out, grad_x, grad_canvas, partials,
+                height, width, max(height, width) - 1,
+                *x.stride(), *canvas.stride(), *params.stride(), *grad_out.stride(),
+                COMPUTE_DTYPE=compute, STORE_GRAD_X=x_needs_grad, STORE_GRAD_CANVAS=canvas_needs_grad,
+                **_launch_config(n, height, width, backward=True),
+            )
+    else:
+        grad_x.zero_()  # empty images (H * W = 0): every gradient is 0
+        grad_canvas.zero_()
+        partials.zero_()
+    grad_params = partials.sum(dim=1).to(params.dtype)  # [B, 5], deterministic reduction over C
+    return grad_x, grad_canvas, grad_params
+
+
+def attention_write_forward(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor):
+    """Launch the write forward kernel. patch [B, C, n, n]; params [B, 5]; canvas [B, C, H, W]."""
+    batch, channels, height, width = canvas.shape
+    n = patch.shape[-1]
+    out = torch.empty(canvas.shape, device=canvas.device, dtype=canvas.dtype)
+    if out.numel() == 0:
+        return out
+    _, compute = _compute_dtypes(patch, params, canvas)
+    with _device_guard(canvas):
+        _attention_write_forward_kernel[(batch, channels)](
+            patch, params, canvas, out,
+            height, width, max(height, width) - 1,
+            *patch.stride(), *params.stride(), *canvas.stride(),
+            COMPUTE_DTYPE=compute, **_launch_config(n, height, width, backward=False),
+        )
+    return out
+
+
+def attention_write_backward(grad_out, patch, params):
+    """Launch the write backward kernel. grad_out [B, C, H, W] (in the canvas's dtype).
+
+    Returns (dpatch [B, C, n, n], dparams [B, 5]); dcanvas is grad_out itself.
+    """
+    batch, channels, height, width = grad_out.shape
+    n = patch.shape[-1]
+    grad_patch = torch.empty(patch.shape, device=patch.device, dtype=patch.dtype)
+    acc_dtype, compute = _compute_dtypes(grad_out, patch, params)
+    partials = torch.empty((batch, channels, 5), device=patch.device, dtype=acc_dtype)
+    if grad_out.numel() > 0:
+        with _device_guard(patch):
+            _attention_write_backward_kernel[(batch, channels)](
+                patch, params, grad_out, grad_patch, partials,
+                height, width, max(height, width) - 1,
+                *patch.stride(), *params.stride(), *grad_out.stride(),
+                COMPUTE_DTYPE=compute, **_launch_config(n, height, width, backward=True),
+            )
+    else:
+        grad_patch.zero_()
+        partials.zero_()
+    return grad_patch, partials.sum(dim=1).to(params.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd integration: torch.library custom ops (opaque to torch.compile, no graph breaks)
+# ---------------------------------------------------------------------------------------------
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "double backward through DRAW's fused Triton attention kernels is not supported; "
+        "use backend='reference' for higher-order gradients"
+    )
+
+
+def _no_double_backward_setup(ctx, inputs, output):
+    pass
+
+
+@torch.library.custom_op("draw_attention::read", mutates_args=())
+def _read_op(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int) -> torch.Tensor:
+    return attention_read_forward(x, canvas, params, n)
+
+
+@_read_op.register_fake
+def _read_fake(x, canvas, params, n):
+    return x.new_empty((x.shape[0], 2, x.shape[1], n, n))
+
+
+@torch.library.custom_op("draw_attention::read_backward", mutates_args=())
+def _read_backward_op(grad_out: torch.Tensor, x: torch.Tensor, canvas: torch.Tensor,
+                      params: torch.Tensor, n: int, x_needs_grad: bool, canvas_needs_grad: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_read_backward(grad_out, x, canvas, params, n, x_needs_grad, canvas_needs_grad)
+
+
+@_read_backward_op.register_fake
+def _read_backward_fake(grad_out, x, canvas, params, n, x_needs_grad, canvas_needs_grad):
+    return (x.new_empty(x.shape if x_needs_grad else (0,)),
+            canvas.new_empty(canvas.shape if canvas_needs_grad else (0,)),
+            params.new_empty(params.shape))
+
+
+def _read_setup_context(ctx, inputs, output):
+    x, canvas, params, n = inputs
+    ctx.save_for_backward(x, canvas, params)
+    ctx.n = n
+
+
+def _read_backward(ctx, grad_out):
+    x, canvas, params = ctx.saved_tensors
+    x_needs_grad, canvas_needs_grad, params_needs_grad = ctx.needs_input_grad[:3]
+    grad_x, grad_canvas, grad_params = _read_backward_op(
+        grad_out, x, canvas, params, ctx.n, x_needs_grad, canvas_needs_grad)
+    return (grad_x if x_needs_grad else None, grad_canvas if canvas_needs_grad else None,
+            grad_params if params_needs_grad else None, None)
+
+
+_read_op.register_autograd(_read_backward, setup_context=_read_setup_context)
+_read_backward_op.register_autograd(_no_double_backward, setup_context=_no_double_backward_setup)
+
+
+@torch.library.custom_op("draw_attention::write", mutates_args=())
+def _write_op(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+    return attention_write_forward(patch, params, canvas)
+
+
+@_write_op.register_fake
+def _write_fake(patch, params, canvas):
+    return canvas.new_empty(canvas.shape)
+
+
+@torch.library.custom_op("draw_attention::write_backward", mutates_args=())
+def _write_backward_op(grad_out: torch.Tensor, patch: torch.Tensor, params: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_write_backward(grad_out, patch, params)
+
+
+@_write_backward_op.register_fake
+def _write_backward_fake(grad_out, patch, params):
+    return patch.new_empty(patch.shape), params.new_empty(params.shape)
+
+
+def _write_setup_context(ctx, inputs, output):
+    patch, params, _canvas = inputs
+    ctx.save_for_backward(patch, params)
+
+
+def _write_backward(ctx, grad_out):
+    patch, params = ctx.saved_tensors
+    patch_needs_grad, params_needs_grad, canvas_needs_grad = ctx.needs_input_grad
+    grad_patch, grad_params = _write_backward_op(grad_out, patch, params)
+    # d new_canvas / d canvas = identity; grad_out is already in the canvas's dtype.
+    return (grad_patch if patch_needs_grad else None, grad_params if params_needs_grad else None,
+            grad_out if canvas_needs_grad else None)
+
+
+_write_op.register_autograd(_write_backward, setup_context=_write_setup_context)
+_write_backward_op.register_autograd(_no_double_backward, setup_context=_no_double_backward_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions (called by kernels.read / kernels.write with validated inputs)
+# ---------------------------------------------------------------------------------------------
+
+
+def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int) -> torch.Tensor:
+    """Fused attention read, Eqs. 3 and 27: gamma * [F_Y x F_X^T, F_Y x_hat F_X^T].
+
+    Args:
+        x: [B, C, H, W] images.
+        canvas: [B, C, H, W] canvas logits c_{t-1}; x_hat = x - sigmoid(canvas).
+        params: [B, 5] raw (gx~, gy~, log sigma^2, log delta~, log gamma).
+        n: read grid size N >= 1.
+    Returns:
+        [B, 2, C, n, n] glimpses of x (index 0) and of the error image (index 1), in x's dtype.
+    """
+    return _read_op(x, canvas, params, n)
+
+
+def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+    """Fused attention write added to the canvas, Eqs. 8 and 29: canvas + (1 / gamma) F_Y^T w F_X.
+
+    Args:
+        patch: [B, C, n, n] write patch w_t.
+        params: [B, 5] raw write parameters.
+        canvas: [B, C, H, W] canvas logits c_{t-1}.
+    Returns:
+        [B, C, H, W] the new canvas c_t, in the canvas's dtype.
+    """
+    return _write_op(patch, params, canvas)

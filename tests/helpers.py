@@ -1,0 +1,32 @@
+"""Test helpers shared across test files."""
+
+import torch
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, name: str = "tensor"):
+    """Fail unless |actual - expected| <= atol + rtol * |expected| elementwise (compared in float64).
+
+    Also fails when either tensor holds NaN or Inf, or when shapes differ. The message reports the
+    largest absolute error and the relative error max|actual - expected| / max|expected|.
+    """
+    assert actual.shape == expected.shape, f"{name}: shape {list(actual.shape)} != {list(expected.shape)}"
+    a = actual.detach().to(device="cpu", dtype=torch.float64)
+    e = expected.detach().to(device="cpu", dtype=torch.float64)
+    for label, t in (("actual", a), ("expected", e)):
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            raise AssertionError(f"{name}: {label} has {int(bad.sum())} NaN/Inf values of {t.numel()}")
+    if a.numel() == 0:
+        return
+    err = (a - e).abs()
+    scale = e.abs().max().item()
+    max_abs = err.max().item()
+    rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    excess = err - (atol + rtol * e.abs())
+    if (excess > 0).any():
+        worst = int(excess.flatten().argmax())
+        raise AssertionError(
+            f"{name}: max abs error {max_abs:.3e}, relative error {rel:.3e} (max|expected| {scale:.3e}); "
+            f"{int((excess > 0).sum())} of {a.numel()} elements exceed atol={atol:g} + rtol={rtol:g}*|expected|, "
+            f"worst at flat index {worst}: {a.flatten()[worst].item():.6e} vs {e.flatten()[worst].item():.6e}"
+        )
