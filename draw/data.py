@@ -314,7 +314,7 @@ def _binarized_valid_test(
     """[N, 784] grey levels -> the fixed binarization (cached .npz), and a note saying whence."""
     path = data_dir / f"mnist_valid_test_binarized_seed{BINARIZE_SEED}.npz"
     try:
-        with np.load(path, allow_pickle=False) as cached:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as cached:  # closes f on a corrupt file too
             pair = [torch.from_numpy(cached[key].astype(np.float32)) for key in ("valid", "test")]
         if all(_is_binarization_of(b, grey) for b, grey in zip(pair, (valid, test), strict=True)):
             return pair[0], pair[1], f"cached at {path}"

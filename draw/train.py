@@ -12,6 +12,8 @@ import contextlib
 import json
 import math
 import pathlib
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -144,6 +146,32 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+class StopRequest:
+    """Defers Ctrl-C (SIGINT) to the end of the current step, so the run stops on a step boundary.
+
+    The first Ctrl-C sets `requested`; the loop then checkpoints and stops, and a resume continues
+    exactly as if it had never stopped. A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _autocast(settings: RunSettings, device: torch.device):
     if settings.amp == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -220,7 +248,7 @@ def train(
     sums, count, tick = torch.zeros(3, device=device), 0, time.perf_counter()
     bar = tqdm(total=settings.total_steps, initial=start_step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     step = start_step
-    try:
+    with StopRequest() as stop:
         while step < settings.total_steps:
             x = sampler.batch(step)
             for group in optimizer.param_groups:
@@ -252,13 +280,12 @@ def train(
                 last_eval = evaluate(step)
                 bar.write(f"step {step}: test bound {last_eval['nats']:.2f} nats")
                 tick = time.perf_counter()  # evaluation time is not training time
-            if step % settings.checkpoint_every == 0 or step == settings.total_steps:
+            if step % settings.checkpoint_every == 0 or step == settings.total_steps or stop.requested:
                 checkpoint(step)
-    except KeyboardInterrupt:
-        checkpoint(step)
-        bar.close()
-        log(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume")
-        raise
+            if stop.requested and step < settings.total_steps:
+                bar.close()
+                log(f"stopped at step {step}: saved {ckpt_path}; continue with --resume")
+                raise KeyboardInterrupt
     bar.close()
 
     if last_eval is None:  # resumed a finished run

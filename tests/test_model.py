@@ -188,6 +188,36 @@ def test_resume_continues_with_identical_losses(tmp_path):
     assert len(bounds) == 2 and all(math.isfinite(v) for v in bounds)
 
 
+def test_ctrl_c_stops_on_a_step_boundary_and_resumes_exactly(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from draw import train as train_module
+
+    config = DRAWConfig(**{**SMALL.__dict__, "height": 28, "width": 28})
+    quiet = dict(progress=False, make_figures=False, log=lambda *_: None)
+    full = tmp_path / "full"
+    train(full, model_config=config, settings=run_settings(checkpoint_every=100), **quiet)
+
+    batch = train_module.BatchSampler.batch
+
+    def interrupted_batch(self, step):  # Ctrl-C arrives in the middle of step 5 (0-based)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return batch(self, step)
+
+    monkeypatch.setattr(train_module.BatchSampler, "batch", interrupted_batch)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        train(stopped, model_config=config, settings=run_settings(checkpoint_every=100), **quiet)
+    assert load_checkpoint(stopped)["step"] == 5  # the step in flight finished, then the run saved
+    monkeypatch.setattr(train_module.BatchSampler, "batch", batch)
+    train(stopped, resume=True, **quiet)
+    losses = lambda d: [(r["step"], r["loss"]) for r in read_metrics(d) if "loss" in r]
+    assert losses(stopped) == losses(full)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
 def test_evaluate_bound_is_reproducible_and_leaves_rng_alone():
     model = DRAW(SMALL)
     x = binary_images(10)

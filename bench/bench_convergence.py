@@ -1,0 +1,111 @@
+"""Does the fast large-batch path still converge like the default? Train both, plot their loss curves.
+
+Two runs of one preset on the same data: the baseline (the preset's batch size, reference attention,
+fp32, eager) and the fast one (a large batch with the square-root learning-rate rule of `draw train`,
+plus any of --backend triton, --compile, --amp bf16). Both train for the same number of epochs and
+are plotted against epochs (images seen) and against wall-clock seconds.
+
+    python bench/bench_convergence.py                                   # CPU: mnist-quick, 64 vs 512, 1 epoch
+    python bench/bench_convergence.py --preset mnist-paper --fast-batch 1024 --epochs 20 \\
+        --backend triton --compile --amp bf16                           # GPU: the fast path
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import common
+
+from draw import figures
+from draw.config import get_preset
+from draw.data import load_dataset
+from draw.train import RunSettings, scaled_lr, train
+
+
+def run(out: Path, preset_name: str, batch: int, epochs: float, device, *, backend: str, compile: bool, amp: str,
+        eval_every: int, seed: int) -> dict:
+    preset = get_preset(preset_name)
+    settings = RunSettings(
+        dataset=preset.train.dataset,
+        batch_size=batch,
+        lr=scaled_lr(preset.train.lr, preset.train.batch_size, batch),
+        epochs=epochs,
+        grad_clip=preset.train.grad_clip,
+        lr_schedule=preset.train.lr_schedule,
+        eval_every=eval_every,
+        log_every=max(1, 3200 // batch),
+        checkpoint_every=10**9,
+        seed=seed,
+        compile=compile,
+        amp=amp,
+    )
+    config = dataclasses.replace(preset.model, backend=backend)
+    start = time.perf_counter()
+    summary = train(out, model_config=config, settings=settings, device=device, progress=True, make_figures=False,
+                    log=common.log)
+    summary["wall_s"] = time.perf_counter() - start
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="mnist-quick", help="preset to train (default mnist-quick)")
+    parser.add_argument("--fast-batch", type=int, default=512, help="batch size of the fast run (default 512)")
+    parser.add_argument("--epochs", type=float, default=1.0, help="epochs each run trains for (default 1)")
+    parser.add_argument("--backend", default="reference", choices=("reference", "triton", "auto"), help="fast run's attention backend")
+    parser.add_argument("--compile", action="store_true", help="fast run: torch.compile the model")
+    parser.add_argument("--amp", default="none", choices=("none", "bf16"), help="fast run: bf16 autocast")
+    parser.add_argument("--evals", type=int, default=4, help="test-bound evaluations per run (default 4)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of both runs")
+    parser.add_argument("--out", type=Path, default=Path("runs/convergence"), help="directory of both runs and the plots")
+    parser.add_argument("--json", help="write both summaries and metadata as JSON to this path")
+    args = parser.parse_args(argv)
+
+    device = common.pick_device(args.device)
+    common.set_cpu_threads(args.threads, device)
+    preset = get_preset(args.preset)
+    if args.out.exists() and any(args.out.iterdir()):
+        raise SystemExit(f"{args.out} is not empty: choose another --out")
+    runs = {
+        f"batch {preset.train.batch_size}, reference, fp32": (preset.train.batch_size, "reference", False, "none"),
+        f"batch {args.fast_batch}, {args.backend}{', compiled' if args.compile else ''}, "
+        f"{'bf16' if args.amp == 'bf16' else 'fp32'}": (args.fast_batch, args.backend, args.compile, args.amp),
+    }
+    cfg = preset.model
+    n_train = len(load_dataset(preset.train.dataset, shape=(cfg.channels, cfg.height, cfg.width)).train)
+    summaries, dirs = {}, {}
+    for i, (label, (batch, backend, compiled, amp)) in enumerate(runs.items()):
+        steps = max(1, int(args.epochs * n_train // batch))
+        dirs[label] = args.out / f"run{i}-batch{batch}"
+        common.log(f"{label}: {args.epochs} epochs")
+        summaries[label] = run(dirs[label], args.preset, batch, args.epochs, device, backend=backend, compile=compiled,
+                               amp=amp, eval_every=max(1, steps // args.evals), seed=args.seed)
+    metrics = {label: d / "metrics.jsonl" for label, d in dirs.items()}
+    by_epoch = figures.save_loss_comparison(metrics, args.out / "convergence_epochs.png", x="epoch",
+                                            title=f"{args.preset}: training loss by epoch")
+    with_time = {}
+    for label, path in metrics.items():  # the same records with wall-clock seconds as x
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        elapsed, seconds = 0.0, []
+        for r in records:
+            if "images_per_s" in r:
+                elapsed += summaries[label]["settings"]["log_every"] * summaries[label]["settings"]["batch_size"] / r["images_per_s"]
+            seconds.append({**r, "seconds": elapsed})
+        with_time[label] = seconds
+    by_time = figures.save_loss_comparison(with_time, args.out / "convergence_seconds.png", x="seconds",
+                                           title=f"{args.preset}: training loss by training time")
+    for label, s in summaries.items():
+        print(f"{label}: test bound {s['test_bound_nats']:.2f} nats after {s['epochs']:.2f} epochs, {s['wall_s']:.0f} s")
+    print(f"wrote {by_epoch} and {by_time}")
+    if args.json:
+        common.write_json(args.json, common.metadata(device), list(summaries.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
