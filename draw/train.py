@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+import kernels
 from draw import figures
 from draw.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from draw.config import DRAWConfig
@@ -220,6 +221,7 @@ def train(
         model = DRAW(model_config).to(device)
         start_step = 0
 
+    kernels.resolve_backend(model.config.backend, device)  # fail before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_dataset(settings.dataset, data_dir, shape=(model.config.channels, model.config.height, model.config.width))
     log(f"data: {data.source}")

@@ -253,6 +253,16 @@ def test_cli_end_to_end_on_synthetic_data(tmp_path, capsys):
     assert (run / "checkpoint.pt").read_bytes() == before
 
 
+def test_cli_refuses_triton_on_cpu_before_writing(tmp_path, capsys, monkeypatch):
+    import kernels
+
+    monkeypatch.setattr(kernels, "_triton_interpreter", lambda: False)
+    out = tmp_path / "run"
+    assert main(["train", "--backend", "triton", "--dataset", "synthetic", "--steps", "1", "--out", str(out)]) == 2
+    assert "needs CUDA tensors" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_cli_reports_bad_checkpoints_without_writing(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00garbage")
