@@ -301,14 +301,9 @@ COLUMNS = (
 
 def plot(rows: list[dict], copy_gbps: float, path: str) -> None:
     """GB/s over size, one line per provider (and timer), one panel per op and mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [(op, mode) for op in OPS for mode in MODES if any(r["op"] == op and r["mode"] == mode for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
-    for ax, (op, mode) in zip(axes[0], panels):
+    fig, axes = common.panels(len(panels), 4.5)
+    for ax, (op, mode) in zip(axes, panels):
         panel = [r for r in rows if r["op"] == op and r["mode"] == mode]
         sizes = sorted({r["size"] for r in panel}, key=lambda s: next(r["bytes"] for r in panel if r["size"] == s))
         for provider in PROVIDERS:
@@ -323,12 +318,7 @@ def plot(rows: list[dict], copy_gbps: float, path: str) -> None:
         ax.set_yscale("log")
         ax.set_title(f"{op} {mode}")
         ax.set_ylabel("GB/s (fewest bytes / median time)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    common.save_panels(fig, axes, path)
 
 
 def parse_args(argv=None):
@@ -339,7 +329,6 @@ def parse_args(argv=None):
     p.add_argument("--modes", type=common.split_list, default=list(MODES), help="comma-separated modes: fwd,fwd+bwd")
     p.add_argument("--providers", type=common.split_list, default=list(PROVIDERS),
                    help="comma-separated providers: eager,compiled,triton (triton: CUDA only, skipped otherwise)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--copy-mib", type=int, default=None,
                    help="size of the copy-bandwidth buffer in MiB; default 1024 on CUDA, 64 on CPU")
     p.add_argument("--no-cudagraph", action="store_true",
@@ -348,13 +337,7 @@ def parse_args(argv=None):
                    help="CUDA: do_bench's rep, the milliseconds of timed calls per case (slow cases still get >= 1)")
     p.add_argument("--reps", type=int, default=20, help="CPU: at most this many timed calls per case, after 3 warm-up calls")
     p.add_argument("--budget", type=float, default=2.0, help="CPU: stop timing a case after this many seconds (>= 3 calls)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads(THREADS); default 1 on CPU (steady on a shared machine; "
-                   "use all cores on a quiet one), torch's default on CUDA")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    p.add_argument("--json", default=None, metavar="PATH", help="write results and metadata as JSON to PATH")
-    p.add_argument("--markdown", default=None, metavar="PATH", help="write results and metadata as a markdown table to PATH")
-    p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of GB/s over size per provider to PATH")
+    common.add_run_arguments(p, seed_help="seed of the random inputs", plot_help="write a PNG of GB/s over size per provider to PATH")
     args = p.parse_args(argv)
     for flag, values, allowed in (("--ops", args.ops, OPS), ("--modes", args.modes, MODES), ("--providers", args.providers, PROVIDERS)):
         unknown = [v for v in values if v not in allowed]

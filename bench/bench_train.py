@@ -150,14 +150,9 @@ COLUMNS = (
 
 def plot(rows: list[dict], path: str) -> None:
     """Speed-up over the fp32 eager reference against batch size, one panel per preset."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     presets = list(dict.fromkeys(r["preset"] for r in rows))
-    fig, axes = plt.subplots(1, len(presets), figsize=(5 * len(presets), 4), squeeze=False)
-    for ax, preset in zip(axes[0], presets):
+    fig, axes = common.panels(len(presets), 4)
+    for ax, preset in zip(axes, presets):
         panel = [r for r in rows if r["preset"] == preset and r["vs_reference"] is not None]
         for mode in MODES:
             for amp in AMPS:
@@ -168,12 +163,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_xlabel("batch size")
         ax.set_ylabel("speed-up over reference eager fp32")
         ax.set_title(preset)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    common.save_panels(fig, axes, path)
 
 
 def parse_args(argv=None):
@@ -196,14 +186,8 @@ def parse_args(argv=None):
     p.add_argument("--no-tf32", action="store_true", help="CUDA: keep fp32 matmuls in full fp32 (no TF32)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (they include compiling); default 2 CPU, 5 CUDA")
     p.add_argument("--steps", type=int, default=None, help="timed steps; default 5 CPU, 20 CUDA")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads(THREADS); default 1 on CPU (steady on a shared machine; "
-                   "use all cores on a quiet one), torch's default on CUDA")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model's initial weights and the random images")
-    p.add_argument("--json", default=None, metavar="PATH", help="write results and metadata as JSON to PATH")
-    p.add_argument("--markdown", default=None, metavar="PATH", help="write results and metadata as a markdown table to PATH")
-    p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of the speed-up over batch size to PATH")
+    common.add_run_arguments(p, seed_help="seed of the model's initial weights and the random images",
+                             plot_help="write a PNG of the speed-up over batch size to PATH")
     args = p.parse_args(argv)
     if args.batch_sizes is not None and (not args.batch_sizes or min(args.batch_sizes) < 1):
         p.error("--batch-sizes: each must be >= 1")

@@ -283,6 +283,42 @@ def write_markdown(path: str, title: str, meta: dict, tables: Sequence[tuple[str
     print(f"wrote {path}")
 
 
+def panels(count: int, height: float):
+    """A row of `count` matplotlib axes (Agg backend, no display): (figure, [axes])."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, count, figsize=(5 * count, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_panels(fig, axes, path: str) -> None:
+    """Grid and legend on every panel, then write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def add_run_arguments(parser, *, seed_help: str, plot_help: str) -> None:
+    """The flags every benchmark script shares: device, threads, seed and the output files."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads(THREADS); default 1 on CPU (steady on a shared machine; "
+                        "use all cores on a quiet one), torch's default on CUDA")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--json", default=None, metavar="PATH", help="write results and metadata as JSON to PATH")
+    parser.add_argument("--markdown", default=None, metavar="PATH", help="write results and metadata as a markdown table to PATH")
+    parser.add_argument("--plot", default=None, metavar="PATH", help=plot_help)
+
+
 def split_list(text: str) -> list[str]:
     """"a,b, c" -> ["a", "b", "c"] (argparse type for comma-separated lists)."""
     return [item.strip() for item in text.split(",") if item.strip()]
