@@ -340,9 +340,7 @@ def parse_args(argv=None):
     common.add_run_arguments(p, seed_help="seed of the random inputs", plot_help="write a PNG of GB/s over size per provider to PATH")
     args = p.parse_args(argv)
     for flag, values, allowed in (("--ops", args.ops, OPS), ("--modes", args.modes, MODES), ("--providers", args.providers, PROVIDERS)):
-        unknown = [v for v in values if v not in allowed]
-        if unknown:
-            p.error(f"{flag}: unknown {unknown}; choose from {list(allowed)}")
+        common.check_choices(p, flag, values, allowed)
     return args
 
 

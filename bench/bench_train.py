@@ -194,9 +194,7 @@ def parse_args(argv=None):
     if (args.steps is not None and args.steps < 1) or (args.warmup is not None and args.warmup < 0):
         p.error("--steps must be >= 1 and --warmup >= 0")
     for flag, values, allowed in (("--modes", args.modes or [], MODES), ("--amp", args.amp or [], AMPS)):
-        unknown = [v for v in values if v not in allowed]
-        if unknown:
-            p.error(f"{flag}: unknown {unknown}; choose from {list(allowed)}")
+        common.check_choices(p, flag, values, allowed)
     return args
 
 

@@ -319,6 +319,13 @@ def add_run_arguments(parser, *, seed_help: str, plot_help: str) -> None:
     parser.add_argument("--plot", default=None, metavar="PATH", help=plot_help)
 
 
+def check_choices(parser, flag: str, values, allowed) -> None:
+    """parser.error naming the unknown entries of a comma-separated flag and the allowed ones."""
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        parser.error(f"{flag}: unknown {unknown}; choose from {list(allowed)}")
+
+
 def split_list(text: str) -> list[str]:
     """"a,b, c" -> ["a", "b", "c"] (argparse type for comma-separated lists)."""
     return [item.strip() for item in text.split(",") if item.strip()]

@@ -7,9 +7,9 @@ import pathlib
 import sys
 
 from draw.config import DEFAULT_PRESET, PRESETS, get_preset
-
-DATASETS = ("mnist", "synthetic")
-BACKENDS = ("auto", "reference", "triton")
+from draw.data import DATASETS
+from draw.train import LR_SCHEDULES
+from kernels import BACKENDS
 
 
 def _positive_int(text: str) -> int:
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--epochs", type=_positive_float, help="passes over the training set (default: the preset's)")
     t.add_argument("--batch-size", type=_positive_int, help="images per step (default: the preset's)")
     t.add_argument("--lr", type=_positive_float, help="Adam learning rate (default: the preset's, scaled by sqrt(batch / preset batch) when --batch-size differs)")
-    t.add_argument("--lr-schedule", choices=("constant", "cosine"), help="constant, or cosine decay to lr/10 (default: the preset's)")
+    t.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="constant, or cosine decay to lr/10 (default: the preset's)")
     t.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     t.add_argument("--out", type=pathlib.Path, help="run directory (default: runs/PRESET, or runs/PRESET-DATASET for other datasets)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
@@ -89,7 +89,7 @@ def cmd_train(args) -> int:
     dataset = args.dataset or preset.train.dataset
     out = args.out or pathlib.Path("runs") / (args.preset if dataset == "mnist" else f"{args.preset}-{dataset}")
     if args.resume:
-        train(out, resume=True, device=args.device and _device(args.device), data_dir=args.data_dir,
+        train(out, resume=True, device=_device(args.device), data_dir=args.data_dir,
               total_steps=args.steps, progress=not args.no_progress)
         return 0
     model_config = preset.model

@@ -28,6 +28,7 @@ from draw.data import Dataset, load_dataset
 from draw.evaluate import evaluate_bound
 from draw.model import DRAW
 
+LR_SCHEDULES = ("constant", "cosine")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
@@ -59,8 +60,8 @@ class RunSettings:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
 
