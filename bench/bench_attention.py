@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 import common
-import kernels
+from draw import kernels
 
 OPS = ("read", "write")
 MODES = ("fwd", "fwd+bwd")

@@ -99,7 +99,7 @@ def triton_skip_reason(device: torch.device) -> str | None:
             "needs CUDA (on CPU the Triton kernels only run in Triton's interpreter, TRITON_INTERPRET=1, "
             "far too slow to benchmark)"
         )
-    import kernels
+    from draw import kernels
 
     if not kernels.triton_available():
         return "the triton package is not installed"

@@ -9,7 +9,7 @@ import sys
 from draw.config import DEFAULT_PRESET, PRESETS, get_preset
 from draw.data import DATASETS
 from draw.train import LR_SCHEDULES
-from kernels import BACKENDS
+from draw.kernels import BACKENDS
 
 
 def _positive_int(text: str) -> int:

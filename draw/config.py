@@ -2,7 +2,7 @@
 
 from dataclasses import asdict, dataclass, field, fields
 
-from kernels import BACKENDS
+from draw.kernels import BACKENDS
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from kernels.reference import attention_grid
+from draw.kernels.reference import attention_grid
 
 __all__ = [
     "image_grid",

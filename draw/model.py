@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from draw import kernels
 from draw.config import DRAWConfig
 
 

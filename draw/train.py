@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-import kernels
+from draw import kernels
 from draw import figures
 from draw.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from draw.config import DRAWConfig

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from kernels import reference
+from draw.kernels import reference
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -126,7 +126,7 @@ def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int, *,
     _check_grid_size("n", n)
     device = _check_same_device(x=x, canvas=canvas, params=params)
     if resolve_backend(backend, device) == "triton":
-        from kernels import triton_attention
+        from draw.kernels import triton_attention
 
         return triton_attention.read(x, canvas, params, n)
     return reference.read(x, canvas, params, n)
@@ -155,7 +155,7 @@ def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor, *, ba
     _check_params(params, batch)
     device = _check_same_device(patch=patch, params=params, canvas=canvas)
     if resolve_backend(backend, device) == "triton":
-        from kernels import triton_attention
+        from draw.kernels import triton_attention
 
         return triton_attention.write(patch, params, canvas)
     return reference.write(patch, params, canvas)

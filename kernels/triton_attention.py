@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import ROW_SUM_FLOOR
+from draw.kernels.reference import ROW_SUM_FLOOR
 
 __all__ = [
     "attention_read_backward",

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageSequence
 
 from draw import figures
-from kernels import reference
+from draw.kernels import reference
 
 RED = np.array([255, 0, 0], dtype=np.uint8)
 

@@ -254,7 +254,7 @@ def test_cli_end_to_end_on_synthetic_data(tmp_path, capsys):
 
 
 def test_cli_refuses_triton_on_cpu_before_writing(tmp_path, capsys, monkeypatch):
-    import kernels
+    from draw import kernels
 
     monkeypatch.setattr(kernels, "_triton_interpreter", lambda: False)
     out = tmp_path / "run"

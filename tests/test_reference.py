@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+from draw import kernels
+from draw.kernels import reference
 
 f64 = torch.float64
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import assert_close
 
-import kernels
+from draw import kernels
 
 pytest.importorskip("triton")
 
@@ -126,7 +126,7 @@ def test_matches_reference_float64(batch, channels, height, width, read_n, write
 
 def test_gpu_row_tiling(monkeypatch):
     """The row-block sizes used on the GPU (here down to BLOCK_H = 1 for a [16, 64] row tile)."""
-    from kernels import triton_attention
+    from draw.kernels import triton_attention
 
     monkeypatch.setattr(triton_attention, "_INTERPRETER_TILE", 0)
     x, canvas, params, patch = make_inputs(2, 1, 5, 33, 12)
@@ -312,7 +312,7 @@ AOT_COMPILE = """
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import triton_attention as ta
+from draw.kernels import triton_attention as ta
 
 def compile_for_sm90(kernel, n, size, dtype, compute, backward, **flags):
     config = ta._launch_config(n, size, size, backward=backward)
