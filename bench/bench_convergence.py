@@ -2,17 +2,16 @@
 
 Two runs of one preset on the same data: the baseline (the preset's batch size, reference attention,
 fp32, eager) and the fast one (a large batch with the square-root learning-rate rule of `draw train`,
-plus any of --backend triton, --compile, --amp bf16). Both train for the same number of epochs and
+plus any of --backend triton, --step compile or cuda-graph, --amp bf16, --warmup-steps). Both train for the same number of epochs and
 are plotted against epochs (images seen) and against wall-clock seconds.
 
     python bench/bench_convergence.py                                   # CPU: mnist-quick, 64 vs 512, 1 epoch
     python bench/bench_convergence.py --preset mnist-paper --fast-batch 1024 --epochs 20 \\
-        --backend triton --compile --amp bf16                           # GPU: the fast path
+        --backend triton --step cuda-graph --amp bf16 --warmup-steps 200   # GPU: the fast path
 """
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,30 +21,29 @@ import common
 from draw import figures
 from draw.config import get_preset
 from draw.data import load_dataset
-from draw.train import RunSettings, scaled_lr, train
+from draw.rundir import read_metrics
+from draw.train import scaled_lr, train
 
 
-def run(out: Path, preset_name: str, batch: int, epochs: float, device, *, backend: str, compile: bool, amp: str,
-        eval_every: int, seed: int) -> dict:
+def run(out: Path, preset_name: str, batch: int, epochs: float, device, *, backend: str, step_mode: str, amp: str,
+        warmup_steps: int, eval_every: int, seed: int) -> dict:
     preset = get_preset(preset_name)
-    settings = RunSettings(
-        dataset=preset.train.dataset,
+    config = dataclasses.replace(
+        preset.train,
         batch_size=batch,
         lr=scaled_lr(preset.train.lr, preset.train.batch_size, batch),
+        warmup_steps=warmup_steps,
         epochs=epochs,
-        grad_clip=preset.train.grad_clip,
-        lr_schedule=preset.train.lr_schedule,
+        steps=None,
         eval_every=eval_every,
         log_every=max(1, 3200 // batch),
         checkpoint_every=10**9,
         seed=seed,
-        compile=compile,
         amp=amp,
     )
-    config = dataclasses.replace(preset.model, backend=backend)
     start = time.perf_counter()
-    summary = train(out, model_config=config, settings=settings, device=device, progress=True, make_figures=False,
-                    log=common.log)
+    summary = train(out, model_config=preset.model, train_config=config, device=device, backend=backend,
+                    step_mode=step_mode, progress=True, make_figures=False)
     summary["wall_s"] = time.perf_counter() - start
     return summary
 
@@ -56,7 +54,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fast-batch", type=int, default=512, help="batch size of the fast run (default 512)")
     parser.add_argument("--epochs", type=float, default=1.0, help="epochs each run trains for (default 1)")
     parser.add_argument("--backend", default="reference", choices=("reference", "triton", "auto"), help="fast run's attention backend")
-    parser.add_argument("--compile", action="store_true", help="fast run: torch.compile the model")
+    parser.add_argument("--step", default="eager", choices=("eager", "compile", "cuda-graph"), help="fast run: how the step runs")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="fast run: linear learning-rate warm-up steps")
     parser.add_argument("--amp", default="none", choices=("none", "bf16"), help="fast run: bf16 autocast")
     parser.add_argument("--evals", type=int, default=4, help="test-bound evaluations per run (default 4)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -72,29 +71,29 @@ def main(argv=None) -> int:
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"{args.out} is not empty: choose another --out")
     runs = {
-        f"batch {preset.train.batch_size}, reference, fp32": (preset.train.batch_size, "reference", False, "none"),
-        f"batch {args.fast_batch}, {args.backend}{', compiled' if args.compile else ''}, "
-        f"{'bf16' if args.amp == 'bf16' else 'fp32'}": (args.fast_batch, args.backend, args.compile, args.amp),
+        f"batch {preset.train.batch_size}, reference, fp32": (preset.train.batch_size, "reference", "eager", "none", 0),
+        f"batch {args.fast_batch}, {args.backend}, {args.step}, {'bf16' if args.amp == 'bf16' else 'fp32'}"
+        f"{f', warm-up {args.warmup_steps}' if args.warmup_steps else ''}": (args.fast_batch, args.backend, args.step, args.amp, args.warmup_steps),
     }
     cfg = preset.model
     n_train = len(load_dataset(preset.train.dataset, shape=(cfg.channels, cfg.height, cfg.width)).train)
     summaries, dirs = {}, {}
-    for i, (label, (batch, backend, compiled, amp)) in enumerate(runs.items()):
+    for i, (label, (batch, backend, step_mode, amp, warmup)) in enumerate(runs.items()):
         steps = max(1, int(args.epochs * n_train // batch))
         dirs[label] = args.out / f"run{i}-batch{batch}"
         common.log(f"{label}: {args.epochs} epochs")
-        summaries[label] = run(dirs[label], args.preset, batch, args.epochs, device, backend=backend, compile=compiled,
-                               amp=amp, eval_every=max(1, steps // args.evals), seed=args.seed)
+        summaries[label] = run(dirs[label], args.preset, batch, args.epochs, device, backend=backend, step_mode=step_mode,
+                               amp=amp, warmup_steps=warmup, eval_every=max(1, steps // args.evals), seed=args.seed)
     metrics = {label: d / "metrics.jsonl" for label, d in dirs.items()}
     by_epoch = figures.save_loss_comparison(metrics, args.out / "convergence_epochs.png", x="epoch",
                                             title=f"{args.preset}: training loss by epoch")
     with_time = {}
     for label, path in metrics.items():  # the same records with wall-clock seconds as x
-        records = [json.loads(line) for line in path.read_text().splitlines()]
+        records = read_metrics(path)
         elapsed, seconds = 0.0, []
         for r in records:
             if "images_per_s" in r:
-                elapsed += summaries[label]["settings"]["log_every"] * summaries[label]["settings"]["batch_size"] / r["images_per_s"]
+                elapsed += summaries[label]["train_config"]["log_every"] * summaries[label]["train_config"]["batch_size"] / r["images_per_s"]
             seconds.append({**r, "seconds": elapsed})
         with_time[label] = seconds
     by_time = figures.save_loss_comparison(with_time, args.out / "convergence_seconds.png", x="seconds",

@@ -3,34 +3,38 @@
 A step is what draw/train.py does: forward (the loss, Eqs. 9-12), backward, gradient clipping to the
 preset's max norm, Adam step. The data are random binary images of the preset's shape (no download).
 
-Modes:
-    reference          eager model, attention backend="reference"
-    reference-compiled torch.compile of the model, backend="reference"
-    triton             eager model, backend="triton" (CUDA only)
-    triton-compiled    torch.compile of the model, backend="triton" (CUDA only)
-Compiled modes compile the model's forward (AOTAutograd compiles its backward too) with
---compile-mode, default "reduce-overhead" on CUDA: inductor plus CUDA graphs, because a T = 64 step
+Modes (attention backend and how draw.step.TrainStep runs the step; the step is the one `draw train` runs):
+    reference           backend "reference", eager
+    reference-compiled  backend "reference", torch.compile (--compile-mode)
+    triton              backend "triton", eager (CUDA only)
+    triton-compiled     backend "triton", torch.compile (CUDA only)
+    triton-graph        backend "triton", the whole step as one CUDA graph (CUDA only)
+--compile-mode defaults to "reduce-overhead" on CUDA: inductor plus CUDA graphs, because a T = 64 step
 recurrence of small kernels is launch-bound at the batch sizes DRAW trains with; on CPU "default".
-Clipping and Adam stay eager, as in draw/train.py.
 
     python bench/bench_train.py                                    # CPU: 3 MNIST presets at batch 64
     python bench/bench_train.py --json train.json --plot train.png # CUDA: the default plan below
 """
 
 import argparse
-import contextlib
 import resource
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
 import common
 from draw import DRAW, PRESETS
+from draw.step import TrainStep
 
-MODES = ("reference", "reference-compiled", "triton", "triton-compiled")
-CUDA_ONLY_MODES = ("triton", "triton-compiled")
+MODES = {  # mode: (attention backend, TrainStep mode)
+    "reference": ("reference", "eager"),
+    "reference-compiled": ("reference", "compile"),
+    "triton": ("triton", "eager"),
+    "triton-compiled": ("triton", "compile"),
+    "triton-graph": ("triton", "cuda-graph"),
+}
+CUDA_ONLY_MODES = ("triton", "triton-compiled", "triton-graph")
 AMPS = ("fp32", "bf16")
 CPU_PLAN = {"mnist-quick": (64,), "mnist-paper": (64,), "mnist-noattn": (64,)}
 CUDA_PLAN = {"mnist-paper": (256, 1024, 4096), "svhn-paper": (256, 1024), "cifar-paper": (256, 1024)}
@@ -45,12 +49,6 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def autocast(amp: str, device: torch.device):
-    if amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def skip_reason(mode: str, amp: str, device: torch.device, triton_reason: str | None) -> str | None:
     if device.type != "cuda" and mode in CUDA_ONLY_MODES:
         return f"mode {mode} needs CUDA"
@@ -62,36 +60,25 @@ def skip_reason(mode: str, amp: str, device: torch.device, triton_reason: str | 
 
 
 def run_case(preset_name: str, batch: int, mode: str, amp: str, device: torch.device, args) -> dict:
-    """Build the model and optimizer, run the warm-up steps (compiling, if asked), time the next steps."""
+    """Build the model and its TrainStep, run the warm-up steps (compiling or capturing), time the next steps."""
     preset = PRESETS[preset_name]
-    backend = "triton" if mode.startswith("triton") else "reference"
-    config = replace(preset.model, backend=backend)
-    compiled = mode.endswith("-compiled")
+    backend, step_mode = MODES[mode]
+    compile_mode = args.compile_mode if device.type == "cuda" else "default"
 
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = DRAW(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=preset.train.lr)
-    if compiled:
+    model = DRAW(preset.model, backend=backend).to(device)
+    train_step = TrainStep(model, lr=preset.train.lr, grad_clip=preset.train.grad_clip, amp="bf16" if amp == "bf16" else "none",
+                           tf32=device.type == "cuda" and not args.no_tf32, mode=step_mode, compile_mode=compile_mode)
+    if step_mode == "compile":
         torch.compiler.reset()
-        compile_mode = args.compile_mode if device.type == "cuda" else "default"
-        step_model = torch.compile(model, mode=compile_mode, dynamic=False)
-    else:
-        step_model = model
-    shape = (batch, config.channels, config.height, config.width)
+    cfg = preset.model
+    shape = (batch, cfg.channels, cfg.height, cfg.width)
     batches = [torch.randint(0, 2, shape, device=device).float() for _ in range(2)]  # random binary images
 
     def step(i: int) -> torch.Tensor:
-        if compiled and device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # reduce-overhead: a new iteration begins
-        with autocast(amp, device):
-            out = step_model(batches[i % 2])
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), preset.train.grad_clip)
-        optimizer.step()
-        return out.loss.detach()
+        return train_step(batches[i % 2], preset.train.lr)[0]
 
     t0 = time.perf_counter()
     for i in range(args.warmup):
@@ -117,10 +104,10 @@ def run_case(preset_name: str, batch: int, mode: str, amp: str, device: torch.de
         "final_loss": float(loss.float()),
         "steps": args.steps,
         "warmup_steps": args.warmup,
-        "compile_mode": (args.compile_mode if device.type == "cuda" else "default") if compiled else None,
+        "compile_mode": compile_mode if step_mode == "compile" else None,
     }
-    del model, optimizer, step_model, batches
-    if compiled:
+    del model, train_step, batches
+    if step_mode == "compile":
         torch.compiler.reset()
     common.free_memory(device)
     return result
@@ -176,7 +163,7 @@ def parse_args(argv=None):
                    "CUDA mnist-paper 256,1024,4096 and the colour presets 256,1024")
     p.add_argument("--modes", type=common.split_list, default=None,
                    help=f"comma-separated from {','.join(MODES)}; default reference on CPU, "
-                   "reference,triton,triton-compiled on CUDA")
+                   "reference,triton,triton-graph,triton-compiled on CUDA")
     p.add_argument("--amp", type=common.split_list, default=None,
                    help="comma-separated dtypes: fp32 (TF32 matmuls on CUDA) and/or bf16 (autocast, CUDA only); "
                    "default fp32 on CPU, fp32,bf16 on CUDA")
@@ -205,13 +192,10 @@ def main(argv=None) -> None:
     cuda = device.type == "cuda"
     plan = CUDA_PLAN if cuda else CPU_PLAN
     presets = args.presets or list(plan)
-    modes = args.modes or (["reference", "triton", "triton-compiled"] if cuda else ["reference"])
+    modes = args.modes or (["reference", "triton", "triton-graph", "triton-compiled"] if cuda else ["reference"])
     amps = args.amp or (["fp32", "bf16"] if cuda else ["fp32"])
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     args.steps = args.steps if args.steps is not None else (20 if cuda else 5)
-    if cuda:  # TF32 for the LSTM matmuls; the Triton attention kernels compute in fp32 regardless
-        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
-        torch.backends.cudnn.allow_tf32 = not args.no_tf32
     triton_reason = common.triton_skip_reason(device) if any(m.startswith("triton") for m in modes) else None
 
     memory = "torch.cuda.max_memory_allocated per case" if cuda else "process max RSS (getrusage ru_maxrss), cumulative over the run"

@@ -1,76 +1,116 @@
-"""Atomic checkpoints that carry the model's config, so a checkpoint alone rebuilds the model."""
+"""Checkpoints: written atomically, verified when read, and carrying the configs that rebuild the model.
 
-import os
+A checkpoint is torch.save's zip archive of a dict with a format marker, the model's `DRAWConfig`,
+its weights and, for a training run, the optimizer, step, RNG states, `TrainConfig` and the running
+loss sums. `load_checkpoint` checks every record's CRC-32 before unpickling (torch.load does not),
+so a flipped bit anywhere in the file is refused, not silently loaded.
+"""
+
 import pathlib
-import tempfile
+import zipfile
 
 import torch
 
+from draw.atomic import atomic_write
 from draw.config import DRAWConfig
 from draw.model import DRAW
 
 FORMAT = "draw-checkpoint"
-VERSION = 1
+VERSION = 2  # 1: run settings under "settings" and the attention backend in the model config
+TRAINING_KEYS = ("optimizer", "step", "rng", "train_config")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or not a DRAW checkpoint."""
+    """A checkpoint that is missing, damaged, or not a usable DRAW checkpoint."""
 
 
-def atomic_save(obj, path) -> pathlib.Path:
-    """torch.save to a temporary file beside `path`, then rename: `path` is never half-written."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def non_finite_count(state_dict: dict) -> int:
+    return sum(int((~torch.isfinite(t)).sum()) for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point())
 
 
 def save_checkpoint(path, model: DRAW, **state) -> pathlib.Path:
-    """Save the model, its config and any extra training state (optimizer, step, RNG states, ...)."""
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model_config": model.config.to_dict(),
-        "model": model.state_dict(),
-        **state,
-    }
-    return atomic_save(payload, path)
+    """Save the model, its config and any training state; refuse (CheckpointError) non-finite weights,
+    so a diverged run never replaces a good checkpoint."""
+    weights = model.state_dict()
+    bad = non_finite_count(weights)
+    if bad:
+        raise CheckpointError(f"not saving {path}: {bad} model weights are not finite")
+    payload = {"format": FORMAT, "version": VERSION, "model_config": model.config.to_dict(), "model": weights, **state}
+    return atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def _verify_archive(path: pathlib.Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every record and checks its CRC-32
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is damaged or not a checkpoint (truncated or corrupt?): {e}") from None
+    if bad is not None:
+        raise CheckpointError(f"{path} is damaged: record {bad} fails its CRC-32 check")
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read and check a checkpoint; raise CheckpointError with the reason when it is not usable."""
+    """Read and check a checkpoint (a file, or a run directory holding checkpoint.pt).
+
+    Raises CheckpointError, with the file and the reason in one line, for a missing, damaged or
+    foreign file.
+    """
     path = pathlib.Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    _verify_archive(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, garbage bytes, foreign pickle...
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from e
+    except Exception as e:  # a foreign pickle, an unsupported type...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint: {reason}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a DRAW checkpoint (no '{FORMAT}' marker)")
-    if payload.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {payload.get('version')}, expected {VERSION}")
+    if payload.get("version") == 1:
+        _upgrade_version_1(payload)
+    elif payload.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {payload.get('version')}; this draw reads versions 1 and {VERSION}")
+    if "model_config" not in payload or "model" not in payload:
+        raise CheckpointError(f"{path} holds no model")
     payload["path"] = str(path)
     return payload
 
 
-def model_from_checkpoint(payload: dict, **config_overrides) -> DRAW:
-    """Rebuild the model from a loaded checkpoint's config and weights."""
+def _upgrade_version_1(payload: dict) -> None:
+    """Version 1 kept the run settings under "settings" (with `total_steps` and `compile`)."""
+    settings = payload.pop("settings", None)
+    if settings is not None:
+        settings = dict(settings)
+        settings["steps"] = settings.pop("total_steps", None)
+        settings.pop("compile", None)
+        payload["train_config"] = settings
+    payload["version"] = VERSION
+
+
+def check_training_state(payload: dict) -> None:
+    """Refuse, in one line, a checkpoint that cannot continue a run (weights only, or partial)."""
+    missing = [key for key in TRAINING_KEYS if key not in payload]
+    if missing:
+        raise CheckpointError(f"{payload['path']} holds no training state to resume (missing: {', '.join(missing)})")
+
+
+def model_from_checkpoint(payload: dict) -> DRAW:
+    """Rebuild the model from a loaded checkpoint's config and weights; refuse non-finite weights."""
+    where = payload.get("path", "checkpoint")
     try:
-        config = DRAWConfig.from_dict({**payload["model_config"], **config_overrides})
-        model = DRAW(config)
+        config = DRAWConfig.from_dict(payload["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: its model config is not usable: {e}") from None
+    bad = non_finite_count(payload["model"])
+    if bad:
+        raise CheckpointError(f"{where}: {bad} model weights are not finite (the run diverged); use an earlier checkpoint")
+    model = DRAW(config)
+    try:
         model.load_state_dict(payload["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{payload.get('path', 'checkpoint')} does not hold a DRAW model of its config: {e}") from e
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0] if first else ""
+        raise CheckpointError(f"{where}: its weights do not fit its model config ({detail})") from None
     return model

@@ -1,130 +1,211 @@
-"""The `draw` command: train, eval and sample. Thin argparse over draw.train, draw.evaluate and draw.figures."""
+"""The `draw` command: train, eval, sample, verify, presets. Thin argparse over the library.
+
+Nothing heavy is imported until a command runs: `draw --help` does not import torch. CPU threading is
+chosen before torch is imported (OpenMP reads its variables once, at start-up).
+"""
 
 import argparse
-import dataclasses
 import json
+import logging
+import math
+import os
 import pathlib
 import sys
 
-from draw.config import DEFAULT_PRESET, PRESETS, get_preset
-from draw.data import DATASETS
-from draw.train import LR_SCHEDULES
-from draw.kernels import BACKENDS
+from draw import __version__
+from draw.config import DATASETS, DEFAULT_PRESET, LR_SCHEDULES, PRESETS, TrainConfig, get_preset
+
+BACKENDS = ("auto", "reference", "triton")  # draw.kernels.BACKENDS, named here so --help needs no torch
+STEP_MODES = ("auto", "eager", "compile", "cuda-graph")  # draw.step.STEP_MODES
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# CPU threads when --threads is not given: one thread per process holds up when the cores are shared
+# (bench/bench_threads.py measures quiet against busy; bench/RESULTS.md has the figures).
+DEFAULT_CPU_THREADS = 1
+
+log = logging.getLogger("draw")
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {2**32 - 1}, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {2**32 - 1}, got {value}")
+    return value
+
+
+def _device_name(text: str) -> str:
+    if text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+
+
+def _preset_line(name: str) -> str:
+    p = PRESETS[name]
+    m, t = p.model, p.train
+    read = f"read {m.read_n}x{m.read_n}" if m.read_attn else "read whole image"
+    write = f"write {m.write_n}x{m.write_n}" if m.write_attn else "write whole image"
+    length = f"{t.steps} steps" if t.steps else f"{t.epochs:g} epochs"
+    default = " (default)" if name == DEFAULT_PRESET else ""
+    return (f"{name}{default}: {m.channels}x{m.height}x{m.width}, T {m.T}, LSTM {m.enc_size}, z {m.z_size}, {read}, "
+            f"{write}; data {t.dataset}, batch {t.batch_size}, lr {t.lr:g} {t.lr_schedule}, {length}. {p.description}")
+
+
+def _common(p: argparse.ArgumentParser, *, backend_help: str) -> None:
+    p.add_argument("--device", type=_device_name, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help=backend_help)
+    p.add_argument("--threads", type=_positive_int,
+                   help=f"CPU threads for torch (default {DEFAULT_CPU_THREADS}, or $OMP_NUM_THREADS when set)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="draw", description="DRAW (Gregor et al. 2015): train, evaluate and sample.")
+    parser = argparse.ArgumentParser(prog="draw", description="DRAW (Gregor et al. 2015): train, evaluate, sample, verify.")
+    parser.add_argument("--version", action="version", version=f"draw {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    presets = "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items())
-    t = sub.add_parser("train", help="train a model into a run directory", description="Train DRAW. Presets: " + presets)
-    t.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"model and training defaults (default {DEFAULT_PRESET})")
-    t.add_argument("--dataset", choices=DATASETS, help="training data (default: the preset's, mnist)")
+    t = sub.add_parser("train", help="train a model into a run directory",
+                       description="Train DRAW. Flags left out take the preset's values (`draw presets` lists them).")
+    t.add_argument("--preset", choices=sorted(PRESETS), help=f"model and training defaults (default {DEFAULT_PRESET})")
+    t.add_argument("--dataset", choices=DATASETS, help="training data (default: the preset's, listed by `draw presets`)")
     length = t.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, help="optimizer steps to train for")
     length.add_argument("--epochs", type=_positive_float, help="passes over the training set (default: the preset's)")
     t.add_argument("--batch-size", type=_positive_int, help="images per step (default: the preset's)")
-    t.add_argument("--lr", type=_positive_float, help="Adam learning rate (default: the preset's, scaled by sqrt(batch / preset batch) when --batch-size differs)")
+    t.add_argument("--lr", type=_positive_float,
+                   help="Adam learning rate (default: the preset's, scaled by sqrt(batch / preset batch) when --batch-size differs)")
     t.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="constant, or cosine decay to lr/10 (default: the preset's)")
-    t.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
-    t.add_argument("--out", type=pathlib.Path, help="run directory (default: runs/PRESET, or runs/PRESET-DATASET for other datasets)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    t.add_argument("--backend", choices=BACKENDS, help="attention backend (default: the preset's, auto)")
-    t.add_argument("--compile", action="store_true", help="torch.compile the model")
-    t.add_argument("--amp", choices=("none", "bf16"), default="none", help="bf16 autocast (CUDA)")
+    t.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up over this many steps (default 0)")
+    t.add_argument("--amp", choices=("none", "bf16"), help="bf16 autocast (default none)")
+    t.add_argument("--tf32", action="store_true", default=None, help="CUDA: TF32 matmuls for the LSTMs and linear layers")
+    t.add_argument("--seed", type=_seed, help="random seed (default 0)")
+    t.add_argument("--fixed-binarization", action="store_true", default=None, help="binarize the training set once instead of every batch")
     t.add_argument("--eval-every", type=_positive_int, help="steps between test-bound evaluations (default: the preset's)")
-    t.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints (default 500)")
-    t.add_argument("--fixed-binarization", action="store_true", help="binarize the training set once instead of every batch")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    t.add_argument("--log-every", type=_positive_int, help="steps between training-loss records (default 50)")
+    t.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints (default 500)")
+    t.add_argument("--out", type=pathlib.Path, help="run directory (default: runs/PRESET, or runs/PRESET-DATASET for other datasets)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly where it stopped; only --steps, --epochs, --eval-every, "
+                        "--log-every and --checkpoint-every (and how it runs: --device, --backend, --step, --threads) may change")
+    _common(t, backend_help="attention backend (default auto: the Triton kernels on CUDA, the reference elsewhere)")
+    t.add_argument("--step", choices=STEP_MODES, default="auto", dest="step_mode",
+                   help="how the training step runs: eager, compile (torch.compile), cuda-graph (the whole step as one "
+                        "CUDA graph); auto: cuda-graph on CUDA, eager on CPU")
+    t.add_argument("--compile", action="store_const", const="compile", dest="step_mode", help="same as --step compile")
+    t.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help="torch.compile mode with --step compile")
     t.add_argument("--data-dir", type=pathlib.Path, help="dataset cache (default $DRAW_DATA_DIR or ~/.cache/draw)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar: one log line per logging interval instead")
+    t.add_argument("--tensorboard", type=pathlib.Path, metavar="DIR", help="also log to TensorBoard in DIR (needs the tensorboard package)")
 
     e = sub.add_parser("eval", help="test-set bound of a checkpoint, in nats per image")
     e.add_argument("checkpoint", type=pathlib.Path, help="checkpoint file, or a run directory")
     e.add_argument("--dataset", choices=DATASETS, help="default: the dataset the checkpoint was trained on")
     e.add_argument("--importance-samples", type=_positive_int, default=1, help="K > 1: the importance-weighted bound with K samples")
     e.add_argument("--split", choices=("test", "valid"), default="test", help="which held-out split (default test)")
-    e.add_argument("--batch-size", type=_positive_int, default=500, help="forward passes of this many samples (default 500)")
-    e.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
-    e.add_argument("--backend", choices=BACKENDS, help="attention backend (default: the checkpoint's)")
-    e.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
+    e.add_argument("--batch-size", type=_positive_int, default=500,
+                   help="samples per forward pass (default 500; the result does not depend on it)")
+    e.add_argument("--seed", type=_seed, default=0, help="seed of the sampling noise (default 0)")
     e.add_argument("--data-dir", type=pathlib.Path, help="dataset cache (default $DRAW_DATA_DIR or ~/.cache/draw)")
+    _common(e, backend_help="attention backend (default auto)")
 
-    s = sub.add_parser("sample", help="draw samples from a checkpoint: a grid PNG and the sequence GIF")
+    s = sub.add_parser("sample", help="draw samples from a checkpoint: a grid PNG and the sequence GIF and strip")
     s.add_argument("checkpoint", type=pathlib.Path, help="checkpoint file, or a run directory")
-    s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
+    s.add_argument("--n", type=_positive_int, default=64, help="number of samples in samples.png (default 64; the animations show 16)")
     s.add_argument("--out", type=pathlib.Path, help="output directory (default: samples/ beside the checkpoint)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
-    s.add_argument("--backend", choices=BACKENDS, help="attention backend (default: the checkpoint's)")
+    s.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
+    _common(s, backend_help="attention backend (default auto)")
+
+    sub.add_parser("presets", help="list the presets, one per line, with their data and training defaults")
     return parser
+
+
+def _set_threads(threads: int | None) -> None:
+    """Choose torch's CPU threads before torch is imported (and tell torch, if it already is)."""
+    if threads is None and "OMP_NUM_THREADS" in os.environ:
+        return  # the user's choice
+    count = threads or DEFAULT_CPU_THREADS
+    os.environ["OMP_NUM_THREADS"] = str(count)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # threads sleep rather than spin while they wait
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(count)
 
 
 def _device(name):
     import torch
 
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} was asked for, but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+TRAIN_FLAGS = {  # TrainConfig field: argparse dest, for the flags that set one
+    "dataset": "dataset", "batch_size": "batch_size", "lr": "lr", "lr_schedule": "lr_schedule",
+    "warmup_steps": "warmup_steps", "amp": "amp", "tf32": "tf32", "seed": "seed", "fixed_binarization": "fixed_binarization",
+    "steps": "steps", "epochs": "epochs", "eval_every": "eval_every", "log_every": "log_every",
+    "checkpoint_every": "checkpoint_every",
+}
 
 
 def cmd_train(args) -> int:
-    from draw.train import RunSettings, scaled_lr, train
+    from draw.train import scaled_lr, train
 
-    preset = get_preset(args.preset)
-    dataset = args.dataset or preset.train.dataset
-    out = args.out or pathlib.Path("runs") / (args.preset if dataset == "mnist" else f"{args.preset}-{dataset}")
+    given = {field: getattr(args, dest) for field, dest in TRAIN_FLAGS.items() if getattr(args, dest) is not None}
+    preset_name = args.preset or DEFAULT_PRESET
+    preset = get_preset(preset_name)
+    dataset = given.get("dataset", preset.train.dataset)
+    out = args.out or pathlib.Path("runs") / (preset_name if dataset == preset.train.dataset else f"{preset_name}-{dataset}")
+    runtime = dict(device=_device(args.device), backend=args.backend, step_mode=args.step_mode or "auto",
+                   compile_mode=args.compile_mode, data_dir=args.data_dir, progress=False if args.no_progress else None,
+                   tensorboard=args.tensorboard)
     if args.resume:
-        train(out, resume=True, device=_device(args.device), data_dir=args.data_dir,
-              total_steps=args.steps, progress=not args.no_progress)
+        model_config = preset.model if args.preset else None
+        train(out, resume=True, model_config=model_config, overrides=given, **runtime)
         return 0
-    model_config = preset.model
-    if args.backend:
-        model_config = dataclasses.replace(model_config, backend=args.backend)
-    batch = args.batch_size or preset.train.batch_size
-    lr = args.lr or scaled_lr(preset.train.lr, preset.train.batch_size, batch)
-    settings = RunSettings(
-        dataset=dataset,
-        batch_size=batch,
-        lr=lr,
-        total_steps=args.steps,
-        epochs=args.epochs or preset.train.epochs,
-        grad_clip=preset.train.grad_clip,
-        lr_schedule=args.lr_schedule or preset.train.lr_schedule,
-        eval_every=args.eval_every or preset.train.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-        fixed_binarization=args.fixed_binarization,
-        compile=args.compile,
-        amp=args.amp,
-    )
-    print(f"training {args.preset} on {dataset} into {out} (batch {batch}, lr {lr:.3g})")
-    train(out, model_config=model_config, settings=settings, device=_device(args.device), data_dir=args.data_dir,
-          progress=not args.no_progress)
+    if "batch_size" in given and "lr" not in given:
+        given["lr"] = scaled_lr(preset.train.lr, preset.train.batch_size, given["batch_size"])
+    if "steps" in given:
+        given["epochs"] = preset.train.epochs  # --steps and --epochs exclude each other; steps wins
+    config = TrainConfig.from_dict({**preset.train.to_dict(), **given})
+    print(f"training {preset_name} on {dataset} into {out} (batch {config.batch_size}, lr {config.lr:.3g})", flush=True)
+    train(out, model_config=preset.model, train_config=config, **runtime)
     return 0
 
 
 def _load_model(args):
     from draw.checkpoint import load_checkpoint, model_from_checkpoint
+    from draw.kernels import resolve_backend
 
     device = _device(args.device)
     payload = load_checkpoint(args.checkpoint, map_location=device)
-    overrides = {"backend": args.backend} if args.backend else {}
-    model = model_from_checkpoint(payload, **overrides).to(device).eval()
+    resolve_backend(args.backend, device)
+    model = model_from_checkpoint(payload).to(device).eval()
+    model.backend = args.backend
     return payload, model, device
 
 
@@ -133,46 +214,68 @@ def cmd_eval(args) -> int:
     from draw.evaluate import evaluate_bound
 
     payload, model, device = _load_model(args)
-    dataset = args.dataset or payload.get("settings", {}).get("dataset", "mnist")
+    dataset = args.dataset or payload.get("train_config", {}).get("dataset", "mnist")
     cfg = model.config
     data = load_dataset(dataset, args.data_dir, shape=(cfg.channels, cfg.height, cfg.width))
-    print(f"data: {data.source}", file=sys.stderr)
+    log.info(f"data: {data.source}")
     images = data.test if args.split == "test" else data.valid
     result = evaluate_bound(model, images, batch_size=args.batch_size, importance_samples=args.importance_samples,
-                            seed=args.seed, device=device, progress=True)
+                            seed=args.seed, device=device, progress=sys.stderr.isatty())
+    if not math.isfinite(result["nats"]):
+        raise ValueError(f"the bound of {payload['path']} is not finite ({result['nats']})")
     kind = "variational bound" if args.importance_samples == 1 else f"importance-weighted bound (K={args.importance_samples})"
     print(f"{dataset} {args.split}: -log p(x) <= {result['nats']:.2f} +- {result['stderr']:.2f} nats ({kind}, "
           f"{result['images']} images, step {payload.get('step', '?')})")
-    print(json.dumps({"checkpoint": payload["path"], "dataset": dataset, "split": args.split, "step": payload.get("step"), **result}))
+    print(json.dumps({"checkpoint": payload["path"], "dataset": dataset, "split": args.split, "step": payload.get("step"), **result},
+                     allow_nan=False))
     return 0
 
 
 def cmd_sample(args) -> int:
-    import torch
-
-    from draw import figures
+    from draw.figures import write_model_figures
 
     payload, model, device = _load_model(args)
     out = args.out or pathlib.Path(payload["path"]).parent / "samples"
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    gen = model.generate(args.n, generator=generator)
-    write_params = None if gen.write_params is None else gen.write_params.cpu()
-    grid = figures.save_grid(torch.sigmoid(gen.canvases[-1]).cpu(), out / "samples.png")
-    gif = figures.save_sequence_gif(gen.canvases.cpu(), out / "generation.gif", write_params, model.config.write_n)
-    print(f"wrote {grid} and {gif}")
+    written = write_model_figures(model, out, n_samples=args.n, seed=args.seed)
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def cmd_presets(args) -> int:
+    for name in PRESETS:
+        print(_preset_line(name))
+    return 0
+
+
+def _error_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror}{where}"
+    text = " ".join(str(e).split())  # one line, whatever the exception held
+    return text or type(e).__name__
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "eval", "sample"):
+        _set_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("draw").setLevel(logging.INFO)
+
     from draw.checkpoint import CheckpointError
     from draw.data import DataUnavailableError
+    from draw.rundir import MetricsError, RunDirectoryBusy
+    from draw.train import TrainingDiverged, TrainingStopped
 
+    commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "presets": cmd_presets}
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}[args.command](args)
-    except (CheckpointError, DataUnavailableError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"draw {args.command}: error: {e}", file=sys.stderr)
+        return commands[args.command](args)
+    except (CheckpointError, DataUnavailableError, MetricsError, RunDirectoryBusy, TrainingDiverged,
+            FileExistsError, ValueError, OSError) as e:
+        print(f"draw {args.command}: error: {_error_line(e)}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        return 128 + e.signum
     except KeyboardInterrupt:
         return 130
 

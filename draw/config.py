@@ -1,8 +1,39 @@
-"""Typed configuration for DRAW: the model's shape, its training defaults, and named presets."""
+"""The two typed configurations of a run and the named presets.
 
+`DRAWConfig` fixes a model's architecture (it rebuilds the model from a checkpoint); `TrainConfig`
+fixes a run's arithmetic and schedule (saved in the checkpoint, so that --resume continues the same
+run). A `Preset` pairs the two; overrides are `dataclasses.replace` on a preset's configs.
+
+This module imports neither torch nor numpy, so `draw --help` stays fast.
+"""
+
+import math
 from dataclasses import asdict, dataclass, field, fields
 
-from draw.kernels import BACKENDS
+# The dataset names `--dataset` accepts; draw/data.py has a loader for each.
+DATASETS = ("mnist", "synthetic")
+LR_SCHEDULES = ("constant", "cosine")
+AMP_MODES = ("none", "bf16")
+MAX_SEED = 2**32 - 1
+
+
+def _check_int(owner: str, name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_positive_float(owner: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{owner}.{name} must be a finite number > 0, got {value!r}")
+
+
+def _from_dict(cls, d: dict, *, ignore=()):
+    """cls(**d), refusing keys cls does not have (the message names them) and dropping `ignore`d ones."""
+    d = {k: v for k, v in d.items() if k not in ignore}
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)} (written by another version?)")
+    return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -21,44 +52,81 @@ class DRAWConfig:
     read_n: int = 2  # N, read grid size
     write_n: int = 5  # N^, write grid size
     beta: float = 1.0  # KL weight: L = L_x + beta * L_z (1 = the paper's bound)
-    backend: str = "auto"  # attention backend: "auto", "reference" or "triton"
 
     def __post_init__(self):
         for name in ("height", "width", "channels", "T", "enc_size", "dec_size", "z_size", "read_n", "write_n"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DRAWConfig.{name} must be an int >= 1, got {value!r}")
-        if not self.beta >= 0:
-            raise ValueError(f"DRAWConfig.beta must be >= 0, got {self.beta!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"DRAWConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+            _check_int("DRAWConfig", name, getattr(self, name), 1)
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"DRAWConfig.beta must be a finite number >= 0, got {self.beta!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "DRAWConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown DRAWConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        # "backend" was part of the architecture in version-1 checkpoints; it is a runtime choice now.
+        return _from_dict(cls, d, ignore=("backend",))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training defaults of a preset; every one can be overridden on the command line."""
+    """How a run trains: its arithmetic (dataset, batch, lr, seed, ...) and its schedule (length, intervals).
 
+    `steps` None means `epochs` passes over the training set. Saved in the checkpoint; a resume may
+    change only the SCHEDULE fields (the others would change what the run computes).
+    """
+
+    dataset: str = "mnist"
     batch_size: int = 100
     lr: float = 1e-3
-    epochs: float = 10.0  # used when no step count is given
+    lr_schedule: str = "constant"  # or "cosine": from lr down to lr / 10 over the run
+    warmup_steps: int = 0  # linear learning-rate warm-up from lr / warmup_steps
     grad_clip: float = 10.0  # max global gradient norm
-    lr_schedule: str = "constant"  # or "cosine": down to lr / 10 by the last step
+    seed: int = 0
+    fixed_binarization: bool = False  # False: a fresh Bernoulli draw of every training batch
+    amp: str = "none"  # "none" or "bf16" autocast
+    tf32: bool = False  # CUDA: TF32 tensor-core matmuls for the LSTMs and linear layers
+    steps: int | None = None
+    epochs: float = 10.0
     eval_every: int = 1000  # steps between test-bound evaluations
-    dataset: str = "mnist"
+    log_every: int = 50  # steps between training-loss records
+    checkpoint_every: int = 500
+
+    SCHEDULE = ("steps", "epochs", "eval_every", "log_every", "checkpoint_every")
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"TrainConfig.dataset must be one of {DATASETS}, got {self.dataset!r}")
+        _check_int("TrainConfig", "batch_size", self.batch_size, 1)
+        _check_positive_float("TrainConfig", "lr", self.lr)
+        _check_positive_float("TrainConfig", "grad_clip", self.grad_clip)
+        _check_positive_float("TrainConfig", "epochs", self.epochs)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"TrainConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"TrainConfig.amp must be one of {AMP_MODES}, got {self.amp!r}")
+        _check_int("TrainConfig", "warmup_steps", self.warmup_steps, 0)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"TrainConfig.seed must be an int from 0 to {MAX_SEED}, got {self.seed!r}")
+        if self.steps is not None:
+            _check_int("TrainConfig", "steps", self.steps, 1)
+        for name in ("eval_every", "log_every", "checkpoint_every"):
+            _check_int("TrainConfig", name, getattr(self, name), 1)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The run's length in optimizer steps: `steps`, else `epochs` passes of steps_per_epoch."""
+        return self.steps if self.steps is not None else max(1, round(self.epochs * steps_per_epoch))
+
+    def arithmetic_changes(self, other: "TrainConfig") -> list[str]:
+        """Names of the fields outside SCHEDULE in which `other` differs from this config."""
+        return [f.name for f in fields(self) if f.name not in self.SCHEDULE and getattr(self, f.name) != getattr(other, f.name)]
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return _from_dict(cls, d)
 
 
 @dataclass(frozen=True)
@@ -84,8 +152,8 @@ PRESETS = {
         TrainConfig(batch_size=100, lr=1e-3, epochs=100, eval_every=2000),
         "the paper's MNIST model without attention: 87.40 nats in the paper",
     ),
-    # Colour models of Table 3, for throughput benchmarks: no SVHN or CIFAR-10 loader ships yet, so they
-    # train on the synthetic set of their image shape.
+    # Colour models of Table 3, for throughput benchmarks: they train on the synthetic set of their
+    # image shape unless another --dataset is given.
     "svhn-paper": Preset(
         DRAWConfig(height=54, width=54, channels=3, T=32, enc_size=800, dec_size=800, z_size=100, read_n=12, write_n=12),
         TrainConfig(batch_size=100, lr=1e-3, epochs=100, eval_every=2000, dataset="synthetic"),

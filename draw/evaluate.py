@@ -8,6 +8,21 @@ from tqdm.auto import tqdm
 from draw.model import DRAW, importance_weighted_bound
 
 
+def image_noise(first: int, count: int, draws: int, T: int, z_size: int, seed: int) -> torch.Tensor:
+    """The latent noise of images first..first+count-1: [T, count * draws, z_size] (an image's draws adjacent).
+
+    Image i's noise comes from its own generator, seeded by (seed, i), so an image meets the same
+    noise whatever the batch it is evaluated in: the bound does not depend on --batch-size.
+    """
+    per_image = []
+    for i in range(first, first + count):
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + i) % 2**63)
+        per_image.append(torch.randn(draws, T, z_size, generator=generator))  # [K, T, z]
+    if not per_image:
+        return torch.zeros(T, 0, z_size)
+    return torch.cat(per_image).transpose(0, 1)  # [count*K, T, z] -> [T, count*K, z]
+
+
 @torch.no_grad()
 def evaluate_bound(
     model: DRAW,
@@ -23,31 +38,30 @@ def evaluate_bound(
 
     With importance_samples K = 1 this is the variational bound L = L_x + L_z of Eq. 12 (beta = 1
     whatever the model was trained with); with K > 1 it is the tighter importance-weighted bound
-    -log (1/K) sum_k p(x, z_k) / q(z_k | x). The sampling noise is seeded, so the figure is
-    reproducible, and the caller's random state is left untouched.
+    -log (1/K) sum_k p(x, z_k) / q(z_k | x). The sampling noise is tied to each image (`image_noise`),
+    so the figure is reproducible and independent of batch_size; torch's random state is untouched.
     """
     if importance_samples < 1:
         raise ValueError(f"importance_samples must be >= 1, got {importance_samples}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    cfg = model.config
     was_training = model.training
     model.eval()
-    per_image = max(1, batch_size // importance_samples)  # images per forward pass
+    per_batch = max(1, batch_size // importance_samples)  # images per forward pass
     totals = {"bound": 0.0, "l_x": 0.0, "l_z": 0.0}
     squares = 0.0
-    fork_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
-        for start in tqdm(range(0, len(images), per_image), desc="eval", leave=False, disable=not progress):
-            x = images[start : start + per_image].to(device, non_blocking=True)
-            if importance_samples == 1:
-                out = model(x)
-                bound = out.l_x + out.l_z
-                totals["l_x"] += out.l_x.sum().item()
-                totals["l_z"] += out.l_z.sum().item()
-            else:
-                bound = importance_weighted_bound(model, x, importance_samples)
-            totals["bound"] += bound.sum().item()
-            squares += (bound.double() ** 2).sum().item()
+    for start in tqdm(range(0, len(images), per_batch), desc="eval", leave=False, disable=not progress):
+        x = images[start : start + per_batch].to(device, non_blocking=True)
+        noise = image_noise(start, len(x), importance_samples, cfg.T, cfg.z_size, seed).to(device)
+        if importance_samples == 1:
+            out = model(x, noise=noise)
+            bound = out.l_x + out.l_z
+            totals["l_x"] += out.l_x.sum().item()
+            totals["l_z"] += out.l_z.sum().item()
+        else:
+            bound = importance_weighted_bound(model, x, importance_samples, noise)
+        totals["bound"] += bound.sum().item()
+        squares += (bound.double() ** 2).sum().item()
     model.train(was_training)
     n = len(images)
     mean = totals["bound"] / n

@@ -9,16 +9,15 @@ matplotlib is imported only inside the loss-curve functions, and through its obj
 (Figure, no pyplot), so `import draw` stays fast and no display or global backend is touched.
 """
 
-import json
 import math
 import os
 import pathlib
-import secrets
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from draw.atomic import atomic_write
 from draw.kernels.reference import attention_grid
 
 __all__ = [
@@ -109,21 +108,6 @@ def _grid_array(pixels: np.ndarray, nrow: int | None, padding: int, scale: int, 
     return grid, cols
 
 
-def _atomic_save(path, write) -> pathlib.Path:
-    """Call write(temporary path) in path's directory, then move the file onto path."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # created by write(): the umask's mode
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 # ---------------------------------------------------------------------------------------------
 # Image grids
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +137,7 @@ def image_grid(
 def save_grid(images: torch.Tensor, path, nrow: int | None = None, scale: int = 2) -> pathlib.Path:
     """Save image_grid(images, nrow, scale=scale) as a PNG at path (atomically). Returns the path."""
     grid = image_grid(images, nrow=nrow, scale=scale)
-    return _atomic_save(path, lambda tmp: grid.save(tmp, format="PNG"))
+    return atomic_write(path, lambda f: grid.save(f, format="PNG"), durable=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,12 +280,12 @@ def save_sequence_gif(
         frames.append(frame)
     durations = [frame_ms] * (len(frames) - 1) + [hold_last_ms]
 
-    def write(tmp):
+    def write(f):
         frames[0].save(
-            tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0, optimize=False
+            f, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0, optimize=False
         )
 
-    return _atomic_save(path, write)
+    return atomic_write(path, write, durable=False)
 
 
 def _strip_steps(total: int, steps: int) -> list[int]:
@@ -363,7 +347,7 @@ def save_sequence_strip(
         x0, y0, x1, y1 = draw.textbbox((0, 0), label, font=font)  # centred by hand: bitmap fonts take no anchor
         centre_x, centre_y = left + width * scale / 2, band / 2
         draw.text((centre_x - (x0 + x1) / 2, centre_y - (y0 + y1) / 2), label, fill=(0, 0, 0), font=font)
-    return _atomic_save(path, lambda tmp: picture.save(tmp, format="PNG"))
+    return atomic_write(path, lambda f: picture.save(f, format="PNG"), durable=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,17 +356,11 @@ def save_sequence_strip(
 
 
 def _load_records(source) -> list[dict]:
-    """A metrics.jsonl path (one JSON object a line; blank lines skipped) or a list of dicts."""
+    """A metrics.jsonl path (read as draw.rundir.read_metrics reads it) or a list of dicts."""
     if isinstance(source, (str, os.PathLike)):
-        records = []
-        with open(source) as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{source}:{number}: not a JSON object: {e}") from e
-        return records
+        from draw.rundir import read_metrics
+
+        return read_metrics(source)
     if isinstance(source, (list, tuple)) and all(isinstance(r, dict) for r in source):
         return list(source)
     raise ValueError(f"expected a metrics.jsonl path or a list of dicts, got {type(source).__name__}")
@@ -477,7 +455,7 @@ def _finish(fig, ax, limits, path) -> pathlib.Path:
         ax.set_ylim(*limits)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     suffix = pathlib.Path(path).suffix.lstrip(".").lower() or "png"
-    return _atomic_save(path, lambda tmp: fig.savefig(tmp, format=suffix))
+    return atomic_write(path, lambda f: fig.savefig(f, format=suffix), durable=False)
 
 
 def save_loss_curve(metrics_path_or_records, path, title: str | None = None) -> pathlib.Path:
@@ -556,3 +534,60 @@ def save_loss_comparison(runs: dict, path, x: str = "step", title: str | None = 
             )
         series += [smoothed, bound]
     return _finish(fig, ax, _y_limits(series, from_zero=False), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# A model's figures: the one path `draw train` and `draw sample` write them by
+# ---------------------------------------------------------------------------------------------
+
+SEQUENCE_IMAGES = 16  # images in the generation and reconstruction animations
+GENERATE_CHUNK = 1000  # samples generated at once: memory stays bounded for any --n
+
+
+@torch.no_grad()
+def write_model_figures(model, out_dir, *, n_samples: int = 64, seed: int = 0, reconstruct: torch.Tensor | None = None,
+                        metrics=None) -> list[pathlib.Path]:
+    """Samples grid, generation GIF and strip, and optionally the reconstruction GIF and the loss curve.
+
+    Args:
+        model: a DRAW (draw.model.DRAW), on any device.
+        out_dir: where to write samples.png, generation.gif, generation.png (and reconstruction.gif,
+            loss_curve.png).
+        n_samples: samples in samples.png, generated in chunks of GENERATE_CHUNK; the animations show
+            the first SEQUENCE_IMAGES.
+        seed: seed of the prior's noise (and of the reconstruction's).
+        reconstruct: [N, C, H, W] images to reconstruct (the first SEQUENCE_IMAGES are used), or None.
+        metrics: a metrics.jsonl path for the loss curve, or None.
+    Returns:
+        The paths written.
+    """
+    _check_int("n_samples", n_samples, 1)
+    out_dir = pathlib.Path(out_dir)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    write_n = model.config.write_n
+    generator = torch.Generator(device=device).manual_seed(seed)
+    finals, sequence = [], None
+    for start in range(0, n_samples, GENERATE_CHUNK):
+        gen = model.generate(min(GENERATE_CHUNK, n_samples - start), generator=generator)
+        finals.append(torch.sigmoid(gen.canvases[-1]).cpu())  # [n, C, H, W]
+        if sequence is None:
+            params = None if gen.write_params is None else gen.write_params[:, :SEQUENCE_IMAGES].cpu()
+            sequence = (gen.canvases[:, :SEQUENCE_IMAGES].cpu(), params)
+        del gen
+    written = [
+        save_grid(torch.cat(finals), out_dir / "samples.png"),
+        save_sequence_gif(sequence[0], out_dir / "generation.gif", sequence[1], write_n),
+        save_sequence_strip(sequence[0], out_dir / "generation.png", sequence[1], write_n),
+    ]
+    if reconstruct is not None:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = model(reconstruct[:SEQUENCE_IMAGES].to(device), return_sequence=True)
+        params = None if out.write_params is None else out.write_params.cpu()
+        written.append(save_sequence_gif(out.canvases.cpu(), out_dir / "reconstruction.gif", params, write_n))
+    if metrics is not None and pathlib.Path(metrics).exists() and pathlib.Path(metrics).stat().st_size:
+        written.append(save_loss_curve(metrics, out_dir / "loss_curve.png"))
+    model.train(was_training)
+    return written

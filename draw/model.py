@@ -52,9 +52,13 @@ def _attention_params(in_features: int, n: int, height: int, width: int, *, writ
 
 
 class DRAW(nn.Module):
-    def __init__(self, config: DRAWConfig):
+    """DRAW of `config`; `backend` ("auto", "reference" or "triton") runs the attention and is a
+    runtime choice, not part of the architecture: set `model.backend` to change it."""
+
+    def __init__(self, config: DRAWConfig, backend: str = "auto"):
         super().__init__()
         self.config = config
+        self.backend = backend
         c, h, w = config.channels, config.height, config.width
         read_size = 2 * c * (config.read_n**2 if config.read_attn else h * w)
         write_size = c * (config.write_n**2 if config.write_attn else h * w)
@@ -80,7 +84,7 @@ class DRAW(nn.Module):
         cfg = self.config
         if cfg.read_attn:
             params = self.to_read_params(h_dec)  # [B, 5]
-            glimpse = kernels.read(x, canvas, params, cfg.read_n, backend=cfg.backend)  # [B, 2, C, N, N]
+            glimpse = kernels.read(x, canvas, params, cfg.read_n, backend=self.backend)  # [B, 2, C, N, N]
             return glimpse.flatten(1)
         x_hat = x - torch.sigmoid(canvas)  # (3)
         return torch.cat([x.flatten(1), x_hat.flatten(1)], dim=1)
@@ -92,7 +96,7 @@ class DRAW(nn.Module):
         if cfg.write_attn:
             params = self.to_write_params(h_dec)  # [B, 5]
             patch = patch.view(-1, cfg.channels, cfg.write_n, cfg.write_n)  # [B, C, N^, N^]
-            return kernels.write(patch, params, canvas, backend=cfg.backend), params
+            return kernels.write(patch, params, canvas, backend=self.backend), params
         return canvas + patch.view_as(canvas), None
 
     def _initial_state(self, batch: int, dtype: torch.dtype):
@@ -107,11 +111,13 @@ class DRAW(nn.Module):
 
     # --- inference: the variational bound ---------------------------------------------------
 
-    def forward(self, x: torch.Tensor, *, return_sequence: bool = False) -> DRAWOutput:
+    def forward(self, x: torch.Tensor, *, noise: torch.Tensor | None = None, return_sequence: bool = False) -> DRAWOutput:
         """Encode and reconstruct x, returning the loss of Eqs. 9-12.
 
         Args:
             x: [B, C, H, W] binary (or grey-level) images in [0, 1].
+            noise: [T, B, z_size] the standard-normal draws of the reparameterised z_t (default: fresh
+                draws from torch's generator); evaluation passes noise tied to each image.
             return_sequence: also return the T canvases and write parameters (for figures).
         """
         cfg = self.config
@@ -119,15 +125,17 @@ class DRAW(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"x must be [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
         batch = x.shape[0]
+        if noise is not None and tuple(noise.shape) != (cfg.T, batch, cfg.z_size):
+            raise ValueError(f"noise must be [T, B, z_size] = [{cfg.T}, {batch}, {cfg.z_size}], got {list(noise.shape)}")
         canvas, (h_enc, c_enc), (h_dec, c_dec) = self._initial_state(batch, x.dtype)
         kl = x.new_zeros(batch)
         log_ratio = x.new_zeros(batch)  # sum_t log N(z_t; 0, I) - log N(z_t; mu_t, sigma_t)
         canvases, write_params = [], []
-        for _ in range(cfg.T):
+        for t in range(cfg.T):
             r = self.read(x, canvas, h_dec)  # (3, 4)
             h_enc, c_enc = self.encoder(torch.cat([r, h_dec], dim=1), (h_enc, c_enc))  # (5)
             mu, log_sigma = self.to_latent(h_enc).chunk(2, dim=1)  # [B, z] each  (1, 2)
-            eps = torch.randn_like(mu)
+            eps = torch.randn_like(mu) if noise is None else noise[t].to(mu.dtype)
             z = mu + torch.exp(log_sigma) * eps  # reparameterised sample of Q(Z_t | h_enc_t)  (6)
             h_dec, c_dec = self.decoder(z, (h_dec, c_dec))  # (7)
             canvas, params = self.write(canvas, h_dec)  # (8)
@@ -171,9 +179,12 @@ class DRAW(nn.Module):
         return Generation(torch.stack(canvases), torch.stack(write_params) if cfg.write_attn else None)
 
 
-def importance_weighted_bound(model: DRAW, x: torch.Tensor, k: int) -> torch.Tensor:
-    """-log (1/K) sum_k p(x, z_k) / q(z_k | x), per image, in nats: [B]. K = 1 gives the usual bound."""
+def importance_weighted_bound(model: DRAW, x: torch.Tensor, k: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """-log (1/K) sum_k p(x, z_k) / q(z_k | x), per image, in nats: [B]. K = 1 gives the usual bound.
+
+    noise: [T, B*K, z_size] or None, as in DRAW.forward (the K draws of an image adjacent).
+    """
     batch = x.shape[0]
     repeated = x.repeat_interleave(k, dim=0)  # [B*K, C, H, W], the K copies of an image adjacent
-    log_weight = model(repeated).log_weight.view(batch, k)  # [B, K]
+    log_weight = model(repeated, noise=noise).log_weight.view(batch, k)  # [B, K]
     return -(torch.logsumexp(log_weight, dim=1) - math.log(k))

@@ -1,69 +1,51 @@
-"""Training: Adam, gradient clipping, periodic test-bound evaluation, atomic and exactly resumable runs.
+"""Training: start or resume a run, the loop, and the finish; exactly resumable, nothing lost on a crash.
 
-A run directory holds:
-    checkpoint.pt   model, optimizer, step, RNG states, config and run settings (written atomically)
-    metrics.jsonl   one JSON record per logging interval ({"step", "loss", "l_x", "l_z", ...})
-                    and per evaluation ({"step", "test_bound", ...})
-    summary.json    the final test bound and run facts
-    figures         samples.png, generation.gif, generation.png, reconstruction.gif, loss_curve.png
+`train()` holds the run directory's lock (draw/rundir.py) for the whole run and does three things:
+    start_run   a new run (configs given) or a resumed one (configs read from the checkpoint);
+    run_loop    steps (draw/step.py), a training record every log_every steps, a test-bound evaluation
+                every eval_every, a checkpoint every checkpoint_every; stops on a step boundary on the
+                first SIGINT, SIGTERM or SIGHUP, after saving a checkpoint;
+    finish_run  summary.json and the figures.
+A checkpoint is written only when every weight is finite, so a diverging run keeps its last good one.
 """
 
 import contextlib
 import json
+import logging
 import math
 import pathlib
 import signal
+import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import torch
-from tqdm.auto import tqdm
 
-from draw import kernels
 from draw import figures
-from draw.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from draw.config import DRAWConfig
+from draw.atomic import atomic_write_text
+from draw.checkpoint import CheckpointError, check_training_state, load_checkpoint, model_from_checkpoint, save_checkpoint
+from draw.config import DRAWConfig, TrainConfig
 from draw.data import Dataset, load_dataset
 from draw.evaluate import evaluate_bound
+from draw.kernels import resolve_backend
 from draw.model import DRAW
+from draw.rundir import CHECKPOINT, METRICS, SUMMARY, MetricsLog, RunLock
+from draw.step import TrainStep
 
-LR_SCHEDULES = ("constant", "cosine")
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
+log = logging.getLogger("draw")
 
 
-@dataclass
-class RunSettings:
-    """How a run trains (saved in the checkpoint so that --resume continues the same run)."""
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became non-finite; the last good checkpoint is kept."""
 
-    dataset: str = "mnist"
-    batch_size: int = 100
-    lr: float = 1e-3
-    total_steps: int | None = None  # None: `epochs` passes over the training set
-    epochs: float = 1.0
-    grad_clip: float = 10.0
-    lr_schedule: str = "constant"  # or "cosine": from lr down to lr / 10 over the run
-    eval_every: int = 1000
-    log_every: int = 50
-    checkpoint_every: int = 500
-    seed: int = 0
-    fixed_binarization: bool = False  # False: a fresh Bernoulli draw of the training set every epoch
-    compile: bool = False
-    amp: str = "none"  # "none" or "bf16"
 
-    def __post_init__(self):
-        for name in ("batch_size", "total_steps", "eval_every", "log_every", "checkpoint_every"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.amp not in ("none", "bf16"):
-            raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
+class TrainingStopped(KeyboardInterrupt):
+    """The run stopped on a signal after saving a checkpoint; `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def scaled_lr(base_lr: float, base_batch: int, batch: int) -> float:
@@ -71,12 +53,18 @@ def scaled_lr(base_lr: float, base_batch: int, batch: int) -> float:
     return base_lr * math.sqrt(batch / base_batch)
 
 
-def lr_at(settings: RunSettings, step: int) -> float:
-    """The learning rate of step `step` (0-based): a pure function of the step, so resumes match."""
-    if settings.lr_schedule == "constant":
-        return settings.lr
-    progress = min(step / settings.total_steps, 1.0)
-    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of step `step` (0-based): a pure function of the step, so resumes match.
+
+    A linear warm-up over the first warmup_steps, then constant or a cosine decay to lr / 10.
+    """
+    lr = config.lr
+    if config.lr_schedule == "cosine":
+        progress = min(step / total_steps, 1.0)
+        lr = config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    if step < config.warmup_steps:
+        lr *= (step + 1) / config.warmup_steps
+    return lr
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -91,248 +79,343 @@ class BatchSampler:
     checkpointed. With fixed_binarization the whole set is binarized once, with the run's seed.
     """
 
-    def __init__(self, data: Dataset, settings: RunSettings, device: torch.device):
-        self.settings = settings
+    def __init__(self, data: Dataset, config: TrainConfig, device: torch.device):
+        self.config = config
         self.device = device
         self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(settings.seed)
+        self.generator.manual_seed(config.seed)
         train = data.train.to(device)
-        if settings.fixed_binarization and not data.train_is_binary:
+        if config.fixed_binarization and not data.train_is_binary:
             fixed = torch.Generator(device=device)
-            fixed.manual_seed(settings.seed + 1)
+            fixed.manual_seed(config.seed + 1)
             train = torch.bernoulli(train, generator=fixed)
-        self.resample = not (settings.fixed_binarization or data.train_is_binary)
+        self.resample = not (config.fixed_binarization or data.train_is_binary)
         self.train = train  # [N, C, H, W]
-        self.per_epoch = steps_per_epoch(len(train), settings.batch_size)
+        self.per_epoch = steps_per_epoch(len(train), config.batch_size)
         self._epoch, self._perm = -1, None
 
     def batch(self, step: int) -> torch.Tensor:
         epoch, index = divmod(step, self.per_epoch)
         if epoch != self._epoch:
-            perm_gen = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + epoch)
+            perm_gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
             self._perm = torch.randperm(len(self.train), generator=perm_gen).to(self.device)
             self._epoch = epoch
-        b = self.settings.batch_size
+        b = self.config.batch_size
         x = self.train[self._perm[index * b : (index + 1) * b]]  # [B, C, H, W]
         return torch.bernoulli(x, generator=self.generator) if self.resample else x
 
 
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
+class StopRequest:
+    """Defers SIGINT, SIGTERM and SIGHUP to the end of the current step, so the run stops on a step
+    boundary with a checkpoint: the first signal sets `signum`, a second one interrupts at once.
+
+    A signal the process inherited as ignored (a job started with nohup, or in the background) stays
+    ignored; the previous handlers come back on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                previous = signal.getsignal(sig)
+                if previous is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Everything a run's loop and finish need; made by start_run."""
+
+    out_dir: pathlib.Path
+    model: DRAW
+    step: TrainStep
+    config: TrainConfig
+    data: Dataset
+    sampler: BatchSampler
+    metrics: MetricsLog
+    device: torch.device
+    start_step: int
+    total_steps: int
+    sums: torch.Tensor  # [3] running sums of (loss, L_x, L_z) since the last training record
+    count: int = 0
+    last_eval: dict | None = None
+    progress: bool = False
+    tensorboard: object = None
+    good_checkpoint_step: int | None = None
+
+    @property
+    def checkpoint_path(self) -> pathlib.Path:
+        return self.out_dir / CHECKPOINT
+
+
+def _rng_state(device: torch.device, sampler: BatchSampler) -> dict:
+    state = {"device": device.type, "torch": torch.get_rng_state(), "data": sampler.generator.get_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict, device: torch.device) -> None:
+def _restore_rng_state(state: dict, device: torch.device, sampler: BatchSampler, where: str) -> None:
     torch.set_rng_state(state["torch"].cpu())  # RNG states are CPU byte tensors, wherever loaded
+    saved_on = state.get("device", "cpu" if "cuda" not in state else "cuda")
+    if saved_on != device.type:
+        log.warning(f"{where} was saved on {saved_on} and resumes on {device.type}: the batches' binarization "
+                    "noise and the latent noise differ from an uninterrupted run (the run is not bitwise exact)")
+        return
+    sampler.generator.set_state(state["data"].cpu())
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
-class MetricsLog:
-    """Append-only JSONL metrics; on resume, records past the checkpoint's step are dropped."""
-
-    def __init__(self, path: pathlib.Path, resume_step: int | None):
-        self.path = path
-        if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(path)
-        elif resume_step is None:
-            path.write_text("")
-
-    def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-class StopRequest:
-    """Defers Ctrl-C (SIGINT) to the end of the current step, so the run stops on a step boundary.
-
-    The first Ctrl-C sets `requested`; the loop then checkpoints and stops, and a resume continues
-    exactly as if it had never stopped. A second Ctrl-C interrupts at once.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+def _resumed_configs(payload: dict, model_config: DRAWConfig | None, overrides: dict) -> TrainConfig:
+    """The checkpoint's TrainConfig with the schedule overrides applied; refuse arithmetic changes."""
+    where = payload["path"]
+    try:
+        saved = TrainConfig.from_dict(payload["train_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: its training config is not usable: {e}") from None
+    if model_config is not None and model_config.to_dict() != DRAWConfig.from_dict(payload["model_config"]).to_dict():
+        raise ValueError(f"--resume continues the model in {where}; a different --preset would change its architecture")
+    requested = replace(saved, **overrides)
+    changed = saved.arithmetic_changes(requested)
+    if changed:
+        what = ", ".join(f"{name} {getattr(saved, name)!r} -> {getattr(requested, name)!r}" for name in changed)
+        raise ValueError(f"--resume keeps the run's arithmetic; these would change it: {what} "
+                         f"(only {', '.join(TrainConfig.SCHEDULE)} may change on resume)")
+    for name in TrainConfig.SCHEDULE:
+        if getattr(requested, name) != getattr(saved, name):
+            log.info(f"resume: {name} {getattr(saved, name)!r} -> {getattr(requested, name)!r}")
+    return requested
 
 
-def _autocast(settings: RunSettings, device: torch.device):
-    if settings.amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def start_run(out_dir, *, model_config: DRAWConfig | None, train_config: TrainConfig | None, resume: bool,
+              overrides: dict, device: torch.device, backend: str, step_mode: str, compile_mode: str,
+              data_dir, progress: bool, tensorboard) -> Run:
+    """Build a run: new (model_config and train_config given) or resumed from out_dir's checkpoint.
 
-
-def train(
-    out_dir,
-    *,
-    model_config: DRAWConfig | None = None,
-    settings: RunSettings | None = None,
-    device: str | torch.device | None = None,
-    resume: bool = False,
-    data_dir=None,
-    total_steps: int | None = None,
-    progress: bool = True,
-    make_figures: bool = True,
-    log=print,
-) -> dict:
-    """Train DRAW into `out_dir` and return the run summary.
-
-    A new run needs `model_config` and `settings`; `resume=True` reads both from out_dir's
-    checkpoint and continues exactly where it stopped (`total_steps` may extend the run).
+    Everything that can be refused is refused before anything is written.
     """
     out_dir = pathlib.Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available")
-
     if resume:
         payload = load_checkpoint(ckpt_path, map_location=device)
-        if "settings" not in payload:
-            raise CheckpointError(f"{ckpt_path} holds no training state to resume")
-        settings = RunSettings(**payload["settings"])
-        if total_steps is not None:
-            settings.total_steps = total_steps
-        model = model_from_checkpoint(payload).to(device)
+        check_training_state(payload)
+        config = _resumed_configs(payload, model_config, overrides)
+        model = model_from_checkpoint(payload)
         start_step = payload["step"]
     else:
         if ckpt_path.exists():
             raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
-        if model_config is None or settings is None:
-            raise ValueError("a new run needs model_config and settings")
-        torch.manual_seed(settings.seed)
-        model = DRAW(model_config).to(device)
+        if model_config is None or train_config is None:
+            raise ValueError("a new run needs a model config and a train config")
+        config = replace(train_config, **overrides)
+        torch.manual_seed(config.seed)
+        model = DRAW(model_config)
         start_step = 0
+    resolve_backend(backend, device)  # refuse an unusable backend before anything is written
+    model.backend = backend
+    model.to(device)
+    summary_writer = _summary_writer_class() if tensorboard is not None else None
 
-    kernels.resolve_backend(model.config.backend, device)  # fail before anything is written
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(settings.dataset, data_dir, shape=(model.config.channels, model.config.height, model.config.width))
-    log(f"data: {data.source}")
-    sampler = BatchSampler(data, settings, device)
-    if settings.total_steps is None:
-        settings.total_steps = max(1, round(settings.epochs * sampler.per_epoch))
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    cfg = model.config
+    data = load_dataset(config.dataset, data_dir, shape=(cfg.channels, cfg.height, cfg.width))
+    log.info(f"data: {data.source}")
+    if config.batch_size > len(data.train):
+        raise ValueError(f"--batch-size {config.batch_size} is larger than the training set ({len(data.train)} images of {config.dataset})")
+    sampler = BatchSampler(data, config, device)
+    total_steps = config.total_steps(sampler.per_epoch)
+    step = TrainStep(model, lr=config.lr, grad_clip=config.grad_clip, amp=config.amp, tf32=config.tf32, mode=step_mode,
+                     compile_mode=compile_mode, device=device)
+    sums, count = torch.zeros(3, device=device), 0
     if resume:
-        optimizer.load_state_dict(payload["optimizer"])
-        sampler.generator.set_state(payload["rng"]["data"].cpu())
-        _set_rng_state(payload["rng"], device)
-        log(f"resuming {out_dir} at step {start_step} of {settings.total_steps}")
+        step.load_optimizer_state(payload["optimizer"])
+        _restore_rng_state(payload["rng"], device, sampler, payload["path"])
+        running = payload.get("running")
+        if running is not None:
+            sums, count = running["sums"].to(device=device, dtype=torch.float32), int(running["count"])
+        log.info(f"resuming {out_dir} at step {start_step} of {total_steps}")
+    out_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out_dir / METRICS, start_step if resume else None)
-    step_fn = torch.compile(model) if settings.compile else model
+    writer = summary_writer(log_dir=str(tensorboard)) if summary_writer is not None else None
+    return Run(out_dir, model, step, config, data, sampler, metrics, device, start_step, total_steps, sums, count,
+               progress=progress, tensorboard=writer, good_checkpoint_step=start_step if resume else None)
 
-    def checkpoint(step: int) -> None:
-        rng = {**_rng_state(device), "data": sampler.generator.get_state()}
-        save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(), step=step, rng=rng, settings=asdict(settings))
 
-    def evaluate(step: int) -> dict:
-        result = evaluate_bound(model, data.test, device=device, seed=settings.seed)
-        metrics.write({"step": step, "test_bound": result["nats"], "test_l_x": result["l_x"], "test_l_z": result["l_z"]})
-        return result
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                         "(or the project's [tensorboard] extra)") from None
+    return SummaryWriter
 
-    last_eval = None
-    sums, count, tick = torch.zeros(3, device=device), 0, time.perf_counter()
-    bar = tqdm(total=settings.total_steps, initial=start_step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    step = start_step
-    with StopRequest() as stop:
-        while step < settings.total_steps:
-            x = sampler.batch(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(settings, step)
-            with _autocast(settings, device):
-                out = step_fn(x)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            optimizer.step()
-            step += 1
-            sums += torch.stack([out.loss.detach(), out.l_x.detach().mean(), out.l_z.detach().mean()]).float()
-            count += 1
-            bar.update(1)
 
-            if step % settings.log_every == 0 or step == settings.total_steps:
-                loss, l_x, l_z = (sums / count).tolist()  # one device sync per interval
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} at step {step}; the last good checkpoint is {ckpt_path}")
-                now = time.perf_counter()
-                rate = count * settings.batch_size / (now - tick)
-                epoch = step / sampler.per_epoch
-                metrics.write({"step": step, "epoch": round(epoch, 4), "loss": loss, "l_x": l_x, "l_z": l_z,
-                               "lr": optimizer.param_groups[0]["lr"], "images_per_s": rate})
-                bar.set_postfix(loss=f"{loss:.2f}", L_x=f"{l_x:.2f}", L_z=f"{l_z:.2f}", img_s=f"{rate:.0f}", refresh=False)
-                sums.zero_()
-                count, tick = 0, time.perf_counter()
-            if step % settings.eval_every == 0 or step == settings.total_steps:
-                last_eval = evaluate(step)
-                bar.write(f"step {step}: test bound {last_eval['nats']:.2f} nats")
-                tick = time.perf_counter()  # evaluation time is not training time
-            if step % settings.checkpoint_every == 0 or step == settings.total_steps or stop.requested:
-                checkpoint(step)
-            if stop.requested and step < settings.total_steps:
-                bar.close()
-                log(f"stopped at step {step}: saved {ckpt_path}; continue with --resume")
-                raise KeyboardInterrupt
-    bar.close()
+def save_run_checkpoint(run: Run, step: int) -> None:
+    """Checkpoint the run at `step`; a non-finite weight stops the run with the last good checkpoint kept."""
+    try:
+        save_checkpoint(run.checkpoint_path, run.model, optimizer=run.step.optimizer_state(), step=step,
+                        rng=_rng_state(run.device, run.sampler), train_config=run.config.to_dict(),
+                        running={"sums": run.sums.detach().cpu(), "count": run.count})
+    except CheckpointError as e:
+        raise TrainingDiverged(_diverged_message(run, step, str(e))) from None
+    run.good_checkpoint_step = step
 
-    if last_eval is None:  # resumed a finished run
-        last_eval = evaluate(step)
+
+def _diverged_message(run: Run, step: int, what: str) -> str:
+    if run.good_checkpoint_step is None:
+        kept = "no checkpoint was written before it"
+    else:
+        kept = f"the last good checkpoint (step {run.good_checkpoint_step}) is kept at {run.checkpoint_path}"
+    return f"training diverged at step {step} ({what}); {kept}; try a lower --lr"
+
+
+def _evaluate(run: Run, step: int) -> dict:
+    result = evaluate_bound(run.model, run.data.test, device=run.device, seed=run.config.seed)
+    record = {"step": step, "test_bound": result["nats"], "test_l_x": result["l_x"], "test_l_z": result["l_z"]}
+    run.metrics.write(record)
+    if run.tensorboard is not None:
+        run.tensorboard.add_scalar("test/bound", result["nats"], step)
+    return result
+
+
+def _log_interval(run: Run, step: int, seconds: float) -> dict:
+    """Write the training record of the interval ending at `step`; returns the progress bar's postfix."""
+    loss, l_x, l_z = (run.sums / run.count).tolist()  # one device sync per interval
+    if not all(map(math.isfinite, (loss, l_x, l_z))):
+        raise TrainingDiverged(_diverged_message(run, step, f"the training loss became {loss}"))
+    rate = run.count * run.config.batch_size / seconds
+    record = {"step": step, "epoch": round(step / run.sampler.per_epoch, 4), "loss": loss, "l_x": l_x, "l_z": l_z,
+              "lr": lr_at(run.config, step - 1, run.total_steps), "images_per_s": rate}
+    run.metrics.write(record)
+    if run.tensorboard is not None:
+        for key in ("loss", "l_x", "l_z", "lr", "images_per_s"):
+            run.tensorboard.add_scalar(f"train/{key}", record[key], step)
+    if not run.progress:
+        log.info(f"step {step}/{run.total_steps}  loss {loss:.2f}  L_x {l_x:.2f}  L_z {l_z:.2f}  {rate:.0f} images/s")
+    run.sums.zero_()
+    run.count = 0
+    return dict(loss=f"{loss:.2f}", L_x=f"{l_x:.2f}", L_z=f"{l_z:.2f}", img_s=f"{rate:.0f}")
+
+
+def run_loop(run: Run) -> int | None:
+    """Train from run.start_step to run.total_steps. Returns None when done, or the number of the
+    signal that stopped it (after a checkpoint)."""
+    from tqdm.auto import tqdm
+
+    cfg = run.config
+    step = run.start_step
+    bar = tqdm(total=run.total_steps, initial=step, desc="train", unit="step", disable=not run.progress, dynamic_ncols=True)
+    tick = time.perf_counter()
+    try:
+        with StopRequest() as stop:
+            while step < run.total_steps:
+                stats = run.step(run.sampler.batch(step), lr_at(cfg, step, run.total_steps))
+                step += 1
+                run.sums += stats
+                run.count += 1
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == run.total_steps:
+                    bar.set_postfix(**_log_interval(run, step, time.perf_counter() - tick), refresh=False)
+                    tick = time.perf_counter()
+                if step % cfg.eval_every == 0 or step == run.total_steps:
+                    run.last_eval = _evaluate(run, step)
+                    (bar.write if run.progress else log.info)(f"step {step}: test bound {run.last_eval['nats']:.2f} nats")
+                    tick = time.perf_counter()  # evaluation time is not training time
+                if step % cfg.checkpoint_every == 0 or step == run.total_steps or stop.signum is not None:
+                    save_run_checkpoint(run, step)
+                if stop.signum is not None and step < run.total_steps:
+                    log.info(f"stopped at step {step} ({signal.Signals(stop.signum).name}): saved {run.checkpoint_path}; continue with --resume")
+                    return stop.signum
+    finally:
+        bar.close()
+    return None
+
+
+def finish_run(run: Run, *, make_figures: bool = True) -> dict:
+    """Write summary.json (and the figures) of a finished run and return the summary."""
+    if run.last_eval is None:  # a resumed run that was already finished: its last evaluation stands
+        evals = [r for r in run.metrics.records() if "test_bound" in r and r["step"] == run.total_steps]
+        run.last_eval = ({"nats": evals[-1]["test_bound"], "l_x": evals[-1]["test_l_x"], "l_z": evals[-1]["test_l_z"],
+                          "stderr": None} if evals else _evaluate(run, run.total_steps))
+        log.info(f"{run.out_dir} is already trained to step {run.total_steps}")
+    result = run.last_eval
     summary = {
-        "steps": step,
-        "epochs": step / sampler.per_epoch,
-        "dataset": settings.dataset,
-        "test_bound_nats": last_eval["nats"],
-        "test_bound_stderr": last_eval["stderr"],
-        "test_l_x": last_eval["l_x"],
-        "test_l_z": last_eval["l_z"],
-        "model_config": model.config.to_dict(),
-        "settings": asdict(settings),
-        "device": str(device),
+        "steps": run.total_steps,
+        "epochs": run.total_steps / run.sampler.per_epoch,
+        "dataset": run.config.dataset,
+        "test_bound_nats": result["nats"],
+        "test_bound_stderr": result.get("stderr"),
+        "test_l_x": result["l_x"],
+        "test_l_z": result["l_z"],
+        "model_config": run.model.config.to_dict(),
+        "train_config": run.config.to_dict(),
+        "device": str(run.device),
+        "step_mode": run.step.mode,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log(f"test bound after {step} steps: {last_eval['nats']:.2f} nats (L_x {last_eval['l_x']:.2f}, L_z {last_eval['l_z']:.2f})")
+    atomic_write_text(run.out_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    log.info(f"test bound after {run.total_steps} steps: {result['nats']:.2f} nats (L_x {result['l_x']:.2f}, L_z {result['l_z']:.2f})")
     if make_figures:
-        written = write_run_figures(model, data, out_dir, seed=settings.seed)
-        log("wrote " + ", ".join(str(p) for p in written))
+        written = figures.write_model_figures(run.model, run.out_dir, seed=run.config.seed, reconstruct=run.data.test,
+                                              metrics=run.out_dir / METRICS)
+        log.info("wrote " + ", ".join(str(p) for p in written))
     return summary
 
 
-@torch.no_grad()
-def write_run_figures(model: DRAW, data: Dataset, out_dir, *, seed: int = 0, n_samples: int = 64) -> list:
-    """Samples grid, generation GIF and strip, reconstruction GIF and the loss curve of a run."""
+def train(out_dir, *, model_config: DRAWConfig | None = None, train_config: TrainConfig | None = None,
+          resume: bool = False, overrides: dict | None = None, device=None, backend: str = "auto",
+          step_mode: str = "auto", compile_mode: str = "default", data_dir=None, progress: bool | None = None,
+          tensorboard=None, make_figures: bool = True) -> dict:
+    """Train DRAW into `out_dir` and return the run summary.
+
+    A new run needs `model_config` and `train_config`; `resume=True` reads both from out_dir's
+    checkpoint and continues exactly where it stopped. `overrides` are TrainConfig fields to change
+    (on resume only the schedule's). `progress` None shows a bar when stderr is a terminal, and
+    otherwise logs one line per logging interval.
+
+    Raises TrainingStopped after a signal (the checkpoint saved), TrainingDiverged on a non-finite loss.
+    """
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if progress is None:
+        progress = sys.stderr.isatty()
     out_dir = pathlib.Path(out_dir)
-    model.eval()
-    device = next(model.parameters()).device
-    cfg = model.config
-    generator = torch.Generator(device=device).manual_seed(seed)
-    gen = model.generate(n_samples, generator=generator)
-    written = [figures.save_grid(torch.sigmoid(gen.canvases[-1]).cpu(), out_dir / "samples.png")]
-    sequence = (gen.canvases[:, :16].cpu(), None if gen.write_params is None else gen.write_params[:, :16].cpu())
-    written.append(figures.save_sequence_gif(sequence[0], out_dir / "generation.gif", sequence[1], cfg.write_n))
-    written.append(figures.save_sequence_strip(sequence[0], out_dir / "generation.png", sequence[1], cfg.write_n))
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = model(data.test[:16].to(device), return_sequence=True)
-    params = None if out.write_params is None else out.write_params.cpu()
-    written.append(figures.save_sequence_gif(out.canvases.cpu(), out_dir / "reconstruction.gif", params, cfg.write_n))
-    metrics_path = out_dir / METRICS
-    if metrics_path.exists() and metrics_path.stat().st_size:
-        written.append(figures.save_loss_curve(metrics_path, out_dir / "loss_curve.png"))
-    model.train()
-    return written
+    created = not out_dir.exists()
+    with RunLock(out_dir) as lock:
+        try:
+            run = start_run(out_dir, model_config=model_config, train_config=train_config, resume=resume,
+                            overrides=overrides or {}, device=device, backend=backend, step_mode=step_mode,
+                            compile_mode=compile_mode, data_dir=data_dir, progress=progress, tensorboard=tensorboard)
+        except BaseException:
+            if created:  # a refused run leaves nothing behind
+                lock.path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    out_dir.rmdir()
+            raise
+        try:
+            signum = run_loop(run)
+            if signum is not None:
+                raise TrainingStopped(signum)
+            return finish_run(run, make_figures=make_figures)
+        finally:
+            if run.tensorboard is not None:
+                run.tensorboard.close()

@@ -457,8 +457,8 @@ def train(backend: str, steps: int = 20):
 
     torch.manual_seed(0)
     cfg = DRAWConfig(height=12, width=12, channels=1, T=4, enc_size=32, dec_size=32, z_size=8,
-                     read_n=3, write_n=4, backend=backend)
-    model = DRAW(cfg).to(device=DEVICE, dtype=f64)
+                     read_n=3, write_n=4)
+    model = DRAW(cfg, backend=backend).to(device=DEVICE, dtype=f64)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
     x = (torch.rand(2, 1, 12, 12, generator=g) > 0.5).to(device=DEVICE, dtype=f64)

@@ -1,0 +1,72 @@
+"""The one way this project writes a file: to a temporary file beside it, then an atomic rename.
+
+A crash, a kill or a full disk at any moment leaves either the old file or the new one under the
+real name, never a half-written one. Temporary files are named `.NAME.PID.RANDOM.tmp`, are created
+with the mode the umask gives (like any other output), and are removed when the write fails;
+`remove_stale_temporaries` clears those a killed process left behind.
+"""
+
+import os
+import pathlib
+import secrets
+from collections.abc import Callable
+from typing import BinaryIO
+
+TEMP_SUFFIX = ".tmp"
+
+
+def _temp_path(target: pathlib.Path) -> pathlib.Path:
+    """A fresh empty file next to target, created exclusively (mode from the umask)."""
+    while True:
+        temp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+        try:
+            temp.open("xb").close()
+            return temp
+        except FileExistsError:
+            continue
+
+
+def atomic_write(path, write: Callable[[BinaryIO], object], *, durable: bool = True) -> pathlib.Path:
+    """write(file) to a temporary file next to `path`, then os.replace it onto `path`.
+
+    durable: fsync the file before the rename, so the new content survives a power loss too.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_path(path)
+    try:
+        with open(temp, "wb") as f:
+            write(f)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path, text: str, *, durable: bool = True) -> pathlib.Path:
+    return atomic_write(path, lambda f: f.write(text.encode()), durable=durable)
+
+
+def remove_stale_temporaries(directory, name: str) -> list[pathlib.Path]:
+    """Remove the temporary files of `name` in `directory` whose writer process is gone."""
+    removed = []
+    for temp in pathlib.Path(directory).glob(f".{name}.*{TEMP_SUFFIX}"):
+        pid = temp.name[len(name) + 2 :].split(".")[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        temp.unlink(missing_ok=True)
+        removed.append(temp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

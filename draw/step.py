@@ -1,0 +1,162 @@
+"""The training step: forward, backward, gradient clipping and Adam, used by `draw train` and bench/ alike.
+
+`TrainStep` runs the step in one of three modes, all computing the same update:
+    "eager"       plain PyTorch;
+    "compile"     the model under torch.compile (forward and backward), the optimizer eager; a compile
+                  that fails falls back to eager with one line;
+    "cuda-graph"  (CUDA) the whole step, optimizer included, captured once as a CUDA graph and
+                  replayed: static input buffer, Adam with `capturable=True` and a tensor learning
+                  rate, no host syncs inside. The first WARMUP_STEPS steps run eagerly on a side
+                  stream (allocating Adam's state), the next is captured, then every step is a replay.
+A step returns the detached [3] tensor (loss, mean L_x, mean L_z) on the device, with no host sync.
+"""
+
+import contextlib
+import logging
+
+import torch
+
+from draw.model import DRAW
+
+STEP_MODES = ("auto", "eager", "compile", "cuda-graph")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+WARMUP_STEPS = 3
+
+log = logging.getLogger("draw")
+
+
+def resolve_step_mode(mode: str, device: torch.device) -> str:
+    """The concrete mode of `mode` on `device`: "auto" is a CUDA graph on CUDA and eager elsewhere."""
+    if mode not in STEP_MODES:
+        raise ValueError(f"step mode must be one of {STEP_MODES}, got {mode!r}")
+    if mode == "auto":
+        return "cuda-graph" if device.type == "cuda" else "eager"
+    if mode == "cuda-graph" and device.type != "cuda":
+        raise ValueError(f"--step cuda-graph needs a CUDA device, got {device}")
+    return mode
+
+
+def autocast(amp: str, device: torch.device, *, cache_enabled: bool = True):
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
+    return contextlib.nullcontext()
+
+
+class TrainStep:
+    """One optimizer step of `model` on a batch: see the module docstring for the modes.
+
+    Owns the Adam optimizer, so that its form (a tensor learning rate, capturable state) always
+    matches the mode; `optimizer_state()` / `load_optimizer_state()` read and write it in a form
+    that any mode can load.
+    """
+
+    def __init__(self, model: DRAW, *, lr: float, grad_clip: float, amp: str = "none", tf32: bool = False,
+                 mode: str = "eager", compile_mode: str = "default", device: torch.device | None = None):
+        self.model = model
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.mode = resolve_step_mode(mode, self.device)
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+        self.grad_clip = grad_clip
+        self.amp = amp
+        self.graphed = self.mode == "cuda-graph"
+        if self.device.type == "cuda":  # process-wide switches: the step is the one place that sets them
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+        lr_value = torch.tensor(lr, device=self.device) if self.graphed else lr
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr_value, capturable=self.graphed)
+        # fallback_random: the compiled step draws its noise from torch's generator, as the eager step
+        # does, so both compute the same losses (and a resume is exact in either mode)
+        self.forward = model
+        if self.mode == "compile":
+            from torch._inductor import list_mode_options
+
+            options = {**list_mode_options(compile_mode), "fallback_random": True}
+            self.forward = torch.compile(model, options=options)
+        self.steps_run = 0
+        self._graph = None
+
+    # --- learning rate and optimizer state ------------------------------------------------
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            if self.graphed:
+                group["lr"].fill_(lr)  # in place: the captured graph reads this tensor
+            else:
+                group["lr"] = lr
+
+    def optimizer_state(self) -> dict:
+        """Adam's state dict with a float learning rate and capturable off: loadable by any mode."""
+        state = self.optimizer.state_dict()
+        for group in state["param_groups"]:
+            group["lr"] = float(group["lr"])
+            group["capturable"] = False
+        return state
+
+    def load_optimizer_state(self, state: dict) -> None:
+        state = {**state, "param_groups": [dict(g) for g in state["param_groups"]]}
+        for group in state["param_groups"]:
+            group["capturable"] = self.graphed
+            group["lr"] = torch.tensor(float(group["lr"]), device=self.device) if self.graphed else float(group["lr"])
+        self.optimizer.load_state_dict(state)
+
+    # --- the step -----------------------------------------------------------------------------
+
+    def _step(self, x: torch.Tensor, *, capturing: bool = False) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.amp, self.device, cache_enabled=not capturing):
+            out = self.forward(x)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        return torch.stack([out.loss.detach(), out.l_x.detach().mean(), out.l_z.detach().mean()]).float()
+
+    def __call__(self, x: torch.Tensor, lr: float) -> torch.Tensor:
+        """One step on batch x [B, C, H, W] at learning rate lr; returns [3] (loss, L_x, L_z), detached."""
+        self.set_lr(lr)
+        self.steps_run += 1
+        if self.mode == "compile" and self.steps_run == 1:
+            return self._first_compiled_step(x)
+        if not self.graphed:
+            return self._step(x)
+        if self._graph is not None and x.shape == self._static_x.shape:
+            self._static_x.copy_(x)
+            self._graph.replay()
+            return self._static_stats.clone()
+        if self.steps_run <= WARMUP_STEPS or (self._graph is not None):
+            return self._side_stream_step(x)  # warm-up, or a batch of another shape (the last, short one)
+        return self._capture_and_replay(x)
+
+    def _first_compiled_step(self, x: torch.Tensor) -> torch.Tensor:
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        try:
+            return self._step(x)
+        except (KeyboardInterrupt, torch.OutOfMemoryError):
+            raise
+        except Exception as e:  # a compiler or toolchain failure: train eagerly instead
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            log.warning(f"torch.compile failed ({type(e).__name__}: {first_line[:200]}); training eagerly")
+            self.mode, self.forward = "eager", self.model
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, self.device)
+            return self._step(x)
+
+    def _side_stream_step(self, x: torch.Tensor) -> torch.Tensor:
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            stats = self._step(x)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        return stats
+
+    def _capture_and_replay(self, x: torch.Tensor) -> torch.Tensor:
+        self._static_x = x.clone()
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._static_stats = self._step(self._static_x, capturing=True)
+        self._graph = graph
+        graph.replay()
+        return self._static_stats.clone()

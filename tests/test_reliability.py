@@ -1,0 +1,313 @@
+"""Nothing lost, nothing wrong without a word: divergence, a second process, a full disk, damaged files,
+resume flags, and errors in one line. Faults are injected in-process or with small files."""
+
+import errno
+import json
+import os
+import signal
+import zipfile
+
+import pytest
+import torch
+
+from draw import DRAW, DRAWConfig, TrainConfig
+from draw.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from draw.cli import main
+from draw.evaluate import evaluate_bound
+from draw.rundir import MetricsError, RunLock, read_metrics
+from draw.train import TrainingDiverged, TrainingStopped, train
+
+SMALL = DRAWConfig(height=28, width=28, channels=1, T=3, enc_size=16, dec_size=16, z_size=4, read_n=2, write_n=3)
+QUIET = dict(progress=False, make_figures=False)
+TRAIN = ["train", "--dataset", "synthetic", "--batch-size", "8", "--no-progress"]
+
+
+def small_config(**changes) -> TrainConfig:
+    base = dict(dataset="synthetic", batch_size=8, lr=2e-3, steps=6, eval_every=100, log_every=2, checkpoint_every=3, seed=1)
+    return TrainConfig(**{**base, **changes})
+
+
+def run_dir(tmp_path, **changes):
+    out = tmp_path / "run"
+    train(out, model_config=SMALL, train_config=small_config(**changes), **QUIET)
+    return out
+
+
+# --- 1. divergence -------------------------------------------------------------------------------
+
+
+def test_a_diverging_run_keeps_its_last_good_checkpoint_and_stops_in_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(TRAIN + ["--steps", "60", "--lr", "1e9", "--checkpoint-every", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    [line] = [line for line in err.splitlines() if "error" in line]
+    assert "diverged" in line and "--lr" in line
+    if (out / "checkpoint.pt").exists():  # the last good one: every weight finite
+        payload = load_checkpoint(out)
+        assert all(torch.isfinite(t).all() for t in payload["model"].values())
+
+
+def test_non_finite_weights_are_never_saved_nor_loaded(tmp_path, capsys):
+    model = DRAW(SMALL)
+    with torch.no_grad():
+        model.to_latent.weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="1 model weights are not finite"):
+        save_checkpoint(tmp_path / "c.pt", model, step=1)
+    assert not (tmp_path / "c.pt").exists()
+    payload = {"format": "draw-checkpoint", "version": 2, "model_config": SMALL.to_dict(), "model": model.state_dict(), "step": 1}
+    torch.save(payload, tmp_path / "nan.pt")
+    for command in (["eval", str(tmp_path / "nan.pt")], ["sample", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "s")]):
+        assert main(command) == 2
+        assert "not finite" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+# --- 2. a second process -------------------------------------------------------------------------
+
+
+def test_a_second_process_is_refused_while_a_run_holds_the_directory(tmp_path, capsys):
+    out = run_dir(tmp_path)
+    before = (out / "checkpoint.pt").read_bytes()
+    with RunLock(out):  # as if another process were training there
+        assert main(TRAIN + ["--resume", "--steps", "9", "--out", str(out)]) == 2
+        assert f"in use by another draw process (pid {os.getpid()})" in capsys.readouterr().err
+        assert main(TRAIN + ["--steps", "3", "--out", str(tmp_path / "run")]) == 2
+        capsys.readouterr()
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert main(TRAIN + ["--resume", "--steps", "9", "--out", str(out)]) == 0  # released: the lock of a gone holder is no obstacle
+
+
+def test_the_lock_of_a_dead_process_is_not_in_the_way(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("999999\n")  # left by a killed run: no process holds the flock
+    train(out, model_config=SMALL, train_config=small_config(steps=2), **QUIET)
+    assert load_checkpoint(out)["step"] == 2
+
+
+# --- 3. a full disk --------------------------------------------------------------------------------
+
+
+def test_a_cut_last_metrics_line_is_dropped_on_resume(tmp_path, caplog):
+    out = run_dir(tmp_path, steps=4)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 12')  # the disk filled in the middle of a record
+    train(out, resume=True, overrides={"steps": 6}, **QUIET)
+    assert "dropped an unreadable last line" in caplog.text and "metrics.jsonl" in caplog.text
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [2, 4, 6]
+
+
+def test_a_bad_metrics_line_in_the_middle_names_the_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(MetricsError, match=r"metrics.jsonl, line 2"):
+        read_metrics(path)
+
+
+def test_a_full_disk_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    from draw import checkpoint
+
+    def full(path, write, durable=True):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(checkpoint, "atomic_write", full)
+    assert main(TRAIN + ["--steps", "2", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("draw train: error: No space left on device: ") and "checkpoint.pt" in err[-1]
+
+
+# --- 4. SIGTERM exits after a checkpoint ----------------------------------------------------------
+
+
+def test_sigterm_exits_143_after_a_checkpoint(tmp_path, monkeypatch):
+    from draw import train as train_module
+
+    batch = train_module.BatchSampler.batch
+
+    def terminated(self, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch(self, step)
+
+    monkeypatch.setattr(train_module.BatchSampler, "batch", terminated)
+    assert main(TRAIN + ["--steps", "50", "--checkpoint-every", "100", "--out", str(tmp_path / "run")]) == 143
+    assert load_checkpoint(tmp_path / "run")["step"] == 2
+
+
+# --- 5. damaged checkpoints ------------------------------------------------------------------------
+
+
+def flip_a_bit_in_a_weight_record(path):
+    with zipfile.ZipFile(path) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        offset = record.header_offset
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = int.from_bytes(data[offset + 26 : offset + 28], "little"), int.from_bytes(data[offset + 28 : offset + 30], "little")
+    start = offset + 30 + name_len + extra_len
+    data[start + record.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_a_weight_is_refused(tmp_path, capsys):
+    out = run_dir(tmp_path, steps=2)
+    flip_a_bit_in_a_weight_record(out / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="fails its CRC-32 check"):
+        load_checkpoint(out)
+    assert main(["eval", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "damaged" in err[0]
+
+
+# --- 7. resume flags -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, refused", [
+    (["--batch-size", "16"], "batch_size 8 -> 16"),
+    (["--lr", "0.5"], "lr"),
+    (["--seed", "7"], "seed 1 -> 7"),
+    (["--amp", "bf16"], "amp"),
+    (["--preset", "mnist-paper"], "architecture"),
+])
+def test_resume_refuses_flags_that_change_the_arithmetic(tmp_path, capsys, flags, refused):
+    out = run_dir(tmp_path, steps=2)
+    before = (out / "checkpoint.pt").read_bytes()
+    assert main(TRAIN + ["--resume", "--out", str(out)] + flags) == 2
+    assert refused in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_honours_schedule_flags(tmp_path, caplog):
+    out = run_dir(tmp_path, steps=2)
+    assert main(TRAIN + ["--resume", "--out", str(out), "--steps", "4", "--checkpoint-every", "1", "--eval-every", "4"]) == 0
+    assert "resume: steps 2 -> 4" in caplog.text
+    payload = load_checkpoint(out)
+    assert payload["step"] == 4 and payload["train_config"]["checkpoint_every"] == 1
+    assert main(TRAIN + ["--resume", "--out", str(out), "--batch-size", "8"]) == 0  # the same value is no change
+
+
+def test_resuming_a_finished_run_adds_no_evaluation(tmp_path):
+    out = run_dir(tmp_path, steps=2, eval_every=2)
+    records = (out / "metrics.jsonl").read_text()
+    summary = train(out, resume=True, **QUIET)
+    assert (out / "metrics.jsonl").read_text() == records
+    assert summary["steps"] == 2 and summary["test_bound_nats"] == json.loads(records.splitlines()[-1])["test_bound"]
+
+
+# --- 8. a batch larger than the data ---------------------------------------------------------------
+
+
+def test_a_batch_larger_than_the_training_set_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "synthetic", "--batch-size", "100000", "--steps", "1", "--out", str(out)]) == 2
+    assert "larger than the training set (512 images" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# --- 10. the bound does not depend on the batch layout ---------------------------------------------
+
+
+def test_the_bound_does_not_depend_on_the_batch_size():
+    torch.manual_seed(0)
+    model = DRAW(SMALL)
+    x = torch.bernoulli(torch.full((13, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(0))
+    for k in (1, 3):
+        a = evaluate_bound(model, x, batch_size=12 * k, importance_samples=k)
+        b = evaluate_bound(model, x, batch_size=2 * k, importance_samples=k)
+        assert a["nats"] == pytest.approx(b["nats"], rel=1e-6)
+    assert evaluate_bound(model, x[5:6])["nats"] != evaluate_bound(model, x[6:7])["nats"]
+
+
+# --- 12. checkpoints from elsewhere ----------------------------------------------------------------
+
+
+def rewrite(path, change):
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p.pop("optimizer"), "no training state to resume (missing: optimizer)"),
+    (lambda p: p.pop("rng"), "missing: rng"),
+    (lambda p: p["train_config"].update(future_flag=1), "unknown TrainConfig fields ['future_flag']"),
+    (lambda p: p["model_config"].update(T_max=1), "model config is not usable"),
+])
+def test_a_checkpoint_that_cannot_resume_is_refused_in_one_line(tmp_path, capsys, change, message):
+    out = run_dir(tmp_path, steps=2)
+    rewrite(out / "checkpoint.pt", change)
+    assert main(TRAIN + ["--resume", "--out", str(out), "--steps", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and err[-1].startswith("draw train: error:")
+
+
+def test_a_run_saved_on_another_device_resumes_inexactly_with_a_warning(tmp_path, caplog):
+    out = run_dir(tmp_path, steps=2)
+    rewrite(out / "checkpoint.pt", lambda p: p["rng"].update(device="cuda", data=torch.zeros(16, dtype=torch.uint8)))
+    train(out, resume=True, overrides={"steps": 3}, **QUIET)
+    assert "saved on cuda and resumes on cpu" in caplog.text
+    assert load_checkpoint(out)["step"] == 3
+
+
+# --- 14. many samples ------------------------------------------------------------------------------
+
+
+def test_sample_generates_in_chunks_and_bounds_the_animation(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from draw import figures
+
+    out = run_dir(tmp_path, steps=2)
+    monkeypatch.setattr(figures, "GENERATE_CHUNK", 7)
+    sizes = []
+    generate = DRAW.generate
+
+    def counting(self, n, **kwargs):
+        sizes.append(n)
+        return generate(self, n, **kwargs)
+
+    monkeypatch.setattr(DRAW, "generate", counting)
+    assert main(["sample", str(out), "--n", "30", "--out", str(tmp_path / "s")]) == 0
+    assert sizes == [7, 7, 7, 7, 2]
+    with Image.open(tmp_path / "s" / "generation.gif") as gif, Image.open(tmp_path / "s" / "samples.png") as grid:
+        assert gif.size[0] < grid.size[0]  # the animation shows 16 samples, the grid all 30
+
+
+# --- 16. small things ------------------------------------------------------------------------------
+
+
+def test_temporaries_of_killed_writers_are_removed_and_outputs_follow_the_umask(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / ".checkpoint.pt.999999.0a1b2c3d.tmp"
+    stale.write_bytes(b"partial")
+    old_style = out / ".checkpoint.pt.k2j3h4.tmp"  # named by an earlier version's writer
+    old_style.write_bytes(b"partial")
+    previous = os.umask(0o022)
+    try:
+        train(out, model_config=SMALL, train_config=small_config(steps=2), **QUIET)
+    finally:
+        os.umask(previous)
+    assert not stale.exists() and not old_style.exists()
+    assert (out / "checkpoint.pt").stat().st_mode & 0o777 == 0o644
+    assert (out / "metrics.jsonl").stat().st_mode & 0o777 == 0o644
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    out = run_dir(tmp_path, steps=2)
+    rewrite(out / "checkpoint.pt", lambda p: p["model"].update({"to_latent.weight": torch.zeros(3, 3)}))
+    assert main(["eval", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "weights do not fit its model config" in err[0]
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    assert main(["eval", str(empty)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("draw eval: error:") and len(err[0]) > len("draw eval: error: ") + 20
+
+
+def test_a_weights_only_checkpoint_cannot_resume(tmp_path):
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", DRAW(SMALL), step=3)
+    with pytest.raises(CheckpointError, match="no training state to resume"):
+        train(tmp_path / "run", resume=True, **QUIET)
+    model_from_checkpoint(load_checkpoint(tmp_path / "run"))  # still a fine model to evaluate

@@ -1,0 +1,313 @@
+"""Training runs end to end on small synthetic data: the step, resume, Ctrl-C, the command line."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from draw import DRAW, DRAWConfig, TrainConfig
+from draw.checkpoint import load_checkpoint
+from draw.cli import main
+from draw.rundir import read_metrics
+from draw.step import TrainStep, resolve_step_mode
+from draw.train import lr_at, train
+
+SMALL = DRAWConfig(height=28, width=28, channels=1, T=4, enc_size=24, dec_size=24, z_size=6, read_n=2, write_n=3)
+QUIET = dict(progress=False, make_figures=False)
+
+
+def train_config(**changes) -> TrainConfig:
+    base = dict(dataset="synthetic", batch_size=16, lr=2e-3, steps=12, eval_every=6, log_every=1, checkpoint_every=6, seed=3)
+    return TrainConfig(**{**base, **changes})
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def test_train_step_is_the_plain_adam_step():
+    """TrainStep (eager) = forward, backward, clipping and Adam written out by hand."""
+    x = torch.bernoulli(torch.full((8, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    a = DRAW(SMALL)
+    b = DRAW(SMALL)
+    b.load_state_dict(a.state_dict())
+    step = TrainStep(a, lr=1e-2, grad_clip=1.0)
+    optimizer = torch.optim.Adam(b.parameters(), lr=1e-2)
+    for i in range(3):
+        torch.manual_seed(i)
+        stats = step(x, lr=1e-2 / (i + 1))
+        torch.manual_seed(i)
+        out = b(x)
+        optimizer.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(b.parameters(), 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-2 / (i + 1)
+        optimizer.step()
+        assert stats.shape == (3,) and torch.equal(stats[0], out.loss.detach())
+        torch.testing.assert_close(stats[1:], torch.stack([out.l_x.mean(), out.l_z.mean()]).detach())
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_step_modes_resolve_and_refuse():
+    assert resolve_step_mode("auto", torch.device("cpu")) == "eager"
+    assert resolve_step_mode("auto", torch.device("cuda")) == "cuda-graph"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_step_mode("cuda-graph", torch.device("cpu"))
+    with pytest.raises(ValueError, match="step mode must be one of"):
+        resolve_step_mode("fast", torch.device("cpu"))
+
+
+def test_optimizer_state_loads_into_any_mode():
+    """The checkpointed Adam state has a float lr and capturable off, whatever the mode that wrote it."""
+    model = DRAW(SMALL)
+    step = TrainStep(model, lr=1e-3, grad_clip=1.0)
+    step(torch.zeros(2, 1, 28, 28), lr=5e-4)
+    state = step.optimizer_state()
+    assert all(isinstance(g["lr"], float) and g["capturable"] is False for g in state["param_groups"])
+    other = TrainStep(DRAW(SMALL), lr=1e-3, grad_clip=1.0)
+    other.load_optimizer_state(state)
+    assert other.optimizer.param_groups[0]["lr"] == 5e-4
+
+
+def test_failed_compile_falls_back_to_eager_with_one_line(monkeypatch, caplog):
+    model = DRAW(SMALL)
+    step = TrainStep(model, lr=1e-3, grad_clip=1.0, mode="compile")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C compiler\nsecond line")
+
+    step.forward = broken
+    torch.manual_seed(1)
+    stats = step(torch.zeros(2, 1, 28, 28), lr=1e-3)
+    assert step.mode == "eager" and torch.isfinite(stats).all()
+    assert "torch.compile failed (RuntimeError: no C compiler); training eagerly" in caplog.text
+
+
+def test_compiled_step_gives_the_eager_losses():
+    """--step compile computes the same losses as the eager step (up to float rounding)."""
+    pytest.importorskip("torch._inductor")
+    x = torch.bernoulli(torch.full((4, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(0))
+    config = replace(SMALL, T=2)
+    results = {}
+    for mode in ("eager", "compile"):
+        torch.manual_seed(0)
+        step = TrainStep(DRAW(config), lr=1e-2, grad_clip=10.0, mode=mode)
+        results[mode] = torch.stack([step(x, lr=1e-2) for _ in range(3)])
+    if step.mode != "compile":
+        pytest.skip("torch.compile is not usable on this machine")
+    torch.testing.assert_close(results["compile"], results["eager"], rtol=1e-4, atol=1e-3)
+
+
+def test_lr_schedule_warmup_and_cosine():
+    config = train_config(lr=1.0, lr_schedule="cosine", warmup_steps=4)
+    assert [lr_at(config, s, 100) for s in range(4)] == pytest.approx([0.25 * c * (s + 1) for s, c in
+                                                                       enumerate(0.1 + 0.45 * (1 + math.cos(math.pi * s / 100)) for s in range(4))])
+    assert lr_at(config, 100, 100) == pytest.approx(0.1)
+    assert lr_at(train_config(lr=0.5), 7, 10) == 0.5
+
+
+def test_resume_continues_with_identical_losses(tmp_path):
+    full = tmp_path / "full"
+    train(full, model_config=SMALL, train_config=train_config(), **QUIET)
+    split = tmp_path / "split"
+    train(split, model_config=SMALL, train_config=train_config(steps=6), **QUIET)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(split, model_config=SMALL, train_config=train_config(), **QUIET)  # never overwrite a run
+    summary = train(split, resume=True, overrides={"steps": 12}, **QUIET)
+    assert summary["steps"] == 12
+    assert losses(split) == losses(full) and len(losses(full)) == 12
+    a, b = load_checkpoint(full), load_checkpoint(split)
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    bounds = [r["test_bound"] for r in read_metrics(full / "metrics.jsonl") if "test_bound" in r]
+    assert len(bounds) == 2 and all(math.isfinite(v) for v in bounds)
+
+
+def interrupt_at(monkeypatch, at_step: int, signum: int):
+    from draw import train as train_module
+
+    batch = train_module.BatchSampler.batch
+
+    def interrupted_batch(self, step):  # the signal arrives in the middle of step at_step + 1
+        if step == at_step:
+            os.kill(os.getpid(), signum)
+        return batch(self, step)
+
+    monkeypatch.setattr(train_module.BatchSampler, "batch", interrupted_batch)
+    return lambda: monkeypatch.setattr(train_module.BatchSampler, "batch", batch)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["INT", "TERM", "HUP"])
+def test_a_signal_stops_on_a_step_boundary_and_resumes_exactly(tmp_path, monkeypatch, signum):
+    from draw.train import TrainingStopped
+
+    full = tmp_path / "full"
+    train(full, model_config=SMALL, train_config=train_config(checkpoint_every=100), **QUIET)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    restore = interrupt_at(monkeypatch, 4, signum)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(TrainingStopped) as info:
+        train(stopped, model_config=SMALL, train_config=train_config(checkpoint_every=100), **QUIET)
+    assert info.value.signum == signum
+    assert load_checkpoint(stopped)["step"] == 5  # the step in flight finished, then the run saved
+    restore()
+    train(stopped, resume=True, **QUIET)
+    assert losses(stopped) == losses(full)
+    assert {s: signal.getsignal(s) for s in before} == before  # the handlers that were there come back
+
+
+def test_a_stop_between_two_records_logs_the_same_losses(tmp_path, monkeypatch):
+    """The running loss sums travel in the checkpoint: a stop between two training records changes
+    none of the logged losses (seen with the default interval: the sums restarted at zero)."""
+    from draw.train import TrainingStopped
+
+    config = train_config(steps=10, log_every=4, eval_every=100, checkpoint_every=100)
+    full = tmp_path / "full"
+    train(full, model_config=SMALL, train_config=config, **QUIET)
+    restore = interrupt_at(monkeypatch, 5, signal.SIGINT)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(TrainingStopped):
+        train(stopped, model_config=SMALL, train_config=config, **QUIET)
+    restore()
+    assert load_checkpoint(stopped)["step"] == 6
+    train(stopped, resume=True, **QUIET)
+    assert [s for s, _ in losses(full)] == [4, 8, 10]
+    assert losses(stopped) == losses(full)
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path):
+    """A run started with SIGINT ignored (nohup, a background job) is not stopped by a Ctrl-C."""
+    script = (
+        "import os, signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "from draw import train as t\n"
+        "batch = t.BatchSampler.batch\n"
+        "def b(self, step):\n"
+        "    if step == 2: os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return batch(self, step)\n"
+        "t.BatchSampler.batch = b\n"
+        f"sys.exit(__import__('draw.cli').cli.main(['train', '--dataset', 'synthetic', '--steps', '5', '--batch-size', '8',"
+        f" '--out', {str(tmp_path / 'run')!r}, '--no-progress']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(tmp_path / "run")["step"] == 5
+
+
+def test_cli_end_to_end_on_synthetic_data(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "synthetic", "--steps", "4", "--batch-size", "16", "--out", str(run), "--no-progress"]) == 0
+    for name in ["checkpoint.pt", "metrics.jsonl", "summary.json", "samples.png", "generation.gif", "generation.png",
+                 "reconstruction.gif", "loss_curve.png"]:
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    capsys.readouterr()
+    assert main(["eval", str(run / "checkpoint.pt"), "--importance-samples", "3"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["dataset"] == "synthetic" and result["importance_samples"] == 3 and result["step"] == 4
+    assert math.isfinite(result["nats"])
+    assert main(["sample", str(run), "--n", "5", "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "samples.png").is_file() and (tmp_path / "s" / "generation.gif").is_file()
+    before = (run / "checkpoint.pt").read_bytes()
+    assert main(["train", "--dataset", "synthetic", "--steps", "2", "--out", str(run), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == before  # a second train is refused, the run untouched
+
+
+def test_off_a_terminal_training_logs_plain_lines(tmp_path):
+    """Without a terminal: one plain line per logging interval, no carriage-return redraws."""
+    result = subprocess.run(
+        [sys.executable, "-m", "draw", "train", "--dataset", "synthetic", "--steps", "6", "--batch-size", "8",
+         "--log-every", "3", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("step ") and "images/s" in line]
+    assert [line.split()[1] for line in lines] == ["3/6", "6/6"]
+    assert all("loss" in line and "L_x" in line and "L_z" in line for line in lines)
+
+
+def test_tensorboard_logging(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tmp_path / "run", model_config=SMALL, train_config=train_config(steps=4, eval_every=4), tensorboard=tmp_path / "tb", **QUIET)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"train/loss", "train/l_x", "train/l_z", "test/bound"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def test_cli_refuses_triton_on_cpu_before_writing(tmp_path, capsys, monkeypatch):
+    from draw import kernels
+
+    monkeypatch.setattr(kernels, "_triton_interpreter", lambda: False)
+    out = tmp_path / "run"
+    assert main(["train", "--backend", "triton", "--dataset", "synthetic", "--steps", "1", "--out", str(out)]) == 2
+    assert "needs CUDA tensors" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_version_1_checkpoint_trained_with_triton_evaluates_and_resumes_on_cpu(tmp_path, capsys):
+    """Version 1 stored backend="triton" in the model config and the run settings under "settings":
+    the backend is a runtime choice now, so such a checkpoint evaluates and resumes on a plain CPU."""
+    run = tmp_path / "run"
+    train(run, model_config=SMALL, train_config=train_config(steps=2), **QUIET)
+    payload = torch.load(run / "checkpoint.pt", weights_only=True)
+    payload["version"] = 1
+    payload["model_config"]["backend"] = "triton"
+    settings = payload.pop("train_config")
+    settings["total_steps"] = settings.pop("steps")
+    payload["settings"] = {**settings, "compile": False}
+    torch.save(payload, run / "checkpoint.pt")
+    assert main(["eval", str(run), "--backend", "reference"]) == 0
+    assert main(["train", "--resume", "--out", str(run), "--steps", "3", "--backend", "reference", "--no-progress"]) == 0
+    assert load_checkpoint(run)["step"] == 3
+
+
+def test_cli_version_presets_and_python_m(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("draw ")
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) >= 5 and lines[0].startswith("mnist-quick (default): 1x28x28") and "data mnist" in lines[0]
+    result = subprocess.run([sys.executable, "-m", "draw", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_help_does_not_import_torch():
+    code = "import sys\nfrom draw.cli import build_parser\nbuild_parser()\nprint('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_threads_are_set_before_torch_is_imported(tmp_path):
+    code = ("import os, sys\nfrom draw.cli import _set_threads\n_set_threads(1)\nimport torch\n"
+            "print(os.environ['OMP_NUM_THREADS'], torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.stdout.split() == ["1", "1"], result.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--device", "gpu"], "must be cpu, cuda or cuda:N"),
+    (["train", "--lr", "inf"], "must be a finite number > 0"),
+    (["train", "--epochs", "inf"], "must be a finite number > 0"),
+    (["train", "--seed", "1e20"], "must be a whole number"),
+    (["train", "--seed", str(2**40)], "must be from 0 to"),
+])
+def test_cli_refuses_bad_numbers_before_anything(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
