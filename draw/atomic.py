@@ -15,7 +15,7 @@ from typing import BinaryIO
 TEMP_SUFFIX = ".tmp"
 
 
-def _temp_path(target: pathlib.Path) -> pathlib.Path:
+def temp_path(target: pathlib.Path) -> pathlib.Path:
     """A fresh empty file next to target, created exclusively (mode from the umask)."""
     while True:
         temp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
@@ -33,7 +33,7 @@ def atomic_write(path, write: Callable[[BinaryIO], object], *, durable: bool = T
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_path(path)
+    temp = temp_path(path)
     try:
         with open(temp, "wb") as f:
             write(f)

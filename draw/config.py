@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 # The dataset names `--dataset` accepts; draw/data.py has a loader for each.
-DATASETS = ("mnist", "synthetic")
+DATASETS = ("mnist", "synthetic", "mnist-cluttered", "mnist-two-digit", "svhn", "svhn-cropped", "cifar10")
 LR_SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("none", "bf16")
 MAX_SEED = 2**32 - 1

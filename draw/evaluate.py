@@ -5,6 +5,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from draw.data import to_float
 from draw.model import DRAW, importance_weighted_bound
 
 
@@ -34,7 +35,7 @@ def evaluate_bound(
     device=None,
     progress: bool = False,
 ) -> dict:
-    """Mean negative bound on log p(x) over `images` [N, C, H, W], in nats per image.
+    """Mean negative bound on log p(x) over `images` [N, C, H, W] (float in [0, 1], or uint8), in nats per image.
 
     With importance_samples K = 1 this is the variational bound L = L_x + L_z of Eq. 12 (beta = 1
     whatever the model was trained with); with K > 1 it is the tighter importance-weighted bound
@@ -51,7 +52,7 @@ def evaluate_bound(
     totals = {"bound": 0.0, "l_x": 0.0, "l_z": 0.0}
     squares = 0.0
     for start in tqdm(range(0, len(images), per_batch), desc="eval", leave=False, disable=not progress):
-        x = images[start : start + per_batch].to(device, non_blocking=True)
+        x = to_float(images[start : start + per_batch].to(device, non_blocking=True))
         noise = image_noise(start, len(x), importance_samples, cfg.T, cfg.z_size, seed).to(device)
         if importance_samples == 1:
             out = model(x, noise=noise)

@@ -28,6 +28,9 @@ __all__ = [
     "save_sequence_strip",
     "save_loss_curve",
     "save_loss_comparison",
+    "samples_with_neighbours_grid",
+    "save_samples_with_neighbours",
+    "write_model_figures",
 ]
 
 WINDOW_RGB = (255, 0, 0)  # the write window, drawn as a 1-pixel red outline
@@ -534,6 +537,47 @@ def save_loss_comparison(runs: dict, path, x: str = "step", title: str | None = 
             )
         series += [smoothed, bound]
     return _finish(fig, ax, _y_limits(series, from_zero=False), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples beside their nearest training images (the paper's Figs. 6, 9 and 12)
+# ---------------------------------------------------------------------------------------------
+
+
+def samples_with_neighbours_grid(
+    samples: torch.Tensor, neighbours: torch.Tensor, pairs_per_row: int | None = None, padding: int = 2, scale: int = 1
+) -> Image.Image:
+    """Each generated image with its nearest training image immediately to its right.
+
+    Args:
+        samples: [N, C, H, W] in [0, 1], C = 1 or 3.
+        neighbours: [N, C, H, W] in [0, 1]: neighbours[k] is the training image nearest samples[k]
+            (see draw.neighbours.nearest_neighbours; uint8 training images: data.to_float first).
+        pairs_per_row: (sample, neighbour) pairs per grid row; default ceil(sqrt(N)).
+        padding, scale: as image_grid.
+    Returns:
+        An RGB image_grid of 2 * pairs_per_row columns: even columns samples, odd columns neighbours.
+    """
+    _check_images(samples)
+    _check_images(neighbours)
+    if samples.shape != neighbours.shape:
+        raise ValueError(f"samples {list(samples.shape)} and neighbours {list(neighbours.shape)} must have one shape")
+    if pairs_per_row is None:
+        pairs_per_row = math.ceil(math.sqrt(len(samples)))
+    _check_int("pairs_per_row", pairs_per_row, 1)
+    pairs_per_row = min(pairs_per_row, len(samples))
+    paired = torch.stack([samples.float(), neighbours.float()], dim=1).flatten(0, 1)  # [N, 2, C, H, W] -> [2N, C, H, W]
+    return image_grid(paired, nrow=2 * pairs_per_row, padding=padding, scale=scale)
+
+
+def save_samples_with_neighbours(
+    samples: torch.Tensor, neighbours: torch.Tensor, path, pairs_per_row: int | None = None, scale: int = 2
+) -> pathlib.Path:
+    """Save samples_with_neighbours_grid(samples, neighbours, pairs_per_row, scale=scale) as a PNG (atomically)."""
+    grid = samples_with_neighbours_grid(samples, neighbours, pairs_per_row, scale=scale)
+    return atomic_write(path, lambda f: grid.save(f, format="PNG"), durable=False)
+
+
 
 
 # ---------------------------------------------------------------------------------------------

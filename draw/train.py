@@ -26,7 +26,7 @@ from draw import figures
 from draw.atomic import atomic_write_text
 from draw.checkpoint import CheckpointError, check_training_state, load_checkpoint, model_from_checkpoint, save_checkpoint
 from draw.config import DRAWConfig, TrainConfig
-from draw.data import Dataset, load_dataset
+from draw.data import Dataset, load_dataset, random_crop, to_float
 from draw.evaluate import evaluate_bound
 from draw.kernels import resolve_backend
 from draw.model import DRAW
@@ -74,23 +74,25 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
 class BatchSampler:
     """Training batches, a pure function of (step, generator state): identical after a resume.
 
-    Each epoch visits the training set in a permutation seeded by (seed, epoch); by default every
-    batch is binarized afresh (a Bernoulli draw of the grey levels) with a generator whose state is
-    checkpointed. With fixed_binarization the whole set is binarized once, with the run's seed.
+    Each epoch visits the training set in a permutation seeded by (seed, epoch). Grey-level data
+    (`data.binarize`) is binarized afresh in every batch (a Bernoulli draw of the grey levels) with a
+    generator whose state is checkpointed, or once for the whole set with fixed_binarization; colour
+    data is used as it is. Data with a `train_crop` (svhn) gives each image a random crop.
     """
 
     def __init__(self, data: Dataset, config: TrainConfig, device: torch.device):
         self.config = config
         self.device = device
+        self.crop = data.train_crop
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
-        train = data.train.to(device)
-        if config.fixed_binarization and not data.train_is_binary:
+        train = data.train.to(device)  # [N, C, H, W], float32 or uint8 (kept compact)
+        if data.binarize and config.fixed_binarization and not data.train_is_binary:
             fixed = torch.Generator(device=device)
             fixed.manual_seed(config.seed + 1)
-            train = torch.bernoulli(train, generator=fixed)
-        self.resample = not (config.fixed_binarization or data.train_is_binary)
-        self.train = train  # [N, C, H, W]
+            train = torch.bernoulli(to_float(train), generator=fixed)
+        self.resample = data.binarize and not (config.fixed_binarization or data.train_is_binary)
+        self.train = train
         self.per_epoch = steps_per_epoch(len(train), config.batch_size)
         self._epoch, self._perm = -1, None
 
@@ -101,7 +103,9 @@ class BatchSampler:
             self._perm = torch.randperm(len(self.train), generator=perm_gen).to(self.device)
             self._epoch = epoch
         b = self.config.batch_size
-        x = self.train[self._perm[index * b : (index + 1) * b]]  # [B, C, H, W]
+        x = to_float(self.train[self._perm[index * b : (index + 1) * b]])  # [B, C, H, W]
+        if self.crop is not None:
+            x = random_crop(x, self.crop, self.generator)
         return torch.bernoulli(x, generator=self.generator) if self.resample else x
 
 
@@ -376,7 +380,8 @@ def finish_run(run: Run, *, make_figures: bool = True) -> dict:
     atomic_write_text(run.out_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     log.info(f"test bound after {run.total_steps} steps: {result['nats']:.2f} nats (L_x {result['l_x']:.2f}, L_z {result['l_z']:.2f})")
     if make_figures:
-        written = figures.write_model_figures(run.model, run.out_dir, seed=run.config.seed, reconstruct=run.data.test,
+        written = figures.write_model_figures(run.model, run.out_dir, seed=run.config.seed,
+                                              reconstruct=run.data.images("test", slice(0, figures.SEQUENCE_IMAGES)),
                                               metrics=run.out_dir / METRICS)
         log.info("wrote " + ", ".join(str(p) for p in written))
     return summary

@@ -133,6 +133,8 @@ def test_unknown_name_and_wrong_mnist_shape():
         data.load_dataset("cifar")
     with pytest.raises(ValueError, match="28"):
         data.load_dataset("mnist", shape=(3, 32, 32))
+    with pytest.raises(ValueError, match=r"svhn images are \(3, 54, 54\)"):
+        data.load_dataset("svhn", shape=(3, 64, 64))
 
 
 # ---------------------------------------------------------------------------------------- amat
@@ -203,8 +205,76 @@ def test_corrupt_binarization_cache_is_redrawn(tmp_path, fake_pkl):
     first = data.load_dataset("mnist", tmp_path, progress=False)
     cache = tmp_path / f"mnist_valid_test_binarized_seed{data.BINARIZE_SEED}.npz"
     cache.write_bytes(b"PK\x03\x04 not a zip")
-    second = data.load_dataset("mnist", tmp_path, progress=False)
+    with pytest.warns(UserWarning, match="unreadable"):
+        second = data.load_dataset("mnist", tmp_path, progress=False)
     assert torch.equal(first.test, second.test) and "now cached" in second.source
+
+
+def rewrite_npz(path: pathlib.Path, change) -> None:
+    """Load every member of an .npz, let change(members) edit them, write them back (a valid zip)."""
+    with np.load(path) as npz:
+        members = {key: npz[key].copy() for key in npz.files}
+    change(members)
+    np.savez(path, **members)
+
+
+def test_binarization_cache_with_blanked_images_is_redrawn(tmp_path, fake_pkl):
+    """A well-formed .npz whose valid images were half blanked passes the old checks
+    (binary, and 0 wherever the grey level is 0); the stored sha256 catches it."""
+    (tmp_path / "mnist.pkl.gz").write_bytes(fake_pkl)
+    first = data.load_dataset("mnist", tmp_path, progress=False)
+    cache = tmp_path / f"mnist_valid_test_binarized_seed{data.BINARIZE_SEED}.npz"
+
+    def blank_half(members):
+        members["valid"][: len(members["valid"]) // 2] = 0
+
+    rewrite_npz(cache, blank_half)
+    with np.load(cache) as npz:
+        blanked = torch.from_numpy(npz["valid"].astype(np.float32))
+    assert data._is_binarization_of(blanked, first.valid.flatten(1)), "the old check alone accepts it"
+    with pytest.warns(UserWarning, match=r"sha256 mismatch in 'valid'.*rebuilding"):
+        second = data.load_dataset("mnist", tmp_path, progress=False)
+    assert torch.equal(first.valid, second.valid) and torch.equal(first.test, second.test)
+    assert "sha256 mismatch in 'valid' (damaged), rebuilt; now cached" in second.source
+    third = data.load_dataset("mnist", tmp_path, progress=False)  # the rewritten cache verifies
+    assert torch.equal(first.valid, third.valid) and f"cached at {cache} (sha256 verified)" in third.source
+
+
+def test_binarization_cache_from_other_grey_levels_or_without_digest_is_redrawn(tmp_path, fake_pkl, monkeypatch):
+    (tmp_path / "mnist.pkl.gz").write_bytes(fake_pkl)
+    first = data.load_dataset("mnist", tmp_path, progress=False)
+    cache = tmp_path / f"mnist_valid_test_binarized_seed{data.BINARIZE_SEED}.npz"
+    rewrite_npz(cache, lambda members: members.pop(data.CACHE_META_KEY))  # as written by older versions
+    with pytest.warns(UserWarning, match="no digest"):
+        second = data.load_dataset("mnist", tmp_path, progress=False)
+    assert torch.equal(first.valid, second.valid)
+
+    other = gzipped(fake_pickle_bytes(seed=1))  # other grey levels: the cache is stale
+    monkeypatch.setattr(data, "MNIST_PKL_SHA256", hashlib.sha256(other).hexdigest())
+    (tmp_path / "mnist.pkl.gz").write_bytes(other)
+    with pytest.warns(UserWarning, match="other parameters"):
+        third = data.load_dataset("mnist", tmp_path, progress=False)
+    assert not torch.equal(first.valid, third.valid)
+    assert data._is_binarization_of(third.valid.flatten(1), torch.from_numpy(pickle.loads(gzip.decompress(other))[1][0]))
+
+
+def test_pkl_labels_are_kept(tmp_path, fake_pkl):
+    (tmp_path / "mnist.pkl.gz").write_bytes(fake_pkl)
+    d = data.load_dataset("mnist", tmp_path, progress=False)
+    grey = pickle.loads(gzip.decompress(fake_pkl))
+    for split, (_, y) in zip(data.SPLITS, grey, strict=True):
+        assert d.labels[split].dtype == torch.int64 and d.labels[split].tolist() == list(y)
+    assert d.binarize and d.train_crop is None
+
+
+def test_mnist_grey_levels_need_the_pickle(tmp_path, fake_pkl):
+    with pytest.raises(data.DataUnavailableError, match=r"mnist\.pkl\.gz.*grey levels and labels are needed"):
+        data.mnist_grey_levels(tmp_path, progress=False)
+    (tmp_path / "mnist.pkl.gz").write_bytes(fake_pkl)
+    splits, origin = data.mnist_grey_levels(tmp_path, progress=False)
+    assert [len(splits[s][0]) for s in data.SPLITS] == list(SPLIT_SIZES)
+    assert splits["train"][0].shape[1:] == (28, 28) and splits["train"][1].dtype == np.int64
+    assert "sha256 verified" in origin
 
 
 def test_another_gzip_of_the_same_pickle_is_accepted(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from draw.checkpoint import CheckpointError, load_checkpoint, model_from_checkpo
 from draw.cli import main
 from draw.evaluate import evaluate_bound
 from draw.rundir import MetricsError, RunLock, read_metrics
-from draw.train import TrainingDiverged, TrainingStopped, train
+from draw.train import train
 
 SMALL = DRAWConfig(height=28, width=28, channels=1, T=3, enc_size=16, dec_size=16, z_size=4, read_n=2, write_n=3)
 QUIET = dict(progress=False, make_figures=False)
