@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples in samples.png (default 64; the animations show 16)")
     s.add_argument("--out", type=pathlib.Path, help="output directory (default: samples/ beside the checkpoint)")
     s.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
+    s.add_argument("--neighbours", action="store_true",
+                   help="also write samples_neighbours.png: samples beside their nearest training image (loads the training set)")
+    s.add_argument("--data-dir", type=pathlib.Path, help="dataset cache, for --neighbours (default $DRAW_DATA_DIR or ~/.cache/draw)")
     _common(s, backend_help="attention backend (default auto)")
 
     sub.add_parser("presets", help="list the presets, one per line, with their data and training defaults")
@@ -224,7 +227,8 @@ def cmd_eval(args) -> int:
     if not math.isfinite(result["nats"]):
         raise ValueError(f"the bound of {payload['path']} is not finite ({result['nats']})")
     kind = "variational bound" if args.importance_samples == 1 else f"importance-weighted bound (K={args.importance_samples})"
-    print(f"{dataset} {args.split}: -log p(x) <= {result['nats']:.2f} +- {result['stderr']:.2f} nats ({kind}, "
+    print(f"{dataset} {args.split}: -log p(x) <= {result['nats']:.2f} +- {result['stderr']:.2f} nats, "
+          f"{result['bits_per_dim']:.4f} bits/dim ({kind}, "
           f"{result['images']} images, step {payload.get('step', '?')})")
     print(json.dumps({"checkpoint": payload["path"], "dataset": dataset, "split": args.split, "step": payload.get("step"), **result},
                      allow_nan=False))
@@ -236,7 +240,14 @@ def cmd_sample(args) -> int:
 
     payload, model, device = _load_model(args)
     out = args.out or pathlib.Path(payload["path"]).parent / "samples"
-    written = write_model_figures(model, out, n_samples=args.n, seed=args.seed)
+    training_images = None
+    if args.neighbours:
+        from draw.data import load_dataset
+
+        cfg = model.config
+        dataset = payload.get("train_config", {}).get("dataset", "mnist")
+        training_images = load_dataset(dataset, args.data_dir, shape=(cfg.channels, cfg.height, cfg.width)).train
+    written = write_model_figures(model, out, n_samples=args.n, seed=args.seed, training_images=training_images)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -66,8 +66,10 @@ def evaluate_bound(
     model.train(was_training)
     n = len(images)
     mean = totals["bound"] / n
+    pixels = images.shape[1] * images.shape[2] * images.shape[3]
     result = {
         "nats": mean,
+        "bits_per_dim": mean / (pixels * math.log(2)),
         "stderr": math.sqrt(max(squares / n - mean**2, 0.0) / n),
         "images": n,
         "importance_samples": importance_samples,

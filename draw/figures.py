@@ -586,12 +586,14 @@ def save_samples_with_neighbours(
 
 SEQUENCE_IMAGES = 16  # images in the generation and reconstruction animations
 GENERATE_CHUNK = 1000  # samples generated at once: memory stays bounded for any --n
+NEIGHBOUR_SAMPLES = 32  # samples shown beside their nearest training image
 
 
 @torch.no_grad()
 def write_model_figures(model, out_dir, *, n_samples: int = 64, seed: int = 0, reconstruct: torch.Tensor | None = None,
-                        metrics=None) -> list[pathlib.Path]:
-    """Samples grid, generation GIF and strip, and optionally the reconstruction GIF and the loss curve.
+                        metrics=None, training_images: torch.Tensor | None = None) -> list[pathlib.Path]:
+    """Samples grid, generation GIF and strip, and optionally the reconstruction GIF, the samples beside
+    their nearest training images (the paper's Figs. 6, 9, 12) and the loss curve.
 
     Args:
         model: a DRAW (draw.model.DRAW), on any device.
@@ -602,6 +604,8 @@ def write_model_figures(model, out_dir, *, n_samples: int = 64, seed: int = 0, r
         seed: seed of the prior's noise (and of the reconstruction's).
         reconstruct: [N, C, H, W] images to reconstruct (the first SEQUENCE_IMAGES are used), or None.
         metrics: a metrics.jsonl path for the loss curve, or None.
+        training_images: [N, C, H, W] (float or uint8) to search for the nearest image of each of the
+            first NEIGHBOUR_SAMPLES samples (samples_neighbours.png), or None.
     Returns:
         The paths written.
     """
@@ -625,6 +629,15 @@ def write_model_figures(model, out_dir, *, n_samples: int = 64, seed: int = 0, r
         save_sequence_gif(sequence[0], out_dir / "generation.gif", sequence[1], write_n),
         save_sequence_strip(sequence[0], out_dir / "generation.png", sequence[1], write_n),
     ]
+    if training_images is not None:
+        from draw.data import centre_crop, to_float
+        from draw.neighbours import nearest_neighbours
+
+        samples = torch.cat(finals)[:NEIGHBOUR_SAMPLES]
+        pool = training_images if training_images.shape[-2:] == samples.shape[-2:] else centre_crop(training_images, samples.shape[-1])
+        index, _ = nearest_neighbours(samples, pool)
+        neighbours = to_float(pool[index])
+        written.append(save_samples_with_neighbours(samples, neighbours, out_dir / "samples_neighbours.png"))
     if reconstruct is not None:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)

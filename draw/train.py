@@ -382,6 +382,7 @@ def finish_run(run: Run, *, make_figures: bool = True) -> dict:
     if make_figures:
         written = figures.write_model_figures(run.model, run.out_dir, seed=run.config.seed,
                                               reconstruct=run.data.images("test", slice(0, figures.SEQUENCE_IMAGES)),
+                                              training_images=run.data.train,
                                               metrics=run.out_dir / METRICS)
         log.info("wrote " + ", ".join(str(p) for p in written))
     return summary

@@ -207,15 +207,17 @@ def test_cli_end_to_end_on_synthetic_data(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--dataset", "synthetic", "--steps", "4", "--batch-size", "16", "--out", str(run), "--no-progress"]) == 0
     for name in ["checkpoint.pt", "metrics.jsonl", "summary.json", "samples.png", "generation.gif", "generation.png",
-                 "reconstruction.gif", "loss_curve.png"]:
+                 "reconstruction.gif", "loss_curve.png", "samples_neighbours.png"]:
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     capsys.readouterr()
     assert main(["eval", str(run / "checkpoint.pt"), "--importance-samples", "3"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["dataset"] == "synthetic" and result["importance_samples"] == 3 and result["step"] == 4
     assert math.isfinite(result["nats"])
-    assert main(["sample", str(run), "--n", "5", "--out", str(tmp_path / "s")]) == 0
-    assert (tmp_path / "s" / "samples.png").is_file() and (tmp_path / "s" / "generation.gif").is_file()
+    assert result["bits_per_dim"] == pytest.approx(result["nats"] / (28 * 28 * math.log(2)))
+    assert main(["sample", str(run), "--n", "5", "--out", str(tmp_path / "s"), "--neighbours"]) == 0
+    for name in ("samples.png", "generation.gif", "samples_neighbours.png"):
+        assert (tmp_path / "s" / name).is_file(), name
     before = (run / "checkpoint.pt").read_bytes()
     assert main(["train", "--dataset", "synthetic", "--steps", "2", "--out", str(run), "--no-progress"]) == 2
     assert "--resume" in capsys.readouterr().err
