@@ -69,6 +69,39 @@ class DRAWConfig:
 
 
 @dataclass(frozen=True)
+class ClassifierConfig:
+    """The differentiable RAM of Sec. 4.1 (draw/classifier.py): an LSTM classifying from T glimpses."""
+
+    height: int = 100
+    width: int = 100
+    channels: int = 1
+    glimpses: int = 8  # T
+    lstm_size: int = 256
+    read_n: int = 12  # N: each glimpse is N x N
+    classes: int = 10
+
+    def __post_init__(self):
+        for name in ("height", "width", "channels", "glimpses", "lstm_size", "read_n"):
+            _check_int("ClassifierConfig", name, getattr(self, name), 1)
+        _check_int("ClassifierConfig", "classes", self.classes, 2)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClassifierConfig":
+        return _from_dict(cls, d)
+
+
+MODEL_KINDS = {"draw": DRAWConfig, "classifier": ClassifierConfig}
+
+
+def model_kind(config) -> str:
+    """"draw" or "classifier": the name a checkpoint stores beside the config."""
+    return next(kind for kind, cls in MODEL_KINDS.items() if isinstance(config, cls))
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """How a run trains: its arithmetic (dataset, batch, lr, seed, ...) and its schedule (length, intervals).
 
@@ -131,7 +164,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Preset:
-    model: DRAWConfig
+    model: DRAWConfig | ClassifierConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     description: str = ""
 

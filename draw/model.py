@@ -29,7 +29,7 @@ class Generation(NamedTuple):
     write_params: torch.Tensor | None  # [T, n, 5] raw write parameters (None without write attention)
 
 
-def _attention_params(in_features: int, n: int, height: int, width: int, *, write: bool) -> nn.Linear:
+def attention_params(in_features: int, n: int, height: int, width: int, *, write: bool) -> nn.Linear:
     """The linear layer of Eq. 21, initialised so that the first glimpses see the image and the first
     writes can change it. Only the starting point differs from a default nn.Linear; the maths is Eq. 21.
 
@@ -55,6 +55,8 @@ class DRAW(nn.Module):
     """DRAW of `config`; `backend` ("auto", "reference" or "triton") runs the attention and is a
     runtime choice, not part of the architecture: set `model.backend` to change it."""
 
+    STATISTICS = ("loss", "l_x", "l_z")  # what a training step reports, batch means
+
     def __init__(self, config: DRAWConfig, backend: str = "auto"):
         super().__init__()
         self.config = config
@@ -67,8 +69,8 @@ class DRAW(nn.Module):
         self.to_latent = nn.Linear(config.enc_size, 2 * config.z_size)  # mu and log sigma  (1, 2)
         self.decoder = nn.LSTMCell(config.z_size, config.dec_size)  # (7)
         self.to_write = nn.Linear(config.dec_size, write_size)  # w_t  (28) or W(h_dec)  (18)
-        self.to_read_params = _attention_params(config.dec_size, config.read_n, h, w, write=False) if config.read_attn else None  # (21)
-        self.to_write_params = _attention_params(config.dec_size, config.write_n, h, w, write=True) if config.write_attn else None
+        self.to_read_params = attention_params(config.dec_size, config.read_n, h, w, write=False) if config.read_attn else None  # (21)
+        self.to_write_params = attention_params(config.dec_size, config.write_n, h, w, write=True) if config.write_attn else None
 
         # learned initial canvas and LSTM states, broadcast over the batch
         self.canvas0 = nn.Parameter(torch.zeros(c, h, w))
@@ -157,6 +159,11 @@ class DRAW(nn.Module):
             torch.stack(canvases) if return_sequence else None,
             torch.stack(write_params) if return_sequence and cfg.write_attn else None,
         )
+
+    @staticmethod
+    def statistics(out: DRAWOutput) -> torch.Tensor:
+        """[3] (loss, mean L_x, mean L_z) of a batch, detached."""
+        return torch.stack([out.loss.detach(), out.l_x.detach().mean(), out.l_z.detach().mean()])
 
     # --- generation -------------------------------------------------------------------------
 
