@@ -1,4 +1,7 @@
-"""DRAW's selective attention (Gregor et al. 2015, Eqs. 19-29): filterbank, read and write.
+"""DRAW's selective attention (Gregor et al. 2015, Eqs. 19-29): filterbank, read, glimpse and write.
+
+read is the generator's (x and the error image, Eq. 27); glimpse reads x alone, as the cluttered-MNIST
+classifier of Sec. 4.1 does; write adds a patch to the canvas (Eq. 29).
 
 Two backends share one API and one set of conventions (DRAW-SPEC.md):
     "reference"  batched PyTorch (kernels/reference.py), any device, the definition of correctness;
@@ -16,7 +19,7 @@ from draw.kernels import reference
 
 BACKENDS = ("auto", "reference", "triton")
 
-__all__ = ["BACKENDS", "filterbank", "read", "write", "resolve_backend", "triton_available"]
+__all__ = ["BACKENDS", "filterbank", "glimpse", "read", "write", "resolve_backend", "triton_available"]
 
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -106,6 +109,12 @@ def filterbank(params: torch.Tensor, n: int, height: int, width: int):
     return reference.filterbank(params, n, height, width)
 
 
+def _check_read_inputs(x, params, n) -> None:
+    _check_tensor("x", x, 4, "[B, C, H, W]")
+    _check_params(params, x.shape[0])
+    _check_grid_size("n", n)
+
+
 def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int, *, backend: str = "auto"):
     """Attention read, Eqs. 3 and 27: gamma * [F_Y x F_X^T, F_Y x_hat F_X^T], x_hat = x - sigmoid(canvas).
 
@@ -122,14 +131,36 @@ def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int, *,
     _check_tensor("canvas", canvas, 4, "[B, C, H, W]")
     if canvas.shape != x.shape:
         raise ValueError(f"canvas must have x's shape {list(x.shape)}, got {list(canvas.shape)}")
-    _check_params(params, x.shape[0])
-    _check_grid_size("n", n)
+    _check_read_inputs(x, params, n)
     device = _check_same_device(x=x, canvas=canvas, params=params)
     if resolve_backend(backend, device) == "triton":
         from draw.kernels import triton_attention
 
         return triton_attention.read(x, canvas, params, n)
     return reference.read(x, canvas, params, n)
+
+
+def glimpse(x: torch.Tensor, params: torch.Tensor, n: int, *, backend: str = "auto"):
+    """Attention glimpse of x alone, Eq. 27's first half: gamma * F_Y x F_X^T (no canvas, no error image).
+
+    The read of the cluttered-MNIST classifier ("differentiable RAM", Sec. 4.1). It equals
+    read(x, canvas, params, n)[:, 0] for any canvas, without reading a canvas.
+
+    Args:
+        x: [B, C, H, W] images.
+        params: [B, 5] raw attention parameters.
+        n: grid size N >= 1.
+        backend: "auto", "reference" or "triton".
+    Returns:
+        [B, C, n, n] glimpses, in x's dtype.
+    """
+    _check_read_inputs(x, params, n)
+    device = _check_same_device(x=x, params=params)
+    if resolve_backend(backend, device) == "triton":
+        from draw.kernels import triton_attention
+
+        return triton_attention.glimpse(x, params, n)
+    return reference.glimpse(x, params, n)
 
 
 def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor, *, backend: str = "auto"):

@@ -8,6 +8,7 @@ loop over the batch, the grid or the pixels. The fused Triton kernels are tested
 
 Bytes moved (fp32, B images of C x H x W, grid N), counting what the maths must touch:
     read : x and canvas in (2 * B*C*H*W * 4), params in (B*5*4), glimpses out (B*2*C*N*N * 4)
+    glimpse: x in (B*C*H*W * 4), params in (B*5*4), glimpses out (B*C*N*N * 4)
     write: canvas in and out (2 * B*C*H*W * 4), patch in (B*C*N*N * 4), params in (B*5*4)
 This reference moves more: it materialises F_X [B, N, W], F_Y [B, N, H], sigmoid(canvas) and x_hat.
 """
@@ -67,6 +68,15 @@ def filterbank(params: torch.Tensor, n: int, height: int, width: int):
     return fx, fy, gamma
 
 
+def _filter_images(images: torch.Tensor, fx: torch.Tensor, fy: torch.Tensor, gamma: torch.Tensor):
+    """gamma * F_Y img F_X^T (Eq. 27) of every image img in images [B, ..., H, W] -> [B, ..., n, n]."""
+    extra = (1,) * (images.dim() - 3)  # the dims between the batch and the pixels
+    fx = fx.view(fx.shape[0], *extra, *fx.shape[1:])  # [B, 1.., n, W]
+    fy = fy.view(fy.shape[0], *extra, *fy.shape[1:])  # [B, 1.., n, H]
+    rows = images @ fx.transpose(-1, -2)  # [B, ..., H, n]: img F_X^T
+    return gamma.view(-1, *extra, 1, 1) * (fy @ rows)  # [B, ..., n, n]: gamma F_Y img F_X^T  (27)
+
+
 def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int) -> torch.Tensor:
     """Attention read, Eqs. 3 and 27: gamma * [F_Y x F_X^T, F_Y x_hat F_X^T], x_hat = x - sigmoid(canvas).
 
@@ -83,9 +93,21 @@ def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int) ->
     compute = fx.dtype
     x_hat = x.to(compute) - torch.sigmoid(canvas.to(compute))  # (3)
     images = torch.stack([x.to(compute), x_hat], dim=1)  # [B, 2, C, H, W]
-    rows = images @ fx[:, None, None].transpose(-1, -2)  # [B, 2, C, H, n]: x F_X^T
-    glimpse = fy[:, None, None] @ rows  # [B, 2, C, n, n]: F_Y x F_X^T  (27)
-    return (gamma[:, None, None, None, None] * glimpse).to(x.dtype)
+    return _filter_images(images, fx, fy, gamma).to(x.dtype)
+
+
+def glimpse(x: torch.Tensor, params: torch.Tensor, n: int) -> torch.Tensor:
+    """Glimpse of x alone, Eq. 27's first half: gamma * F_Y x F_X^T (no canvas, no error image).
+
+    Args:
+        x: [B, C, H, W] images.
+        params: [B, 5] raw attention parameters.
+        n: grid size N.
+    Returns:
+        [B, C, n, n] glimpses, in x's dtype: read(x, canvas, params, n)[:, 0] for any canvas.
+    """
+    fx, fy, gamma = filterbank(params, n, *x.shape[-2:])
+    return _filter_images(x.to(fx.dtype), fx, fy, gamma).to(x.dtype)
 
 
 def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:

@@ -6,11 +6,13 @@ The maths (DRAW-SPEC.md; 1-based pixels a = 1..W, b = 1..H, 1-based grid i = 1..
     mu_i = g + (i - N/2 - 0.5) * delta                                            (19), (20)
     F[i, a] = exp(-(a - mu_i)^2 / (2 sigma^2)) / Z[i],  Z = max(row sum, 1e-8)    (25), (26)
     read  = gamma * [F_Y x F_X^T, F_Y (x - sigmoid(canvas)) F_X^T]                (3), (27)
+    glimpse = gamma * F_Y x F_X^T    (27)'s first half: x alone, no canvas (the classifier's read)
     write = canvas + (1 / gamma) F_Y^T w F_X                                       (8), (29)
 
 What is fused: one launch per op and direction. Each program decodes the five raw parameters of its
 batch item, builds the filterbank rows in registers (F_X and F_Y never touch global memory), forms
-x_hat = x - sigmoid(canvas) on the fly, and streams its image once, in blocks of rows.
+x_hat = x - sigmoid(canvas) on the fly, and streams its image once, in blocks of rows. The glimpse is
+the read kernels with the constexpr HAS_CANVAS = False: the canvas and error-image work is compiled out.
 
 Minimal bytes per op (B images, C channels, H x W pixels, read grid N, write grid N^, s = bytes per
 element; every input read once, every output written once) -- what these kernels move:
@@ -18,6 +20,9 @@ element; every input read once, every output written once) -- what these kernels
     read  backward: s * (4*B*C*H*W  + 2*B*C*N*N  + 10*B)     x, canvas, dglimpses, params in;
                                                              dx, dcanvas, dparams out (dx only when
                                                              x requires grad: 3*B*C*H*W without it)
+    glimpse fwd   : s * (B*C*H*W    + B*C*N*N    + 5*B)      x, params in; glimpse out
+    glimpse bwd   : s * (2*B*C*H*W  + B*C*N*N    + 10*B)     x, dglimpse, params in; dx, dparams out
+                                                             (dx only when x requires grad)
     write forward : s * (2*B*C*H*W  + B*C*N^*N^  + 5*B)      canvas, patch, params in; canvas out
     write backward: s * (B*C*H*W    + 2*B*C*N^*N^ + 10*B)    dcanvas_new, patch, params in; dpatch,
                                                              dparams out; dcanvas = dcanvas_new is
@@ -45,6 +50,7 @@ so no [N, W] or [N, H] gradient is ever stored.
 
 import contextlib
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -57,6 +63,7 @@ __all__ = [
     "attention_read_forward",
     "attention_write_backward",
     "attention_write_forward",
+    "glimpse",
     "read",
     "write",
 ]
@@ -206,9 +213,11 @@ def _attention_read_forward_kernel(
     stride_pb, stride_pk,
     stride_ob, stride_ok, stride_oc, stride_oj, stride_oi,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, HAS_CANVAS: tl.constexpr,
 ):
     # Program (b, c) owns out[b, :, c] = gamma * F_Y [x, x_hat] F_X^T, both [N, N] glimpses.
+    # HAS_CANVAS = False is the glimpse of x alone: canvas_ptr is never read, out is [B, C, N, N]
+    # (stride_ok unused) and only out[b, c] = gamma * F_Y x F_X^T is written.
     pid_b = tl.program_id(0).to(tl.int64)  # int64: b * stride can pass 2^31 for big batches
     pid_c = tl.program_id(1).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)  # grid rows i (or j); rows >= N are masked inside the helpers
@@ -232,21 +241,23 @@ def _attention_read_forward_kernel(
         f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
         x = tl.load(x_base + offs_h[:, None] * stride_xh + offs_w[None, :] * stride_xw,
                     mask=mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
-        logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
-                         mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        x_hat = tl.where(mask, x - 1 / (1 + tl.exp(-logits)), 0.0)  # (3) error image
         # rows of x F_X^T: [BLOCK_H, BLOCK_N(i)], then F_Y (x F_X^T): [BLOCK_N(j), BLOCK_N(i)]
         x_fx = tl.sum(x[:, None, :] * f_x[None, :, :], axis=2)
-        err_fx = tl.sum(x_hat[:, None, :] * f_x[None, :, :], axis=2)
         glimpse_x += tl.sum(f_y[:, :, None] * x_fx[None, :, :], axis=1)
-        glimpse_err += tl.sum(f_y[:, :, None] * err_fx[None, :, :], axis=1)
+        if HAS_CANVAS:
+            logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
+                             mask=mask, other=0.0).to(COMPUTE_DTYPE)
+            x_hat = tl.where(mask, x - 1 / (1 + tl.exp(-logits)), 0.0)  # (3) error image
+            err_fx = tl.sum(x_hat[:, None, :] * f_x[None, :, :], axis=2)
+            glimpse_err += tl.sum(f_y[:, :, None] * err_fx[None, :, :], axis=1)
 
     offs_j = offs_n[:, None]
     offs_i = offs_n[None, :]
     out_mask = (offs_j < N) & (offs_i < N)  # the [BLOCK_N, BLOCK_N] tile is padded to a power of 2
     out_base = out_ptr + pid_b * stride_ob + pid_c * stride_oc + offs_j * stride_oj + offs_i * stride_oi
     tl.store(out_base, _cast_for_store(gamma * glimpse_x, out_ptr), mask=out_mask)  # (27)
-    tl.store(out_base + stride_ok, _cast_for_store(gamma * glimpse_err, out_ptr), mask=out_mask)
+    if HAS_CANVAS:
+        tl.store(out_base + stride_ok, _cast_for_store(gamma * glimpse_err, out_ptr), mask=out_mask)
 
 
 @triton.jit
@@ -258,10 +269,13 @@ def _attention_read_backward_kernel(
     stride_pb, stride_pk,
     stride_gb, stride_gk, stride_gc, stride_gj, stride_gi,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, STORE_GRAD_X: tl.constexpr, STORE_GRAD_CANVAS: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, HAS_CANVAS: tl.constexpr, STORE_GRAD_X: tl.constexpr,
+    STORE_GRAD_CANVAS: tl.constexpr,
 ):
     # Program (b, c) owns dx[b, c], dcanvas[b, c] (contiguous [B, C, H, W]) and the partial
     # parameter gradient of channel c, grad_params[b, c, :] (contiguous [B, C, 5]).
+    # HAS_CANVAS = False is the glimpse of x alone: only img_0 = x, G is [B, C, N, N] (stride_gk
+    # unused), canvas_ptr is never read and there is no dcanvas (STORE_GRAD_CANVAS must be False).
     #   d img_k = gamma F_Y^T G_k F_X                      (img_0 = x, img_1 = x_hat; G = dL/dread)
     #   dx = d img_0 + d img_1,  dcanvas = -d img_1 * sigmoid' (canvas)
     #   dF_Y[j, h] = gamma sum_k sum_i G_k[j, i] (img_k F_X^T)[h, i]   complete per row block
@@ -285,7 +299,8 @@ def _attention_read_backward_kernel(
     g_base = (grad_out_ptr + pid_b * stride_gb + pid_c * stride_gc
               + offs_n[:, None] * stride_gj + offs_n[None, :] * stride_gi)
     g_x = tl.load(g_base, mask=g_mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_N(j), BLOCK_N(i)]
-    g_err = tl.load(g_base + stride_gk, mask=g_mask, other=0.0).to(COMPUTE_DTYPE)
+    if HAS_CANVAS:
+        g_err = tl.load(g_base + stride_gk, mask=g_mask, other=0.0).to(COMPUTE_DTYPE)
 
     x_base = x_ptr + pid_b * stride_xb + pid_c * stride_xc
     c_base = canvas_ptr + pid_b * stride_cb + pid_c * stride_cc
@@ -305,28 +320,32 @@ def _attention_read_backward_kernel(
         f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
         x = tl.load(x_base + offs_h[:, None] * stride_xh + offs_w[None, :] * stride_xw,
                     mask=mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
-        logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
-                         mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        sig = 1 / (1 + tl.exp(-logits))
-        x_hat = tl.where(mask, x - sig, 0.0)
-
         # d img_k = gamma (F_Y^T G_k) F_X: [BLOCK_H, BLOCK_N(i)], then [BLOCK_H, BLOCK_W]
-        fyt_g_err = tl.sum(f_y[:, :, None] * g_err[:, None, :], axis=0)
-        d_err = gamma * tl.sum(fyt_g_err[:, :, None] * f_x[None, :, :], axis=1)
+        if HAS_CANVAS:
+            logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
+                             mask=mask, other=0.0).to(COMPUTE_DTYPE)
+            sig = 1 / (1 + tl.exp(-logits))
+            x_hat = tl.where(mask, x - sig, 0.0)
+            fyt_g_err = tl.sum(f_y[:, :, None] * g_err[:, None, :], axis=0)
+            d_err = gamma * tl.sum(fyt_g_err[:, :, None] * f_x[None, :, :], axis=1)
         grad_offs = grad_base + offs_h[:, None] * width + offs_w[None, :]
         if STORE_GRAD_X:
             fyt_g_x = tl.sum(f_y[:, :, None] * g_x[:, None, :], axis=0)
             d_x = gamma * tl.sum(fyt_g_x[:, :, None] * f_x[None, :, :], axis=1)
-            tl.store(grad_x_ptr + grad_offs, _cast_for_store(d_x + d_err, grad_x_ptr), mask=mask)
-        if STORE_GRAD_CANVAS:
+            if HAS_CANVAS:
+                d_x += d_err  # dx = d img_0 + d img_1
+            tl.store(grad_x_ptr + grad_offs, _cast_for_store(d_x, grad_x_ptr), mask=mask)
+        if STORE_GRAD_CANVAS:  # (only with HAS_CANVAS)
             d_logits = -d_err * sig * (1 - sig)  # d x_hat / d canvas = -sigmoid'(canvas)
             tl.store(grad_canvas_ptr + grad_offs, _cast_for_store(d_logits, grad_canvas_ptr), mask=mask)
 
         # dF_Y for these rows: [BLOCK_N(j), BLOCK_H]
         x_fx = tl.sum(x[:, None, :] * f_x[None, :, :], axis=2)  # [BLOCK_H, BLOCK_N(i)]
-        err_fx = tl.sum(x_hat[:, None, :] * f_x[None, :, :], axis=2)
-        df_y = gamma * (tl.sum(g_x[:, None, :] * x_fx[None, :, :], axis=2)
-                        + tl.sum(g_err[:, None, :] * err_fx[None, :, :], axis=2))
+        dfy_sum = tl.sum(g_x[:, None, :] * x_fx[None, :, :], axis=2)
+        if HAS_CANVAS:
+            err_fx = tl.sum(x_hat[:, None, :] * f_x[None, :, :], axis=2)
+            dfy_sum += tl.sum(g_err[:, None, :] * err_fx[None, :, :], axis=2)
+        df_y = gamma * dfy_sum
         m_r, m_dfo, m_fo, m_dfe, m_fe = _row_moments(df_y, f_y, offset_y, exponent_y)
         r_y += m_r
         dfo_y += m_dfo
@@ -336,10 +355,13 @@ def _attention_read_backward_kernel(
 
         # F_Y img_k, needed whole for dF_X: [BLOCK_N(j), BLOCK_W]
         fy_x += tl.sum(f_y[:, :, None] * x[None, :, :], axis=1)
-        fy_err += tl.sum(f_y[:, :, None] * x_hat[None, :, :], axis=1)
+        if HAS_CANVAS:
+            fy_err += tl.sum(f_y[:, :, None] * x_hat[None, :, :], axis=1)
 
-    df_x = gamma * (tl.sum(g_x[:, :, None] * fy_x[:, None, :], axis=0)
-                    + tl.sum(g_err[:, :, None] * fy_err[:, None, :], axis=0))  # [BLOCK_N(i), BLOCK_W]
+    dfx_sum = tl.sum(g_x[:, :, None] * fy_x[:, None, :], axis=0)  # [BLOCK_N(i), BLOCK_W]
+    if HAS_CANVAS:
+        dfx_sum += tl.sum(g_err[:, :, None] * fy_err[:, None, :], axis=0)
+    df_x = gamma * dfx_sum
     # offsets and exponents recomputed rather than kept live through the row loop
     gauss_x, offset_x, exponent_x = _gaussian_terms(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
     r_x, dfo_x, fo_x, dfe_x, fe_x = _row_moments(df_x, f_x, offset_x, exponent_x)
@@ -512,21 +534,37 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def attention_read_forward(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int):
-    """Launch the read forward kernel. x, canvas [B, C, H, W]; params [B, 5] -> [B, 2, C, n, n]."""
+def _read_shape(x: torch.Tensor, has_canvas: bool, n: int) -> tuple:
+    """[B, 2, C, n, n] for read, [B, C, n, n] for the glimpse (no canvas)."""
+    batch, channels = x.shape[:2]
+    return (batch, 2, channels, n, n) if has_canvas else (batch, channels, n, n)
+
+
+def _read_strides(t: torch.Tensor, has_canvas: bool) -> tuple:
+    """t's strides as the kernels' [B, 2, C, n, n] (b, k, c, j, i); a glimpse [B, C, n, n] has no k."""
+    return t.stride() if has_canvas else (t.stride(0), 0, *t.stride()[1:])
+
+
+def attention_read_forward(x: torch.Tensor, canvas: torch.Tensor | None, params: torch.Tensor, n: int):
+    """Launch the read forward kernel. x, canvas [B, C, H, W]; params [B, 5] -> [B, 2, C, n, n].
+
+    canvas None: the glimpse of x alone, [B, C, n, n].
+    """
     batch, channels, height, width = x.shape
-    out = torch.empty((batch, 2, channels, n, n), device=x.device, dtype=x.dtype)
+    has_canvas = canvas is not None
+    out = torch.empty(_read_shape(x, has_canvas, n), device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
     if height * width == 0:
         return out.zero_()
+    canvas = canvas if has_canvas else x  # never read without a canvas; any valid pointer will do
     _, compute = _compute_dtypes(x, canvas, params)
     with _device_guard(x):
         _attention_read_forward_kernel[(batch, channels)](
             x, canvas, params, out,
             height, width, max(height, width) - 1,
-            *x.stride(), *canvas.stride(), *params.stride(), *out.stride(),
-            COMPUTE_DTYPE=compute, **_launch_config(n, height, width, backward=False),
+            *x.stride(), *canvas.stride(), *params.stride(), *_read_strides(out, has_canvas),
+            COMPUTE_DTYPE=compute, HAS_CANVAS=has_canvas, **_launch_config(n, height, width, backward=False),
         )
     return out
 
@@ -534,8 +572,11 @@ def attention_read_forward(x: torch.Tensor, canvas: torch.Tensor, params: torch.
 def attention_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: bool,
                             canvas_needs_grad: bool):
     """Launch the read backward kernel. Returns (dx, dcanvas, dparams); dx / dcanvas are empty [0]
-    tensors when not needed."""
+    tensors when not needed. canvas None: the glimpse's backward (grad_out [B, C, n, n], no dcanvas)."""
     batch, channels, height, width = x.shape
+    has_canvas = canvas is not None
+    canvas_needs_grad = canvas_needs_grad and has_canvas
+    canvas = canvas if has_canvas else x  # never read without a canvas
     grad_x = torch.empty(x.shape if x_needs_grad else (0,), device=x.device, dtype=x.dtype)
     grad_canvas = torch.empty(canvas.shape if canvas_needs_grad else (0,), device=x.device,
                               dtype=canvas.dtype)
@@ -546,9 +587,9 @@ def attention_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: b
             _attention_read_backward_kernel[(batch, channels)](
                 x, canvas, params, grad_out, grad_x, grad_canvas, partials,
                 height, width, max(height, width) - 1,
-                *x.stride(), *canvas.stride(), *params.stride(), *grad_out.stride(),
-                COMPUTE_DTYPE=compute, STORE_GRAD_X=x_needs_grad, STORE_GRAD_CANVAS=canvas_needs_grad,
-                **_launch_config(n, height, width, backward=True),
+                *x.stride(), *canvas.stride(), *params.stride(), *_read_strides(grad_out, has_canvas),
+                COMPUTE_DTYPE=compute, HAS_CANVAS=has_canvas, STORE_GRAD_X=x_needs_grad,
+                STORE_GRAD_CANVAS=canvas_needs_grad, **_launch_config(n, height, width, backward=True),
             )
     else:
         grad_x.zero_()  # empty images (H * W = 0): every gradient is 0
@@ -616,18 +657,20 @@ def _no_double_backward_setup(ctx, inputs, output):
     pass
 
 
+# One op pair serves read and the glimpse: canvas None is the glimpse of x alone ([B, C, n, n] out).
+# (typing.Optional, not `Tensor | None`: the form torch.library's schema inference reads in every version.)
 @torch.library.custom_op("draw_attention::read", mutates_args=())
-def _read_op(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int) -> torch.Tensor:
+def _read_op(x: torch.Tensor, canvas: Optional[torch.Tensor], params: torch.Tensor, n: int) -> torch.Tensor:
     return attention_read_forward(x, canvas, params, n)
 
 
 @_read_op.register_fake
 def _read_fake(x, canvas, params, n):
-    return x.new_empty((x.shape[0], 2, x.shape[1], n, n))
+    return x.new_empty(_read_shape(x, canvas is not None, n))
 
 
 @torch.library.custom_op("draw_attention::read_backward", mutates_args=())
-def _read_backward_op(grad_out: torch.Tensor, x: torch.Tensor, canvas: torch.Tensor,
+def _read_backward_op(grad_out: torch.Tensor, x: torch.Tensor, canvas: Optional[torch.Tensor],
                       params: torch.Tensor, n: int, x_needs_grad: bool, canvas_needs_grad: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_read_backward(grad_out, x, canvas, params, n, x_needs_grad, canvas_needs_grad)
@@ -635,8 +678,10 @@ def _read_backward_op(grad_out: torch.Tensor, x: torch.Tensor, canvas: torch.Ten
 
 @_read_backward_op.register_fake
 def _read_backward_fake(grad_out, x, canvas, params, n, x_needs_grad, canvas_needs_grad):
+    canvas_needs_grad = canvas_needs_grad and canvas is not None  # as the launcher: no dcanvas
+    canvas_like = canvas if canvas is not None else x  # without a canvas
     return (x.new_empty(x.shape if x_needs_grad else (0,)),
-            canvas.new_empty(canvas.shape if canvas_needs_grad else (0,)),
+            canvas_like.new_empty(canvas_like.shape if canvas_needs_grad else (0,)),
             params.new_empty(params.shape))
 
 
@@ -715,6 +760,19 @@ def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int) ->
         [B, 2, C, n, n] glimpses of x (index 0) and of the error image (index 1), in x's dtype.
     """
     return _read_op(x, canvas, params, n)
+
+
+def glimpse(x: torch.Tensor, params: torch.Tensor, n: int) -> torch.Tensor:
+    """Fused glimpse of x alone, the first half of Eq. 27: gamma * F_Y x F_X^T (no canvas, no error image).
+
+    Args:
+        x: [B, C, H, W] images.
+        params: [B, 5] raw (gx~, gy~, log sigma^2, log delta~, log gamma).
+        n: grid size N >= 1.
+    Returns:
+        [B, C, n, n] glimpses, in x's dtype; equal to read(x, canvas, params, n)[:, 0] for any canvas.
+    """
+    return _read_op(x, None, params, n)
 
 
 def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:

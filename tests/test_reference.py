@@ -101,6 +101,31 @@ def test_read_matches_explicit_matrix_products():
             torch.testing.assert_close(out[b, 1, c], gamma[b] * fy[b] @ x_hat @ fx[b].T)
 
 
+def test_glimpse_matches_explicit_matrix_products():
+    """glimpse = gamma * F_Y x F_X^T per channel (Eq. 27's first half), on an odd shape with C = 3, N = 16."""
+    g = torch.Generator().manual_seed(11)
+    B, C, H, W, n = 2, 3, 13, 7, 16
+    x = torch.rand(B, C, H, W, dtype=f64, generator=g)
+    params = random_params(B, generator=g)
+    out = kernels.glimpse(x, params, n, backend="reference")
+    assert out.shape == (B, C, n, n) and out.dtype == f64
+    fx, fy, gamma = kernels.filterbank(params, n, H, W)
+    for b in range(B):
+        for c in range(C):
+            torch.testing.assert_close(out[b, c], gamma[b] * fy[b] @ x[b, c] @ fx[b].T)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 16])
+def test_glimpse_is_reads_first_glimpse_for_any_canvas(n):
+    g = torch.Generator().manual_seed(12)
+    x = torch.rand(2, 3, 9, 11, dtype=f64, generator=g)
+    params = random_params(2, generator=g)
+    out = kernels.glimpse(x, params, n, backend="reference")
+    for canvas in (torch.randn(2, 3, 9, 11, dtype=f64, generator=g), torch.zeros_like(x), torch.full_like(x, 1e4)):
+        torch.testing.assert_close(out, kernels.read(x, canvas, params, n, backend="reference")[:, 0],
+                                   rtol=1e-14, atol=1e-15)
+
+
 def test_write_is_the_adjoint_of_read():
     """<F_Y x F_X^T, w> = <x, F_Y^T w F_X>: write's filter is read's transpose (with gamma = 1)."""
     g = torch.Generator().manual_seed(2)
@@ -136,6 +161,14 @@ def test_gradcheck_read(B, C, H, W, n):
     assert torch.autograd.gradcheck(lambda *a: kernels.read(*a, n, backend="reference"), (x, canvas, params))
 
 
+@pytest.mark.parametrize("B, C, H, W, n", [(2, 1, 6, 6, 2), (2, 3, 5, 7, 1), (1, 3, 7, 4, 16)])
+def test_gradcheck_glimpse(B, C, H, W, n):
+    g = torch.Generator().manual_seed(9)
+    x = torch.rand(B, C, H, W, dtype=f64, generator=g, requires_grad=True)
+    params = random_params(B, generator=g).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: kernels.glimpse(*a, n, backend="reference"), (x, params))
+
+
 @pytest.mark.parametrize("B, C, H, W, n", [(2, 1, 6, 6, 2), (2, 3, 5, 7, 1), (1, 2, 7, 4, 3)])
 def test_gradcheck_write(B, C, H, W, n):
     g = torch.Generator().manual_seed(5)
@@ -169,12 +202,14 @@ def test_degenerate_parameters_stay_finite(case, dtype):
     patch = torch.randn(B, C, 4, 4, generator=g).to(dtype).requires_grad_()
     r = kernels.read(x, canvas, params, 3, backend="reference")
     w = kernels.write(patch, params, canvas, backend="reference")
-    assert torch.isfinite(r).all() and torch.isfinite(w).all()
-    (r.sum() + w.sum()).backward()
+    glimpse = kernels.glimpse(x, params, 5, backend="reference")
+    assert torch.isfinite(r).all() and torch.isfinite(w).all() and torch.isfinite(glimpse).all()
+    (r.sum() + w.sum() + glimpse.sum()).backward()
     for name, t in dict(x=x, canvas=canvas, params=params, patch=patch).items():
         assert torch.isfinite(t.grad).all(), f"{case}: non-finite gradient of {name}"
     if case == "centre far outside":
         assert r.abs().max() < 1e-6  # the filters see nothing, and say so with zeros, not NaN
+        assert glimpse.abs().max() < 1e-6
 
 
 def test_colour_channels_share_filterbanks():
@@ -220,6 +255,14 @@ W5 = torch.zeros(2, 1, 5, 5)
         (lambda: kernels.read(X.long(), X, P, 2), TypeError, "x must have a floating-point dtype"),
         (lambda: kernels.read(X.numpy(), X, P, 2), TypeError, "x must be a torch.Tensor"),
         (lambda: kernels.read(X, X, P.to("meta"), 2), ValueError, "one device"),
+        (lambda: kernels.glimpse(X, P, 2, backend="fast"), ValueError, "backend must be one of"),
+        (lambda: kernels.glimpse(X[0], P, 2), ValueError, r"x must be \[B, C, H, W\]"),
+        (lambda: kernels.glimpse(X, P[:, :4], 2), ValueError, r"params must be \[B, 5\]"),
+        (lambda: kernels.glimpse(X, P[:1], 2), ValueError, r"params must be \[B, 5\] = \[2, 5\]"),
+        (lambda: kernels.glimpse(X, P, 0), ValueError, "n must be an int >= 1"),
+        (lambda: kernels.glimpse(X.long(), P, 2), TypeError, "x must have a floating-point dtype"),
+        (lambda: kernels.glimpse(X, X, 2), ValueError, "params must be"),
+        (lambda: kernels.glimpse(X, P.to("meta"), 2), ValueError, "one device"),
         (lambda: kernels.write(W5, P, X[:, :, :, :, None]), ValueError, "canvas must be"),
         (lambda: kernels.write(W5[:, :, :4], P, X), ValueError, r"patch must be \[B, C, n, n\]"),
         (lambda: kernels.write(W5.int(), P, X), TypeError, "patch must have a floating-point dtype"),

@@ -1,0 +1,460 @@
+"""`draw verify`: check the fused Triton attention kernels against the float64 reference, on this machine.
+
+Every case runs one op (read, glimpse or write) with backend="triton" on the current device and with
+backend="reference" on float64 copies of the same inputs, then compares the output and the gradient of
+every input under one random upstream gradient:
+    read    x, canvas, params        (Eqs. 3, 27)
+    glimpse x, params                (Eq. 27's first half: x alone)
+    write   patch, params, canvas    (Eqs. 8, 29)
+
+The error of a compared tensor is max|fused - reference| / max|reference| (0 when both are all zero),
+and a check passes when it is finite and within the tolerance, or when the largest absolute error is
+below ABS_FLOOR (values the reference holds below fp32's range, e.g. where the row-sum floor is active,
+are 0 in fp32). NaN or Inf anywhere fails. The tolerance is the dtype's (fp32 1e-5, bf16 1e-2, fp16
+2e-3), or, where the precision itself cannot reach that on the case's inputs, BASELINE_FACTOR times the
+error of the reference run in the case's dtype (see TOLERANCES).
+
+Sweeps (cases the device cannot run are left out):
+    quick  every grid size N = 1..16 for every op on small odd shapes (C = 1 and 3 in turn), the
+           degenerate parameters in fp32; on CUDA also the paper's image sizes in every dtype and a
+           65536 batch. The default on CPU, where the kernels run in Triton's interpreter.
+    full   quick, plus N = 1..16 in every dtype with C = 1 and 3 each, more paper-sized cases and
+           256x256 images. The default on CUDA.
+
+On CPU the kernels run in Triton's interpreter, which must be chosen (TRITON_INTERPRET=1) before triton
+is imported: run() sets it when triton is not imported yet, and otherwise re-runs itself in a fresh
+process with it set. Hook into a CLI with add_arguments(subparser) and run(args) -> exit code:
+0 all passed, 1 a check failed, 2 nothing could be checked (no triton, no CUDA, unsupported versions).
+
+    python -m draw.verify                 # CPU: the quick sweep in Triton's interpreter
+    python -m draw.verify --full --json verify.json
+"""
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import pathlib
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from draw import kernels
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# max|error| / max|reference|. fp32: the kernels compute in fp32. bf16 / fp16: the kernels load the
+# half inputs, compute in fp32 and round once on store, so the error is at most one unit in the last
+# place of the largest value (half of it when rounding to nearest; Triton's interpreter truncates to
+# bf16): 2^-7 = 7.8e-3 (bf16), 2^-10 = 9.8e-4 (fp16). (The reference runs on the same rounded inputs.)
+TOLERANCES = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 2e-3}
+# ... unless the reference itself, run in the case's dtype on the same inputs (the baseline), is so far
+# off that BASELINE_FACTOR x its error is larger. fp32 cannot always reach 1e-5: a grid centre near
+# pixel 50 is rounded by ~3e-6 px, and with sigma ~ 0.7 px the filter values move by ~1e-5 relative (a
+# 100x100 image's parameter gradients: 1.2e-5 to 3e-5 for PyTorch in fp32 and for the kernels alike);
+# parameter gradients that cancel lose more still. The kernels' moment sums (_row_moments) cancel a
+# little more than autograd's order: up to 5.4x the baseline's error in the CPU full sweep, hence 8.
+BASELINE_FACTOR = 8.0
+ABS_FLOOR = 1e-30  # an absolute error below this passes whatever the relative error (see the docstring)
+
+# Degenerate raw parameters (column: value) for every batch item: (gx~, gy~, log sigma^2, log delta~,
+# log gamma). Checked in fp32 only (e^15 does not fit in fp16).
+DEGENERATE_PARAMS = {
+    "log_sigma2=-20": {2: -20.0},
+    "log_sigma2=-30": {2: -30.0},
+    "tiny_sigma_on_pixel_centres": {0: 0.0, 1: 0.0, 2: -20.0, 3: 0.0},  # 13x13, N = 3: mu = 1, 7, 13
+    "centre_off_image": {0: 50.0},  # every F_X row underflows: Z hits the floor, F_X = 0
+    "floor_active_rows_not_zero": {0: 3.0, 2: 0.0, 3: -3.0},  # float64 row sums ~1e-47 < 1e-8
+    "log_gamma=+15": {4: 15.0},
+    "log_gamma=-15": {4: -15.0},
+}
+
+OP_INPUTS = {"read": ("x", "canvas", "params"), "glimpse": ("x", "params"), "write": ("patch", "params", "canvas")}
+
+# Triton's interpreter converts one-element arrays with int(), which numpy 2.4 made an error (only
+# 0-d arrays convert); triton 3.7 fixed it. Checked: triton 3.6.0 runs these kernels with numpy 2.3.5
+# and fails with numpy 2.4.6; triton 3.7.0 and 3.9.0 run them with numpy 2.4.6.
+INTERPRETER_NUMPY_FIXED_IN = (3, 7)
+NUMPY_BREAKING_INTERPRETER = (2, 4)
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str  # "read", "glimpse" or "write"
+    batch: int
+    channels: int
+    height: int
+    width: int
+    n: int
+    dtype: str  # a key of DTYPES
+    degenerate: str = ""  # a key of DEGENERATE_PARAMS, or "" for ordinary random parameters
+    cuda_only: bool = False  # too large for Triton's interpreter
+
+    @property
+    def name(self) -> str:
+        shape = f"{self.batch}x{self.channels}x{self.height}x{self.width}"
+        return " ".join(filter(None, [self.op, shape, f"n={self.n}", self.dtype, self.degenerate]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+# ---------------------------------------------------------------------------------------------
+
+ODD_SHAPES = ((2, 1, 7, 11), (2, 3, 13, 9), (1, 1, 21, 5), (3, 3, 9, 16), (2, 1, 1, 3), (1, 3, 17, 17))
+# (B, C, H, W, read / glimpse n, write n): MNIST 28x28 (2x2 read, 5x5 write, 12x12 glimpse), CIFAR-10,
+# SVHN crops, cluttered MNIST and a wide image
+PAPER_SIZES = ((64, 1, 28, 28, 2, 5), (16, 3, 32, 32, 5, 5), (8, 3, 54, 54, 12, 12), (8, 1, 100, 100, 12, 12))
+LARGE = ((4, 3, 256, 256, 16, 16),)
+LARGE_BATCH = (65536, 1, 28, 28, 2, 5)
+
+
+def build_sweep(sweep: str, dtypes, cuda: bool) -> list[Case]:
+    """The cases of the quick or full sweep for `dtypes` (keys of DTYPES); CUDA-only cases when cuda."""
+    cases = []
+    for op in OP_INPUTS:  # every grid size, fp32, one odd shape per N (C = 1 and 3 in turn)
+        cases += [Case(op, *ODD_SHAPES[n % len(ODD_SHAPES)], n, "fp32") for n in range(1, 17)]
+    for op in OP_INPUTS:
+        cases += [Case(op, 2, 1, 13, 13, 3, "fp32", degenerate) for degenerate in DEGENERATE_PARAMS]
+    sizes = PAPER_SIZES if sweep == "quick" else PAPER_SIZES + LARGE
+    for dtype in dtypes:
+        for b, c, h, w, read_n, write_n in sizes:
+            for op in OP_INPUTS:
+                n = write_n if op == "write" else (12 if op == "glimpse" else read_n)
+                cases.append(Case(op, b, c, h, w, n, dtype, cuda_only=True))
+    if sweep == "full":
+        for dtype in dtypes:  # every grid size in every dtype, each with C = 1 and C = 3
+            for op in OP_INPUTS:
+                for n in range(1, 17):
+                    for channels in (1, 3):
+                        b, _, h, w = ODD_SHAPES[(n + channels) % len(ODD_SHAPES)]
+                        cases.append(Case(op, b, channels, h, w, n, dtype))
+    for op in OP_INPUTS:
+        b, c, h, w, read_n, write_n = LARGE_BATCH
+        cases.append(Case(op, b, c, h, w, write_n if op == "write" else read_n, "fp32", cuda_only=True))
+    cases = [case for case in cases if (case.dtype in dtypes) and (cuda or not case.cuda_only)]
+    return list(dict.fromkeys(cases))  # drop repeats, keep the order
+
+
+# ---------------------------------------------------------------------------------------------
+# One case: fused vs reference, forward and every gradient
+# ---------------------------------------------------------------------------------------------
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(max|actual - expected|, that / max|expected|) in float64; (nan, nan) when either holds NaN or Inf.
+
+    The relative error is 0 when both are all zero and inf when only `expected` is.
+    """
+    a, e = actual.detach().double(), expected.detach().double()
+    if a.shape != e.shape or not (torch.isfinite(a).all() and torch.isfinite(e).all()):
+        return math.nan, math.nan
+    if a.numel() == 0:
+        return 0.0, 0.0
+    max_abs = (a - e).abs().max().item()
+    scale = e.abs().max().item()
+    return max_abs, (max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf))
+
+
+def passes(max_abs: float, rel: float, tolerance: float) -> bool:
+    """Finite, and within tolerance (relative) or below ABS_FLOOR (absolute). NaN never passes."""
+    return math.isfinite(max_abs) and (rel <= tolerance or max_abs <= ABS_FLOOR)
+
+
+def make_inputs(case: Case, device: torch.device) -> dict:
+    """x in [0, 1], canvas logits, raw params (degenerate columns set), a patch: in the case's dtype."""
+    g = torch.Generator(device=device).manual_seed(case.n * 1000 + case.channels)
+    b, c, h, w, n = case.batch, case.channels, case.height, case.width, case.n
+    f64 = torch.float64
+    inputs = {
+        "x": torch.rand(b, c, h, w, generator=g, device=device, dtype=f64),
+        "canvas": 2 * torch.randn(b, c, h, w, generator=g, device=device, dtype=f64),
+        "params": 0.5 * torch.randn(b, 5, generator=g, device=device, dtype=f64),
+        "patch": torch.randn(b, c, n, n, generator=g, device=device, dtype=f64),
+    }
+    for column, value in DEGENERATE_PARAMS.get(case.degenerate, {}).items():
+        inputs["params"][:, column] = value
+    return {name: t.to(DTYPES[case.dtype]) for name, t in inputs.items()}
+
+
+def apply_op(op: str, inputs: dict, n: int, backend: str) -> torch.Tensor:
+    if op == "read":
+        return kernels.read(inputs["x"], inputs["canvas"], inputs["params"], n, backend=backend)
+    if op == "glimpse":
+        return kernels.glimpse(inputs["x"], inputs["params"], n, backend=backend)
+    return kernels.write(inputs["patch"], inputs["params"], inputs["canvas"], backend=backend)
+
+
+def _output_shape(case: Case) -> tuple:
+    b, c, n = case.batch, case.channels, case.n
+    return {"read": (b, 2, c, n, n), "glimpse": (b, c, n, n), "write": (b, c, case.height, case.width)}[case.op]
+
+
+def _forward_backward(case: Case, inputs: dict, dtype: torch.dtype, backend: str, upstream: torch.Tensor):
+    """[output, grad of each input] of the case's op on `inputs` converted to `dtype`."""
+    leaves = {name: inputs[name].detach().to(dtype).requires_grad_() for name in OP_INPUTS[case.op]}
+    out = apply_op(case.op, leaves, case.n, backend)
+    return [out, *torch.autograd.grad(out, list(leaves.values()), upstream.to(out.dtype))]
+
+
+def check_case(case: Case, device: torch.device) -> list[dict]:
+    """One row per compared tensor: the output, then the gradient of each input.
+
+    Three runs on the same inputs (already rounded to the case's dtype) and the same upstream gradient:
+    the fused kernels in the case's dtype, the reference in float64 (the truth), and the reference in
+    the case's dtype (the baseline: what plain PyTorch reaches in that precision). The tolerance is
+    TOLERANCES[dtype], or BASELINE_FACTOR x the baseline's error where that is larger.
+    """
+    dtype = DTYPES[case.dtype]
+    inputs = make_inputs(case, device)
+    g = torch.Generator(device=device).manual_seed(1)
+    upstream = torch.randn(_output_shape(case), generator=g, device=device, dtype=torch.float64).to(dtype)
+    fused = _forward_backward(case, inputs, dtype, "triton", upstream)
+    expected = _forward_backward(case, inputs, torch.float64, "reference", upstream)
+    baseline = _forward_backward(case, inputs, dtype, "reference", upstream)
+    rows = []
+    quantities = ["output"] + [f"grad {name}" for name in OP_INPUTS[case.op]]
+    for quantity, actual, exp, base in zip(quantities, fused, expected, baseline):
+        max_abs, rel = relative_error(actual, exp)
+        baseline_rel = relative_error(base, exp)[1]
+        tolerance = max(TOLERANCES[case.dtype], BASELINE_FACTOR * baseline_rel if math.isfinite(baseline_rel) else 0)
+        rows.append(_row(case, quantity, max_abs, rel, tolerance, passes(max_abs, rel, tolerance), baseline_rel))
+    return rows
+
+
+def _row(case: Case, quantity: str, max_abs: float, rel: float, tolerance: float, passed: bool,
+         baseline_rel: float = math.nan, error: str = ""):
+    row = {"case": case.name, "quantity": quantity, "max_abs_error": max_abs, "relative_error": rel,
+           "baseline_relative_error": baseline_rel, "tolerance": tolerance, "passed": passed, **asdict(case)}
+    if error:
+        row["error"] = error
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the kernels can run: CUDA, or Triton's interpreter on CPU (and which versions it needs)
+# ---------------------------------------------------------------------------------------------
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """"3.6.0+git1234" -> (3, 6, 0): the leading numeric parts."""
+    parts = []
+    for part in version.split("+")[0].split("."):
+        digits = re.match(r"\d+", part)
+        if not digits:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
+
+
+def interpreter_problem(triton_version: str | None, numpy_version: str | None) -> str | None:
+    """Why Triton's interpreter cannot run the kernels with these versions, in one line; None when it can."""
+    if triton_version is None:
+        return "the triton package is not installed, so there are no fused kernels to verify"
+    if numpy_version is None:
+        return "Triton's interpreter needs numpy, which is not installed"
+    if (_release(triton_version) < INTERPRETER_NUMPY_FIXED_IN
+            and _release(numpy_version) >= NUMPY_BREAKING_INTERPRETER):
+        return (f"Triton {triton_version}'s interpreter fails with numpy {numpy_version}; on CPU use "
+                f"triton >= 3.7, or numpy < 2.4 with this triton (pip install 'numpy<2.4')")
+    return None
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def _rerun_with_interpreter(args) -> int:
+    """Run this command again in a fresh Python process with TRITON_INTERPRET=1 set before triton loads."""
+    package_root = str(pathlib.Path(__file__).resolve().parents[1])  # the folder holding draw/
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    argv = ["--device", "cpu", "--full" if args.sweep == "full" else "--quick"]
+    argv += ["--dtypes", ",".join(args.dtypes)] if args.dtypes else []
+    argv += ["--only", args.only] if args.only else []
+    argv += ["--json", str(args.json)] if args.json else []
+    return subprocess.run([sys.executable, "-m", "draw.verify", *argv], env=env, check=False).returncode
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def _dtype_list(text: str) -> list[str]:
+    names = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [name for name in names if name not in DTYPES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown dtypes {unknown}; choose from {list(DTYPES)}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `draw verify`, added to `parser` (a subcommand's parser, or a fresh one)."""
+    parser.add_argument("--device", default="auto",
+                        help="auto (default: cuda when available, else cpu), cpu, cuda or cuda:N; on cpu the "
+                        "kernels run in Triton's interpreter")
+    sweep = parser.add_mutually_exclusive_group()
+    sweep.add_argument("--quick", dest="sweep", action="store_const", const="quick",
+                       help="N = 1..16 on small odd shapes, degenerate parameters, and on CUDA the paper's "
+                       "image sizes and a 65536 batch (default on cpu: about 10-30 s there)")
+    sweep.add_argument("--full", dest="sweep", action="store_const", const="full",
+                       help="also N = 1..16 in every dtype with C = 1 and 3, and 256x256 images (default on "
+                       "cuda; minutes on cpu)")
+    parser.add_argument("--dtypes", type=_dtype_list, default=None, metavar="LIST",
+                        help="comma-separated subset of fp32,bf16,fp16 (default: fp32 on cpu, all three on cuda)")
+    parser.add_argument("--only", default=None, metavar="TEXT",
+                        help="run only the cases whose name contains TEXT, e.g. glimpse, 'n=12' or fp16")
+    parser.add_argument("--json", type=pathlib.Path, default=None, metavar="PATH",
+                        help="also write every row, the tolerances and the versions to PATH as JSON")
+    parser.set_defaults(sweep=None)
+
+
+def _format_row(row: dict, width: int) -> str:
+    def number(value: float) -> str:
+        return f"{value:9.2e}" if math.isfinite(value) else f"{value!s:>9}"
+
+    if not row["passed"]:
+        verdict = "FAIL"
+    else:  # "ok (abs)": passed on the absolute floor, the reference's values being below fp32's range
+        verdict = "ok" if row["relative_error"] <= row["tolerance"] else "ok (abs)"
+    return (f"{row['case']:<{width}}  {row['quantity']:<12}  {number(row['max_abs_error'])}  "
+            f"{number(row['relative_error'])}  {number(row['baseline_relative_error'])}  {row['tolerance']:8.1e}  "
+            f"{verdict}")
+
+
+def _metadata(device: torch.device, sweep: str, dtypes) -> dict:
+    commit = "unknown"
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=pathlib.Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10, check=False)
+        commit = out.stdout.strip() or commit
+    except (OSError, subprocess.SubprocessError):
+        pass
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {
+        "device": str(device), "device_name": name, "triton_interpreter": device.type == "cpu",
+        "sweep": sweep, "dtypes": list(dtypes), "tolerances": TOLERANCES, "baseline_factor": BASELINE_FACTOR,
+        "abs_floor": ABS_FLOOR,
+        "torch": torch.__version__, "triton": _version("triton"), "numpy": _version("numpy"),
+        "python": platform.python_version(), "commit": commit,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def _json_safe(value):
+    """NaN and Inf as the strings "nan", "inf" (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def run(args) -> int:
+    """Run the sweep that args select (see add_arguments); print the table. Returns the exit code:
+    0 every check passed, 1 some check failed, 2 nothing could be checked here (the reason is printed)."""
+    sweep, dtypes = getattr(args, "sweep", None), getattr(args, "dtypes", None)
+    only, json_path = getattr(args, "only", None), getattr(args, "json", None)
+    try:
+        device = _pick_device(getattr(args, "device", "auto"))
+    except ValueError as error:
+        print(f"draw verify: {error}", file=sys.stderr)
+        return 2
+    if device.type == "cpu":
+        problem = interpreter_problem(_version("triton"), _version("numpy"))
+        if problem:
+            print(f"draw verify: {problem}", file=sys.stderr)
+            return 2
+        if not _triton_interpreted():
+            if "triton" in sys.modules:  # too late to choose the interpreter in this process
+                print("draw verify: triton was imported in this process without TRITON_INTERPRET=1, which "
+                      "running on CPU needs; re-running in a fresh process with it set", file=sys.stderr)
+                args = argparse.Namespace(**{**vars(args), "sweep": sweep or "quick"})
+                return _rerun_with_interpreter(args)
+            os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+    else:
+        if not kernels.triton_available():
+            print("draw verify: the triton package is not installed, so there are no fused kernels to verify",
+                  file=sys.stderr)
+            return 2
+        if _triton_interpreted():
+            print("draw verify: TRITON_INTERPRET=1 is set; unset it to verify the compiled kernels on CUDA "
+                  "(or pass --device cpu)", file=sys.stderr)
+            return 2
+
+    sweep = sweep or ("full" if device.type == "cuda" else "quick")
+    dtypes = dtypes or (list(DTYPES) if device.type == "cuda" else ["fp32"])
+    cases = [case for case in build_sweep(sweep, dtypes, device.type == "cuda") if not only or only in case.name]
+    if not cases:
+        print(f"draw verify: no case matches --only {only!r}", file=sys.stderr)
+        return 2
+    where = "CUDA" if device.type == "cuda" else "CPU, Triton's interpreter"
+    print(f"draw verify: {len(cases)} cases ({sweep} sweep, {','.join(dtypes)}) on {device} ({where})\n"
+          f"  rel err = max|fused - float64 reference| / max|reference|; ref err = the same for the reference "
+          f"run in the case's dtype;\n  tol = max({', '.join(f'{v:g} {k}' for k, v in TOLERANCES.items())}, "
+          f"{BASELINE_FACTOR:g} x ref err); absolute errors <= {ABS_FLOOR:g} pass too", flush=True)
+    width = max(len(case.name) for case in cases)
+    print(f"{'case':<{width}}  {'quantity':<12}  {'max abs':>9}  {'rel err':>9}  {'ref err':>9}  {'tol':>8}  pass",
+          flush=True)
+    started = time.perf_counter()
+    rows = []
+    for case in cases:
+        try:
+            case_rows = check_case(case, device)
+        except Exception as error:  # a kernel that fails to compile or launch is a failed check, not a crash
+            message = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+            case_rows = [_row(case, "error", math.nan, math.nan, TOLERANCES[case.dtype], False, error=message)]
+        for row in case_rows:
+            print(_format_row(row, width) + (f"  {row['error']}" if "error" in row else ""), flush=True)
+        rows += case_rows
+    seconds = time.perf_counter() - started
+    failed = [row for row in rows if not row["passed"]]
+    if json_path:
+        payload = {"metadata": _metadata(device, sweep, dtypes), "passed": not failed, "seconds": round(seconds, 1),
+                   "rows": rows}
+        pathlib.Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(json_path).write_text(json.dumps(_json_safe(payload), indent=2) + "\n")
+    summary = f"{len(rows)} checks in {len(cases)} cases, {len(failed)} failed ({seconds:.0f} s)"
+    if failed:
+        print(f"draw verify: FAILED: {summary}:", file=sys.stderr)
+        for row in failed:
+            print("  " + _format_row(row, width) + (f"  {row['error']}" if "error" in row else ""), file=sys.stderr)
+        return 1
+    print(f"draw verify: all passed: {summary}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="draw verify", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""`draw verify` (draw/verify.py): passes on this machine, fails when a kernel is wrong, refuses clearly.
+
+On CPU its sweep runs in Triton's interpreter (tests/conftest.py has set TRITON_INTERPRET=1 before triton
+was imported, so run() works in-process here); two tests start fresh processes to check that the command
+also works when nothing has chosen the interpreter yet, and when triton was imported without it.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from draw import verify
+
+pytest.importorskip("triton")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ON_CUDA = torch.cuda.is_available()
+SMALL = "glimpse 2x3x13x9 n=1 fp32"  # one small case, for the runs that need not sweep
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    verify.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_quick_sweep_passes_and_json_holds_every_row(tmp_path, capsys):
+    path = tmp_path / "verify.json"
+    assert verify.run(parse("--device", "cpu", "--quick", "--json", str(path))) == 0
+    printed = capsys.readouterr().out
+    payload = json.loads(path.read_text())
+    cases = verify.build_sweep("quick", ["fp32"], cuda=False)
+    assert payload["passed"] is True and payload["metadata"]["triton_interpreter"] is True
+    rows = payload["rows"]
+    # the output and the gradient of every input, for every case: read 4, glimpse 3, write 4 rows
+    assert len(rows) == sum(1 + len(verify.OP_INPUTS[case.op]) for case in cases)
+    assert [row["case"] for row in rows if row["quantity"] == "output"] == [case.name for case in cases]
+    quantities = {(row["op"], row["quantity"]) for row in rows}
+    for op, names in verify.OP_INPUTS.items():
+        assert {(op, "output")} | {(op, f"grad {name}") for name in names} <= quantities
+    assert {row["n"] for row in rows} == set(range(1, 17)) and {row["channels"] for row in rows} == {1, 3}
+    assert {row["degenerate"] for row in rows} >= set(verify.DEGENERATE_PARAMS)
+    for row in rows:  # fp32: 1e-5, or 8x the fp32 reference's own error where that is larger
+        assert row["passed"] and row["tolerance"] == max(1e-5, verify.BASELINE_FACTOR * row["baseline_relative_error"])
+    assert printed.count(" ok") == len(rows) and "all passed" in printed
+
+
+@pytest.mark.parametrize("where", ["forward", "gradient"])
+def test_a_wrong_kernel_fails(where, monkeypatch, tmp_path, capsys):
+    from draw.kernels import triton_attention
+
+    if where == "forward":
+        glimpse = triton_attention.glimpse
+
+        def wrong_glimpse(x, params, n):
+            out = glimpse(x, params, n)
+            return out + 1e-4 * out.detach()  # the output 1e-4 off, its gradients untouched
+
+        monkeypatch.setattr(triton_attention, "glimpse", wrong_glimpse)
+    else:
+        backward = triton_attention.attention_read_backward
+
+        def wrong_backward(*args):
+            grad_x, grad_canvas, grad_params = backward(*args)
+            return grad_x, grad_canvas, grad_params * (1 + 1e-4)
+
+        monkeypatch.setattr(triton_attention, "attention_read_backward", wrong_backward)
+    path = tmp_path / "verify.json"
+    assert verify.run(parse("--device", "cpu", "--only", SMALL, "--json", str(path))) == 1
+    rows = json.loads(path.read_text())["rows"]
+    failed = {row["quantity"] for row in rows if not row["passed"]}
+    assert failed == ({"output"} if where == "forward" else {"grad params"})
+    assert "FAIL" in capsys.readouterr().err
+
+
+def test_nan_fails():
+    assert verify.relative_error(torch.tensor([1.0, float("nan")]), torch.ones(2))[1] != 0
+    assert not verify.passes(*verify.relative_error(torch.tensor([1.0, float("nan")]), torch.ones(2)), 1e-5)
+    assert not verify.passes(*verify.relative_error(torch.ones(2), torch.tensor([1.0, float("inf")])), 1e-5)
+    assert verify.passes(*verify.relative_error(torch.zeros(3), torch.zeros(3)), 1e-5)
+    assert not verify.passes(*verify.relative_error(torch.full((3,), 1e-3), torch.zeros(3)), 1e-5)
+
+
+@pytest.mark.parametrize(
+    "triton_version, numpy_version, works",
+    [("3.6.0", "2.4.6", False), ("3.6.0", "2.4.0", False), ("3.5.1", "2.4.1", False), ("3.6.0", "2.3.5", True),
+     ("3.7.0", "2.4.6", True), ("3.9.0", "2.4.6", True), ("3.6.0+git1a2b", "2.4.0rc1", False)],
+)
+def test_interpreter_version_support(triton_version, numpy_version, works):
+    problem = verify.interpreter_problem(triton_version, numpy_version)
+    assert (problem is None) == works
+    if problem:
+        assert "\n" not in problem and "triton >= 3.7" in problem and "numpy < 2.4" in problem
+
+
+def test_unsupported_interpreter_is_one_line_not_a_traceback(monkeypatch, capsys):
+    monkeypatch.setattr(verify, "_version", {"triton": "3.6.0", "numpy": "2.4.6"}.get)
+    assert verify.run(parse("--device", "cpu")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Triton 3.6.0's interpreter fails with numpy 2.4.6" in err
+
+
+@pytest.mark.skipif(ON_CUDA, reason="checks the message on a machine without CUDA")
+def test_cuda_asked_for_without_cuda(capsys):
+    assert verify.run(parse("--device", "cuda")) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def fresh_python(code: str) -> subprocess.CompletedProcess:
+    """Run code in a new interpreter with this checkout first on the path and TRITON_INTERPRET unset."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+@pytest.mark.skipif(ON_CUDA, reason="the interpreter path is the CPU machine's")
+@pytest.mark.parametrize("import_triton_first", [False, True])
+def test_fresh_process_on_cpu(import_triton_first):
+    """As `draw verify` starts: nothing has imported triton (run() sets TRITON_INTERPRET=1 itself), or
+    something imported it without the interpreter (run() re-runs itself in a new process)."""
+    code = (("import triton\n" if import_triton_first else "")
+            + f"from draw import verify\nraise SystemExit(verify.main(['--device', 'cpu', '--only', {SMALL!r}]))")
+    result = fresh_python(code)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "all passed: 3 checks in 1 cases" in result.stdout
+    assert ("re-running in a fresh process" in result.stderr) == import_triton_first
