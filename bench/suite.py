@@ -84,8 +84,8 @@ def headline(out: pathlib.Path) -> list[str]:
     verify = out / "verify.json"
     if verify.is_file():
         rows = json.loads(verify.read_text()).get("rows", [])
-        failed = sum(1 for r in rows if not r.get("pass"))
-        lines.append(f"verify: {len(rows) - failed}/{len(rows)} cases pass")
+        failed = sum(1 for r in rows if not r.get("passed"))
+        lines.append(f"verify: {len(rows) - failed}/{len(rows)} checks pass")
     for r in _rows(out / "attention.json"):
         if r.get("provider") == "triton":
             lines.append(f"attention {r['op']} {r['mode']} {r['size']}: triton {r.get('gbps', float('nan')):.0f} GB/s "

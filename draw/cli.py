@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", type=pathlib.Path, help="dataset cache, for --neighbours (default $DRAW_DATA_DIR or ~/.cache/draw)")
     _common(s, backend_help="attention backend (default auto)")
 
+    v = sub.add_parser("verify", add_help=False, help="check the fused Triton kernels against the reference on this machine "
+                       "(`draw verify --help` lists its flags)")
     sub.add_parser("presets", help="list the presets, one per line, with their data and training defaults")
     return parser
 
@@ -267,6 +269,11 @@ def _error_line(e: BaseException) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["verify"]:  # its own parser (draw/verify.py); it imports torch, and on CPU chooses
+        from draw import verify  # Triton's interpreter before triton is imported
+
+        return verify.main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command in ("train", "eval", "sample"):
         _set_threads(args.threads)

@@ -3,7 +3,7 @@
 read is the generator's (x and the error image, Eq. 27); glimpse reads x alone, as the cluttered-MNIST
 classifier of Sec. 4.1 does; write adds a patch to the canvas (Eq. 29).
 
-Two backends share one API and one set of conventions (DRAW-SPEC.md):
+Two backends share one API and one set of conventions (docs/conventions.md):
     "reference"  batched PyTorch (kernels/reference.py), any device, the definition of correctness;
     "triton"     fused Triton kernels (kernels/triton_attention.py), CUDA tensors, or CPU tensors
                  under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported);

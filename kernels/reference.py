@@ -1,6 +1,6 @@
 """DRAW's selective attention in plain, batched PyTorch: the executable spec.
 
-Gregor et al. 2015, Eqs. 19-29, with the conventions of DRAW-SPEC.md: 1-based pixel coordinates
+Gregor et al. 2015, Eqs. 19-29, with the conventions of docs/conventions.md: 1-based pixel coordinates
 a = 1..W, b = 1..H, a 1-based grid index i = 1..N, Z = max(row sum, 1e-8), and N = 1 allowed.
 
 Every function here is differentiable by autograd, runs on any device and dtype, and has no Python

@@ -1,6 +1,6 @@
 """Fused Triton kernels for DRAW's selective attention (Gregor et al. 2015, Eqs. 19-29).
 
-The maths (DRAW-SPEC.md; 1-based pixels a = 1..W, b = 1..H, 1-based grid i = 1..N):
+The maths (docs/conventions.md; 1-based pixels a = 1..W, b = 1..H, 1-based grid i = 1..N):
     gx = (W + 1) / 2 * (gx~ + 1),  gy = (H + 1) / 2 * (gy~ + 1)                  (22), (23)
     delta = (max(W, H) - 1) / max(N - 1, 1) * exp(log delta~)                      (24)
     mu_i = g + (i - N/2 - 0.5) * delta                                            (19), (20)

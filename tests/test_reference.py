@@ -1,4 +1,4 @@
-"""The attention reference against DRAW-SPEC.md's mathematics (Eqs. 19-29), in float64."""
+"""The attention reference against docs/conventions.md's mathematics (Eqs. 19-29), in float64."""
 
 import math
 

@@ -1,0 +1,25 @@
+"""`python bench/suite.py --quick` runs on a CPU machine from end to end, so the GPU record never rots."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_quick_suite_runs_every_part(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "suite.py"), "--quick", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    suite = json.loads((tmp_path / "suite.json").read_text())
+    assert [r["part"] for r in suite["results"]] == ["verify", "attention", "train"]
+    assert all(r["status"] == "ok" for r in suite["results"])
+    verify = json.loads((tmp_path / "verify.json").read_text())
+    assert verify["passed"] and len(verify["rows"]) > 100
+    assert any(line.startswith("train mnist-quick batch 16") for line in suite["headline"])
+    assert (tmp_path / "suite.md").read_text().startswith("# Benchmark suite")
+    assert result.stdout.strip().splitlines()[-1].startswith("train ")  # the summary comes last
