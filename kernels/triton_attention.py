@@ -241,14 +241,17 @@ def _attention_read_forward_kernel(
         f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
         x = tl.load(x_base + offs_h[:, None] * stride_xh + offs_w[None, :] * stride_xw,
                     mask=mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
-        # rows of x F_X^T: [BLOCK_H, BLOCK_N(i)], then F_Y (x F_X^T): [BLOCK_N(j), BLOCK_N(i)]
-        x_fx = tl.sum(x[:, None, :] * f_x[None, :, :], axis=2)
-        glimpse_x += tl.sum(f_y[:, :, None] * x_fx[None, :, :], axis=1)
+        # (with a canvas, the statements run in the order the compiler was tuned on: loads first)
         if HAS_CANVAS:
             logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
                              mask=mask, other=0.0).to(COMPUTE_DTYPE)
             x_hat = tl.where(mask, x - 1 / (1 + tl.exp(-logits)), 0.0)  # (3) error image
+        # rows of x F_X^T: [BLOCK_H, BLOCK_N(i)], then F_Y (x F_X^T): [BLOCK_N(j), BLOCK_N(i)]
+        x_fx = tl.sum(x[:, None, :] * f_x[None, :, :], axis=2)
+        if HAS_CANVAS:
             err_fx = tl.sum(x_hat[:, None, :] * f_x[None, :, :], axis=2)
+        glimpse_x += tl.sum(f_y[:, :, None] * x_fx[None, :, :], axis=1)
+        if HAS_CANVAS:
             glimpse_err += tl.sum(f_y[:, :, None] * err_fx[None, :, :], axis=1)
 
     offs_j = offs_n[:, None]
@@ -341,9 +344,10 @@ def _attention_read_backward_kernel(
 
         # dF_Y for these rows: [BLOCK_N(j), BLOCK_H]
         x_fx = tl.sum(x[:, None, :] * f_x[None, :, :], axis=2)  # [BLOCK_H, BLOCK_N(i)]
-        dfy_sum = tl.sum(g_x[:, None, :] * x_fx[None, :, :], axis=2)
         if HAS_CANVAS:
             err_fx = tl.sum(x_hat[:, None, :] * f_x[None, :, :], axis=2)
+        dfy_sum = tl.sum(g_x[:, None, :] * x_fx[None, :, :], axis=2)
+        if HAS_CANVAS:
             dfy_sum += tl.sum(g_err[:, None, :] * err_fx[None, :, :], axis=2)
         df_y = gamma * dfy_sum
         m_r, m_dfo, m_fo, m_dfe, m_fe = _row_moments(df_y, f_y, offset_y, exponent_y)

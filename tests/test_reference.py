@@ -161,7 +161,7 @@ def test_gradcheck_read(B, C, H, W, n):
     assert torch.autograd.gradcheck(lambda *a: kernels.read(*a, n, backend="reference"), (x, canvas, params))
 
 
-@pytest.mark.parametrize("B, C, H, W, n", [(2, 1, 6, 6, 2), (2, 3, 5, 7, 1), (1, 3, 7, 4, 16)])
+@pytest.mark.parametrize("B, C, H, W, n", [(2, 1, 6, 6, 2), (2, 3, 5, 7, 1), (1, 3, 7, 4, 5)])
 def test_gradcheck_glimpse(B, C, H, W, n):
     g = torch.Generator().manual_seed(9)
     x = torch.rand(B, C, H, W, dtype=f64, generator=g, requires_grad=True)

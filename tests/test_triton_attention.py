@@ -392,51 +392,25 @@ def test_double_backward_raises_clearly():
 # code that the compiler rejects, e.g. a loop-carried variable that changes type)
 # ---------------------------------------------------------------------------------------------
 
-AOT_COMPILE = """
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from draw.kernels import triton_attention as ta
-
-def compile_for_sm90(kernel, n, size, dtype, compute, backward, **flags):
-    config = ta._launch_config(n, size, size, backward=backward)
-    num_warps = config.pop("num_warps")
-    constexprs = dict(config, COMPUTE_DTYPE=compute, **flags)
-    signature = {name: "constexpr" if name in constexprs else
-                 ("*fp32" if name == "grad_params_ptr" else "*" + dtype) if name.endswith("_ptr") else "i32"
-                 for name in kernel.arg_names}
-    if compute == tl.float64 and "grad_params_ptr" in signature:
-        signature["grad_params_ptr"] = "*fp64"
-    triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": num_warps})
-
-CASES = [(5, 28, "fp32", tl.float32), (12, 100, "bf16", tl.float32), (3, 13, "fp64", tl.float64)]
-for n, size, dtype, compute in CASES:
-    for has_canvas in (True, False):  # read, and the glimpse
-        compile_for_sm90(ta._attention_read_forward_kernel, n, size, dtype, compute, False,
-                         HAS_CANVAS=has_canvas)
-        for store_x in (False, True):
-            compile_for_sm90(ta._attention_read_backward_kernel, n, size, dtype, compute, True,
-                             HAS_CANVAS=has_canvas, STORE_GRAD_X=store_x, STORE_GRAD_CANVAS=has_canvas)
-    compile_for_sm90(ta._attention_write_forward_kernel, n, size, dtype, compute, False)
-    compile_for_sm90(ta._attention_write_backward_kernel, n, size, dtype, compute, True)
-print("compiled")
-"""
-
 
 @pytest.mark.slow
 @pytest.mark.skipif(ON_CUDA, reason="with CUDA every kernel is compiled and run by the tests above")
 def test_kernels_compile_for_sm90():
+    """Every kernel variant (read, glimpse and write, forward and backward, with and without dx), as the
+    launchers launch it, in fp32, bf16 and fp64, through bench/kernel_report.py: no spills at 28x28."""
     import pathlib
     import subprocess
     import sys
 
     pytest.importorskip("triton.backends.nvidia.compiler", reason="triton without its NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = pathlib.Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-c", AOT_COMPILE], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=600, check=False)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    command = [sys.executable, "bench/kernel_report.py", "--sizes", "mnist", "--n", "5", "--dtypes", "fp32,bf16,fp64",
+               "--no-write"]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "0 of 24 kernels spill: none" in result.stdout, result.stdout[-4000:]
 
 
 # ---------------------------------------------------------------------------------------------

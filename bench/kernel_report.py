@@ -1,0 +1,264 @@
+"""Compile every fused attention kernel for sm_90 (no GPU needed) and report registers, spills and sizes.
+
+For each kernel (read and glimpse forward, their backward with and without dx, write forward and
+backward), each image size and each dtype, the launcher in kernels/triton_attention.py is called on
+meta tensors to record exactly the launch it would make (block sizes, warps, strides), the arguments
+are specialised as Triton's JIT does on a GPU (pointers 16-byte aligned, integers equal to 1 folded,
+multiples of 16 marked), and triton.compile lowers the kernel to PTX and sm_90 machine code with the
+ptxas that triton ships. Reported per kernel:
+    registers       per thread (ptxas -v; 255 is the hardware limit, more goes to local memory)
+    spill bytes     bytes of spill stores / spill loads per thread (ptxas -v): 0 means no spills
+    stack           stack frame bytes per thread (ptxas -v)
+    SASS instrs     machine instructions in the cubin (cuobjdump -sass), of which LDL/STL (local memory)
+    PTX instrs      instructions in the PTX (statements ending in ';', no directives or labels)
+The metadata are device-independent: triton and torch versions, ptxas version, commit, date.
+
+    python bench/kernel_report.py                           # the default sizes, fp32 and bf16
+    python bench/kernel_report.py --sizes mnist --n 5 --dtypes fp32,bf16,fp64 --no-write   # as the tests
+"""
+
+import argparse
+import contextlib
+import datetime
+import io
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("kernel_report.py compiles for the GPU: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import common  # noqa: E402  (bench/ is on sys.path when this script runs)
+from draw.kernels import triton_attention as ta  # noqa: E402
+
+RESULTS_DIR = common.BENCH_DIR / "results"
+ARCH = 90  # H100 / H200
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    channels: int
+    height: int
+    width: int
+    read_ns: tuple  # grid sizes for read and glimpse
+    write_ns: tuple
+
+
+SIZES = {
+    "mnist": Size("mnist", 1, 28, 28, (2, 5, 12), (2, 5, 12)),  # 2x2 read, 5x5 write, 12x12 glimpse
+    "svhn": Size("svhn", 3, 54, 54, (12,), (12,)),
+    "cluttered": Size("cluttered", 1, 100, 100, (12,), (12,)),
+    "large": Size("large", 1, 256, 256, (16,), (16,)),
+}
+
+# (kernel label, launcher call on meta tensors): each records the launches of one variant
+VARIANTS = ("read fwd", "read bwd", "read bwd +dx", "glimpse fwd", "glimpse bwd", "glimpse bwd +dx",
+            "write fwd", "write bwd")
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: kernel[grid](*args, **kwargs) records the call, runs nothing."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.kernel, args, kwargs))
+
+
+def record_launch(variant: str, size: Size, n: int, dtype: torch.dtype):
+    """The (kernel, args, kwargs) that the launcher for `variant` makes for one batch item of `size`."""
+    meta = dict(device="meta", dtype=dtype)
+    x = torch.empty(1, size.channels, size.height, size.width, **meta)
+    params = torch.empty(1, 5, **meta)
+    patch = torch.empty(1, size.channels, n, n, **meta)
+    calls = []
+    kernels = ("_attention_read_forward_kernel", "_attention_read_backward_kernel",
+               "_attention_write_forward_kernel", "_attention_write_backward_kernel")
+    patches = [mock.patch.object(ta, name, _Recorder(getattr(ta, name), calls)) for name in kernels]
+    for p in patches:
+        p.start()
+    try:
+        op, direction = variant.split()[:2]
+        canvas = x if op == "read" else None
+        if direction == "fwd":
+            if op == "write":
+                ta.attention_write_forward(patch, params, x)
+            else:
+                ta.attention_read_forward(x, canvas, params, n)
+        elif op == "write":
+            ta.attention_write_backward(torch.empty_like(x), patch, params)
+        else:
+            grad_out = torch.empty(ta._read_shape(x, canvas is not None, n), **meta)
+            ta.attention_read_backward(grad_out, x, canvas, params, n, variant.endswith("+dx"), canvas is not None)
+    finally:
+        for p in patches:
+            p.stop()
+    (call,) = calls
+    return call
+
+
+def specialise(kernel, args, kwargs):
+    """signature, constexprs and attrs for ASTSource, as Triton's JIT specialises a launch on a GPU."""
+    kwargs = dict(kwargs)
+    num_warps = kwargs.pop("num_warps")
+    signature, constexprs, attrs = {}, dict(kwargs), {}
+    for index, (name, value) in enumerate(zip(kernel.arg_names, args)):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + TRITON_TYPES[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif value == 1:
+            constexprs[name] = 1  # Triton folds integer arguments equal to 1
+        else:
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+    return signature, constexprs, attrs, num_warps
+
+
+def _tool(name: str) -> str:
+    """The NVIDIA tool that triton ships (and uses): name is "cuobjdump" or "ptxas"."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(ARCH).path if name == "ptxas" else getattr(triton.knobs.nvidia, name).path
+
+
+def compile_with_ptxas_log(source: ASTSource, num_warps: int):
+    """triton.compile for sm_ARCH, and the log of triton's own ptxas -v run (always compiled afresh)."""
+    knobs = triton.knobs
+    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(source, target=GPUTarget("cuda", ARCH, 32), options={"num_warps": num_warps})
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    return compiled, log.getvalue()
+
+
+def ptxas_usage(log: str) -> dict:
+    """Registers, spill stores / loads and stack frame (bytes per thread) from a ptxas -v log."""
+
+    def number(pattern: str) -> int:
+        found = re.search(pattern, log)
+        if not found and pattern.startswith("Used"):
+            raise RuntimeError(f"no register count in the ptxas log: {log[-500:]!r}")
+        return int(found.group(1)) if found else 0
+
+    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
+            "spill_loads": number(r"(\d+) bytes spill loads"), "stack": number(r"(\d+) bytes stack frame")}
+
+
+def sass_counts(cubin: bytes) -> dict:
+    """Machine instructions in the cubin, and those that touch local memory (LDL / STL: spills)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
+                              check=True).stdout
+    instructions = re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", sass)
+    local = [i for i in instructions if re.search(r"\b(LDL|STL)\b", i)]
+    return {"sass_instructions": len(instructions), "sass_local": len(local)}
+
+
+def ptx_instructions(ptx: str) -> int:
+    body = ptx[ptx.index(".entry"):]
+    lines = (line.split("//")[0].strip() for line in body.splitlines())
+    return sum(1 for line in lines if line.endswith(";") and not line.startswith("."))
+
+
+def report_one(variant: str, size: Size, n: int, dtype_name: str) -> dict:
+    kernel, args, kwargs = record_launch(variant, size, n, DTYPES[dtype_name])
+    signature, constexprs, attrs, num_warps = specialise(kernel, args, kwargs)
+    compiled, log = compile_with_ptxas_log(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
+                                           num_warps)
+    row = {"kernel": variant, "size": f"{size.channels}x{size.height}x{size.width}", "n": n, "dtype": dtype_name,
+           "num_warps": num_warps, "block": f"{kwargs['BLOCK_N']}x{kwargs['BLOCK_H']}x{kwargs['BLOCK_W']}"}
+    row.update(ptxas_usage(log))
+    row.update(sass_counts(compiled.asm["cubin"]))
+    row["ptx_instructions"] = ptx_instructions(compiled.asm["ptx"])
+    return row
+
+
+COLUMNS = [("kernel", "kernel"), ("size", "C x H x W"), ("n", "n"), ("dtype", "dtype"),
+           ("block", "block N x H x W"), ("num_warps", "warps"), ("registers", "registers"),
+           ("spill_stores", "spill st B"), ("spill_loads", "spill ld B"), ("stack", "stack B"),
+           ("sass_instructions", "SASS instrs"), ("sass_local", "LDL/STL"), ("ptx_instructions", "PTX instrs")]
+
+
+def ptxas_version() -> str:
+    out = subprocess.run([_tool("ptxas"), "--version"], capture_output=True, text=True, check=False).stdout
+    found = re.search(r"release (\S+),", out)
+    return found.group(1).rstrip(",") if found else "unknown"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=common.split_list, default=list(SIZES),
+                        help=f"comma-separated subset of {','.join(SIZES)} (default: all: 28x28 n 2, 5, 12; "
+                        "3x54x54 n 12; 1x100x100 n 12; 256x256 n 16)")
+    parser.add_argument("--dtypes", type=common.split_list, default=["fp32", "bf16"],
+                        help=f"comma-separated subset of {','.join(DTYPES)} (default fp32,bf16)")
+    parser.add_argument("--kernels", type=common.split_list, default=list(VARIANTS),
+                        help=f"comma-separated subset of: {', '.join(VARIANTS)} (default: all)")
+    parser.add_argument("--json", default=str(RESULTS_DIR / "kernel-report-sm90.json"), metavar="PATH",
+                        help="where to write the rows and metadata (default bench/results/kernel-report-sm90.json)")
+    parser.add_argument("--markdown", default=str(RESULTS_DIR / "kernel-report-sm90.md"), metavar="PATH",
+                        help="where to write the markdown table (default bench/results/kernel-report-sm90.md)")
+    parser.add_argument("--n", type=int, default=None, metavar="N",
+                        help="compile every kernel at grid size N instead of each size's own (a quick check)")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+    common.check_choices(parser, "--sizes", args.sizes, SIZES)
+    common.check_choices(parser, "--dtypes", args.dtypes, DTYPES)
+    common.check_choices(parser, "--kernels", args.kernels, VARIANTS)
+
+    rows = []
+    for dtype_name in args.dtypes:
+        for size in (SIZES[name] for name in args.sizes):
+            for variant in args.kernels:
+                for n in [args.n] if args.n else (size.write_ns if variant.startswith("write") else size.read_ns):
+                    common.log(f"compiling {variant} {size.name} n={n} {dtype_name}")
+                    rows.append(report_one(variant, size, n, dtype_name))
+    meta = {
+        "target": f"sm_{ARCH} (compiled, not run: no GPU needed)", "triton": triton.__version__,
+        "torch": torch.__version__, "ptxas": ptxas_version(), "commit": common.git_commit(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    print(common.text_table(rows, COLUMNS))
+    spilling = [row for row in rows if row["spill_stores"] or row["spill_loads"]]
+    summary = (f"{len(spilling)} of {len(rows)} kernels spill: "
+               + (", ".join(f"{r['kernel']} {r['size']} n={r['n']} {r['dtype']} ({r['spill_stores']} B)"
+                            for r in spilling) or "none"))
+    print(summary)
+    if not args.no_write:
+        common.write_json(args.json, meta, rows)
+        notes = ["Registers and spill bytes are per thread, from ptxas -v on the PTX that triton.compile "
+                 "produced for each launch the launchers make (block sizes as on a GPU); SASS counts from "
+                 "cuobjdump. Nothing here was run.", summary]
+        common.write_markdown(args.markdown, f"Fused attention kernels compiled for sm_{ARCH}", meta,
+                              [("Kernels", common.markdown_table(rows, COLUMNS))], notes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
