@@ -8,6 +8,12 @@ are plotted against epochs (images seen) and against wall-clock seconds.
     python bench/bench_convergence.py                                   # CPU: mnist-quick, 64 vs 512, 1 epoch
     python bench/bench_convergence.py --preset mnist-paper --fast-batch 1024 --epochs 20 \\
         --backend triton --step cuda-graph --amp bf16 --warmup-steps 200   # GPU: the fast path
+    torchrun --standalone --nproc_per_node=4 bench/bench_convergence.py --preset mnist-paper \\
+        --fast-batch 8192 --epochs 20 --backend triton --step compile --amp bf16 --warmup-steps 500   # 4 GPUs, DDP
+
+Under torchrun both runs train data-parallel across the ranks (docs/distributed.md), so both batches
+must divide by the number of ranks (mnist-paper's 100: 2 or 4 GPUs); rank 0 writes the runs, the plots
+and the JSON.
 """
 
 import argparse
@@ -21,12 +27,13 @@ import common
 from draw import figures
 from draw.config import get_preset
 from draw.data import load_dataset
+from draw.distributed import process_group_from_environment
 from draw.rundir import read_metrics
 from draw.train import scaled_lr, train
 
 
 def run(out: Path, preset_name: str, batch: int, epochs: float, device, *, backend: str, step_mode: str, amp: str,
-        warmup_steps: int, eval_every: int, seed: int) -> dict:
+        warmup_steps: int, eval_every: int, seed: int, world) -> dict:
     preset = get_preset(preset_name)
     config = dataclasses.replace(
         preset.train,
@@ -43,7 +50,7 @@ def run(out: Path, preset_name: str, batch: int, epochs: float, device, *, backe
     )
     start = time.perf_counter()
     summary = train(out, model_config=preset.model, train_config=config, device=device, backend=backend,
-                    step_mode=step_mode, progress=True, make_figures=False)
+                    step_mode=step_mode, progress=True, make_figures=False, world=world)
     summary["wall_s"] = time.perf_counter() - start
     return summary
 
@@ -67,8 +74,13 @@ def main(argv=None) -> int:
 
     device = common.pick_device(args.device)
     common.set_cpu_threads(args.threads, device)
+    with process_group_from_environment(device) as (world, device):  # under torchrun: one rank of each run
+        return compare(args, device, world)
+
+
+def compare(args, device, world) -> int:
     preset = get_preset(args.preset)
-    if args.out.exists() and any(args.out.iterdir()):
+    if world.from_main(lambda: args.out.exists() and any(args.out.iterdir())):
         raise SystemExit(f"{args.out} is not empty: choose another --out")
     runs = {
         f"batch {preset.train.batch_size}, reference, fp32": (preset.train.batch_size, "reference", "eager", "none", 0),
@@ -81,9 +93,12 @@ def main(argv=None) -> int:
     for i, (label, (batch, backend, step_mode, amp, warmup)) in enumerate(runs.items()):
         steps = max(1, int(args.epochs * n_train // batch))
         dirs[label] = args.out / f"run{i}-batch{batch}"
-        common.log(f"{label}: {args.epochs} epochs")
+        if world.is_main:
+            common.log(f"{label}: {args.epochs} epochs")
         summaries[label] = run(dirs[label], args.preset, batch, args.epochs, device, backend=backend, step_mode=step_mode,
-                               amp=amp, warmup_steps=warmup, eval_every=max(1, steps // args.evals), seed=args.seed)
+                               amp=amp, warmup_steps=warmup, eval_every=max(1, steps // args.evals), seed=args.seed, world=world)
+    if not world.is_main:
+        return 0
     metrics = {label: d / "metrics.jsonl" for label, d in dirs.items()}
     by_epoch = figures.save_loss_comparison(metrics, args.out / "convergence_epochs.png", x="epoch",
                                             title=f"{args.preset}: training loss by epoch")

@@ -28,13 +28,19 @@ def non_finite_count(state_dict: dict) -> int:
     return sum(int((~torch.isfinite(t)).sum()) for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point())
 
 
-def save_checkpoint(path, model: DRAW, **state) -> pathlib.Path:
-    """Save the model, its config and any training state; refuse (CheckpointError) non-finite weights,
-    so a diverged run never replaces a good checkpoint."""
+def finite_weights(path, model: DRAW) -> dict:
+    """The model's state dict; CheckpointError when a weight is not finite (`path` names the refused file)."""
     weights = model.state_dict()
     bad = non_finite_count(weights)
     if bad:
         raise CheckpointError(f"not saving {path}: {bad} model weights are not finite")
+    return weights
+
+
+def save_checkpoint(path, model: DRAW, **state) -> pathlib.Path:
+    """Save the model, its config and any training state; refuse (CheckpointError) non-finite weights,
+    so a diverged run never replaces a good checkpoint."""
+    weights = finite_weights(path, model)
     payload = {"format": FORMAT, "version": VERSION, "model_config": model.config.to_dict(), "model": weights, **state}
     return atomic_write(path, lambda f: torch.save(payload, f))
 

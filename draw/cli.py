@@ -91,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     length = t.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, help="optimizer steps to train for")
     length.add_argument("--epochs", type=_positive_float, help="passes over the training set (default: the preset's)")
-    t.add_argument("--batch-size", type=_positive_int, help="images per step (default: the preset's)")
+    t.add_argument("--batch-size", type=_positive_int,
+                   help="images per step: the global batch, shared by all torchrun ranks and --accumulate micro-batches "
+                        "(must divide by both; default: the preset's)")
+    t.add_argument("--accumulate", type=_positive_int,
+                   help="micro-batches per step (gradient accumulation, for a batch larger than fits in memory); "
+                        "the same update up to float rounding (default 1)")
     t.add_argument("--lr", type=_positive_float,
                    help="Adam learning rate (default: the preset's, scaled by sqrt(batch / preset batch) when --batch-size differs)")
     t.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="constant, or cosine decay to lr/10 (default: the preset's)")
@@ -106,16 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=pathlib.Path, help="run directory (default: runs/PRESET, or runs/PRESET-DATASET for other datasets)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out exactly where it stopped; only --steps, --epochs, --eval-every, "
-                        "--log-every and --checkpoint-every (and how it runs: --device, --backend, --step, --threads) may change")
+                        "--log-every, --checkpoint-every and --accumulate (and how it runs: --device, --backend, --step, "
+                        "--threads, the number of torchrun ranks) may change")
     _common(t, backend_help="attention backend (default auto: the Triton kernels on CUDA, the reference elsewhere)")
     t.add_argument("--step", choices=STEP_MODES, default="auto", dest="step_mode",
                    help="how the training step runs: eager, compile (torch.compile), cuda-graph (the whole step as one "
-                        "CUDA graph); auto: cuda-graph on CUDA, eager on CPU")
+                        "CUDA graph, not under torchrun); auto: cuda-graph on CUDA (eager under torchrun), eager on CPU")
     t.add_argument("--compile", action="store_const", const="compile", dest="step_mode", help="same as --step compile")
     t.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help="torch.compile mode with --step compile")
     t.add_argument("--data-dir", type=pathlib.Path, help="dataset cache (default $DRAW_DATA_DIR or ~/.cache/draw)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar: one log line per logging interval instead")
     t.add_argument("--tensorboard", type=pathlib.Path, metavar="DIR", help="also log to TensorBoard in DIR (needs the tensorboard package)")
+    t.add_argument("--dist-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others in a collective before the run fails (default 600)")
 
     e = sub.add_parser("eval", help="test-set bound of a checkpoint, in nats per image")
     e.add_argument("checkpoint", type=pathlib.Path, help="checkpoint file, or a run directory")
@@ -173,11 +181,12 @@ TRAIN_FLAGS = {  # TrainConfig field: argparse dest, for the flags that set one
     "dataset": "dataset", "batch_size": "batch_size", "lr": "lr", "lr_schedule": "lr_schedule",
     "warmup_steps": "warmup_steps", "amp": "amp", "tf32": "tf32", "seed": "seed", "fixed_binarization": "fixed_binarization",
     "steps": "steps", "epochs": "epochs", "eval_every": "eval_every", "log_every": "log_every",
-    "checkpoint_every": "checkpoint_every",
+    "checkpoint_every": "checkpoint_every", "accumulate": "accumulate",
 }
 
 
 def cmd_train(args) -> int:
+    from draw.distributed import process_group_from_environment
     from draw.train import scaled_lr, train
 
     given = {field: getattr(args, dest) for field, dest in TRAIN_FLAGS.items() if getattr(args, dest) is not None}
@@ -185,20 +194,24 @@ def cmd_train(args) -> int:
     preset = get_preset(preset_name)
     dataset = given.get("dataset", preset.train.dataset)
     out = args.out or pathlib.Path("runs") / (preset_name if dataset == preset.train.dataset else f"{preset_name}-{dataset}")
-    runtime = dict(device=_device(args.device), backend=args.backend, step_mode=args.step_mode or "auto",
+    runtime = dict(backend=args.backend, step_mode=args.step_mode or "auto",
                    compile_mode=args.compile_mode, data_dir=args.data_dir, progress=False if args.no_progress else None,
                    tensorboard=args.tensorboard)
-    if args.resume:
-        model_config = preset.model if args.preset else None
-        train(out, resume=True, model_config=model_config, overrides=given, **runtime)
-        return 0
-    if "batch_size" in given and "lr" not in given:
-        given["lr"] = scaled_lr(preset.train.lr, preset.train.batch_size, given["batch_size"])
-    if "steps" in given:
-        given["epochs"] = preset.train.epochs  # --steps and --epochs exclude each other; steps wins
-    config = TrainConfig.from_dict({**preset.train.to_dict(), **given})
-    print(f"training {preset_name} on {dataset} into {out} (batch {config.batch_size}, lr {config.lr:.3g})", flush=True)
-    train(out, model_config=preset.model, train_config=config, **runtime)
+    if not args.resume:
+        if "batch_size" in given and "lr" not in given:
+            given["lr"] = scaled_lr(preset.train.lr, preset.train.batch_size, given["batch_size"])
+        if "steps" in given:
+            given["epochs"] = preset.train.epochs  # --steps and --epochs exclude each other; steps wins
+        config = TrainConfig.from_dict({**preset.train.to_dict(), **given})
+    # under torchrun: one rank of a data-parallel run (draw/distributed.py); else a plain process
+    with process_group_from_environment(_device(args.device), args.dist_timeout) as (world, device):
+        if args.resume:
+            model_config = preset.model if args.preset else None
+            train(out, resume=True, model_config=model_config, overrides=given, device=device, world=world, **runtime)
+            return 0
+        if world.is_main:
+            print(f"training {preset_name} on {dataset} into {out} (batch {config.batch_size}, lr {config.lr:.3g})", flush=True)
+        train(out, model_config=preset.model, train_config=config, device=device, world=world, **runtime)
     return 0
 
 
@@ -280,17 +293,22 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("draw").setLevel(logging.INFO)
 
+    from torch.distributed import DistError  # a rendezvous that failed, a rank that never came
+
     from draw.checkpoint import CheckpointError
     from draw.data import DataUnavailableError
+    from draw.distributed import AnotherRankFailed
     from draw.rundir import MetricsError, RunDirectoryBusy
     from draw.train import TrainingDiverged, TrainingStopped
 
     commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "presets": cmd_presets}
     try:
         return commands[args.command](args)
-    except (CheckpointError, DataUnavailableError, MetricsError, RunDirectoryBusy, TrainingDiverged,
-            FileExistsError, ValueError, OSError) as e:
-        print(f"draw {args.command}: error: {_error_line(e)}", file=sys.stderr)
+    except (CheckpointError, DataUnavailableError, MetricsError, RunDirectoryBusy, TrainingDiverged, AnotherRankFailed,
+            DistError, FileExistsError, ValueError, OSError) as e:
+        ranks = args.command == "train" and "RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") != "1"
+        rank = f"rank {os.environ['RANK']}: " if ranks else ""  # which torchrun rank says it
+        print(f"draw {args.command}: error: {rank}{_error_line(e)}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
         return 128 + e.signum

@@ -106,11 +106,13 @@ class TrainConfig:
     """How a run trains: its arithmetic (dataset, batch, lr, seed, ...) and its schedule (length, intervals).
 
     `steps` None means `epochs` passes over the training set. Saved in the checkpoint; a resume may
-    change only the SCHEDULE fields (the others would change what the run computes).
+    change only the SCHEDULE fields (the others would change what the run computes). `accumulate` is one
+    of them: it splits each step's batch into micro-batches (to fit memory) and changes nothing but the
+    float rounding, as the number of GPUs does, since the step's noise is drawn for the whole batch.
     """
 
     dataset: str = "mnist"
-    batch_size: int = 100
+    batch_size: int = 100  # the global batch: all ranks and micro-batches of one optimizer step
     lr: float = 1e-3
     lr_schedule: str = "constant"  # or "cosine": from lr down to lr / 10 over the run
     warmup_steps: int = 0  # linear learning-rate warm-up from lr / warmup_steps
@@ -124,8 +126,9 @@ class TrainConfig:
     eval_every: int = 1000  # steps between test-bound evaluations
     log_every: int = 50  # steps between training-loss records
     checkpoint_every: int = 500
+    accumulate: int = 1  # micro-batches per step (gradient accumulation); batch_size must divide by it
 
-    SCHEDULE = ("steps", "epochs", "eval_every", "log_every", "checkpoint_every")
+    SCHEDULE = ("steps", "epochs", "eval_every", "log_every", "checkpoint_every", "accumulate")
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -143,7 +146,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.seed must be an int from 0 to {MAX_SEED}, got {self.seed!r}")
         if self.steps is not None:
             _check_int("TrainConfig", "steps", self.steps, 1)
-        for name in ("eval_every", "log_every", "checkpoint_every"):
+        for name in ("eval_every", "log_every", "checkpoint_every", "accumulate"):
             _check_int("TrainConfig", name, getattr(self, name), 1)
 
     def total_steps(self, steps_per_epoch: int) -> int:

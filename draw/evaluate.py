@@ -6,6 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from draw.data import to_float
+from draw.distributed import SINGLE, World
 from draw.model import DRAW, importance_weighted_bound
 
 
@@ -34,6 +35,7 @@ def evaluate_bound(
     seed: int = 0,
     device=None,
     progress: bool = False,
+    world: World = SINGLE,
 ) -> dict:
     """Mean negative bound on log p(x) over `images` [N, C, H, W] (float in [0, 1], or uint8), in nats per image.
 
@@ -41,6 +43,8 @@ def evaluate_bound(
     whatever the model was trained with); with K > 1 it is the tighter importance-weighted bound
     -log (1/K) sum_k p(x, z_k) / q(z_k | x). The sampling noise is tied to each image (`image_noise`),
     so the figure is reproducible and independent of batch_size; torch's random state is untouched.
+    Under torchrun (`world` of several ranks) each rank evaluates its contiguous part of the images and
+    the sums are added across ranks: the same figure as one process, up to float rounding.
     """
     if importance_samples < 1:
         raise ValueError(f"importance_samples must be >= 1, got {importance_samples}")
@@ -51,8 +55,9 @@ def evaluate_bound(
     per_batch = max(1, batch_size // importance_samples)  # images per forward pass
     totals = {"bound": 0.0, "l_x": 0.0, "l_z": 0.0}
     squares = 0.0
-    for start in tqdm(range(0, len(images), per_batch), desc="eval", leave=False, disable=not progress):
-        x = to_float(images[start : start + per_batch].to(device, non_blocking=True))
+    mine = world.part(len(images))
+    for start in tqdm(range(mine.start, mine.stop, per_batch), desc="eval", leave=False, disable=not progress):
+        x = to_float(images[start : min(start + per_batch, mine.stop)].to(device, non_blocking=True))
         noise = image_noise(start, len(x), importance_samples, cfg.T, cfg.z_size, seed).to(device)
         if importance_samples == 1:
             out = model(x, noise=noise)
@@ -64,6 +69,7 @@ def evaluate_bound(
         totals["bound"] += bound.sum().item()
         squares += (bound.double() ** 2).sum().item()
     model.train(was_training)
+    totals["bound"], totals["l_x"], totals["l_z"], squares = world.sum([totals["bound"], totals["l_x"], totals["l_z"], squares])
     n = len(images)
     mean = totals["bound"] / n
     pixels = images.shape[1] * images.shape[2] * images.shape[3]

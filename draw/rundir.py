@@ -111,3 +111,10 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class NoMetrics:
+    """The metrics log of a data-parallel rank other than 0: it writes nothing (rank 0 writes the records)."""
+
+    def write(self, record: dict) -> None:
+        pass

@@ -8,7 +8,12 @@
                   replayed: static input buffer, Adam with `capturable=True` and a tensor learning
                   rate, no host syncs inside. The first WARMUP_STEPS steps run eagerly on a side
                   stream (allocating Adam's state), the next is captured, then every step is a replay.
-A step returns the detached [3] tensor (loss, mean L_x, mean L_z) on the device, with no host sync.
+A step takes the global batch and returns the detached [3] tensor (loss, mean L_x, mean L_z) of it, on
+the device, with no host sync. With `accumulate` N it runs N micro-batches (each loss scaled by 1/N) before
+the one clip and Adam step; under torchrun (a `World` of several ranks) each rank computes its part of the
+batch in DistributedDataParallel, which averages the gradients (draw/distributed.py). The latent noise of
+the global batch is drawn alike on every rank and sliced, as the images are, so that neither the world
+size nor N changes what a step computes, only its float rounding. CUDA graphs do not run under DDP.
 """
 
 import contextlib
@@ -16,6 +21,7 @@ import logging
 
 import torch
 
+from draw.distributed import SINGLE, World, check_global_batch, data_parallel
 from draw.model import DRAW
 
 STEP_MODES = ("auto", "eager", "compile", "cuda-graph")
@@ -25,14 +31,16 @@ WARMUP_STEPS = 3
 log = logging.getLogger("draw")
 
 
-def resolve_step_mode(mode: str, device: torch.device) -> str:
-    """The concrete mode of `mode` on `device`: "auto" is a CUDA graph on CUDA and eager elsewhere."""
+def resolve_step_mode(mode: str, device: torch.device, *, under_ddp: bool = False) -> str:
+    """The concrete mode of `mode` on `device`: "auto" is a CUDA graph on CUDA (eager under DDP) and eager elsewhere."""
     if mode not in STEP_MODES:
         raise ValueError(f"step mode must be one of {STEP_MODES}, got {mode!r}")
     if mode == "auto":
-        return "cuda-graph" if device.type == "cuda" else "eager"
+        return "cuda-graph" if device.type == "cuda" and not under_ddp else "eager"
     if mode == "cuda-graph" and device.type != "cuda":
         raise ValueError(f"--step cuda-graph needs a CUDA device, got {device}")
+    if mode == "cuda-graph" and under_ddp:  # DDP's gradient all-reduce is driven from the host, step by step
+        raise ValueError("--step cuda-graph does not run under torchrun (DDP): use --step compile or eager")
     return mode
 
 
@@ -51,10 +59,13 @@ class TrainStep:
     """
 
     def __init__(self, model: DRAW, *, lr: float, grad_clip: float, amp: str = "none", tf32: bool = False,
-                 mode: str = "eager", compile_mode: str = "default", device: torch.device | None = None):
+                 mode: str = "eager", compile_mode: str = "default", device: torch.device | None = None,
+                 accumulate: int = 1, world: World = SINGLE):
         self.model = model
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.mode = resolve_step_mode(mode, self.device)
+        self.mode = resolve_step_mode(mode, self.device, under_ddp=world.size > 1)
+        self.accumulate = accumulate
+        self.world = world
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         self.grad_clip = grad_clip
@@ -65,14 +76,16 @@ class TrainStep:
             torch.backends.cudnn.allow_tf32 = tf32
         lr_value = torch.tensor(lr, device=self.device) if self.graphed else lr
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr_value, capturable=self.graphed)
-        # fallback_random: the compiled step draws its noise from torch's generator, as the eager step
-        # does, so both compute the same losses (and a resume is exact in either mode)
-        self.forward = model
+        self.ddp = data_parallel(model, world, self.device)  # None on a single process
+        self.eager_forward = self.ddp or model
+        # fallback_random: any noise the compiled model drew would come from torch's generator, as in the
+        # eager step, so both compute the same losses (and a resume is exact in either mode)
+        self.forward = self.eager_forward
         if self.mode == "compile":
             from torch._inductor import list_mode_options
 
             options = {**list_mode_options(compile_mode), "fallback_random": True}
-            self.forward = torch.compile(model, options=options)
+            self.forward = torch.compile(self.eager_forward, options=options)
         self.steps_run = 0
         self._graph = None
 
@@ -102,17 +115,32 @@ class TrainStep:
 
     # --- the step -----------------------------------------------------------------------------
 
+    def latent_noise(self, batch: int, mine: slice) -> torch.Tensor:
+        """This rank's part [T, b, z_size] of a global batch's latent noise, drawn from torch's generator
+        for the whole batch one time step at a time, as the model itself would draw it."""
+        cfg = self.model.config
+        return torch.stack([torch.randn(batch, cfg.z_size, device=self.device)[mine] for _ in range(cfg.T)])
+
     def _step(self, x: torch.Tensor, *, capturing: bool = False) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.amp, self.device, cache_enabled=not capturing):
-            out = self.forward(x)
-        out.loss.backward()
+        mine = self.world.part(len(x))
+        noise = self.latent_noise(len(x), mine)  # [T, b, z]
+        stats = []
+        for i, (micro_x, micro_noise) in enumerate(zip(x[mine].chunk(self.accumulate), noise.chunk(self.accumulate, dim=1))):
+            last = i == self.accumulate - 1  # DDP averages the gradients across ranks in the last backward only
+            with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                with autocast(self.amp, self.device, cache_enabled=not capturing):
+                    out = self.forward(micro_x, noise=micro_noise)
+                (out.loss / self.accumulate).backward()
+            stats.append(torch.stack([out.loss.detach(), out.l_x.detach().mean(), out.l_z.detach().mean()]))
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
-        return torch.stack([out.loss.detach(), out.l_x.detach().mean(), out.l_z.detach().mean()]).float()
+        return self.world.average(torch.stack(stats).float().mean(0))  # [N, 3] -> [3], over the global batch
 
     def __call__(self, x: torch.Tensor, lr: float) -> torch.Tensor:
-        """One step on batch x [B, C, H, W] at learning rate lr; returns [3] (loss, L_x, L_z), detached."""
+        """One step on the global batch x [B, C, H, W] at learning rate lr; returns [3] (loss, L_x, L_z) of
+        the whole batch, detached. Every rank passes the same x and computes its part."""
+        check_global_batch(len(x), self.world.size, self.accumulate)
         self.set_lr(lr)
         self.steps_run += 1
         if self.mode == "compile" and self.steps_run == 1:
@@ -137,7 +165,7 @@ class TrainStep:
         except Exception as e:  # a compiler or toolchain failure: train eagerly instead
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             log.warning(f"torch.compile failed ({type(e).__name__}: {first_line[:200]}); training eagerly")
-            self.mode, self.forward = "eager", self.model
+            self.mode, self.forward = "eager", self.eager_forward
             torch.set_rng_state(rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng, self.device)

@@ -7,6 +7,8 @@
                 first SIGINT, SIGTERM or SIGHUP, after saving a checkpoint;
     finish_run  summary.json and the figures.
 A checkpoint is written only when every weight is finite, so a diverging run keeps its last good one.
+Under torchrun every rank runs these with its `World` (draw/distributed.py): rank 0 alone holds the lock,
+reads and writes the run directory and logs; a stop is agreed by all ranks, an error in one ends all.
 """
 
 import contextlib
@@ -24,13 +26,15 @@ import torch
 
 from draw import figures
 from draw.atomic import atomic_write_text
-from draw.checkpoint import CheckpointError, check_training_state, load_checkpoint, model_from_checkpoint, save_checkpoint
+from draw.checkpoint import (CheckpointError, check_training_state, finite_weights, load_checkpoint, model_from_checkpoint,
+                             save_checkpoint)
 from draw.config import DRAWConfig, TrainConfig
 from draw.data import Dataset, load_dataset, random_crop, to_float
+from draw.distributed import SINGLE, World, check_global_batch, failing_together
 from draw.evaluate import evaluate_bound
 from draw.kernels import resolve_backend
 from draw.model import DRAW
-from draw.rundir import CHECKPOINT, METRICS, SUMMARY, MetricsLog, RunLock
+from draw.rundir import CHECKPOINT, METRICS, SUMMARY, MetricsLog, NoMetrics, RunLock
 from draw.step import TrainStep
 
 log = logging.getLogger("draw")
@@ -72,7 +76,8 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
 
 
 class BatchSampler:
-    """Training batches, a pure function of (step, generator state): identical after a resume.
+    """Training batches, a pure function of (step, generator state): identical after a resume, and the
+    same global batches on every rank of a data-parallel run, whatever its world size.
 
     Each epoch visits the training set in a permutation seeded by (seed, epoch). Grey-level data
     (`data.binarize`) is binarized afresh in every batch (a Bernoulli draw of the grey levels) with a
@@ -157,7 +162,7 @@ class Run:
     config: TrainConfig
     data: Dataset
     sampler: BatchSampler
-    metrics: MetricsLog
+    metrics: MetricsLog | NoMetrics
     device: torch.device
     start_step: int
     total_steps: int
@@ -167,6 +172,7 @@ class Run:
     progress: bool = False
     tensorboard: object = None
     good_checkpoint_step: int | None = None
+    world: World = SINGLE
 
     @property
     def checkpoint_path(self) -> pathlib.Path:
@@ -215,21 +221,22 @@ def _resumed_configs(payload: dict, model_config: DRAWConfig | None, overrides: 
 
 def start_run(out_dir, *, model_config: DRAWConfig | None, train_config: TrainConfig | None, resume: bool,
               overrides: dict, device: torch.device, backend: str, step_mode: str, compile_mode: str,
-              data_dir, progress: bool, tensorboard) -> Run:
+              data_dir, progress: bool, tensorboard, world: World = SINGLE) -> Run:
     """Build a run: new (model_config and train_config given) or resumed from out_dir's checkpoint.
 
-    Everything that can be refused is refused before anything is written.
+    Everything that can be refused is refused before anything is written. Rank 0 alone reads the
+    checkpoint (and hands it to the other ranks) and writes the run directory.
     """
     out_dir = pathlib.Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
     if resume:
-        payload = load_checkpoint(ckpt_path, map_location=device)
+        payload = world.from_main(lambda: load_checkpoint(ckpt_path, map_location="cpu"))
         check_training_state(payload)
         config = _resumed_configs(payload, model_config, overrides)
         model = model_from_checkpoint(payload)
         start_step = payload["step"]
     else:
-        if ckpt_path.exists():
+        if world.is_main and ckpt_path.exists():
             raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
         if model_config is None or train_config is None:
             raise ValueError("a new run needs a model config and a train config")
@@ -237,20 +244,24 @@ def start_run(out_dir, *, model_config: DRAWConfig | None, train_config: TrainCo
         torch.manual_seed(config.seed)
         model = DRAW(model_config)
         start_step = 0
+    check_global_batch(config.batch_size, world.size, config.accumulate)
+    if world.size > 1 or config.accumulate > 1:
+        log.info(f"each step: {world.size} rank(s) x {config.accumulate} micro-batch(es) of "
+                 f"{config.batch_size // (world.size * config.accumulate)} images = the batch of {config.batch_size}")
     resolve_backend(backend, device)  # refuse an unusable backend before anything is written
     model.backend = backend
     model.to(device)
-    summary_writer = _summary_writer_class() if tensorboard is not None else None
+    summary_writer = _summary_writer_class() if tensorboard is not None and world.is_main else None
 
     cfg = model.config
-    data = load_dataset(config.dataset, data_dir, shape=(cfg.channels, cfg.height, cfg.width))
+    data = world.first_on_each_node(lambda: load_dataset(config.dataset, data_dir, shape=(cfg.channels, cfg.height, cfg.width)))
     log.info(f"data: {data.source}")
     if config.batch_size > len(data.train):
         raise ValueError(f"--batch-size {config.batch_size} is larger than the training set ({len(data.train)} images of {config.dataset})")
     sampler = BatchSampler(data, config, device)
     total_steps = config.total_steps(sampler.per_epoch)
     step = TrainStep(model, lr=config.lr, grad_clip=config.grad_clip, amp=config.amp, tf32=config.tf32, mode=step_mode,
-                     compile_mode=compile_mode, device=device)
+                     compile_mode=compile_mode, device=device, accumulate=config.accumulate, world=world)
     sums, count = torch.zeros(3, device=device), 0
     if resume:
         step.load_optimizer_state(payload["optimizer"])
@@ -259,12 +270,17 @@ def start_run(out_dir, *, model_config: DRAWConfig | None, train_config: TrainCo
         if running is not None:
             sums, count = running["sums"].to(device=device, dtype=torch.float32), int(running["count"])
         log.info(f"resuming {out_dir} at step {start_step} of {total_steps}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(out_dir / METRICS, start_step if resume else None)
+        saved_world_size = payload.get("world_size", 1)
+        if saved_world_size != world.size:
+            log.info(f"resuming at world size {world.size} a run checkpointed at world size {saved_world_size}: the same "
+                     "global batches, so the losses agree up to float rounding")
+    metrics = NoMetrics()
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(out_dir / METRICS, start_step if resume else None)
     writer = summary_writer(log_dir=str(tensorboard)) if summary_writer is not None else None
     return Run(out_dir, model, step, config, data, sampler, metrics, device, start_step, total_steps, sums, count,
-               progress=progress, tensorboard=writer, good_checkpoint_step=start_step if resume else None)
-
+               progress=progress, tensorboard=writer, good_checkpoint_step=start_step if resume else None, world=world)
 
 def _summary_writer_class():
     try:
@@ -276,11 +292,15 @@ def _summary_writer_class():
 
 
 def save_run_checkpoint(run: Run, step: int) -> None:
-    """Checkpoint the run at `step`; a non-finite weight stops the run with the last good checkpoint kept."""
+    """Checkpoint the run at `step` (rank 0 writes it; every rank holds the same weights and checks them);
+    a non-finite weight stops the run with the last good checkpoint kept."""
     try:
-        save_checkpoint(run.checkpoint_path, run.model, optimizer=run.step.optimizer_state(), step=step,
-                        rng=_rng_state(run.device, run.sampler), train_config=run.config.to_dict(),
-                        running={"sums": run.sums.detach().cpu(), "count": run.count})
+        if not run.world.is_main:
+            finite_weights(run.checkpoint_path, run.model)
+        else:
+            save_checkpoint(run.checkpoint_path, run.model, optimizer=run.step.optimizer_state(), step=step,
+                            rng=_rng_state(run.device, run.sampler), train_config=run.config.to_dict(),
+                            running={"sums": run.sums.detach().cpu(), "count": run.count}, world_size=run.world.size)
     except CheckpointError as e:
         raise TrainingDiverged(_diverged_message(run, step, str(e))) from None
     run.good_checkpoint_step = step
@@ -295,7 +315,7 @@ def _diverged_message(run: Run, step: int, what: str) -> str:
 
 
 def _evaluate(run: Run, step: int) -> dict:
-    result = evaluate_bound(run.model, run.data.test, device=run.device, seed=run.config.seed)
+    result = evaluate_bound(run.model, run.data.test, device=run.device, seed=run.config.seed, world=run.world)
     record = {"step": step, "test_bound": result["nats"], "test_l_x": result["l_x"], "test_l_z": result["l_z"]}
     run.metrics.write(record)
     if run.tensorboard is not None:
@@ -346,11 +366,12 @@ def run_loop(run: Run) -> int | None:
                     run.last_eval = _evaluate(run, step)
                     (bar.write if run.progress else log.info)(f"step {step}: test bound {run.last_eval['nats']:.2f} nats")
                     tick = time.perf_counter()  # evaluation time is not training time
-                if step % cfg.checkpoint_every == 0 or step == run.total_steps or stop.signum is not None:
+                stopping = run.world.agree_on_stop(stop.signum)  # every rank stops after the same step
+                if step % cfg.checkpoint_every == 0 or step == run.total_steps or stopping is not None:
                     save_run_checkpoint(run, step)
-                if stop.signum is not None and step < run.total_steps:
-                    log.info(f"stopped at step {step} ({signal.Signals(stop.signum).name}): saved {run.checkpoint_path}; continue with --resume")
-                    return stop.signum
+                if stopping is not None and step < run.total_steps:
+                    log.info(f"stopped at step {step} ({signal.Signals(stopping).name}): saved {run.checkpoint_path}; continue with --resume")
+                    return stopping
     finally:
         bar.close()
     return None
@@ -359,7 +380,7 @@ def run_loop(run: Run) -> int | None:
 def finish_run(run: Run, *, make_figures: bool = True) -> dict:
     """Write summary.json (and the figures) of a finished run and return the summary."""
     if run.last_eval is None:  # a resumed run that was already finished: its last evaluation stands
-        evals = [r for r in run.metrics.records() if "test_bound" in r and r["step"] == run.total_steps]
+        evals = run.world.from_main(lambda: [r for r in run.metrics.records() if "test_bound" in r and r["step"] == run.total_steps])
         run.last_eval = ({"nats": evals[-1]["test_bound"], "l_x": evals[-1]["test_l_x"], "l_z": evals[-1]["test_l_z"],
                           "stderr": None} if evals else _evaluate(run, run.total_steps))
         log.info(f"{run.out_dir} is already trained to step {run.total_steps}")
@@ -376,7 +397,10 @@ def finish_run(run: Run, *, make_figures: bool = True) -> dict:
         "train_config": run.config.to_dict(),
         "device": str(run.device),
         "step_mode": run.step.mode,
+        "world_size": run.world.size,
     }
+    if not run.world.is_main:
+        return summary
     atomic_write_text(run.out_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     log.info(f"test bound after {run.total_steps} steps: {result['nats']:.2f} nats (L_x {result['l_x']:.2f}, L_z {result['l_z']:.2f})")
     if make_figures:
@@ -391,13 +415,14 @@ def finish_run(run: Run, *, make_figures: bool = True) -> dict:
 def train(out_dir, *, model_config: DRAWConfig | None = None, train_config: TrainConfig | None = None,
           resume: bool = False, overrides: dict | None = None, device=None, backend: str = "auto",
           step_mode: str = "auto", compile_mode: str = "default", data_dir=None, progress: bool | None = None,
-          tensorboard=None, make_figures: bool = True) -> dict:
+          tensorboard=None, make_figures: bool = True, world: World = SINGLE) -> dict:
     """Train DRAW into `out_dir` and return the run summary.
 
     A new run needs `model_config` and `train_config`; `resume=True` reads both from out_dir's
     checkpoint and continues exactly where it stopped. `overrides` are TrainConfig fields to change
     (on resume only the schedule's). `progress` None shows a bar when stderr is a terminal, and
-    otherwise logs one line per logging interval.
+    otherwise logs one line per logging interval. `world`: this rank's place in a torchrun launch
+    (draw/distributed.py); every rank calls train() alike.
 
     Raises TrainingStopped after a signal (the checkpoint saved), TrainingDiverged on a non-finite loss.
     """
@@ -406,22 +431,24 @@ def train(out_dir, *, model_config: DRAWConfig | None = None, train_config: Trai
         progress = sys.stderr.isatty()
     out_dir = pathlib.Path(out_dir)
     created = not out_dir.exists()
-    with RunLock(out_dir) as lock:
+    with failing_together(world), (RunLock(out_dir) if world.is_main else contextlib.nullcontext()) as lock:
         try:
             run = start_run(out_dir, model_config=model_config, train_config=train_config, resume=resume,
                             overrides=overrides or {}, device=device, backend=backend, step_mode=step_mode,
-                            compile_mode=compile_mode, data_dir=data_dir, progress=progress, tensorboard=tensorboard)
+                            compile_mode=compile_mode, data_dir=data_dir, progress=progress and world.is_main,
+                            tensorboard=tensorboard, world=world)
         except BaseException:
-            if created:  # a refused run leaves nothing behind
+            if created and lock is not None:  # a refused run leaves nothing behind
                 lock.path.unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
                     out_dir.rmdir()
             raise
         try:
             signum = run_loop(run)
-            if signum is not None:
-                raise TrainingStopped(signum)
-            return finish_run(run, make_figures=make_figures)
+            summary = finish_run(run, make_figures=make_figures) if signum is None else None
         finally:
             if run.tensorboard is not None:
                 run.tensorboard.close()
+    if signum is not None:  # a stop all ranks agreed on: no rank waits for another
+        raise TrainingStopped(signum)
+    return summary
