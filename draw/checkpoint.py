@@ -1,7 +1,7 @@
 """Checkpoints: written atomically, verified when read, and carrying the configs that rebuild the model.
 
-A checkpoint is torch.save's zip archive of a dict with a format marker, the model's `DRAWConfig`,
-its weights and, for a training run, the optimizer, step, RNG states, `TrainConfig` and the running
+A checkpoint is torch.save's zip archive of a dict with a format marker, the model's kind ("draw" or
+"classifier", absent in older files: "draw") and config (`DRAWConfig` or `ClassifierConfig`), its weights and, for a training run, the optimizer, step, RNG states, `TrainConfig` and the running
 loss sums. `load_checkpoint` checks every record's CRC-32 before unpickling (torch.load does not),
 so a flipped bit anywhere in the file is refused, not silently loaded.
 """
@@ -12,8 +12,7 @@ import zipfile
 import torch
 
 from draw.atomic import atomic_write
-from draw.config import DRAWConfig
-from draw.model import DRAW
+from draw.config import MODEL_KINDS, model_kind
 
 FORMAT = "draw-checkpoint"
 VERSION = 2  # 1: run settings under "settings" and the attention backend in the model config
@@ -28,7 +27,7 @@ def non_finite_count(state_dict: dict) -> int:
     return sum(int((~torch.isfinite(t)).sum()) for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point())
 
 
-def finite_weights(path, model: DRAW) -> dict:
+def finite_weights(path, model) -> dict:
     """The model's state dict; CheckpointError when a weight is not finite (`path` names the refused file)."""
     weights = model.state_dict()
     bad = non_finite_count(weights)
@@ -37,11 +36,12 @@ def finite_weights(path, model: DRAW) -> dict:
     return weights
 
 
-def save_checkpoint(path, model: DRAW, **state) -> pathlib.Path:
+def save_checkpoint(path, model, **state) -> pathlib.Path:
     """Save the model, its config and any training state; refuse (CheckpointError) non-finite weights,
     so a diverged run never replaces a good checkpoint."""
     weights = finite_weights(path, model)
-    payload = {"format": FORMAT, "version": VERSION, "model_config": model.config.to_dict(), "model": weights, **state}
+    payload = {"format": FORMAT, "version": VERSION, "model_kind": model_kind(model.config),
+               "model_config": model.config.to_dict(), "model": weights, **state}
     return atomic_write(path, lambda f: torch.save(payload, f))
 
 
@@ -102,17 +102,37 @@ def check_training_state(payload: dict) -> None:
         raise CheckpointError(f"{payload['path']} holds no training state to resume (missing: {', '.join(missing)})")
 
 
-def model_from_checkpoint(payload: dict) -> DRAW:
-    """Rebuild the model from a loaded checkpoint's config and weights; refuse non-finite weights."""
+def config_from_checkpoint(payload: dict):
+    """The model config a loaded checkpoint holds (DRAWConfig or ClassifierConfig)."""
     where = payload.get("path", "checkpoint")
+    kind = payload.get("model_kind", "draw")
+    if kind not in MODEL_KINDS:
+        raise CheckpointError(f"{where} holds a model of unknown kind {kind!r} (known: {', '.join(MODEL_KINDS)})")
     try:
-        config = DRAWConfig.from_dict(payload["model_config"])
+        return MODEL_KINDS[kind].from_dict(payload["model_config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: its model config is not usable: {e}") from None
+
+
+def build_model(config, backend: str = "auto"):
+    """The model of a config: DRAW for a DRAWConfig, the classifier for a ClassifierConfig."""
+    if model_kind(config) == "classifier":
+        from draw.classifier import DRAM
+
+        return DRAM(config, backend=backend)
+    from draw.model import DRAW
+
+    return DRAW(config, backend=backend)
+
+
+def model_from_checkpoint(payload: dict):
+    """Rebuild the model from a loaded checkpoint's config and weights; refuse non-finite weights."""
+    where = payload.get("path", "checkpoint")
+    config = config_from_checkpoint(payload)
     bad = non_finite_count(payload["model"])
     if bad:
         raise CheckpointError(f"{where}: {bad} model weights are not finite (the run diverged); use an earlier checkpoint")
-    model = DRAW(config)
+    model = build_model(config)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as e:

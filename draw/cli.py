@@ -64,12 +64,16 @@ def _device_name(text: str) -> str:
 def _preset_line(name: str) -> str:
     p = PRESETS[name]
     m, t = p.model, p.train
+    length = f"{t.steps} steps" if t.steps else f"{t.epochs:g} epochs"
+    training = f"data {t.dataset}, batch {t.batch_size}, lr {t.lr:g} {t.lr_schedule}, {length}"
+    if not hasattr(m, "T"):  # the glimpse classifier
+        return (f"{name}: classifier, {m.channels}x{m.height}x{m.width}, {m.glimpses} glimpses of {m.read_n}x{m.read_n}, "
+                f"LSTM {m.lstm_size}; {training}. {p.description}")
     read = f"read {m.read_n}x{m.read_n}" if m.read_attn else "read whole image"
     write = f"write {m.write_n}x{m.write_n}" if m.write_attn else "write whole image"
-    length = f"{t.steps} steps" if t.steps else f"{t.epochs:g} epochs"
     default = " (default)" if name == DEFAULT_PRESET else ""
     return (f"{name}{default}: {m.channels}x{m.height}x{m.width}, T {m.T}, LSTM {m.enc_size}, z {m.z_size}, {read}, "
-            f"{write}; data {t.dataset}, batch {t.batch_size}, lr {t.lr:g} {t.lr_schedule}, {length}. {p.description}")
+            f"{write}; {training}. {p.description}")
 
 
 def _common(p: argparse.ArgumentParser, *, backend_help: str) -> None:
@@ -125,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dist-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others in a collective before the run fails (default 600)")
 
-    e = sub.add_parser("eval", help="test-set bound of a checkpoint, in nats per image")
+    e = sub.add_parser("eval", help="test-set bound of a checkpoint, in nats per image (a classifier: its test error)")
     e.add_argument("checkpoint", type=pathlib.Path, help="checkpoint file, or a run directory")
     e.add_argument("--dataset", choices=DATASETS, help="default: the dataset the checkpoint was trained on")
     e.add_argument("--importance-samples", type=_positive_int, default=1, help="K > 1: the importance-weighted bound with K samples")
@@ -136,14 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", type=pathlib.Path, help="dataset cache (default $DRAW_DATA_DIR or ~/.cache/draw)")
     _common(e, backend_help="attention backend (default auto)")
 
-    s = sub.add_parser("sample", help="draw samples from a checkpoint: a grid PNG and the sequence GIF and strip")
+    s = sub.add_parser("sample", help="draw samples from a checkpoint: a grid PNG and the sequence GIF and strip "
+                       "(a classifier: its glimpses over --n test images)")
     s.add_argument("checkpoint", type=pathlib.Path, help="checkpoint file, or a run directory")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples in samples.png (default 64; the animations show 16)")
     s.add_argument("--out", type=pathlib.Path, help="output directory (default: samples/ beside the checkpoint)")
     s.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     s.add_argument("--neighbours", action="store_true",
                    help="also write samples_neighbours.png: samples beside their nearest training image (loads the training set)")
-    s.add_argument("--data-dir", type=pathlib.Path, help="dataset cache, for --neighbours (default $DRAW_DATA_DIR or ~/.cache/draw)")
+    s.add_argument("--data-dir", type=pathlib.Path, help="dataset cache, for --neighbours and classifiers (default $DRAW_DATA_DIR or ~/.cache/draw)")
     _common(s, backend_help="attention backend (default auto)")
 
     v = sub.add_parser("verify", add_help=False, help="check the fused Triton kernels against the reference on this machine "
@@ -158,7 +163,6 @@ def _set_threads(threads: int | None) -> None:
         return  # the user's choice
     count = threads or DEFAULT_CPU_THREADS
     os.environ["OMP_NUM_THREADS"] = str(count)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # threads sleep rather than spin while they wait
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(count)
 
@@ -229,7 +233,7 @@ def _load_model(args):
 
 def cmd_eval(args) -> int:
     from draw.data import load_dataset
-    from draw.evaluate import evaluate_bound
+    from draw.evaluate import evaluate_bound, evaluate_classifier
 
     payload, model, device = _load_model(args)
     dataset = args.dataset or payload.get("train_config", {}).get("dataset", "mnist")
@@ -237,6 +241,14 @@ def cmd_eval(args) -> int:
     data = load_dataset(dataset, args.data_dir, shape=(cfg.channels, cfg.height, cfg.width))
     log.info(f"data: {data.source}")
     images = data.test if args.split == "test" else data.valid
+    if not hasattr(model, "generate"):  # the glimpse classifier: test error
+        result = evaluate_classifier(model, images, data.labels[args.split], batch_size=args.batch_size, device=device,
+                                     progress=sys.stderr.isatty())
+        print(f"{dataset} {args.split}: error {100 * result['error']:.2f} % ({result['images']} images, "
+              f"cross-entropy {result['loss']:.4f} nats, step {payload.get('step', '?')})")
+        print(json.dumps({"checkpoint": payload["path"], "dataset": dataset, "split": args.split, "step": payload.get("step"),
+                          "error_percent": 100 * result["error"], **result}, allow_nan=False))
+        return 0
     result = evaluate_bound(model, images, batch_size=args.batch_size, importance_samples=args.importance_samples,
                             seed=args.seed, device=device, progress=sys.stderr.isatty())
     if not math.isfinite(result["nats"]):
@@ -255,6 +267,15 @@ def cmd_sample(args) -> int:
 
     payload, model, device = _load_model(args)
     out = args.out or pathlib.Path(payload["path"]).parent / "samples"
+    if not hasattr(model, "generate"):  # the glimpse classifier: where it looks, on test images
+        from draw.data import load_dataset
+        from draw.figures import GLIMPSE_IMAGES, save_glimpse_figure
+
+        cfg = model.config
+        data = load_dataset(payload["train_config"]["dataset"], args.data_dir, shape=(cfg.channels, cfg.height, cfg.width))
+        count = min(args.n, len(data.test))
+        print(f"wrote {save_glimpse_figure(model, data.images('test', slice(0, count)), data.labels['test'][:count], out / 'glimpses.png')}")
+        return 0
     training_images = None
     if args.neighbours:
         from draw.data import load_dataset

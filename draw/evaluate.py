@@ -84,3 +84,34 @@ def evaluate_bound(
         result["l_x"] = totals["l_x"] / n
         result["l_z"] = totals["l_z"] / n
     return result
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch_size: int = 500,
+    device=None,
+    progress: bool = False,
+    world: World = SINGLE,
+) -> dict:
+    """Test error and mean cross-entropy of the glimpse classifier (draw/classifier.py) over `images`
+    [N, C, H, W] (float in [0, 1], or uint8) with `labels` [N]. The classifier draws no noise, so the
+    figures are exact and independent of batching; under torchrun each rank scores its part."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    errors = loss = 0.0
+    mine = world.part(len(images))
+    for start in tqdm(range(mine.start, mine.stop, batch_size), desc="eval", leave=False, disable=not progress):
+        stop = min(start + batch_size, mine.stop)
+        x = to_float(images[start:stop].to(device, non_blocking=True))
+        out = model(x, labels[start:stop].to(device))
+        errors += out.error.sum().item()
+        loss += out.loss.item() * len(x)
+    model.train(was_training)
+    errors, loss = world.sum([errors, loss])
+    n = len(images)
+    return {"error": errors / n, "loss": loss / n, "images": n}

@@ -31,6 +31,7 @@ __all__ = [
     "samples_with_neighbours_grid",
     "save_samples_with_neighbours",
     "write_model_figures",
+    "save_glimpse_figure",
 ]
 
 WINDOW_RGB = (255, 0, 0)  # the write window, drawn as a 1-pixel red outline
@@ -648,3 +649,38 @@ def write_model_figures(model, out_dir, *, n_samples: int = 64, seed: int = 0, r
         written.append(save_loss_curve(metrics, out_dir / "loss_curve.png"))
     model.train(was_training)
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# The classifier's glimpses (the paper's Fig. 5)
+# ---------------------------------------------------------------------------------------------
+
+GLIMPSE_IMAGES = 8  # test images in the glimpse figure
+
+
+@torch.no_grad()
+def save_glimpse_figure(model, images: torch.Tensor, labels: torch.Tensor, path, scale: int = 1) -> pathlib.Path:
+    """The succession of glimpse windows of the classifier (draw/classifier.py) over some images.
+
+    One row per image, one column per glimpse t = 1..T: the image with the t-th read window drawn in red
+    (the box around the read grid, as for DRAW's write window).
+
+    Args:
+        model: a DRAM, on any device.
+        images: [N, C, H, W] in [0, 1].
+        labels: [N] their classes (the model needs them to score; the figure does not show them).
+        path: where to write the PNG.
+    Returns:
+        The path.
+    """
+    _check_images(images)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = model(images.to(device), labels.to(device), return_glimpses=True)
+    model.train(was_training)
+    steps = out.read_params.shape[0]
+    logits = torch.logit(images.float().clamp(1e-4, 1 - 1e-4)).cpu()  # the strip draws sigmoid(logits): the image
+    canvases = logits.unsqueeze(0).expand(steps, *logits.shape)  # [T, N, C, H, W]
+    return save_sequence_strip(canvases, path, out.read_params.cpu(), model.config.read_n, steps=steps, scale=scale,
+                               max_images=len(images))

@@ -8,8 +8,9 @@
                   replayed: static input buffer, Adam with `capturable=True` and a tensor learning
                   rate, no host syncs inside. The first WARMUP_STEPS steps run eagerly on a side
                   stream (allocating Adam's state), the next is captured, then every step is a replay.
-A step takes the global batch and returns the detached [3] tensor (loss, mean L_x, mean L_z) of it, on
-the device, with no host sync. With `accumulate` N it runs N micro-batches (each loss scaled by 1/N) before
+A step takes the global batch and returns the detached statistics of it that the model names in
+STATISTICS (DRAW: loss, mean L_x, mean L_z; the classifier: loss, error rate), on the device, with no
+host sync. With `accumulate` N it runs N micro-batches (each loss scaled by 1/N) before
 the one clip and Adam step; under torchrun (a `World` of several ranks) each rank computes its part of the
 batch in DistributedDataParallel, which averages the gradients (draw/distributed.py). The latent noise of
 the global batch is drawn alike on every rank and sliced, as the images are, so that neither the world
@@ -20,6 +21,7 @@ import contextlib
 import logging
 
 import torch
+import torch.nn as nn
 
 from draw.distributed import SINGLE, World, check_global_batch, data_parallel
 from draw.model import DRAW
@@ -58,7 +60,7 @@ class TrainStep:
     that any mode can load.
     """
 
-    def __init__(self, model: DRAW, *, lr: float, grad_clip: float, amp: str = "none", tf32: bool = False,
+    def __init__(self, model: nn.Module, *, lr: float, grad_clip: float, amp: str = "none", tf32: bool = False,
                  mode: str = "eager", compile_mode: str = "default", device: torch.device | None = None,
                  accumulate: int = 1, world: World = SINGLE):
         self.model = model
@@ -76,6 +78,7 @@ class TrainStep:
             torch.backends.cudnn.allow_tf32 = tf32
         lr_value = torch.tensor(lr, device=self.device) if self.graphed else lr
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr_value, capturable=self.graphed)
+        self.latent = isinstance(model, DRAW)  # DRAW draws latent noise; the classifier draws none
         self.ddp = data_parallel(model, world, self.device)  # None on a single process
         self.eager_forward = self.ddp or model
         # fallback_random: any noise the compiled model drew would come from torch's generator, as in the
@@ -121,45 +124,50 @@ class TrainStep:
         cfg = self.model.config
         return torch.stack([torch.randn(batch, cfg.z_size, device=self.device)[mine] for _ in range(cfg.T)])
 
-    def _step(self, x: torch.Tensor, *, capturing: bool = False) -> torch.Tensor:
+    def _step(self, batch: tuple, *, capturing: bool = False) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        mine = self.world.part(len(x))
-        noise = self.latent_noise(len(x), mine)  # [T, b, z]
+        size = len(batch[0])
+        mine = self.world.part(size)
+        micro_batches = list(zip(*(t[mine].chunk(self.accumulate) for t in batch)))  # N tuples like batch
+        noises = self.latent_noise(size, mine).chunk(self.accumulate, dim=1) if self.latent else [None] * self.accumulate
         stats = []
-        for i, (micro_x, micro_noise) in enumerate(zip(x[mine].chunk(self.accumulate), noise.chunk(self.accumulate, dim=1))):
+        for i, (micro, noise) in enumerate(zip(micro_batches, noises)):
             last = i == self.accumulate - 1  # DDP averages the gradients across ranks in the last backward only
             with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
                 with autocast(self.amp, self.device, cache_enabled=not capturing):
-                    out = self.forward(micro_x, noise=micro_noise)
+                    out = self.forward(*micro, **({} if noise is None else {"noise": noise}))
                 (out.loss / self.accumulate).backward()
-            stats.append(torch.stack([out.loss.detach(), out.l_x.detach().mean(), out.l_z.detach().mean()]))
+            stats.append(self.model.statistics(out))
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
-        return self.world.average(torch.stack(stats).float().mean(0))  # [N, 3] -> [3], over the global batch
+        return self.world.average(torch.stack(stats).float().mean(0))  # [N, k] -> [k], over the global batch
 
-    def __call__(self, x: torch.Tensor, lr: float) -> torch.Tensor:
-        """One step on the global batch x [B, C, H, W] at learning rate lr; returns [3] (loss, L_x, L_z) of
-        the whole batch, detached. Every rank passes the same x and computes its part."""
-        check_global_batch(len(x), self.world.size, self.accumulate)
+    def __call__(self, batch, lr: float) -> torch.Tensor:
+        """One step on the global batch at learning rate lr: x [B, C, H, W] (DRAW) or (x, labels [B])
+        (the classifier). Returns the model's STATISTICS of the whole batch, detached. Every rank passes
+        the same batch and computes its part."""
+        batch = batch if isinstance(batch, tuple) else (batch,)
+        check_global_batch(len(batch[0]), self.world.size, self.accumulate)
         self.set_lr(lr)
         self.steps_run += 1
         if self.mode == "compile" and self.steps_run == 1:
-            return self._first_compiled_step(x)
+            return self._first_compiled_step(batch)
         if not self.graphed:
-            return self._step(x)
-        if self._graph is not None and x.shape == self._static_x.shape:
-            self._static_x.copy_(x)
+            return self._step(batch)
+        if self._graph is not None and batch[0].shape == self._static[0].shape:
+            for static, t in zip(self._static, batch):
+                static.copy_(t)
             self._graph.replay()
             return self._static_stats.clone()
         if self.steps_run <= WARMUP_STEPS or (self._graph is not None):
-            return self._side_stream_step(x)  # warm-up, or a batch of another shape (the last, short one)
-        return self._capture_and_replay(x)
+            return self._side_stream_step(batch)  # warm-up, or a batch of another shape (the last, short one)
+        return self._capture_and_replay(batch)
 
-    def _first_compiled_step(self, x: torch.Tensor) -> torch.Tensor:
+    def _first_compiled_step(self, batch: tuple) -> torch.Tensor:
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         try:
-            return self._step(x)
+            return self._step(batch)
         except (KeyboardInterrupt, torch.OutOfMemoryError):
             raise
         except Exception as e:  # a compiler or toolchain failure: train eagerly instead
@@ -169,22 +177,22 @@ class TrainStep:
             torch.set_rng_state(rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng, self.device)
-            return self._step(x)
+            return self._step(batch)
 
-    def _side_stream_step(self, x: torch.Tensor) -> torch.Tensor:
+    def _side_stream_step(self, batch: tuple) -> torch.Tensor:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            stats = self._step(x)
+            stats = self._step(batch)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         return stats
 
-    def _capture_and_replay(self, x: torch.Tensor) -> torch.Tensor:
-        self._static_x = x.clone()
+    def _capture_and_replay(self, batch: tuple) -> torch.Tensor:
+        self._static = tuple(t.clone() for t in batch)  # the input buffers the graph reads
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._static_stats = self._step(self._static_x, capturing=True)
+            self._static_stats = self._step(self._static, capturing=True)
         self._graph = graph
         graph.replay()
         return self._static_stats.clone()

@@ -26,12 +26,12 @@ import torch
 
 from draw import figures
 from draw.atomic import atomic_write_text
-from draw.checkpoint import (CheckpointError, check_training_state, finite_weights, load_checkpoint, model_from_checkpoint,
-                             save_checkpoint)
-from draw.config import DRAWConfig, TrainConfig
+from draw.checkpoint import (CheckpointError, build_model, check_training_state, config_from_checkpoint, finite_weights,
+                             load_checkpoint, model_from_checkpoint, save_checkpoint)
+from draw.config import ClassifierConfig, DRAWConfig, TrainConfig, model_kind
 from draw.data import Dataset, load_dataset, random_crop, to_float
 from draw.distributed import SINGLE, World, check_global_batch, failing_together
-from draw.evaluate import evaluate_bound
+from draw.evaluate import evaluate_bound, evaluate_classifier
 from draw.kernels import resolve_backend
 from draw.model import DRAW
 from draw.rundir import CHECKPOINT, METRICS, SUMMARY, MetricsLog, NoMetrics, RunLock
@@ -85,8 +85,13 @@ class BatchSampler:
     data is used as it is. Data with a `train_crop` (svhn) gives each image a random crop.
     """
 
-    def __init__(self, data: Dataset, config: TrainConfig, device: torch.device):
+    def __init__(self, data: Dataset, config: TrainConfig, device: torch.device, *, with_labels: bool = False):
         self.config = config
+        self.labels = None
+        if with_labels:
+            if not data.labels or "train" not in data.labels:
+                raise ValueError(f"{data.name} has no labels to train a classifier on")
+            self.labels = data.labels["train"].to(device)  # [N]
         self.device = device
         self.crop = data.train_crop
         self.generator = torch.Generator(device=device)
@@ -108,10 +113,13 @@ class BatchSampler:
             self._perm = torch.randperm(len(self.train), generator=perm_gen).to(self.device)
             self._epoch = epoch
         b = self.config.batch_size
-        x = to_float(self.train[self._perm[index * b : (index + 1) * b]])  # [B, C, H, W]
+        chosen = self._perm[index * b : (index + 1) * b]
+        x = to_float(self.train[chosen])  # [B, C, H, W]
         if self.crop is not None:
             x = random_crop(x, self.crop, self.generator)
-        return torch.bernoulli(x, generator=self.generator) if self.resample else x
+        if self.resample:
+            x = torch.bernoulli(x, generator=self.generator)
+        return x if self.labels is None else (x, self.labels[chosen])
 
 
 class StopRequest:
@@ -198,14 +206,14 @@ def _restore_rng_state(state: dict, device: torch.device, sampler: BatchSampler,
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
-def _resumed_configs(payload: dict, model_config: DRAWConfig | None, overrides: dict) -> TrainConfig:
+def _resumed_configs(payload: dict, model_config: DRAWConfig | ClassifierConfig | None, overrides: dict) -> TrainConfig:
     """The checkpoint's TrainConfig with the schedule overrides applied; refuse arithmetic changes."""
     where = payload["path"]
     try:
         saved = TrainConfig.from_dict(payload["train_config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: its training config is not usable: {e}") from None
-    if model_config is not None and model_config.to_dict() != DRAWConfig.from_dict(payload["model_config"]).to_dict():
+    if model_config is not None and model_config != config_from_checkpoint(payload):
         raise ValueError(f"--resume continues the model in {where}; a different --preset would change its architecture")
     requested = replace(saved, **overrides)
     changed = saved.arithmetic_changes(requested)
@@ -219,7 +227,7 @@ def _resumed_configs(payload: dict, model_config: DRAWConfig | None, overrides: 
     return requested
 
 
-def start_run(out_dir, *, model_config: DRAWConfig | None, train_config: TrainConfig | None, resume: bool,
+def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, train_config: TrainConfig | None, resume: bool,
               overrides: dict, device: torch.device, backend: str, step_mode: str, compile_mode: str,
               data_dir, progress: bool, tensorboard, world: World = SINGLE) -> Run:
     """Build a run: new (model_config and train_config given) or resumed from out_dir's checkpoint.
@@ -242,7 +250,7 @@ def start_run(out_dir, *, model_config: DRAWConfig | None, train_config: TrainCo
             raise ValueError("a new run needs a model config and a train config")
         config = replace(train_config, **overrides)
         torch.manual_seed(config.seed)
-        model = DRAW(model_config)
+        model = build_model(model_config)
         start_step = 0
     check_global_batch(config.batch_size, world.size, config.accumulate)
     if world.size > 1 or config.accumulate > 1:
@@ -258,11 +266,11 @@ def start_run(out_dir, *, model_config: DRAWConfig | None, train_config: TrainCo
     log.info(f"data: {data.source}")
     if config.batch_size > len(data.train):
         raise ValueError(f"--batch-size {config.batch_size} is larger than the training set ({len(data.train)} images of {config.dataset})")
-    sampler = BatchSampler(data, config, device)
+    sampler = BatchSampler(data, config, device, with_labels=not isinstance(model, DRAW))
     total_steps = config.total_steps(sampler.per_epoch)
     step = TrainStep(model, lr=config.lr, grad_clip=config.grad_clip, amp=config.amp, tf32=config.tf32, mode=step_mode,
                      compile_mode=compile_mode, device=device, accumulate=config.accumulate, world=world)
-    sums, count = torch.zeros(3, device=device), 0
+    sums, count = torch.zeros(len(model.STATISTICS), device=device), 0
     if resume:
         step.load_optimizer_state(payload["optimizer"])
         _restore_rng_state(payload["rng"], device, sampler, payload["path"])
@@ -315,31 +323,50 @@ def _diverged_message(run: Run, step: int, what: str) -> str:
 
 
 def _evaluate(run: Run, step: int) -> dict:
-    result = evaluate_bound(run.model, run.data.test, device=run.device, seed=run.config.seed, world=run.world)
-    record = {"step": step, "test_bound": result["nats"], "test_l_x": result["l_x"], "test_l_z": result["l_z"]}
+    """Score the model on the test set and write the evaluation record ({"step", "test_...": ...}), which
+    is returned: DRAW's bound in nats (test_bound, its stderr, L_x, L_z), the classifier's test error."""
+    if isinstance(run.model, DRAW):
+        result = evaluate_bound(run.model, run.data.test, device=run.device, seed=run.config.seed, world=run.world)
+        record = {"step": step, "test_bound": result["nats"], "test_bound_stderr": result["stderr"],
+                  "test_l_x": result["l_x"], "test_l_z": result["l_z"]}
+    else:
+        result = evaluate_classifier(run.model, run.data.test, run.data.labels["test"], device=run.device, world=run.world)
+        record = {"step": step, "test_error": result["error"], "test_loss": result["loss"]}
     run.metrics.write(record)
     if run.tensorboard is not None:
-        run.tensorboard.add_scalar("test/bound", result["nats"], step)
-    return result
+        for key, value in record.items():
+            if key != "step":
+                run.tensorboard.add_scalar(f"test/{key[5:]}", value, step)
+    return record
+
+
+def _headline(record: dict) -> str:
+    if "test_bound" in record:
+        return f"test bound {record['test_bound']:.2f} nats (L_x {record['test_l_x']:.2f}, L_z {record['test_l_z']:.2f})"
+    return f"test error {100 * record['test_error']:.2f} % (cross-entropy {record['test_loss']:.4f} nats)"
+
+
+STAT_LABELS = {"loss": "loss", "l_x": "L_x", "l_z": "L_z", "error": "error"}
 
 
 def _log_interval(run: Run, step: int, seconds: float) -> dict:
     """Write the training record of the interval ending at `step`; returns the progress bar's postfix."""
-    loss, l_x, l_z = (run.sums / run.count).tolist()  # one device sync per interval
-    if not all(map(math.isfinite, (loss, l_x, l_z))):
-        raise TrainingDiverged(_diverged_message(run, step, f"the training loss became {loss}"))
+    values = dict(zip(run.model.STATISTICS, (run.sums / run.count).tolist()))  # one device sync per interval
+    if not all(map(math.isfinite, values.values())):
+        raise TrainingDiverged(_diverged_message(run, step, f"the training loss became {values['loss']}"))
     rate = run.count * run.config.batch_size / seconds
-    record = {"step": step, "epoch": round(step / run.sampler.per_epoch, 4), "loss": loss, "l_x": l_x, "l_z": l_z,
+    record = {"step": step, "epoch": round(step / run.sampler.per_epoch, 4), **values,
               "lr": lr_at(run.config, step - 1, run.total_steps), "images_per_s": rate}
     run.metrics.write(record)
     if run.tensorboard is not None:
-        for key in ("loss", "l_x", "l_z", "lr", "images_per_s"):
+        for key in (*values, "lr", "images_per_s"):
             run.tensorboard.add_scalar(f"train/{key}", record[key], step)
+    shown = {STAT_LABELS[k]: f"{v:.4f}" if k == "error" else f"{v:.2f}" for k, v in values.items()}
     if not run.progress:
-        log.info(f"step {step}/{run.total_steps}  loss {loss:.2f}  L_x {l_x:.2f}  L_z {l_z:.2f}  {rate:.0f} images/s")
+        log.info(f"step {step}/{run.total_steps}  " + "  ".join(f"{k} {v}" for k, v in shown.items()) + f"  {rate:.0f} images/s")
     run.sums.zero_()
     run.count = 0
-    return dict(loss=f"{loss:.2f}", L_x=f"{l_x:.2f}", L_z=f"{l_z:.2f}", img_s=f"{rate:.0f}")
+    return {**shown, "img_s": f"{rate:.0f}"}
 
 
 def run_loop(run: Run) -> int | None:
@@ -364,7 +391,7 @@ def run_loop(run: Run) -> int | None:
                     tick = time.perf_counter()
                 if step % cfg.eval_every == 0 or step == run.total_steps:
                     run.last_eval = _evaluate(run, step)
-                    (bar.write if run.progress else log.info)(f"step {step}: test bound {run.last_eval['nats']:.2f} nats")
+                    (bar.write if run.progress else log.info)(f"step {step}: {_headline(run.last_eval)}")
                     tick = time.perf_counter()  # evaluation time is not training time
                 stopping = run.world.agree_on_stop(stop.signum)  # every rank stops after the same step
                 if step % cfg.checkpoint_every == 0 or step == run.total_steps or stopping is not None:
@@ -380,19 +407,19 @@ def run_loop(run: Run) -> int | None:
 def finish_run(run: Run, *, make_figures: bool = True) -> dict:
     """Write summary.json (and the figures) of a finished run and return the summary."""
     if run.last_eval is None:  # a resumed run that was already finished: its last evaluation stands
-        evals = run.world.from_main(lambda: [r for r in run.metrics.records() if "test_bound" in r and r["step"] == run.total_steps])
-        run.last_eval = ({"nats": evals[-1]["test_bound"], "l_x": evals[-1]["test_l_x"], "l_z": evals[-1]["test_l_z"],
-                          "stderr": None} if evals else _evaluate(run, run.total_steps))
+        evals = run.world.from_main(lambda: [r for r in run.metrics.records()
+                                             if any(k.startswith("test_") for k in r) and r["step"] == run.total_steps])
+        run.last_eval = evals[-1] if evals else _evaluate(run, run.total_steps)
         log.info(f"{run.out_dir} is already trained to step {run.total_steps}")
-    result = run.last_eval
+    record = {k: v for k, v in run.last_eval.items() if k != "step"}
+    if "test_bound" in record:
+        record["test_bound_nats"] = record.pop("test_bound")
     summary = {
         "steps": run.total_steps,
         "epochs": run.total_steps / run.sampler.per_epoch,
         "dataset": run.config.dataset,
-        "test_bound_nats": result["nats"],
-        "test_bound_stderr": result.get("stderr"),
-        "test_l_x": result["l_x"],
-        "test_l_z": result["l_z"],
+        **record,
+        "model_kind": model_kind(run.model.config),
         "model_config": run.model.config.to_dict(),
         "train_config": run.config.to_dict(),
         "device": str(run.device),
@@ -402,17 +429,20 @@ def finish_run(run: Run, *, make_figures: bool = True) -> dict:
     if not run.world.is_main:
         return summary
     atomic_write_text(run.out_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
-    log.info(f"test bound after {run.total_steps} steps: {result['nats']:.2f} nats (L_x {result['l_x']:.2f}, L_z {result['l_z']:.2f})")
+    log.info(f"after {run.total_steps} steps: {_headline(run.last_eval)}")
     if make_figures:
-        written = figures.write_model_figures(run.model, run.out_dir, seed=run.config.seed,
-                                              reconstruct=run.data.images("test", slice(0, figures.SEQUENCE_IMAGES)),
-                                              training_images=run.data.train,
-                                              metrics=run.out_dir / METRICS)
+        if isinstance(run.model, DRAW):
+            written = figures.write_model_figures(run.model, run.out_dir, seed=run.config.seed,
+                                                  reconstruct=run.data.images("test", slice(0, figures.SEQUENCE_IMAGES)),
+                                                  training_images=run.data.train, metrics=run.out_dir / METRICS)
+        else:
+            written = [figures.save_glimpse_figure(run.model, run.data.images("test", slice(0, figures.GLIMPSE_IMAGES)),
+                                                   run.data.labels["test"][: figures.GLIMPSE_IMAGES], run.out_dir / "glimpses.png")]
         log.info("wrote " + ", ".join(str(p) for p in written))
     return summary
 
 
-def train(out_dir, *, model_config: DRAWConfig | None = None, train_config: TrainConfig | None = None,
+def train(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None = None, train_config: TrainConfig | None = None,
           resume: bool = False, overrides: dict | None = None, device=None, backend: str = "auto",
           step_mode: str = "auto", compile_mode: str = "default", data_dir=None, progress: bool | None = None,
           tensorboard=None, make_figures: bool = True, world: World = SINGLE) -> dict:

@@ -62,3 +62,69 @@ def test_bad_inputs_are_refused():
         model(torch.zeros(2, 1, 20, 24), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="glimpses must be an int >= 1"):
         ClassifierConfig(glimpses=0)
+
+
+def located_squares(n: int, seed: int):
+    """Images [n, 1, 20, 24] with a bright square in one of three places (the label), on noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    x = 0.2 * torch.rand(n, 1, 20, 24, generator=g)
+    for k, col in enumerate((2, 10, 18)):
+        x[labels == k, :, 8:12, col : col + 4] = 1.0
+    return x, labels
+
+
+@pytest.fixture
+def squares_dataset(monkeypatch):
+    """A small labelled dataset standing in for cluttered MNIST (same name, so the configs accept it)."""
+    from draw import data
+
+    (train, y_train), (valid, y_valid), (test, y_test) = (located_squares(n, s) for n, s in ((256, 0), (64, 1), (64, 2)))
+    dataset = data.Dataset("mnist-cluttered", train, valid, test, source="squares", train_is_binary=False, binarize=False,
+                           labels={"train": y_train, "valid": y_valid, "test": y_test})
+    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: dataset)
+    monkeypatch.setattr("draw.train.load_dataset", lambda *args, **kwargs: dataset)
+    return dataset
+
+
+def test_the_classifier_trains_resumes_evaluates_and_shows_its_glimpses(tmp_path, squares_dataset, capsys):
+    import json
+
+    from draw.checkpoint import load_checkpoint
+    from draw.cli import main
+    from draw.config import TrainConfig
+    from draw.rundir import read_metrics
+    from draw.train import train
+
+    config = TrainConfig(dataset="mnist-cluttered", batch_size=32, lr=1e-2, steps=40, eval_every=20, log_every=10,
+                         checkpoint_every=20, seed=0)
+    full, split = tmp_path / "full", tmp_path / "split"
+    summary = train(full, model_config=SMALL, train_config=config, progress=False)
+    train(split, model_config=SMALL, train_config=config, overrides={"steps": 20}, progress=False, make_figures=False)
+    train(split, resume=True, overrides={"steps": 40}, progress=False)
+    records = lambda d: [(r["step"], r["loss"], r["error"]) for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
+    assert records(split) == records(full)
+    assert summary["model_kind"] == "classifier" and summary["test_error"] < 0.2
+    assert load_checkpoint(full)["model_kind"] == "classifier"
+    assert (full / "glimpses.png").is_file()
+    capsys.readouterr()
+    assert main(["eval", str(full)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["error"] == pytest.approx(summary["test_error"]) and result["error_percent"] == pytest.approx(100 * result["error"])
+    assert main(["sample", str(full), "--n", "4", "--out", str(tmp_path / "g")]) == 0
+    assert (tmp_path / "g" / "glimpses.png").is_file()
+
+
+def test_glimpse_figure_draws_one_window_per_glimpse(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from draw.figures import save_glimpse_figure
+
+    x, labels = located_squares(3, 0)
+    path = save_glimpse_figure(DRAM(SMALL), x, labels, tmp_path / "g.png")
+    picture = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    red = (picture[..., 0] > 200) & (picture[..., 1] < 60) & (picture[..., 2] < 60)
+    assert red.any()
+    columns_with_red = np.flatnonzero(red.any(0))
+    assert columns_with_red.max() - columns_with_red.min() > 2 * 24  # windows in at least three glimpse columns
