@@ -32,7 +32,7 @@ STEPS = 200
 def command(out: pathlib.Path, resume: bool) -> list[str]:
     return [sys.executable, "-m", "draw", "train", "--dataset", "synthetic", "--steps", str(STEPS), "--batch-size", "16",
             "--checkpoint-every", "2", "--log-every", "1", "--eval-every", str(STEPS), "--out", str(out),
-            "--no-progress", "--threads", "1"] + (["--resume"] if resume else [])
+            "--no-progress", "--threads", "1", "--step", "eager"] + (["--resume"] if resume else [])
 
 
 def kill_once(out: pathlib.Path, rng: random.Random, aim_at_write: bool, timeout_s: float) -> tuple[bool, bool]:

@@ -198,7 +198,7 @@ def cmd_train(args) -> int:
     preset = get_preset(preset_name)
     dataset = given.get("dataset", preset.train.dataset)
     out = args.out or pathlib.Path("runs") / (preset_name if dataset == preset.train.dataset else f"{preset_name}-{dataset}")
-    runtime = dict(backend=args.backend, step_mode=args.step_mode or "auto",
+    runtime = dict(backend=args.backend, step_mode=args.step_mode or (None if args.resume else preset.step_mode),
                    compile_mode=args.compile_mode, data_dir=args.data_dir, progress=False if args.no_progress else None,
                    tensorboard=args.tensorboard)
     if not args.resume:

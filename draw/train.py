@@ -228,7 +228,7 @@ def _resumed_configs(payload: dict, model_config: DRAWConfig | ClassifierConfig 
 
 
 def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, train_config: TrainConfig | None, resume: bool,
-              overrides: dict, device: torch.device, backend: str, step_mode: str, compile_mode: str,
+              overrides: dict, device: torch.device, backend: str, step_mode: str | None, compile_mode: str,
               data_dir, progress: bool, tensorboard, world: World = SINGLE) -> Run:
     """Build a run: new (model_config and train_config given) or resumed from out_dir's checkpoint.
 
@@ -243,6 +243,7 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
         config = _resumed_configs(payload, model_config, overrides)
         model = model_from_checkpoint(payload)
         start_step = payload["step"]
+        step_mode = step_mode or payload.get("step_mode") or "auto"  # the mode that ran it: the same float rounding
     else:
         if world.is_main and ckpt_path.exists():
             raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
@@ -252,6 +253,7 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
         torch.manual_seed(config.seed)
         model = build_model(model_config)
         start_step = 0
+        step_mode = step_mode or "auto"
     check_global_batch(config.batch_size, world.size, config.accumulate)
     if world.size > 1 or config.accumulate > 1:
         log.info(f"each step: {world.size} rank(s) x {config.accumulate} micro-batch(es) of "
@@ -308,7 +310,8 @@ def save_run_checkpoint(run: Run, step: int) -> None:
         else:
             save_checkpoint(run.checkpoint_path, run.model, optimizer=run.step.optimizer_state(), step=step,
                             rng=_rng_state(run.device, run.sampler), train_config=run.config.to_dict(),
-                            running={"sums": run.sums.detach().cpu(), "count": run.count}, world_size=run.world.size)
+                            running={"sums": run.sums.detach().cpu(), "count": run.count}, world_size=run.world.size,
+                            step_mode=run.step.mode)
     except CheckpointError as e:
         raise TrainingDiverged(_diverged_message(run, step, str(e))) from None
     run.good_checkpoint_step = step
@@ -444,12 +447,13 @@ def finish_run(run: Run, *, make_figures: bool = True) -> dict:
 
 def train(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None = None, train_config: TrainConfig | None = None,
           resume: bool = False, overrides: dict | None = None, device=None, backend: str = "auto",
-          step_mode: str = "auto", compile_mode: str = "default", data_dir=None, progress: bool | None = None,
+          step_mode: str | None = None, compile_mode: str = "default", data_dir=None, progress: bool | None = None,
           tensorboard=None, make_figures: bool = True, world: World = SINGLE) -> dict:
     """Train DRAW into `out_dir` and return the run summary.
 
     A new run needs `model_config` and `train_config`; `resume=True` reads both from out_dir's
-    checkpoint and continues exactly where it stopped. `overrides` are TrainConfig fields to change
+    checkpoint and continues exactly where it stopped. `step_mode` None: "auto" for a new run, the mode
+    that ran it for a resumed one (draw/step.py). `overrides` are TrainConfig fields to change
     (on resume only the schedule's). `progress` None shows a bar when stderr is a terminal, and
     otherwise logs one line per logging interval. `world`: this rank's place in a torchrun launch
     (draw/distributed.py); every rank calls train() alike.

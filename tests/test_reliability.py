@@ -19,7 +19,7 @@ from draw.train import train
 
 SMALL = DRAWConfig(height=28, width=28, channels=1, T=3, enc_size=16, dec_size=16, z_size=4, read_n=2, write_n=3)
 QUIET = dict(progress=False, make_figures=False)
-TRAIN = ["train", "--dataset", "synthetic", "--batch-size", "8", "--no-progress"]
+TRAIN = ["train", "--dataset", "synthetic", "--batch-size", "8", "--no-progress", "--step", "eager"]
 
 
 def small_config(**changes) -> TrainConfig:

@@ -195,7 +195,7 @@ def test_an_ignored_sigint_stays_ignored(tmp_path):
         "    if step == 2: os.kill(os.getpid(), signal.SIGINT)\n"
         "    return batch(self, step)\n"
         "t.BatchSampler.batch = b\n"
-        f"sys.exit(__import__('draw.cli').cli.main(['train', '--dataset', 'synthetic', '--steps', '5', '--batch-size', '8',"
+        f"sys.exit(__import__('draw.cli').cli.main(['train', '--dataset', 'synthetic', '--steps', '5', '--batch-size', '8', '--step', 'eager',"
         f" '--out', {str(tmp_path / 'run')!r}, '--no-progress']))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -205,7 +205,8 @@ def test_an_ignored_sigint_stays_ignored(tmp_path):
 
 def test_cli_end_to_end_on_synthetic_data(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "synthetic", "--steps", "4", "--batch-size", "16", "--out", str(run), "--no-progress"]) == 0
+    assert main(["train", "--dataset", "synthetic", "--steps", "4", "--batch-size", "16", "--out", str(run), "--no-progress",
+                 "--step", "eager"]) == 0
     for name in ["checkpoint.pt", "metrics.jsonl", "summary.json", "samples.png", "generation.gif", "generation.png",
                  "reconstruction.gif", "loss_curve.png", "samples_neighbours.png"]:
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
@@ -227,7 +228,7 @@ def test_cli_end_to_end_on_synthetic_data(tmp_path, capsys):
 def test_off_a_terminal_training_logs_plain_lines(tmp_path):
     """Without a terminal: one plain line per logging interval, no carriage-return redraws."""
     result = subprocess.run(
-        [sys.executable, "-m", "draw", "train", "--dataset", "synthetic", "--steps", "6", "--batch-size", "8",
+        [sys.executable, "-m", "draw", "train", "--dataset", "synthetic", "--steps", "6", "--batch-size", "8", "--step", "eager",
          "--log-every", "3", "--out", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=300,
     )
