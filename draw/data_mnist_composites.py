@@ -207,22 +207,13 @@ def load_cluttered(
         "mnist_pickle_sha256": data.MNIST_PICKLE_SHA256,
     }
     path = data_dir / f"mnist_cluttered_{CLUTTERED_SIZE}x{CLUTTERED_SIZE}_seed{CLUTTERED_SEED}.npz"
-    origin = []
-
-    def build() -> dict[str, np.ndarray]:
-        mnist, where = data.mnist_grey_levels(data_dir, progress)
-        origin.append(where)
-        arrays = {}
-        for split, n in zip(data.SPLITS, sizes, strict=True):
-            arrays[split], arrays[f"{split}_labels"], _ = cluttered_mnist(*mnist[split], n, CLUTTERED_SEED, split)
-        return arrays
-
-    arrays, note = data.cached_arrays(path, params, build)
-    made = f"generated from {origin[0]}; " if origin else ""
+    arrays, how = _cached_composite(
+        path, params, sizes, data_dir, progress, lambda x, y, n, split: cluttered_mnist(x, y, n, CLUTTERED_SEED, split)
+    )
     source = (
         f"mnist-cluttered: {'/'.join(map(str, sizes))} images 100x100, digit at a random place plus "
         f"{CLUTTERED_DISTRACTORS} random {CLUTTERED_PATCH}x{CLUTTERED_PATCH} crops of other digits of its split, "
-        f"seed {CLUTTERED_SEED} ({made}{note})"
+        f"seed {CLUTTERED_SEED} ({how})"
     )
     return _dataset("mnist-cluttered", arrays, source, binarize=False)
 
@@ -249,6 +240,19 @@ def load_two_digit(
         "mnist_pickle_sha256": data.MNIST_PICKLE_SHA256,
     }
     path = data_dir / f"mnist_two_digit_{TWO_DIGIT_SIZE}x{TWO_DIGIT_SIZE}_seed{TWO_DIGIT_SEED}.npz"
+    arrays, how = _cached_composite(
+        path, params, sizes, data_dir, progress, lambda x, y, n, split: two_digit_mnist(x, y, n, TWO_DIGIT_SEED, split)
+    )
+    source = (
+        f"mnist-two-digit: {'/'.join(map(str, sizes))} images 60x60 of two digits at random places, "
+        f"train grey levels, valid/test binarized once, seed {TWO_DIGIT_SEED} ({how})"
+    )
+    return _dataset("mnist-two-digit", arrays, source, binarize=True)
+
+
+def _cached_composite(path, params: dict, sizes, data_dir, progress: bool, generate) -> tuple[dict[str, np.ndarray], str]:
+    """Every split made by generate(digits, labels, n, split) from MNIST's split, or read from the verified
+    cache at path (written on the first call); returns (arrays, a note saying whence)."""
     origin = []
 
     def build() -> dict[str, np.ndarray]:
@@ -256,16 +260,11 @@ def load_two_digit(
         origin.append(where)
         arrays = {}
         for split, n in zip(data.SPLITS, sizes, strict=True):
-            arrays[split], arrays[f"{split}_labels"], _ = two_digit_mnist(*mnist[split], n, TWO_DIGIT_SEED, split)
+            arrays[split], arrays[f"{split}_labels"], _ = generate(*mnist[split], n, split)
         return arrays
 
     arrays, note = data.cached_arrays(path, params, build)
-    made = f"generated from {origin[0]}; " if origin else ""
-    source = (
-        f"mnist-two-digit: {'/'.join(map(str, sizes))} images 60x60 of two digits at random places, "
-        f"train grey levels, valid/test binarized once, seed {TWO_DIGIT_SEED} ({made}{note})"
-    )
-    return _dataset("mnist-two-digit", arrays, source, binarize=True)
+    return arrays, (f"generated from {origin[0]}; " if origin else "") + note
 
 
 def _dataset(name: str, arrays: dict[str, np.ndarray], source: str, binarize: bool) -> data.Dataset:
