@@ -7,7 +7,8 @@
     "cuda-graph"  (CUDA) the whole step, optimizer included, captured once as a CUDA graph and
                   replayed: static input buffer, Adam with `capturable=True` and a tensor learning
                   rate, no host syncs inside. The first WARMUP_STEPS steps run eagerly on a side
-                  stream (allocating Adam's state), the next is captured, then every step is a replay.
+                  stream (allocating Adam's state), the next is captured, then every step is a replay;
+                  a capture that fails falls back to eager with one line.
 A step takes the global batch and returns the detached statistics of it that the model names in
 STATISTICS (DRAW: loss, mean L_x, mean L_z; the classifier: loss, error rate), on the device, with no
 host sync. With `accumulate` N it runs N micro-batches (each loss scaled by 1/N) before
@@ -161,7 +162,18 @@ class TrainStep:
             return self._static_stats.clone()
         if self.steps_run <= WARMUP_STEPS or (self._graph is not None):
             return self._side_stream_step(batch)  # warm-up, or a batch of another shape (the last, short one)
-        return self._capture_and_replay(batch)
+        try:
+            return self._capture_and_replay(batch)
+        except (KeyboardInterrupt, torch.OutOfMemoryError):
+            raise
+        except Exception as e:  # the capture failed (nothing of the step ran): train eagerly instead
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            log.warning(f"CUDA graph capture failed ({type(e).__name__}: {first_line[:200]}); training eagerly "
+                        "(the latent noise from here on differs from a graphed run's)")
+            torch.cuda.synchronize(self.device)
+            self.mode, self.graphed, self._graph = "eager", False, None
+            self.set_lr(lr)  # a float learning rate again; Adam keeps its state on the device
+            return self._step(batch)
 
     def _first_compiled_step(self, batch: tuple) -> torch.Tensor:
         rng = torch.get_rng_state()
