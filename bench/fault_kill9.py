@@ -26,19 +26,16 @@ import common
 from draw.checkpoint import load_checkpoint
 from draw.rundir import read_metrics
 
-STEPS = 200
-
-
-def command(out: pathlib.Path, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "draw", "train", "--dataset", "synthetic", "--steps", str(STEPS), "--batch-size", "16",
-            "--checkpoint-every", "2", "--log-every", "1", "--eval-every", str(STEPS), "--out", str(out),
+def command(out: pathlib.Path, resume: bool, steps: int) -> list[str]:
+    return [sys.executable, "-m", "draw", "train", "--dataset", "synthetic", "--steps", str(steps), "--batch-size", "16",
+            "--checkpoint-every", "2", "--log-every", "1", "--eval-every", str(steps), "--out", str(out),
             "--no-progress", "--threads", "1", "--step", "eager"] + (["--resume"] if resume else [])
 
 
-def kill_once(out: pathlib.Path, rng: random.Random, aim_at_write: bool, timeout_s: float) -> tuple[bool, bool]:
+def kill_once(out: pathlib.Path, rng: random.Random, aim_at_write: bool, timeout_s: float, steps: int) -> tuple[bool, bool]:
     """Start (or resume) the run and SIGKILL it. Returns (killed, during_a_checkpoint_write)."""
     resume = (out / "checkpoint.pt").exists()
-    proc = subprocess.Popen(command(out, resume), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command(out, resume, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + (timeout_s if aim_at_write else rng.uniform(1.0, 6.0))
     writing = False
     while proc.poll() is None and time.monotonic() < deadline:
@@ -56,6 +53,7 @@ def kill_once(out: pathlib.Path, rng: random.Random, aim_at_write: bool, timeout
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=40, help="SIGKILLs to deliver (default 40)")
+    p.add_argument("--steps", type=int, default=400, help="length of the run in steps (default 400)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--markdown", default=None, metavar="PATH")
@@ -66,10 +64,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         reference, faulty = tmp / "reference", tmp / "faulty"
-        subprocess.run(command(reference, False), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(command(reference, False, args.steps), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         kills = during_writes = damaged = 0
         while kills < args.kills:
-            killed, writing = kill_once(faulty, rng, aim_at_write=kills % 2 == 0, timeout_s=20.0)
+            killed, writing = kill_once(faulty, rng, aim_at_write=kills % 2 == 0, timeout_s=20.0, steps=args.steps)
             if not killed:
                 break  # the run finished before the kill
             kills += 1
@@ -82,13 +80,13 @@ def main(argv=None) -> int:
             except Exception as e:  # a damaged file: the thing this benchmark hunts
                 damaged += 1
                 common.log(f"kill {kills}: {type(e).__name__}: {e}")
-        finish = subprocess.run(command(faulty, (faulty / "checkpoint.pt").exists()), capture_output=True, text=True)
+        finish = subprocess.run(command(faulty, (faulty / "checkpoint.pt").exists(), args.steps), capture_output=True, text=True)
         losses = {d: [(r["step"], r["loss"]) for r in read_metrics(d / "metrics.jsonl") if "loss" in r] for d in (reference, faulty)}
         a, b = load_checkpoint(reference), load_checkpoint(faulty)
         weights_equal = all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
         row = {"kills": kills, "during_checkpoint_writes": during_writes, "damaged_files": damaged,
-               "finished": finish.returncode == 0 and b["step"] == STEPS, "losses_equal": losses[reference] == losses[faulty],
-               "weights_bitwise_equal": weights_equal, "steps": STEPS}
+               "finished": finish.returncode == 0 and b["step"] == args.steps, "losses_equal": losses[reference] == losses[faulty],
+               "weights_bitwise_equal": weights_equal, "steps": args.steps}
     columns = [(k, k.replace("_", " ")) for k in row]
     print(common.text_table([row], columns))
     meta = common.metadata(torch.device("cpu"), command=" ".join([sys.executable, *sys.argv]), seed=args.seed)
