@@ -132,6 +132,15 @@ def test_resume_continues_with_identical_losses(tmp_path):
     assert len(bounds) == 2 and all(math.isfinite(v) for v in bounds)
 
 
+@pytest.fixture
+def interactive_sigint():
+    """SIGINT handled as in an interactive terminal, also when the suite runs as a background job
+    (which inherits SIGINT ignored, a disposition the training loop respects)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def interrupt_at(monkeypatch, at_step: int, signum: int):
     from draw import train as train_module
 
@@ -147,7 +156,7 @@ def interrupt_at(monkeypatch, at_step: int, signum: int):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["INT", "TERM", "HUP"])
-def test_a_signal_stops_on_a_step_boundary_and_resumes_exactly(tmp_path, monkeypatch, signum):
+def test_a_signal_stops_on_a_step_boundary_and_resumes_exactly(tmp_path, monkeypatch, signum, interactive_sigint):
     from draw.train import TrainingStopped
 
     full = tmp_path / "full"
@@ -165,7 +174,7 @@ def test_a_signal_stops_on_a_step_boundary_and_resumes_exactly(tmp_path, monkeyp
     assert {s: signal.getsignal(s) for s in before} == before  # the handlers that were there come back
 
 
-def test_a_stop_between_two_records_logs_the_same_losses(tmp_path, monkeypatch):
+def test_a_stop_between_two_records_logs_the_same_losses(tmp_path, monkeypatch, interactive_sigint):
     """The running loss sums travel in the checkpoint: a stop between two training records changes
     none of the logged losses (seen with the default interval: the sums restarted at zero)."""
     from draw.train import TrainingStopped
