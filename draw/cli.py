@@ -118,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--log-every, --checkpoint-every and --accumulate (and how it runs: --device, --backend, --step, "
                         "--threads, the number of torchrun ranks) may change")
     _common(t, backend_help="attention backend (default auto: the Triton kernels on CUDA, the reference elsewhere)")
-    t.add_argument("--step", choices=STEP_MODES, default="auto", dest="step_mode",
-                   help="how the training step runs: eager, compile (torch.compile), cuda-graph (the whole step as one "
-                        "CUDA graph, not under torchrun); auto: cuda-graph on CUDA (eager under torchrun), eager on CPU")
+    t.add_argument("--step", choices=STEP_MODES, dest="step_mode",
+                   help="how the training step runs: eager, compile (torch.compile; eager if it fails), cuda-graph (the "
+                        "whole step as one CUDA graph, not under torchrun); auto: cuda-graph on CUDA (eager under torchrun), "
+                        "eager on CPU. Default: the preset's (mnist-quick: compile), or for --resume the mode that ran the run")
     t.add_argument("--compile", action="store_const", const="compile", dest="step_mode", help="same as --step compile")
     t.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help="torch.compile mode with --step compile")
     t.add_argument("--data-dir", type=pathlib.Path, help="dataset cache (default $DRAW_DATA_DIR or ~/.cache/draw)")

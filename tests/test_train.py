@@ -286,6 +286,27 @@ def test_a_version_1_checkpoint_trained_with_triton_evaluates_and_resumes_on_cpu
     assert load_checkpoint(run)["step"] == 3
 
 
+def test_the_step_mode_is_the_presets_and_a_resume_keeps_the_one_that_ran(tmp_path, monkeypatch):
+    """mnist-quick asks for the compiled step; --step overrides; --resume keeps the checkpoint's mode."""
+    from draw import train as train_module
+
+    asked = []
+
+    class Recording(TrainStep):
+        def __init__(self, *args, mode, **kwargs):
+            asked.append(mode)
+            super().__init__(*args, mode="eager", **kwargs)  # record the choice, run eagerly (no compile here)
+
+    monkeypatch.setattr(train_module, "TrainStep", Recording)
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "synthetic", "--batch-size", "8", "--no-progress", "--out", str(run)]
+    assert main(args + ["--steps", "2"]) == 0
+    assert main(args + ["--steps", "3", "--resume"]) == 0
+    assert main(args + ["--steps", "4", "--resume", "--step", "auto"]) == 0
+    assert asked == ["compile", "eager", "auto"]
+    assert load_checkpoint(run)["step_mode"] == "eager"
+
+
 def test_cli_version_presets_and_python_m(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
