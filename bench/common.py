@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from draw import device as draw_device
+
 BENCH_DIR = Path(__file__).resolve().parent
 GIB = 1 << 30
 MIB = 1 << 20
@@ -29,13 +31,12 @@ MIB = 1 << 20
 
 
 def pick_device(name: str) -> torch.device:
-    """"auto" -> CUDA when available, else CPU; otherwise the named device (must be usable)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
-    return device
+    """"auto" -> CUDA when available, else CPU; otherwise the named device (must be usable): draw.device's
+    reading of the flag, a bad one ending the script with its one-line message."""
+    try:
+        return draw_device.pick_device(name)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def cpu_cores() -> int:

@@ -14,6 +14,7 @@ import sys
 
 from draw import __version__
 from draw.config import DATASETS, DEFAULT_PRESET, LR_SCHEDULES, PRESETS, TrainConfig, get_preset
+from draw.device import is_device_name, pick_device
 
 BACKENDS = ("auto", "reference", "triton")  # draw.kernels.BACKENDS, named here so --help needs no torch
 STEP_MODES = ("auto", "eager", "compile", "cuda-graph")  # draw.step.STEP_MODES
@@ -56,7 +57,7 @@ def _seed(text: str) -> int:
 
 
 def _device_name(text: str) -> str:
-    if text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+    if is_device_name(text):
         return text
     raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
 
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", type=pathlib.Path, help="dataset cache, for --neighbours and classifiers (default $DRAW_DATA_DIR or ~/.cache/draw)")
     _common(s, backend_help="attention backend (default auto)")
 
-    v = sub.add_parser("verify", add_help=False, help="check the fused Triton kernels against the reference on this machine "
+    sub.add_parser("verify", add_help=False, help="check the fused Triton kernels against the reference on this machine "
                        "(`draw verify --help` lists its flags)")
     sub.add_parser("presets", help="list the presets, one per line, with their data and training defaults")
     return parser
@@ -166,20 +167,6 @@ def _set_threads(threads: int | None) -> None:
     os.environ["OMP_NUM_THREADS"] = str(count)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(count)
-
-
-def _device(name):
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name} was asked for, but no CUDA device is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 TRAIN_FLAGS = {  # TrainConfig field: argparse dest, for the flags that set one
@@ -209,7 +196,7 @@ def cmd_train(args) -> int:
             given["epochs"] = preset.train.epochs  # --steps and --epochs exclude each other; steps wins
         config = TrainConfig.from_dict({**preset.train.to_dict(), **given})
     # under torchrun: one rank of a data-parallel run (draw/distributed.py); else a plain process
-    with process_group_from_environment(_device(args.device), args.dist_timeout) as (world, device):
+    with process_group_from_environment(pick_device(args.device), args.dist_timeout) as (world, device):
         if args.resume:
             model_config = preset.model if args.preset else None
             train(out, resume=True, model_config=model_config, overrides=given, device=device, world=world, **runtime)
@@ -224,7 +211,7 @@ def _load_model(args):
     from draw.checkpoint import load_checkpoint, model_from_checkpoint
     from draw.kernels import resolve_backend
 
-    device = _device(args.device)
+    device = pick_device(args.device)
     payload = load_checkpoint(args.checkpoint, map_location=device)
     resolve_backend(args.backend, device)
     model = model_from_checkpoint(payload).to(device).eval()
@@ -270,7 +257,7 @@ def cmd_sample(args) -> int:
     out = args.out or pathlib.Path(payload["path"]).parent / "samples"
     if not hasattr(model, "generate"):  # the glimpse classifier: where it looks, on test images
         from draw.data import load_dataset
-        from draw.figures import GLIMPSE_IMAGES, save_glimpse_figure
+        from draw.figures import save_glimpse_figure
 
         cfg = model.config
         data = load_dataset(payload["train_config"]["dataset"], args.data_dir, shape=(cfg.channels, cfg.height, cfg.width))

@@ -174,7 +174,7 @@ class Run:
     device: torch.device
     start_step: int
     total_steps: int
-    sums: torch.Tensor  # [3] running sums of (loss, L_x, L_z) since the last training record
+    sums: torch.Tensor  # [k] running sums of the model's STATISTICS since the last training record
     count: int = 0
     last_eval: dict | None = None
     progress: bool = False

@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from draw import kernels
+from draw.device import pick_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # max|error| / max|reference|. fp32: the kernels compute in fp32. bf16 / fp16: the kernels load the
@@ -276,17 +277,6 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    return device
-
-
 def _rerun_with_interpreter(args) -> int:
     """Run this command again in a fresh Python process with TRITON_INTERPRET=1 set before triton loads."""
     package_root = str(pathlib.Path(__file__).resolve().parents[1])  # the folder holding draw/
@@ -382,7 +372,7 @@ def run(args) -> int:
     sweep, dtypes = getattr(args, "sweep", None), getattr(args, "dtypes", None)
     only, json_path = getattr(args, "only", None), getattr(args, "json", None)
     try:
-        device = _pick_device(getattr(args, "device", "auto"))
+        device = pick_device(getattr(args, "device", "auto"))
     except ValueError as error:
         print(f"draw verify: {error}", file=sys.stderr)
         return 2
