@@ -66,7 +66,8 @@ def _preset_line(name: str) -> str:
     p = PRESETS[name]
     m, t = p.model, p.train
     length = f"{t.steps} steps" if t.steps else f"{t.epochs:g} epochs"
-    training = f"data {t.dataset}, batch {t.batch_size}, lr {t.lr:g} {t.lr_schedule}, {length}"
+    clutter = " (fresh clutter every batch)" if t.fresh_clutter else ""
+    training = f"data {t.dataset}{clutter}, batch {t.batch_size}, lr {t.lr:g} {t.lr_schedule}, {length}"
     if not hasattr(m, "T"):  # the glimpse classifier
         return (f"{name}: classifier, {m.channels}x{m.height}x{m.width}, {m.glimpses} glimpses of {m.read_n}x{m.read_n}, "
                 f"LSTM {m.lstm_size}; {training}. {p.description}")
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tf32", action="store_true", default=None, help="CUDA: TF32 matmuls for the LSTMs and linear layers")
     t.add_argument("--seed", type=_seed, help="random seed (default 0)")
     t.add_argument("--fixed-binarization", action="store_true", default=None, help="binarize the training set once instead of every batch")
+    t.add_argument("--fresh-clutter", action=argparse.BooleanOptionalAction, default=None,
+                   help="mnist-cluttered: new positions and distractors around the training digits in every batch, "
+                        "instead of the 50k stored images (default: the preset's)")
     t.add_argument("--eval-every", type=_positive_int, help="steps between test-bound evaluations (default: the preset's)")
     t.add_argument("--log-every", type=_positive_int, help="steps between training-loss records (default 50)")
     t.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints (default 500)")
@@ -172,6 +176,7 @@ def _set_threads(threads: int | None) -> None:
 TRAIN_FLAGS = {  # TrainConfig field: argparse dest, for the flags that set one
     "dataset": "dataset", "batch_size": "batch_size", "lr": "lr", "lr_schedule": "lr_schedule",
     "warmup_steps": "warmup_steps", "amp": "amp", "tf32": "tf32", "seed": "seed", "fixed_binarization": "fixed_binarization",
+    "fresh_clutter": "fresh_clutter",
     "steps": "steps", "epochs": "epochs", "eval_every": "eval_every", "log_every": "log_every",
     "checkpoint_every": "checkpoint_every", "accumulate": "accumulate",
 }

@@ -119,6 +119,7 @@ class TrainConfig:
     grad_clip: float = 10.0  # max global gradient norm
     seed: int = 0
     fixed_binarization: bool = False  # False: a fresh Bernoulli draw of every training batch
+    fresh_clutter: bool = False  # mnist-cluttered: new clutter around the training digits in every batch
     amp: str = "none"  # "none" or "bf16" autocast
     tf32: bool = False  # CUDA: TF32 tensor-core matmuls for the LSTMs and linear layers
     steps: int | None = None
@@ -142,6 +143,8 @@ class TrainConfig:
         if self.amp not in AMP_MODES:
             raise ValueError(f"TrainConfig.amp must be one of {AMP_MODES}, got {self.amp!r}")
         _check_int("TrainConfig", "warmup_steps", self.warmup_steps, 0)
+        if self.fresh_clutter and self.dataset != "mnist-cluttered":
+            raise ValueError(f"fresh_clutter (--fresh-clutter) draws mnist-cluttered images, not {self.dataset!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"TrainConfig.seed must be an int from 0 to {MAX_SEED}, got {self.seed!r}")
         if self.steps is not None:

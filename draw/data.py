@@ -110,6 +110,9 @@ class Dataset:
             centre-cropped to that size. None: use images whole.
         labels: {split: int64 tensor [N] (or [N, K] for images of K digits, -1 padding)} where
             labels are known, else None.
+        fresh_train: composite data that can be drawn anew (mnist-cluttered): a callable
+            (indices [b] of source digits, seed) -> (uint8 images [b, C, H, W], labels [b]) that
+            TrainConfig.fresh_clutter uses in place of the stored training images. Else None.
     """
 
     name: str
@@ -121,6 +124,7 @@ class Dataset:
     binarize: bool = True
     train_crop: int | None = None
     labels: dict[str, torch.Tensor] | None = None
+    fresh_train: Callable[[np.ndarray, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -70,12 +70,19 @@ def cluttered_layout(
     distractors: int = CLUTTERED_DISTRACTORS,
     patch: int = CLUTTERED_PATCH,
     digit_side: int = 28,
+    digit: np.ndarray | None = None,
 ) -> Layout:
-    """Draw the layout of n_images cluttered images from n_digits >= 2 source digits."""
+    """Draw the layout of n_images cluttered images from n_digits >= 2 source digits.
+
+    The digits to classify run through random permutations of the source digits, unless `digit`
+    ([n_images] int64 indices) names them.
+    """
     if n_digits < 2:
         raise ValueError(f"cluttered MNIST needs at least 2 source digits, got {n_digits}")
-    epochs = -(-n_images // n_digits)
-    digit = np.concatenate([rng.permutation(n_digits) for _ in range(epochs)])[:n_images, None]  # [n, 1]
+    if digit is None:
+        epochs = -(-n_images // n_digits)
+        digit = np.concatenate([rng.permutation(n_digits) for _ in range(epochs)])[:n_images]
+    digit = np.asarray(digit, np.int64).reshape(n_images, 1)  # [n, 1]
     digit_at = rng.integers(0, size - digit_side + 1, (n_images, 1, 2))
     other = digit + rng.integers(1, n_digits, (n_images, distractors))  # never the digit itself
     crop_at = rng.integers(0, digit_side - patch + 1, (n_images, distractors, 2))
@@ -183,6 +190,30 @@ def two_digit_mnist(
     return images, labels[layout.digit].astype(np.int64), layout
 
 
+class FreshClutter:
+    """New cluttered training images for every batch (TrainConfig.fresh_clutter): each call places the
+    chosen training digits at new random positions among new distractors, with the generator seeded
+    by `seed`, so a batch is a pure function of (run seed, step) and a resume redraws it exactly.
+
+    Indices are MNIST's 50k training digits (as many as the stored training images), so an epoch
+    still shows every training digit once. The digits are read from mnist.pkl.gz on first use.
+    """
+
+    def __init__(self, data_dir: pathlib.Path, progress: bool = True):
+        self.data_dir, self.progress = data_dir, progress
+        self._digits = self._labels = None
+
+    def __call__(self, chosen: np.ndarray, seed: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images [b, 1, 100, 100] uint8, labels [b] int64) of the training digits `chosen` [b]."""
+        if self._digits is None:
+            mnist, _ = data.mnist_grey_levels(self.data_dir, self.progress)
+            self._digits, self._labels = mnist["train"]
+        rng = np.random.default_rng(seed)
+        layout = cluttered_layout(len(self._digits), len(chosen), rng, digit=chosen)
+        images = compose(self._digits, layout, CLUTTERED_SIZE)
+        return torch.from_numpy(images), torch.from_numpy(self._labels[layout.digit[:, 0]].astype(np.int64))
+
+
 def load_cluttered(
     data_dir: pathlib.Path, *, progress: bool = True, sizes: tuple[int, int, int] | None = None
 ) -> data.Dataset:
@@ -215,7 +246,9 @@ def load_cluttered(
         f"{CLUTTERED_DISTRACTORS} random {CLUTTERED_PATCH}x{CLUTTERED_PATCH} crops of other digits of its split, "
         f"seed {CLUTTERED_SEED} ({how})"
     )
-    return _dataset("mnist-cluttered", arrays, source, binarize=False)
+    dataset = _dataset("mnist-cluttered", arrays, source, binarize=False)
+    dataset.fresh_train = FreshClutter(data_dir, progress)
+    return dataset
 
 
 def load_two_digit(

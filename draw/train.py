@@ -75,6 +75,9 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return max(1, n_train // batch_size)
 
 
+FRESH_STREAM = 7  # keeps the fresh-clutter generators' seeds apart from any other (seed, ...) seed
+
+
 class BatchSampler:
     """Training batches, a pure function of (step, generator state): identical after a resume, and the
     same global batches on every rank of a data-parallel run, whatever its world size.
@@ -82,7 +85,9 @@ class BatchSampler:
     Each epoch visits the training set in a permutation seeded by (seed, epoch). Grey-level data
     (`data.binarize`) is binarized afresh in every batch (a Bernoulli draw of the grey levels) with a
     generator whose state is checkpointed, or once for the whole set with fixed_binarization; colour
-    data is used as it is. Data with a `train_crop` (svhn) gives each image a random crop.
+    data is used as it is. Data with a `train_crop` (svhn) gives each image a random crop. With
+    fresh_clutter the chosen indices are training digits that `data.fresh_train` composes into new
+    images, with a generator seeded by (seed, step).
     """
 
     def __init__(self, data: Dataset, config: TrainConfig, device: torch.device, *, with_labels: bool = False):
@@ -93,6 +98,9 @@ class BatchSampler:
                 raise ValueError(f"{data.name} has no labels to train a classifier on")
             self.labels = data.labels["train"].to(device)  # [N]
         self.device = device
+        self.fresh = data.fresh_train if config.fresh_clutter else None
+        if config.fresh_clutter and self.fresh is None:
+            raise ValueError(f"--fresh-clutter needs data that can be drawn anew (mnist-cluttered), not {data.name}")
         self.crop = data.train_crop
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
@@ -114,6 +122,10 @@ class BatchSampler:
             self._epoch = epoch
         b = self.config.batch_size
         chosen = self._perm[index * b : (index + 1) * b]
+        if self.fresh is not None:
+            images, labels = self.fresh(chosen.cpu().numpy(), (self.config.seed, FRESH_STREAM, step))
+            x = to_float(images.to(self.device))  # [B, C, H, W]
+            return x if self.labels is None else (x, labels.to(self.device))
         x = to_float(self.train[chosen])  # [B, C, H, W]
         if self.crop is not None:
             x = random_crop(x, self.crop, self.generator)

@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import io
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -172,6 +173,48 @@ def test_damaged_or_stale_cluttered_cache_is_regenerated(tmp_path, fake_mnist, m
     with pytest.warns(UserWarning, match="other parameters"):
         bigger = composites.load_cluttered(tmp_path, progress=False, sizes=(20, 6, 7))
     assert len(bigger.test) == 7 and torch.equal(bigger.train, first.train), "same seed, same train images"
+
+
+def test_fresh_clutter_composes_the_chosen_digits_anew(tmp_path, fake_mnist, monkeypatch):
+    monkeypatch.setattr(composites, "CLUTTERED_SIZES", (24, 10, 8))
+    d = data.load_dataset("mnist-cluttered", tmp_path, progress=False)
+    digits, labels = fake_mnist[0][0].reshape(-1, 28, 28), fake_mnist[0][1]
+    chosen = np.array([5, 0, 23, 5])
+    images, got_labels = d.fresh_train(chosen, (3, 7, 11))
+    assert images.shape == (4, 1, 100, 100) and images.dtype == torch.uint8
+    assert got_labels.tolist() == labels[chosen].tolist()
+    # the same layout drawn by hand and rendered one image at a time, as DeepMind's generator does
+    layout = composites.cluttered_layout(len(digits), 4, np.random.default_rng((3, 7, 11)), digit=chosen)
+    assert layout.digit[:, 0].tolist() == chosen.tolist() and (layout.distractor != layout.digit).all()
+    assert np.array_equal(images.numpy(), loop_cluttered(digits, layout, 100))
+    assert torch.equal(d.fresh_train(chosen, (3, 7, 11))[0], images), "same seed, same images"
+    other = d.fresh_train(chosen, (3, 7, 12))[0]
+    assert not torch.equal(other, images), "another seed places the digits and the clutter elsewhere"
+
+
+def test_fresh_clutter_batches_are_new_every_step_and_exact_on_resume(tmp_path, fake_mnist, monkeypatch):
+    from draw.config import TrainConfig
+    from draw.train import BatchSampler
+
+    monkeypatch.setattr(composites, "CLUTTERED_SIZES", (24, 10, 8))
+    d = data.load_dataset("mnist-cluttered", tmp_path, progress=False)
+    config = TrainConfig(dataset="mnist-cluttered", batch_size=8, fresh_clutter=True)
+    sampler = BatchSampler(d, config, torch.device("cpu"), with_labels=True)
+    assert sampler.per_epoch == 3
+    epoch = [sampler.batch(step) for step in range(3)]
+    x, y = epoch[0]
+    assert x.shape == (8, 1, 100, 100) and x.dtype == torch.float32 and y.shape == (8,)
+    assert not any(torch.equal(x, d.images("train", torch.arange(k, k + 8))) for k in range(17))
+    labels = torch.as_tensor(fake_mnist[0][1])
+    seen = torch.cat([sampler._perm[i * 8 : (i + 1) * 8] for i in range(3)])
+    assert sorted(seen.tolist()) == list(range(24)), "an epoch shows every training digit once"
+    assert torch.equal(torch.cat([b[1] for b in epoch]), labels[seen])
+    again = BatchSampler(d, config, torch.device("cpu"), with_labels=True)  # a resumed run
+    assert all(torch.equal(a, b) for a, b in zip(again.batch(2), epoch[2]))
+    plain = BatchSampler(d, replace(config, fresh_clutter=False), torch.device("cpu"), with_labels=True)
+    assert torch.equal(plain.batch(0)[0], d.images("train", plain._perm[:8]))
+    with pytest.raises(ValueError, match="fresh-clutter.*'mnist'"):
+        TrainConfig(dataset="mnist", fresh_clutter=True)
 
 
 def test_two_digit_dataset(tmp_path, fake_mnist, monkeypatch):
