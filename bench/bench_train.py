@@ -12,7 +12,7 @@ Modes (attention backend and how draw.step.TrainStep runs the step; the step is 
 --compile-mode defaults to "reduce-overhead" on CUDA: inductor plus CUDA graphs, because a T = 64 step
 recurrence of small kernels is launch-bound at the batch sizes DRAW trains with; on CPU "default".
 
-    python bench/bench_train.py                                    # CPU: 3 MNIST presets at batch 64
+    python bench/bench_train.py                                    # CPU: 3 MNIST presets at their CPU batch (CPU_PLAN)
     python bench/bench_train.py --json train.json --plot train.png # CUDA: the default plan below
 """
 
@@ -36,7 +36,7 @@ MODES = {  # mode: (attention backend, TrainStep mode)
 }
 CUDA_ONLY_MODES = ("triton", "triton-compiled", "triton-graph")
 AMPS = ("fp32", "bf16")
-CPU_PLAN = {"mnist-quick": (64,), "mnist-paper": (64,), "mnist-noattn": (64,)}
+CPU_PLAN = {"mnist-quick": (128,), "mnist-paper": (64,), "mnist-noattn": (64,)}
 CUDA_PLAN = {"mnist-paper": (256, 1024, 4096), "svhn-paper": (256, 1024), "cifar-paper": (256, 1024)}
 FALLBACK_BATCHES = {"cpu": (64,), "cuda": (256, 1024)}  # a preset named in --presets but not in the plan
 
@@ -159,7 +159,7 @@ def parse_args(argv=None):
                    help=f"comma-separated names from draw.config.PRESETS; default on CPU {','.join(CPU_PLAN)}, "
                    f"on CUDA {','.join(CUDA_PLAN)} (missing presets are skipped with a message)")
     p.add_argument("--batch-sizes", type=lambda s: [int(b) for b in common.split_list(s)], default=None,
-                   help="comma-separated batch sizes for every preset; default per preset: CPU 64, "
+                   help="comma-separated batch sizes for every preset; default per preset: CPU mnist-quick 128, others 64, "
                    "CUDA mnist-paper 256,1024,4096 and the colour presets 256,1024")
     p.add_argument("--modes", type=common.split_list, default=None,
                    help=f"comma-separated from {','.join(MODES)}; default reference on CPU, "

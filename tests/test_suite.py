@@ -23,3 +23,20 @@ def test_quick_suite_runs_every_part(tmp_path):
     assert any(line.startswith("train mnist-quick batch 16") for line in suite["headline"])
     assert (tmp_path / "suite.md").read_text().startswith("# Benchmark suite")
     assert result.stdout.strip().splitlines()[-1].startswith("train ")  # the summary comes last
+
+
+def test_the_recipe_benchmark_names_the_default_it_measured():
+    """bench/bench_recipe.py's "default" variant is today's mnist-quick, so its table cannot go stale."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_recipe
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from draw.config import PRESETS
+
+    preset = PRESETS["mnist-quick"]
+    (default,) = [name for name in bench_recipe.VARIANTS if name.startswith("default:")]
+    model, train = bench_recipe.configs(default, epochs=preset.train.epochs)
+    assert model == preset.model
+    assert train.to_dict() == {**preset.train.to_dict(), "eval_every": bench_recipe.IMAGES_PER_EVAL // train.batch_size}
+    assert len({bench_recipe.slug(name) for name in bench_recipe.VARIANTS}) == len(bench_recipe.VARIANTS)
