@@ -194,8 +194,9 @@ PRESETS = {
         "the paper's MNIST model without attention: 87.40 nats in the paper",
     ),
     # Two-digit MNIST (Sec. 4.3): the paper gives no sizes. Twice MNIST's glimpses for two digits
-    # (T 32 of mnist-quick's 16), and read and write grids as wide as MNIST's relative to a digit
-    # (a 28x28 digit in a 60x60 image: 6x6 grids where MNIST's quick model reads 5x5).
+    # (T 32 of mnist-quick's 16), the paper's MNIST LSTMs and z (256, 100), and 6x6 read and write
+    # grids, chosen when mnist-quick read and wrote 5x5 (a grid a little wider for a digit that can
+    # be anywhere in a 60x60 image).
     "mnist-two-digit": Preset(
         DRAWConfig(height=60, width=60, T=32, enc_size=256, dec_size=256, z_size=100, read_n=6, write_n=6),
         TrainConfig(batch_size=100, lr=1e-3, epochs=50, eval_every=2000, dataset="mnist-two-digit"),
