@@ -79,14 +79,13 @@ def result(name: str, run_dir: pathlib.Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     wall = run_dir / WALL_FILE
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    bounds = [(r["epoch"] if "epoch" in r else None, r["step"], r["test_bound"]) for r in records if "test_bound" in r]
     rates = [r["images_per_s"] for r in records if "images_per_s" in r][1:]  # the first interval holds the compile
     per_epoch = summary["steps"] / summary["epochs"]
     return {
         "variant": name,
         "test_bound": summary["test_bound_nats"],
         "stderr": summary["test_bound_stderr"],
-        "curve": [{"epoch": round(step / per_epoch, 3), "test_bound": bound} for _, step, bound in bounds],
+        "curve": [{"epoch": round(r["step"] / per_epoch, 3), "test_bound": r["test_bound"]} for r in records if "test_bound" in r],
         "images_per_s": statistics.median(rates) if rates else None,
         "wall_s": json.loads(wall.read_text())["wall_s"] if wall.exists() else None,
         "model_config": summary["model_config"],

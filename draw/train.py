@@ -104,7 +104,9 @@ class BatchSampler:
         self.crop = data.train_crop
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
-        train = data.train.to(device)  # [N, C, H, W], float32 or uint8 (kept compact)
+        # [N, C, H, W], float32 or uint8 (kept compact); with fresh clutter only its length is used,
+        # so it stays where it is rather than taking device memory
+        train = data.train if self.fresh is not None else data.train.to(device)
         if data.binarize and config.fixed_binarization and not data.train_is_binary:
             fixed = torch.Generator(device=device)
             fixed.manual_seed(config.seed + 1)
