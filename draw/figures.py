@@ -28,6 +28,7 @@ __all__ = [
     "save_sequence_strip",
     "save_loss_curve",
     "save_loss_comparison",
+    "save_error_curve",
     "samples_with_neighbours_grid",
     "save_samples_with_neighbours",
     "write_model_figures",
@@ -440,13 +441,26 @@ def _y_limits(series: list[tuple[np.ndarray, np.ndarray]], from_zero: bool) -> t
     return bottom - 0.1 * span, top + 0.35 * span  # room above for the descent into the zoomed range
 
 
-def _figure(title: str | None, xlabel: str):
+def _figure(title: str | None, xlabel: str, ylabel: str = "nats per image", gradient_records: list[dict] | None = None):
+    """A figure with one axes, or, when gradient_records hold gradient norms, a second one below it
+    (same x) with those norms on a log scale: the spikes a loss curve hides. Returns (fig, ax)."""
     from matplotlib.figure import Figure  # object-oriented API: no pyplot, no global backend
 
-    fig = Figure(figsize=(9, 4.2), dpi=120, layout="constrained")
-    ax = fig.subplots()
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("nats per image")
+    gradient = _series(gradient_records, "step", "grad_norm") if gradient_records else (np.zeros(0), np.zeros(0))
+    fig = Figure(figsize=(9, 5.6 if len(gradient[0]) else 4.2), dpi=120, layout="constrained")
+    if len(gradient[0]):
+        ax, grad_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+        grad_ax.plot(*gradient, color="tab:purple", alpha=0.35, linewidth=0.8, label="gradient norm before clipping")
+        grad_ax.plot(gradient[0], _smooth(gradient[1]), color="tab:purple", linewidth=1.5, label="smoothed")
+        grad_ax.set_yscale("log")
+        grad_ax.set_ylabel("gradient norm")
+        grad_ax.set_xlabel(xlabel)
+        grad_ax.grid(True, alpha=0.3)
+        grad_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    else:
+        ax = fig.subplots()
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     if title:
         ax.set_title(title)
@@ -465,9 +479,10 @@ def _finish(fig, ax, limits, path) -> pathlib.Path:
 def save_loss_curve(metrics_path_or_records, path, title: str | None = None) -> pathlib.Path:
     """Plot one run: training loss (raw, light, and smoothed), L_x and L_z (smoothed), and the test bound.
 
-    Training records carry {"step", "loss", "l_x", "l_z"}; evaluation records {"step", "test_bound"}
-    (nats); other records and non-finite values are ignored. The y axis runs from 0 to the late
-    half's 95th percentile plus a margin, so the huge first losses do not flatten the curve.
+    Training records carry {"step", "loss", "l_x", "l_z"} (and "grad_norm", plotted in a panel below);
+    evaluation records {"step", "test_bound"} (nats); other records and non-finite values are ignored.
+    The y axis runs from 0 to the late half's 95th percentile plus a margin, so the huge first losses
+    do not flatten the curve.
 
     Args:
         metrics_path_or_records: a metrics.jsonl path, or a list of dicts.
@@ -484,7 +499,7 @@ def save_loss_curve(metrics_path_or_records, path, title: str | None = None) -> 
     if len(loss[0]) == 0 and len(bound[0]) == 0:
         raise ValueError("no training ('step', 'loss') or evaluation ('step', 'test_bound') records to plot")
 
-    fig, ax = _figure(title, "step")
+    fig, ax = _figure(title, "step", gradient_records=records)
     if len(loss[0]):
         ax.plot(*loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss, per logged step")
         ax.plot(
@@ -538,6 +553,37 @@ def save_loss_comparison(runs: dict, path, x: str = "step", title: str | None = 
             )
         series += [smoothed, bound]
     return _finish(fig, ax, _y_limits(series, from_zero=False), path)
+
+
+def save_error_curve(metrics_path_or_records, path, title: str | None = None) -> pathlib.Path:
+    """Plot one classifier run: training error (per record, light, and smoothed) and test error, in %
+    on a log scale (chance and the last few per cent both in view), with the gradient norm below.
+
+    Training records carry {"step", "error"} (and "grad_norm"); evaluation records {"step",
+    "test_error"}; both are fractions. Other records and non-finite values are ignored. The
+    arguments and the return are save_loss_curve's.
+    """
+    records = _load_records(metrics_path_or_records)
+    train, test = _series(records, "step", "error"), _series(records, "step", "test_error")
+    if len(train[0]) == 0 and len(test[0]) == 0:
+        raise ValueError("no training ('step', 'error') or evaluation ('step', 'test_error') records to plot")
+    fig, ax = _figure(title, "step", "error (%)", gradient_records=records)
+    floor = 0.1  # per cent: an error of 0 still has a place on the log axis
+    if len(train[0]):
+        ax.plot(train[0], np.maximum(100 * train[1], floor), color="tab:blue", alpha=0.25, linewidth=0.8, label="training error, per record")
+        ax.plot(train[0], np.maximum(100 * _smooth(train[1]), floor), color="tab:blue", linewidth=1.8, label="training error (smoothed)")
+    if len(test[0]):
+        ax.plot(test[0], np.maximum(100 * test[1], floor), "o-", color="tab:red", markersize=5, linewidth=1,
+                label=f"test error (last {100 * test[1][-1]:.2f} %)")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(_percent_formatter())
+    return _finish(fig, ax, None, path)
+
+
+def _percent_formatter():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda value, _: f"{value:g}")
 
 
 # ---------------------------------------------------------------------------------------------

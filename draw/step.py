@@ -9,9 +9,10 @@
                   rate, no host syncs inside. The first WARMUP_STEPS steps run eagerly on a side
                   stream (allocating Adam's state), the next is captured, then every step is a replay;
                   a capture that fails falls back to eager with one line.
-A step takes the global batch and returns the detached statistics of it that the model names in
-STATISTICS (DRAW: loss, mean L_x, mean L_z; the classifier: loss, error rate), on the device, with no
-host sync. With `accumulate` N it runs N micro-batches (each loss scaled by 1/N) before
+A step takes the global batch and returns the detached statistics `step_statistics(model)` names, on
+the device, with no host sync: the batch's STATISTICS of the model (DRAW: loss, mean L_x, mean L_z; the
+classifier: loss, error rate), then GRADIENT_STATISTICS (the global gradient norm before clipping, and
+1.0 where the clip scaled the gradient down, else 0.0). With `accumulate` N it runs N micro-batches (each loss scaled by 1/N) before
 the one clip and Adam step; under torchrun (a `World` of several ranks) each rank computes its part of the
 batch in DistributedDataParallel, which averages the gradients (draw/distributed.py). The latent noise of
 the global batch is drawn alike on every rank and sliced, as the images are, so that neither the world
@@ -30,8 +31,14 @@ from draw.model import DRAW
 STEP_MODES = ("auto", "eager", "compile", "cuda-graph")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 WARMUP_STEPS = 3
+GRADIENT_STATISTICS = ("grad_norm", "clipped")
 
 log = logging.getLogger("draw")
+
+
+def step_statistics(model: nn.Module) -> tuple[str, ...]:
+    """The names of the statistics a TrainStep of `model` returns, in order."""
+    return (*model.STATISTICS, *GRADIENT_STATISTICS)
 
 
 def resolve_step_mode(mode: str, device: torch.device, *, under_ddp: bool = False) -> str:
@@ -139,13 +146,15 @@ class TrainStep:
                     out = self.forward(*micro, **({} if noise is None else {"noise": noise}))
                 (out.loss / self.accumulate).backward()
             stats.append(self.model.statistics(out))
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)  # before clipping
         self.optimizer.step()
-        return self.world.average(torch.stack(stats).float().mean(0))  # [N, k] -> [k], over the global batch
+        model_stats = self.world.average(torch.stack(stats).float().mean(0))  # [N, k] -> [k], over the global batch
+        gradient = torch.stack([grad_norm, grad_norm > self.grad_clip]).float()  # one gradient on every rank
+        return torch.cat([model_stats, gradient])
 
     def __call__(self, batch, lr: float) -> torch.Tensor:
         """One step on the global batch at learning rate lr: x [B, C, H, W] (DRAW) or (x, labels [B])
-        (the classifier). Returns the model's STATISTICS of the whole batch, detached. Every rank passes
+        (the classifier). Returns the step_statistics(model) of the whole batch, detached. Every rank passes
         the same batch and computes its part."""
         batch = batch if isinstance(batch, tuple) else (batch,)
         check_global_batch(len(batch[0]), self.world.size, self.accumulate)

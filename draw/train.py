@@ -35,7 +35,7 @@ from draw.evaluate import evaluate_bound, evaluate_classifier
 from draw.kernels import resolve_backend
 from draw.model import DRAW
 from draw.rundir import CHECKPOINT, METRICS, SUMMARY, MetricsLog, NoMetrics, RunLock
-from draw.step import TrainStep
+from draw.step import TrainStep, step_statistics
 
 log = logging.getLogger("draw")
 
@@ -286,13 +286,14 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
     total_steps = config.total_steps(sampler.per_epoch)
     step = TrainStep(model, lr=config.lr, grad_clip=config.grad_clip, amp=config.amp, tf32=config.tf32, mode=step_mode,
                      compile_mode=compile_mode, device=device, accumulate=config.accumulate, world=world)
-    sums, count = torch.zeros(len(model.STATISTICS), device=device), 0
+    sums, count = torch.zeros(len(step_statistics(model)), device=device), 0
     if resume:
         step.load_optimizer_state(payload["optimizer"])
         _restore_rng_state(payload["rng"], device, sampler, payload["path"])
         running = payload.get("running")
-        if running is not None:
-            sums, count = running["sums"].to(device=device, dtype=torch.float32), int(running["count"])
+        if running is not None:  # a checkpoint of an older version holds the model's statistics only
+            saved = running["sums"].to(device=device, dtype=torch.float32)
+            sums[: len(saved)], count = saved, int(running["count"])
         log.info(f"resuming {out_dir} at step {start_step} of {total_steps}")
         saved_world_size = payload.get("world_size", 1)
         if saved_world_size != world.size:
@@ -363,14 +364,16 @@ def _headline(record: dict) -> str:
     return f"test error {100 * record['test_error']:.2f} % (cross-entropy {record['test_loss']:.4f} nats)"
 
 
-STAT_LABELS = {"loss": "loss", "l_x": "L_x", "l_z": "L_z", "error": "error"}
+STAT_LABELS = {"loss": "loss", "l_x": "L_x", "l_z": "L_z", "error": "error", "grad_norm": "grad norm", "clipped": "clipped"}
 
 
 def _log_interval(run: Run, step: int, seconds: float) -> dict:
     """Write the training record of the interval ending at `step`; returns the progress bar's postfix."""
-    values = dict(zip(run.model.STATISTICS, (run.sums / run.count).tolist()))  # one device sync per interval
-    if not all(map(math.isfinite, values.values())):
-        raise TrainingDiverged(_diverged_message(run, step, f"the training loss became {values['loss']}"))
+    values = dict(zip(step_statistics(run.model), (run.sums / run.count).tolist()))  # one device sync per interval
+    for name, value in values.items():
+        if not math.isfinite(value):
+            what = "the training loss" if name == "loss" else f"the training {STAT_LABELS[name]}"
+            raise TrainingDiverged(_diverged_message(run, step, f"{what} became {value}"))
     rate = run.count * run.config.batch_size / seconds
     record = {"step": step, "epoch": round(step / run.sampler.per_epoch, 4), **values,
               "lr": lr_at(run.config, step - 1, run.total_steps), "images_per_s": rate}
@@ -378,7 +381,7 @@ def _log_interval(run: Run, step: int, seconds: float) -> dict:
     if run.tensorboard is not None:
         for key in (*values, "lr", "images_per_s"):
             run.tensorboard.add_scalar(f"train/{key}", record[key], step)
-    shown = {STAT_LABELS[k]: f"{v:.4f}" if k == "error" else f"{v:.2f}" for k, v in values.items()}
+    shown = {STAT_LABELS[k]: f"{v:.4f}" if k == "error" else f"{v:.0%}" if k == "clipped" else f"{v:.2f}" for k, v in values.items()}
     if not run.progress:
         log.info(f"step {step}/{run.total_steps}  " + "  ".join(f"{k} {v}" for k, v in shown.items()) + f"  {rate:.0f} images/s")
     run.sums.zero_()
@@ -454,7 +457,8 @@ def finish_run(run: Run, *, make_figures: bool = True) -> dict:
                                                   training_images=run.data.train, metrics=run.out_dir / METRICS)
         else:
             written = [figures.save_glimpse_figure(run.model, run.data.images("test", slice(0, figures.GLIMPSE_IMAGES)),
-                                                   run.data.labels["test"][: figures.GLIMPSE_IMAGES], run.out_dir / "glimpses.png")]
+                                                   run.data.labels["test"][: figures.GLIMPSE_IMAGES], run.out_dir / "glimpses.png"),
+                       figures.save_error_curve(run.out_dir / METRICS, run.out_dir / "error_curve.png")]
         log.info("wrote " + ", ".join(str(p) for p in written))
     return summary
 

@@ -106,7 +106,7 @@ def test_the_classifier_trains_resumes_evaluates_and_shows_its_glimpses(tmp_path
     assert records(split) == records(full)
     assert summary["model_kind"] == "classifier" and summary["test_error"] < 0.2
     assert load_checkpoint(full)["model_kind"] == "classifier"
-    assert (full / "glimpses.png").is_file()
+    assert (full / "glimpses.png").is_file() and (full / "error_curve.png").is_file()
     capsys.readouterr()
     assert main(["eval", str(full)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

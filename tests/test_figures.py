@@ -270,6 +270,29 @@ def test_save_loss_curve_without_test_bound_and_from_records(tmp_path):
         assert im.format == "PNG"
 
 
+def test_the_loss_curve_gains_a_gradient_panel_when_the_records_hold_gradient_norms(tmp_path):
+    plain = figures.save_loss_curve(synthetic_records(), tmp_path / "plain.png")
+    records = [dict(r, grad_norm=1.0 + r["step"] % 7) if "loss" in r else r for r in synthetic_records()]
+    with_gradient = figures.save_loss_curve(records, tmp_path / "gradient.png")
+    with Image.open(plain) as a, Image.open(with_gradient) as b:
+        assert a.size[0] == b.size[0] and b.size[1] > a.size[1] * 1.2
+
+
+def classifier_records(steps=400):
+    records = [{"step": s, "error": 0.9 * math.exp(-s / 80) + 0.05, "grad_norm": 5.0 + (s % 11)} for s in range(5, steps, 5)]
+    records[30]["error"] = 0.0  # a perfect interval still has a place on the log axis
+    return records + [{"step": s, "test_error": 0.9 * math.exp(-s / 80) + 0.06, "test_loss": 1.0} for s in (100, 200, 300)]
+
+
+def test_save_error_curve(tmp_path):
+    metrics = write_jsonl(tmp_path / "metrics.jsonl", classifier_records())
+    path = figures.save_error_curve(metrics, tmp_path / "curves" / "error.png", title="cluttered")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 300
+    with pytest.raises(ValueError, match="no training"):
+        figures.save_error_curve([{"step": 1, "loss": 2.0}], tmp_path / "none.png")
+
+
 def test_loss_y_range_ignores_the_huge_early_losses():
     records = synthetic_records()
     loss = figures._series(records, "step", "loss")

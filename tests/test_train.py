@@ -15,7 +15,7 @@ from draw import DRAW, DRAWConfig, TrainConfig
 from draw.checkpoint import load_checkpoint
 from draw.cli import main
 from draw.rundir import read_metrics
-from draw.step import TrainStep, resolve_step_mode
+from draw.step import TrainStep, resolve_step_mode, step_statistics
 from draw.train import lr_at, train
 
 SMALL = DRAWConfig(height=28, width=28, channels=1, T=4, enc_size=24, dec_size=24, z_size=6, read_n=2, write_n=3)
@@ -28,7 +28,8 @@ def train_config(**changes) -> TrainConfig:
 
 
 def losses(run_dir):
-    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    """(step, loss, gradient norm, fraction of steps clipped) of every training record."""
+    return [(r["step"], r["loss"], r["grad_norm"], r["clipped"]) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 
 
 def test_train_step_is_the_plain_adam_step():
@@ -47,12 +48,14 @@ def test_train_step_is_the_plain_adam_step():
         out = b(x)
         optimizer.zero_grad()
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(b.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(b.parameters(), 1.0)
         for group in optimizer.param_groups:
             group["lr"] = 1e-2 / (i + 1)
         optimizer.step()
-        assert stats.shape == (3,) and torch.equal(stats[0], out.loss.detach())
-        torch.testing.assert_close(stats[1:], torch.stack([out.l_x.mean(), out.l_z.mean()]).detach())
+        assert step_statistics(a) == ("loss", "l_x", "l_z", "grad_norm", "clipped")
+        assert stats.shape == (5,) and torch.equal(stats[0], out.loss.detach())
+        torch.testing.assert_close(stats[1:3], torch.stack([out.l_x.mean(), out.l_z.mean()]).detach())
+        assert torch.equal(stats[3], grad_norm) and stats[4] == float(grad_norm > 1.0)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
 
@@ -174,9 +177,8 @@ def test_a_signal_stops_on_a_step_boundary_and_resumes_exactly(tmp_path, monkeyp
     assert {s: signal.getsignal(s) for s in before} == before  # the handlers that were there come back
 
 
-def test_a_stop_between_two_records_logs_the_same_losses(tmp_path, monkeypatch, interactive_sigint):
-    """The running loss sums travel in the checkpoint: a stop between two training records changes
-    none of the logged losses (seen with the default interval: the sums restarted at zero)."""
+def full_and_stopped_between_two_records(tmp_path, monkeypatch):
+    """A 10-step run logging every 4 steps, and the same run stopped by a SIGINT after step 6."""
     from draw.train import TrainingStopped
 
     config = train_config(steps=10, log_every=4, eval_every=100, checkpoint_every=100)
@@ -188,9 +190,40 @@ def test_a_stop_between_two_records_logs_the_same_losses(tmp_path, monkeypatch, 
         train(stopped, model_config=SMALL, train_config=config, **QUIET)
     restore()
     assert load_checkpoint(stopped)["step"] == 6
+    return full, stopped
+
+
+def test_a_stop_between_two_records_logs_the_same_losses(tmp_path, monkeypatch, interactive_sigint):
+    """The running loss sums travel in the checkpoint: a stop between two training records changes
+    none of the logged losses (seen with the default interval: the sums restarted at zero)."""
+    full, stopped = full_and_stopped_between_two_records(tmp_path, monkeypatch)
     train(stopped, resume=True, **QUIET)
-    assert [s for s, _ in losses(full)] == [4, 8, 10]
+    assert [record[0] for record in losses(full)] == [4, 8, 10]
     assert losses(stopped) == losses(full)
+
+
+def test_training_records_hold_the_gradient_norm_before_clipping(tmp_path):
+    """grad_norm is the interval's mean global gradient norm before the clip; clipped the fraction of
+    its steps that the clip scaled down: a clip no gradient reaches clips none, a tiny one clips all."""
+    records = {}
+    for clip in (1e9, 1e-6):
+        run = tmp_path / f"clip{clip:g}"
+        train(run, model_config=SMALL, train_config=train_config(steps=4, log_every=2, grad_clip=clip), **QUIET)
+        records[clip] = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert all(r["grad_norm"] > 0 and r["clipped"] == 0.0 for r in records[1e9])
+    assert all(r["grad_norm"] > 0 and r["clipped"] == 1.0 for r in records[1e-6])
+
+
+def test_a_checkpoint_without_gradient_sums_resumes(tmp_path, monkeypatch, interactive_sigint):
+    """A checkpoint written before the gradient statistics existed holds the model's running sums only:
+    it resumes with the same losses, and the gradient's sums start from zero."""
+    full, stopped = full_and_stopped_between_two_records(tmp_path, monkeypatch)
+    payload = torch.load(stopped / "checkpoint.pt", weights_only=False)
+    payload["running"]["sums"] = payload["running"]["sums"][:3]  # loss, L_x, L_z
+    torch.save(payload, stopped / "checkpoint.pt")
+    train(stopped, resume=True, **QUIET)
+    assert [r[:2] for r in losses(stopped)] == [r[:2] for r in losses(full)]
+    assert losses(stopped)[1][2] < losses(full)[1][2]  # the interval of the stop: 2 of 4 gradient norms known
 
 
 def test_an_ignored_sigint_stays_ignored(tmp_path):
@@ -245,7 +278,7 @@ def test_off_a_terminal_training_logs_plain_lines(tmp_path):
     assert "\r" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("step ") and "images/s" in line]
     assert [line.split()[1] for line in lines] == ["3/6", "6/6"]
-    assert all("loss" in line and "L_x" in line and "L_z" in line for line in lines)
+    assert all("loss" in line and "L_x" in line and "L_z" in line and "grad norm" in line and "clipped" in line for line in lines)
 
 
 def test_tensorboard_logging(tmp_path):
@@ -255,7 +288,7 @@ def test_tensorboard_logging(tmp_path):
     train(tmp_path / "run", model_config=SMALL, train_config=train_config(steps=4, eval_every=4), tensorboard=tmp_path / "tb", **QUIET)
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
-    assert {"train/loss", "train/l_x", "train/l_z", "test/bound"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "train/l_x", "train/l_z", "train/grad_norm", "train/clipped", "test/bound"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
 
 
