@@ -575,15 +575,18 @@ def save_error_curve(metrics_path_or_records, path, title: str | None = None) ->
     if len(test[0]):
         ax.plot(test[0], np.maximum(100 * test[1], floor), "o-", color="tab:red", markersize=5, linewidth=1,
                 label=f"test error (last {100 * test[1][-1]:.2f} %)")
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(_percent_formatter())
+    _percent_log_axis(ax)
     return _finish(fig, ax, None, path)
 
 
-def _percent_formatter():
-    from matplotlib.ticker import FuncFormatter
+def _percent_log_axis(ax) -> None:
+    """A log y axis labelled in plain per cent at 0.1, 0.2, 0.5, 1, 2, 5, ... 100."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
-    return FuncFormatter(lambda value, _: f"{value:g}")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(FixedLocator([m * 10.0**e for e in (-1, 0, 1) for m in (1, 2, 5)] + [100.0]))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 # ---------------------------------------------------------------------------------------------
