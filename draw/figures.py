@@ -456,7 +456,7 @@ def _figure(title: str | None, xlabel: str, ylabel: str = "nats per image", grad
         grad_ax.set_ylabel("gradient norm")
         grad_ax.set_xlabel(xlabel)
         grad_ax.grid(True, alpha=0.3)
-        grad_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+        _legend_beside(grad_ax)
     else:
         ax = fig.subplots()
         ax.set_xlabel(xlabel)
@@ -467,11 +467,16 @@ def _figure(title: str | None, xlabel: str, ylabel: str = "nats per image", grad
     return fig, ax
 
 
+def _legend_beside(ax) -> None:
+    """The legend right of the axes, never over the curves."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+
+
 def _finish(fig, ax, limits, path) -> pathlib.Path:
-    """Apply the y range, put the legend right of the axes (never over the curves), save atomically."""
+    """Apply the y range, put the legend beside the axes, save atomically."""
     if limits:
         ax.set_ylim(*limits)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    _legend_beside(ax)
     suffix = pathlib.Path(path).suffix.lstrip(".").lower() or "png"
     return atomic_write(path, lambda f: fig.savefig(f, format=suffix), durable=False)
 

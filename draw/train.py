@@ -365,6 +365,7 @@ def _headline(record: dict) -> str:
 
 
 STAT_LABELS = {"loss": "loss", "l_x": "L_x", "l_z": "L_z", "error": "error", "grad_norm": "grad norm", "clipped": "clipped"}
+STAT_FORMATS = {"error": ".4f", "clipped": ".0%"}  # how the log line shows each statistic; the rest ".2f"
 
 
 def _log_interval(run: Run, step: int, seconds: float) -> dict:
@@ -372,8 +373,7 @@ def _log_interval(run: Run, step: int, seconds: float) -> dict:
     values = dict(zip(step_statistics(run.model), (run.sums / run.count).tolist()))  # one device sync per interval
     for name, value in values.items():
         if not math.isfinite(value):
-            what = "the training loss" if name == "loss" else f"the training {STAT_LABELS[name]}"
-            raise TrainingDiverged(_diverged_message(run, step, f"{what} became {value}"))
+            raise TrainingDiverged(_diverged_message(run, step, f"the training {STAT_LABELS[name]} became {value}"))
     rate = run.count * run.config.batch_size / seconds
     record = {"step": step, "epoch": round(step / run.sampler.per_epoch, 4), **values,
               "lr": lr_at(run.config, step - 1, run.total_steps), "images_per_s": rate}
@@ -381,7 +381,7 @@ def _log_interval(run: Run, step: int, seconds: float) -> dict:
     if run.tensorboard is not None:
         for key in (*values, "lr", "images_per_s"):
             run.tensorboard.add_scalar(f"train/{key}", record[key], step)
-    shown = {STAT_LABELS[k]: f"{v:.4f}" if k == "error" else f"{v:.0%}" if k == "clipped" else f"{v:.2f}" for k, v in values.items()}
+    shown = {STAT_LABELS[k]: format(v, STAT_FORMATS.get(k, ".2f")) for k, v in values.items()}
     if not run.progress:
         log.info(f"step {step}/{run.total_steps}  " + "  ".join(f"{k} {v}" for k, v in shown.items()) + f"  {rate:.0f} images/s")
     run.sums.zero_()
