@@ -23,10 +23,28 @@ class ClassifierOutput(NamedTuple):
     read_params: torch.Tensor | None  # [T, B, 5] raw read parameters of each glimpse, when asked for
 
 
+class ClipPerImageGradient(torch.autograd.Function):
+    """Identity forward; backward clips each image's gradient elementwise to [-limit, limit].
+
+    The input's gradient is that of a batch-mean loss, 1/B of each image's own: the clip acts on B times it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, limit: float) -> torch.Tensor:  # x [B, ...]
+        ctx.limit = limit
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        images = grad.shape[0]
+        return (grad * images).clamp(-ctx.limit, ctx.limit) / images, None
+
+
 class DRAM(nn.Module):
     """The glimpse classifier of `config`; `backend` runs the attention (a runtime choice, as in DRAW)."""
 
     STATISTICS = ("loss", "error")  # what a training step reports, batch means
+    attention_grad_clip: float | None = None  # see the module docstring; None: the exact gradient
 
     def __init__(self, config: ClassifierConfig, backend: str = "auto"):
         super().__init__()
@@ -59,6 +77,8 @@ class DRAM(nn.Module):
         params_seq = []
         for _ in range(cfg.glimpses):
             params = self.to_read_params(h)  # [B, 5] from the previous hidden state  (21)
+            if self.attention_grad_clip is not None and params.requires_grad:
+                params = ClipPerImageGradient.apply(params, self.attention_grad_clip)
             glimpse = kernels.glimpse(x, params, cfg.read_n, backend=self.backend)  # [B, C, N, N]  (27)
             h, c = self.lstm(glimpse.flatten(1), (h, c))
             if return_glimpses:

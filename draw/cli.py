@@ -36,14 +36,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _finite_float(text: str, *, zero_allowed: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    if not (math.isfinite(value) and (value > 0 or zero_allowed and value == 0)):
+        raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if zero_allowed else '>'} 0, got {text}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _finite_float(text, zero_allowed=False)
+
+
+def _nonnegative_float(text: str) -> float:
+    return _finite_float(text, zero_allowed=True)
 
 
 def _seed(text: str) -> int:
@@ -114,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fresh-clutter", action=argparse.BooleanOptionalAction, default=None,
                    help="mnist-cluttered: new positions and distractors around the training digits in every batch, "
                         "instead of the 50k stored images (default: the preset's)")
+    t.add_argument("--attention-grad-clip", type=_nonnegative_float, metavar="C",
+                   help="classifier presets: clip each image's gradient with respect to each glimpse's attention "
+                        "parameters to [-C, C] in the backward pass; 0 for the exact gradient (default: the preset's)")
     t.add_argument("--eval-every", type=_positive_int, help="steps between test-bound evaluations (default: the preset's)")
     t.add_argument("--log-every", type=_positive_int, help="steps between training-loss records (default 50)")
     t.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints (default 500)")
@@ -178,7 +189,7 @@ TRAIN_FLAGS = {  # TrainConfig field: argparse dest, for the flags that set one
     "warmup_steps": "warmup_steps", "amp": "amp", "tf32": "tf32", "seed": "seed", "fixed_binarization": "fixed_binarization",
     "fresh_clutter": "fresh_clutter",
     "steps": "steps", "epochs": "epochs", "eval_every": "eval_every", "log_every": "log_every",
-    "checkpoint_every": "checkpoint_every", "accumulate": "accumulate",
+    "checkpoint_every": "checkpoint_every", "accumulate": "accumulate", "attention_grad_clip": "attention_grad_clip",
 }
 
 
@@ -187,6 +198,8 @@ def cmd_train(args) -> int:
     from draw.train import scaled_lr, train
 
     given = {field: getattr(args, dest) for field, dest in TRAIN_FLAGS.items() if getattr(args, dest) is not None}
+    if given.get("attention_grad_clip") == 0:
+        given["attention_grad_clip"] = None  # 0: no clip
     preset_name = args.preset or DEFAULT_PRESET
     preset = get_preset(preset_name)
     dataset = given.get("dataset", preset.train.dataset)

@@ -117,6 +117,9 @@ class TrainConfig:
     lr_schedule: str = "constant"  # or "cosine": from lr down to lr / 10 over the run
     warmup_steps: int = 0  # linear learning-rate warm-up from lr / warmup_steps
     grad_clip: float = 10.0  # max global gradient norm
+    # the classifier: clip each image's gradient of the loss with respect to each glimpse's 5 attention
+    # parameters (Eq. 21) to [-c, c] in the backward pass (draw/classifier.py); None: no clip
+    attention_grad_clip: float | None = None
     seed: int = 0
     fixed_binarization: bool = False  # False: a fresh Bernoulli draw of every training batch
     fresh_clutter: bool = False  # mnist-cluttered: new clutter around the training digits in every batch
@@ -137,6 +140,8 @@ class TrainConfig:
         _check_int("TrainConfig", "batch_size", self.batch_size, 1)
         _check_positive_float("TrainConfig", "lr", self.lr)
         _check_positive_float("TrainConfig", "grad_clip", self.grad_clip)
+        if self.attention_grad_clip is not None:
+            _check_positive_float("TrainConfig", "attention_grad_clip", self.attention_grad_clip)
         _check_positive_float("TrainConfig", "epochs", self.epochs)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"TrainConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")

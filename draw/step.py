@@ -12,10 +12,12 @@
 A step takes the global batch and returns the detached statistics `step_statistics(model)` names, on
 the device, with no host sync: the batch's STATISTICS of the model (DRAW: loss, mean L_x, mean L_z; the
 classifier: loss, error rate), then GRADIENT_STATISTICS (the global gradient norm before clipping, and
-1.0 where the clip scaled the gradient down, else 0.0). With `accumulate` N it runs N micro-batches (each loss scaled by 1/N) before
-the one clip and Adam step; under torchrun (a `World` of several ranks) each rank computes its part of the
-batch in DistributedDataParallel, which averages the gradients (draw/distributed.py). The latent noise of
-the global batch is drawn alike on every rank and sliced, as the images are, so that neither the world
+1.0 where the clip scaled the gradient down, else 0.0). With `accumulate` N it runs N micro-batches, each
+backward on its micro-batch's mean loss (so that a per-image gradient clip, draw/classifier.py, sees the
+same per-image gradients at any N), sums their gradients and divides by N before the one clip and Adam
+step; under torchrun (a `World` of several ranks) each rank computes its part of the batch in
+DistributedDataParallel, which averages the gradients (draw/distributed.py). The latent noise of the
+global batch is drawn alike on every rank and sliced, as the images are, so that neither the world
 size nor N changes what a step computes, only its float rounding. CUDA graphs do not run under DDP.
 """
 
@@ -144,8 +146,12 @@ class TrainStep:
             with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
                 with autocast(self.amp, self.device, cache_enabled=not capturing):
                     out = self.forward(*micro, **({} if noise is None else {"noise": noise}))
-                (out.loss / self.accumulate).backward()
+                out.loss.backward()  # the gradient of the micro-batch's mean loss: each image's own / its size
             stats.append(self.model.statistics(out))
+        if self.accumulate > 1:  # the sum of N micro-batch means -> the batch mean
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(self.accumulate)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)  # before clipping
         self.optimizer.step()
         model_stats = self.world.average(torch.stack(stats).float().mean(0))  # [N, k] -> [k], over the global batch

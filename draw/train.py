@@ -274,6 +274,11 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
                  f"{config.batch_size // (world.size * config.accumulate)} images = the batch of {config.batch_size}")
     resolve_backend(backend, device)  # refuse an unusable backend before anything is written
     model.backend = backend
+    if config.attention_grad_clip is not None:
+        if isinstance(model, DRAW):
+            raise ValueError("attention_grad_clip (--attention-grad-clip) clips the glimpse classifier's attention "
+                             "gradient (the cluttered presets); DRAW does not take it")
+        model.attention_grad_clip = config.attention_grad_clip
     model.to(device)
     summary_writer = _summary_writer_class() if tensorboard is not None and world.is_main else None
 

@@ -1,10 +1,12 @@
 """The differentiable RAM classifier of Sec. 4.1 (draw/classifier.py)."""
 
+import pathlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from draw.classifier import DRAM
+from draw.classifier import DRAM, ClipPerImageGradient
 from draw.config import ClassifierConfig
 
 SMALL = ClassifierConfig(height=20, width=24, channels=1, glimpses=3, lstm_size=16, read_n=4, classes=3)
@@ -62,6 +64,83 @@ def test_bad_inputs_are_refused():
         model(torch.zeros(2, 1, 20, 24), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="glimpses must be an int >= 1"):
         ClassifierConfig(glimpses=0)
+
+
+def test_clip_per_image_gradient_clips_each_images_own_gradient():
+    """The gradient of a batch-mean loss is 1/B of each image's own: the clip bounds that, image by image,
+    so an image's clipped gradient does not depend on the batch around it."""
+    torch.manual_seed(0)
+    p = torch.randn(6, 5, requires_grad=True)
+    weights = torch.tensor([[0.1], [2.0], [-0.5], [30.0], [1.0], [-8.0]]) * torch.randn(6, 5)
+    per_image_loss = lambda q, w=weights: (w * q).sum(1)  # image i's own gradient is weights[i]
+    (clipped,) = torch.autograd.grad(per_image_loss(ClipPerImageGradient.apply(p, 1.5)).mean(), p)
+    torch.testing.assert_close(clipped, weights.clamp(-1.5, 1.5) / 6)
+    for i in range(6):  # alone in a batch of one
+        (own,) = torch.autograd.grad(per_image_loss(ClipPerImageGradient.apply(p[i : i + 1], 1.5), weights[i : i + 1]).mean(), p)
+        torch.testing.assert_close(own[i], weights[i].clamp(-1.5, 1.5))
+    assert torch.equal(ClipPerImageGradient.apply(p, 1.5), p)  # the forward is the identity
+
+
+def test_the_attention_gradient_clip_changes_the_backward_only():
+    """attention_grad_clip: the same loss; a clip no gradient reaches gives the exact gradient; a small one
+    changes the gradient of every parameter upstream of the first glimpse's attention, not the classifier's."""
+    torch.manual_seed(0)
+    model = DRAM(SMALL, backend="reference").double()
+    x, labels = torch.rand(4, 1, 20, 24, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+
+    def loss_and_grads(limit):
+        model.attention_grad_clip = limit
+        out = model(x, labels)
+        return out.loss, dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(out.loss, list(model.parameters()))))
+
+    exact_loss, exact = loss_and_grads(None)
+    loose_loss, loose = loss_and_grads(1e9)
+    tight_loss, tight = loss_and_grads(1e-6)
+    assert exact_loss.item() == loose_loss.item() == tight_loss.item()
+    for name in exact:
+        assert torch.equal(loose[name], exact[name]), name
+    torch.testing.assert_close(tight["to_logits.weight"], exact["to_logits.weight"], rtol=0, atol=0)
+    for name in ("to_read_params.weight", "h0"):
+        assert (tight[name] - exact[name]).abs().max() > 1e-6 * exact[name].abs().max(), name
+    assert tight["to_read_params.weight"].abs().max() < exact["to_read_params.weight"].abs().max()
+
+
+def test_accumulation_keeps_the_attention_clip_per_image():
+    """accumulate 2 computes the gradient of accumulate 1 with the per-image clip on: each micro-batch's
+    backward sees its images' own gradients (the micro-batch means are averaged afterwards)."""
+    from draw.step import TrainStep
+
+    x, labels = located_squares(16, seed=3)
+
+    def gradient(accumulate, limit):
+        torch.manual_seed(0)
+        model = DRAM(SMALL)
+        model.attention_grad_clip = limit
+        TrainStep(model, lr=1e-2, grad_clip=1e9, accumulate=accumulate)((x, labels), lr=1e-2)
+        return {name: p.grad for name, p in model.named_parameters()}  # the step's gradient, kept until the next
+
+    clipped, exact = gradient(1, 1e-4), gradient(1, None)
+    attention = "to_read_params.weight"
+    assert (clipped[attention] - exact[attention]).abs().max() > 0.5 * exact[attention].abs().max()  # the clip acts
+    for name, grad in gradient(2, 1e-4).items():
+        torch.testing.assert_close(grad, clipped[name], rtol=1e-5, atol=1e-9, msg=name)
+
+
+def test_attention_grad_clip_is_a_classifier_training_setting(tmp_path, squares_dataset):
+    from draw.config import DRAWConfig, TrainConfig
+    from draw.train import train
+
+    with pytest.raises(ValueError, match="attention_grad_clip must be a finite number > 0"):
+        TrainConfig(attention_grad_clip=0.0)
+    assert TrainConfig.from_dict({k: v for k, v in TrainConfig().to_dict().items() if k != "attention_grad_clip"}).attention_grad_clip is None
+    config = TrainConfig(dataset="mnist-cluttered", batch_size=32, steps=2, attention_grad_clip=1.0)
+    with pytest.raises(ValueError, match="DRAW does not take it"):
+        train(tmp_path / "draw", model_config=DRAWConfig(height=20, width=24, T=2, enc_size=8, dec_size=8, z_size=2),
+              train_config=config, progress=False)
+    assert not (tmp_path / "draw").exists()
+    with pytest.raises(ValueError, match="keeps the run's arithmetic.*attention_grad_clip 1.0 -> 2.0"):
+        train(tmp_path / "c", model_config=SMALL, train_config=config, progress=False, make_figures=False)
+        train(tmp_path / "c", resume=True, overrides={"attention_grad_clip": 2.0}, progress=False)
 
 
 def located_squares(n: int, seed: int):
@@ -128,3 +207,35 @@ def test_glimpse_figure_draws_one_window_per_glimpse(tmp_path):
     assert red.any()
     columns_with_red = np.flatnonzero(red.any(0))
     assert columns_with_red.max() - columns_with_red.min() > 2 * 24  # windows in at least three glimpse columns
+
+
+def test_the_explosion_replay_benchmark_replays_one_state_under_each_clip(tmp_path, monkeypatch):
+    """bench/bench_glimpse_explosion.py on a tiny stand-in for cluttered MNIST: a clip no gradient reaches
+    replays exactly the steps of the exact gradient (same state, batches and learning rates); a tiny one not."""
+    import json
+    import sys
+
+    from draw import data
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
+    try:
+        import bench_glimpse_explosion
+    finally:
+        sys.path.pop(0)
+    g = torch.Generator().manual_seed(0)
+    splits = [(torch.rand(n, 1, 100, 100, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in (200, 10, 10)]
+    dataset = data.Dataset("mnist-cluttered", *(x for x, _ in splits), source="noise", train_is_binary=False, binarize=False,
+                           labels=dict(zip(("train", "valid", "test"), (y for _, y in splits))),
+                           fresh_train=lambda indices, seed: ((255 * splits[0][0][indices]).to(torch.uint8), splits[0][1][indices]))
+    monkeypatch.setattr("draw.train.load_dataset", lambda *args, **kwargs: dataset)
+    out = tmp_path / "explosion"
+    monkeypatch.setattr(sys, "argv", ["bench_glimpse_explosion.py", "--start", "2", "--steps", "2", "--clips", "0,1e9,1e-6",
+                                      "--out", str(out)])
+    bench_glimpse_explosion.main()
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [row["clip"] for row in result["results"]] == ["none", 1e9, 1e-6]
+    curves = result["curves"]
+    assert [r["step"] for r in curves["none"]] == [3, 4]
+    assert curves["1000000000.0"] == curves["none"]
+    assert curves["1e-06"][1]["loss"] != curves["none"][1]["loss"]
+    assert out.with_suffix(".md").read_text().startswith("# cluttered-8")
