@@ -75,7 +75,8 @@ def _preset_line(name: str) -> str:
     m, t = p.model, p.train
     length = f"{t.steps} steps" if t.steps else f"{t.epochs:g} epochs"
     clutter = " (fresh clutter every batch)" if t.fresh_clutter else ""
-    training = f"data {t.dataset}{clutter}, batch {t.batch_size}, lr {t.lr:g} {t.lr_schedule}, {length}"
+    clip = f", attention gradient clip {t.attention_grad_clip:g}" if t.attention_grad_clip is not None else ""
+    training = f"data {t.dataset}{clutter}, batch {t.batch_size}, lr {t.lr:g} {t.lr_schedule}{clip}, {length}"
     if not hasattr(m, "T"):  # the glimpse classifier
         return (f"{name}: classifier, {m.channels}x{m.height}x{m.width}, {m.glimpses} glimpses of {m.read_n}x{m.read_n}, "
                 f"LSTM {m.lstm_size}; {training}. {p.description}")

@@ -452,7 +452,7 @@ def _figure(title: str | None, xlabel: str, ylabel: str = "nats per image", grad
         ax, grad_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
         grad_ax.plot(*gradient, color="tab:purple", alpha=0.35, linewidth=0.8, label="gradient norm before clipping")
         grad_ax.plot(gradient[0], _smooth(gradient[1]), color="tab:purple", linewidth=1.5, label="smoothed")
-        grad_ax.set_yscale("log")
+        _plain_log_axis(grad_ax, _log_ticks(gradient[1]))
         grad_ax.set_ylabel("gradient norm")
         grad_ax.set_xlabel(xlabel)
         grad_ax.grid(True, alpha=0.3)
@@ -586,10 +586,27 @@ def save_error_curve(metrics_path_or_records, path, title: str | None = None) ->
 
 def _percent_log_axis(ax) -> None:
     """A log y axis labelled in plain per cent at 0.1, 0.2, 0.5, 1, 2, 5, ... 100."""
+    _plain_log_axis(ax, [m * 10.0**e for e in (-1, 0, 1) for m in (1, 2, 5)] + [100.0])
+
+
+def _log_ticks(values: np.ndarray) -> list[float]:
+    """Ticks for a log axis over the positive `values`: 1, 2, 5 in each decade when they span at most two
+    decades, else the powers of ten."""
+    positive = values[values > 0]
+    if not len(positive):
+        return [1.0]
+    low, high = math.floor(math.log10(positive.min())), math.ceil(math.log10(positive.max()))
+    multiples = (1, 2, 5) if high - low <= 2 else (1,)
+    return [m * 10.0**e for e in range(low, high + 1) for m in multiples]
+
+
+def _plain_log_axis(ax, ticks: list[float] | None = None) -> None:
+    """A log y axis labelled with plain numbers (0.1, 1, 10, not powers of ten), at `ticks` if given."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(FixedLocator([m * 10.0**e for e in (-1, 0, 1) for m in (1, 2, 5)] + [100.0]))
+    if ticks is not None:
+        ax.yaxis.set_major_locator(FixedLocator(ticks))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
 

@@ -256,6 +256,12 @@ def write_jsonl(path, records):
     return path
 
 
+def test_log_ticks_are_one_two_five_in_a_narrow_range_and_powers_of_ten_in_a_wide_one():
+    assert figures._log_ticks(np.array([0.3, 4.0])) == pytest.approx([0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50])
+    assert figures._log_ticks(np.array([0.2, 9e5, 0.0])) == pytest.approx([0.1, 1, 10, 100, 1e3, 1e4, 1e5, 1e6])
+    assert figures._log_ticks(np.array([0.0])) == [1.0]
+
+
 def test_save_loss_curve_from_jsonl(tmp_path):
     metrics = write_jsonl(tmp_path / "metrics.jsonl", synthetic_records())
     path = figures.save_loss_curve(metrics, tmp_path / "plots" / "loss.png", title="toy")
