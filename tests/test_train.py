@@ -137,11 +137,14 @@ def test_resume_continues_with_identical_losses(tmp_path):
 
 @pytest.fixture
 def interactive_sigint():
-    """SIGINT handled as in an interactive terminal, also when the suite runs as a background job
-    (which inherits SIGINT ignored, a disposition the training loop respects)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    """SIGINT and SIGHUP handled as in an interactive terminal, also when the suite runs as a background
+    job or under nohup (which inherit SIGINT or SIGHUP ignored, a disposition the training loop respects)."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGHUP)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     yield
-    signal.signal(signal.SIGINT, previous)
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def interrupt_at(monkeypatch, at_step: int, signum: int):
