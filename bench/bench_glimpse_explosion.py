@@ -54,10 +54,10 @@ def train_steps(run, first: int, count: int) -> list[dict]:
 def plot(curves: dict, path: str) -> None:
     """Per replay: the gradient norm before clipping (log scale) and the training error, 25-step means."""
     fig, (norm_ax, error_ax) = common.panels(2, 3.6)
+    window = 25
     for clip, records in curves.items():
         steps = [r["step"] for r in records]
         norm_ax.plot(steps, [r["grad_norm"] for r in records], lw=0.8, label=f"clip {clip}")
-        window = 25
         means = [statistics.mean(r["error"] for r in records[i : i + window]) for i in range(0, len(records) - window + 1)]
         error_ax.plot(steps[window - 1 :], [100 * m for m in means], lw=1.2, label=f"clip {clip}")
     norm_ax.set(yscale="log", xlabel="step", ylabel="gradient norm before clipping")
@@ -83,7 +83,7 @@ def main() -> None:
         start = Path(tmp) / "start"
         run = build(start, resume=False, config=config)
         common.log(f"training cluttered-8 at lr {args.lr} to step {args.start} of {run.total_steps}")
-        before = train_steps(run, 0, args.start)
+        error_at_start = statistics.mean(r["error"] for r in train_steps(run, 0, args.start)[-100:])
         save_run_checkpoint(run, args.start)
         for clip in clips:
             replay = Path(tmp) / f"clip{clip}"
@@ -95,7 +95,7 @@ def main() -> None:
             norms = [r["grad_norm"] for r in records]
             rows.append({"clip": clip or "none", "max_grad_norm": max(norms), "median_grad_norm": statistics.median(norms),
                          "error_last_100": statistics.mean(r["error"] for r in records[-100:]),
-                         "error_end_of_start": statistics.mean(r["error"] for r in before[-100:])})
+                         "error_end_of_start": error_at_start})
             curves[str(clip or "none")] = records
     meta = common.metadata(torch.device("cpu"), threads=1, lr=args.lr, epochs=args.epochs, start=args.start, steps=args.steps)
     common.write_json(args.out + ".json", meta, rows, curves=curves)

@@ -1,6 +1,21 @@
 """Test helpers shared across test files."""
 
+import importlib
+import pathlib
+import sys
+
 import torch
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parent.parent / "bench"
+
+
+def import_bench(name: str):
+    """The module bench/<name>.py (bench/ is not a package: its scripts import each other as top-level)."""
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH_DIR))
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, name: str = "tensor"):

@@ -1,13 +1,12 @@
 """The differentiable RAM classifier of Sec. 4.1 (draw/classifier.py)."""
 
-import pathlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from draw.classifier import DRAM, ClipPerImageGradient
 from draw.config import ClassifierConfig
+from helpers import import_bench
 
 SMALL = ClassifierConfig(height=20, width=24, channels=1, glimpses=3, lstm_size=16, read_n=4, classes=3)
 
@@ -217,11 +216,7 @@ def test_the_explosion_replay_benchmark_replays_one_state_under_each_clip(tmp_pa
 
     from draw import data
 
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
-    try:
-        import bench_glimpse_explosion
-    finally:
-        sys.path.pop(0)
+    bench_glimpse_explosion = import_bench("bench_glimpse_explosion")
     g = torch.Generator().manual_seed(0)
     splits = [(torch.rand(n, 1, 100, 100, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in (200, 10, 10)]
     dataset = data.Dataset("mnist-cluttered", *(x for x, _ in splits), source="noise", train_is_binary=False, binarize=False,

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import import_bench
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -27,11 +28,7 @@ def test_quick_suite_runs_every_part(tmp_path):
 
 def test_the_recipe_benchmark_names_the_default_it_measured():
     """bench/bench_recipe.py's "default" variant is today's mnist-quick, so its table cannot go stale."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import bench_recipe
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    bench_recipe = import_bench("bench_recipe")
     from draw.config import PRESETS
 
     preset = PRESETS["mnist-quick"]
