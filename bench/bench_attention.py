@@ -4,6 +4,8 @@ Providers, all measured in one run on the same inputs:
     eager     kernels.read / kernels.write with backend="reference" (batched PyTorch)
     compiled  torch.compile(dynamic=False) of a function calling the reference backend
     triton    backend="triton", the fused kernels; CUDA only (skipped with a message otherwise)
+    triton-sum  the same kernels forced to contract by broadcast-and-sum (DRAW_TRITON_CONTRACTION=sum),
+              where "triton" takes tl.dot from N >= 5 (kernels/triton_attention.py): the two forms side by side
 Modes: "fwd" (forward alone) and "fwd+bwd" (forward, then torch.autograd.grad with a fixed random grad_out).
 
 GB/s = the fewest bytes the op must move (read_bytes / write_bytes below) / the median time; the run also
@@ -14,8 +16,10 @@ measures the device's copy bandwidth (dst.copy_(src)) and reports GB/s as a perc
 """
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 
@@ -24,7 +28,8 @@ from draw import kernels
 
 OPS = ("read", "write")
 MODES = ("fwd", "fwd+bwd")
-PROVIDERS = ("eager", "compiled", "triton")
+PROVIDERS = ("eager", "compiled", "triton", "triton-sum")
+TRITON_PROVIDERS = ("triton", "triton-sum")
 REL_ERR_WARN = 1e-3  # a provider whose forward differs from eager by more than this (relative) is flagged
 
 
@@ -163,7 +168,7 @@ def forward_fn(provider: str, case: dict):
         read_op = torch.compile(_read_reference, dynamic=False)
         write_op = torch.compile(_write_reference, dynamic=False)
     else:
-        backend = {"eager": "reference", "triton": "triton"}[provider]
+        backend = "reference" if provider == "eager" else "triton"
 
         def read_op(x, canvas, params, n):
             return kernels.read(x, canvas, params, n, backend=backend)
@@ -235,40 +240,42 @@ def run_case(op, mode, size, providers, device, args, copy_gbps, triton_reason, 
         reference_out = forward_fn("eager", case)()
     for provider in providers:
         where = f"{op} {mode} {size.group} {size.name} {provider}"
-        if provider == "triton" and triton_reason:
+        if provider in TRITON_PROVIDERS and triton_reason:
             skipped.append({"op": op, "mode": mode, "size": size.name, "provider": provider, "reason": triton_reason})
             continue
-        try:
-            forward = forward_fn(provider, case)
-            rel_err = relative_error(forward(), reference_out)
-            if rel_err > REL_ERR_WARN:
-                common.log(f"WARNING {where}: forward differs from eager by {rel_err:.2e} (relative)")
-            fn = benchmark_fn(forward, case)
-            for timer in timers_for(size, device, not args.no_cudagraph):
-                ms = time_ms(fn, timer, args)
-                gbps = nbytes / (ms * 1e-3) / 1e9
-                rows.append(
-                    {
-                        "op": op,
-                        "mode": mode,
-                        "group": size.group,
-                        "size": size.name,
-                        "n": size.n(op),
-                        "provider": provider,
-                        "timer": timer,
-                        "ms": ms,
-                        "bytes": nbytes,
-                        "gbps": gbps,
-                        "pct_copy": 100 * gbps / copy_gbps,
-                        "rel_err": rel_err,
-                    }
-                )
-                common.log(f"{where} [{timer}]: {ms:.4f} ms, {gbps:.2f} GB/s")
-        except Exception as error:  # one failing provider or size must not end the run
-            reason = "out of memory" if common.is_out_of_memory(error) else f"{type(error).__name__}: {error}"
-            reason = reason.splitlines()[0][:300]
-            common.log(f"SKIPPED {where}: {reason}")
-            skipped.append({"op": op, "mode": mode, "size": size.name, "provider": provider, "reason": reason})
+        # the launchers read the contraction at every launch: forced to "sum" for triton-sum's calls only
+        with mock.patch.dict(os.environ, {"DRAW_TRITON_CONTRACTION": "sum"} if provider == "triton-sum" else {}):
+            try:
+                forward = forward_fn(provider, case)
+                rel_err = relative_error(forward(), reference_out)
+                if rel_err > REL_ERR_WARN:
+                    common.log(f"WARNING {where}: forward differs from eager by {rel_err:.2e} (relative)")
+                fn = benchmark_fn(forward, case)
+                for timer in timers_for(size, device, not args.no_cudagraph):
+                    ms = time_ms(fn, timer, args)
+                    gbps = nbytes / (ms * 1e-3) / 1e9
+                    rows.append(
+                        {
+                            "op": op,
+                            "mode": mode,
+                            "group": size.group,
+                            "size": size.name,
+                            "n": size.n(op),
+                            "provider": provider,
+                            "timer": timer,
+                            "ms": ms,
+                            "bytes": nbytes,
+                            "gbps": gbps,
+                            "pct_copy": 100 * gbps / copy_gbps,
+                            "rel_err": rel_err,
+                        }
+                    )
+                    common.log(f"{where} [{timer}]: {ms:.4f} ms, {gbps:.2f} GB/s")
+            except Exception as error:  # one failing provider or size must not end the run
+                reason = "out of memory" if common.is_out_of_memory(error) else f"{type(error).__name__}: {error}"
+                reason = reason.splitlines()[0][:300]
+                common.log(f"SKIPPED {where}: {reason}")
+                skipped.append({"op": op, "mode": mode, "size": size.name, "provider": provider, "reason": reason})
         common.free_memory(device)
     del case, reference_out
     common.free_memory(device)
@@ -328,7 +335,8 @@ def parse_args(argv=None):
     p.add_argument("--ops", type=common.split_list, default=list(OPS), help="comma-separated ops: read,write")
     p.add_argument("--modes", type=common.split_list, default=list(MODES), help="comma-separated modes: fwd,fwd+bwd")
     p.add_argument("--providers", type=common.split_list, default=list(PROVIDERS),
-                   help="comma-separated providers: eager,compiled,triton (triton: CUDA only, skipped otherwise)")
+                   help="comma-separated providers: eager,compiled,triton,triton-sum (the triton ones: CUDA only, "
+                   "skipped otherwise)")
     p.add_argument("--copy-mib", type=int, default=None,
                    help="size of the copy-bandwidth buffer in MiB; default 1024 on CUDA, 64 on CPU")
     p.add_argument("--no-cudagraph", action="store_true",
@@ -353,7 +361,7 @@ def main(argv=None) -> None:
 
     copy_gbps = common.copy_bandwidth_gbps(device, copy_mib * common.MIB)
     common.log(f"copy bandwidth ({copy_mib} MiB dst.copy_(src), 2x bytes): {copy_gbps:.1f} GB/s")
-    triton_reason = common.triton_skip_reason(device) if "triton" in args.providers else None
+    triton_reason = common.triton_skip_reason(device) if set(TRITON_PROVIDERS) & set(args.providers) else None
     if triton_reason:
         common.log(f"triton provider skipped: {triton_reason}")
 

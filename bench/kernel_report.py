@@ -10,7 +10,14 @@ ptxas that triton ships. Reported per kernel:
     spill bytes     bytes of spill stores / spill loads per thread (ptxas -v): 0 means no spills
     stack           stack frame bytes per thread (ptxas -v)
     SASS instrs     machine instructions in the cubin (cuobjdump -sass), of which LDL/STL (local memory)
+    FFMA, SHFL, BAR, MMA   of those: fp32 FMAs, warp shuffles (cross-lane reductions), barriers and
+                    tensor-core MMAs
+    warp instrs / pixel    the dynamic instruction count of one program, estimated as the straight
+                    code plus each loop body run ceil(H / BLOCK_H) times, times the warps, over the
+                    H x W pixels the program covers: what an issue-bound kernel's time follows
     PTX instrs      instructions in the PTX (statements ending in ';', no directives or labels)
+Every kernel is compiled in both contractions ("sum" and "dot", see kernels/triton_attention.py)
+unless --contractions says otherwise; the launchers' own choice ("auto") is one of the two.
 The metadata are device-independent: triton and torch versions, ptxas version, commit, date.
 
     python bench/kernel_report.py                           # the default sizes, fp32 and bf16
@@ -167,16 +174,42 @@ def ptxas_usage(log: str) -> dict:
             "spill_loads": number(r"(\d+) bytes spill loads"), "stack": number(r"(\d+) bytes stack frame")}
 
 
-def sass_counts(cubin: bytes) -> dict:
-    """Machine instructions in the cubin, and those that touch local memory (LDL / STL: spills)."""
+# SASS opcodes counted on their own: fp32 FMAs, warp shuffles (the cross-lane reductions of the
+# broadcast-and-sum contractions), barriers, and tensor-core MMAs (HMMA: mma.sync, HGMMA: wgmma)
+OPCODE_COLUMNS = {"FFMA": "sass_ffma", "SHFL": "sass_shfl", "BAR": "sass_bar", "MMA": "sass_mma"}
+
+
+def _opcode(instruction: str) -> str:
+    """'@!P0 FFMA.FTZ R1, ...' -> 'FFMA'; HMMA and HGMMA count as 'MMA'."""
+    opcode = re.sub(r"^@!?U?P\w+\s+", "", instruction).split(None, 1)[0].split(".")[0]
+    return "MMA" if opcode in ("HMMA", "HGMMA", "DMMA") else opcode
+
+
+def sass_counts(cubin: bytes, loop_trips: int) -> dict:
+    """Machine instructions in the cubin: all, those that touch local memory (LDL / STL: spills), the
+    OPCODE_COLUMNS, and the dynamic count per program estimated as the straight code plus every loop
+    body (a backward branch to an earlier address) run loop_trips times."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
         sass = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
                               check=True).stdout
-    instructions = re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", sass)
+    listing = [(int(address, 16), text.strip())
+               for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    instructions = [text for _, text in listing]
     local = [i for i in instructions if re.search(r"\b(LDL|STL)\b", i)]
-    return {"sass_instructions": len(instructions), "sass_local": len(local)}
+    counts = {"sass_instructions": len(instructions), "sass_local": len(local)}
+    opcodes = [_opcode(i) for i in instructions]
+    for opcode, column in OPCODE_COLUMNS.items():
+        counts[column] = sum(op == opcode for op in opcodes)
+    dynamic = len(instructions)
+    for address, text in listing:
+        target = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address:
+            body = sum(1 for a, _ in listing if int(target.group(1), 16) <= a <= address)
+            dynamic += body * (loop_trips - 1)
+    counts["sass_dynamic"] = dynamic
+    return counts
 
 
 def ptx_instructions(ptx: str) -> int:
@@ -191,17 +224,22 @@ def report_one(variant: str, size: Size, n: int, dtype_name: str) -> dict:
     compiled, log = compile_with_ptxas_log(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
                                            num_warps)
     row = {"kernel": variant, "size": f"{size.channels}x{size.height}x{size.width}", "n": n, "dtype": dtype_name,
-           "num_warps": num_warps, "block": f"{kwargs['BLOCK_N']}x{kwargs['BLOCK_H']}x{kwargs['BLOCK_W']}"}
+           "contract": kwargs["CONTRACT"], "num_warps": num_warps,
+           "block": f"{kwargs['BLOCK_N']}x{kwargs['BLOCK_H']}x{kwargs['BLOCK_W']}"}
     row.update(ptxas_usage(log))
-    row.update(sass_counts(compiled.asm["cubin"]))
+    row.update(sass_counts(compiled.asm["cubin"], loop_trips=-(-size.height // kwargs["BLOCK_H"])))
+    # every warp of the program runs every instruction; one program covers one channel's H x W pixels
+    row["warp_instrs_per_pixel"] = round(num_warps * row["sass_dynamic"] / (size.height * size.width), 2)
     row["ptx_instructions"] = ptx_instructions(compiled.asm["ptx"])
     return row
 
 
-COLUMNS = [("kernel", "kernel"), ("size", "C x H x W"), ("n", "n"), ("dtype", "dtype"),
+COLUMNS = [("kernel", "kernel"), ("size", "C x H x W"), ("n", "n"), ("dtype", "dtype"), ("contract", "contract"),
            ("block", "block N x H x W"), ("num_warps", "warps"), ("registers", "registers"),
            ("spill_stores", "spill st B"), ("spill_loads", "spill ld B"), ("stack", "stack B"),
-           ("sass_instructions", "SASS instrs"), ("sass_local", "LDL/STL"), ("ptx_instructions", "PTX instrs")]
+           ("sass_instructions", "SASS instrs"), ("sass_local", "LDL/STL"), ("sass_ffma", "FFMA"),
+           ("sass_shfl", "SHFL"), ("sass_bar", "BAR"), ("sass_mma", "MMA"),
+           ("warp_instrs_per_pixel", "warp instrs / pixel"), ("ptx_instructions", "PTX instrs")]
 
 
 def ptxas_version() -> str:
@@ -225,19 +263,28 @@ def main(argv=None) -> int:
                         help="where to write the markdown table (default bench/results/kernel-report-sm90.md)")
     parser.add_argument("--n", type=int, default=None, metavar="N",
                         help="compile every kernel at grid size N instead of each size's own (a quick check)")
+    parser.add_argument("--contractions", type=common.split_list, default=["sum", "dot"],
+                        help=f"comma-separated subset of {','.join(ta.CONTRACTIONS)} (default sum,dot: both "
+                        "forms of every kernel; fp64 always compiles 'sum', once)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     common.check_choices(parser, "--sizes", args.sizes, SIZES)
     common.check_choices(parser, "--dtypes", args.dtypes, DTYPES)
     common.check_choices(parser, "--kernels", args.kernels, VARIANTS)
+    common.check_choices(parser, "--contractions", args.contractions, ta.CONTRACTIONS)
 
     rows = []
     for dtype_name in args.dtypes:
-        for size in (SIZES[name] for name in args.sizes):
-            for variant in args.kernels:
-                for n in [args.n] if args.n else (size.write_ns if variant.startswith("write") else size.read_ns):
-                    common.log(f"compiling {variant} {size.name} n={n} {dtype_name}")
-                    rows.append(report_one(variant, size, n, dtype_name))
+        # the launchers read the contraction from the environment; fp64 has only "sum"
+        contractions = ["sum"] if dtype_name == "fp64" else args.contractions
+        for contract in contractions:
+            with mock.patch.dict(os.environ, {"DRAW_TRITON_CONTRACTION": contract}):
+                for size in (SIZES[name] for name in args.sizes):
+                    for variant in args.kernels:
+                        for n in [args.n] if args.n else (size.write_ns if variant.startswith("write")
+                                                          else size.read_ns):
+                            common.log(f"compiling {variant} {size.name} n={n} {dtype_name} {contract}")
+                            rows.append(report_one(variant, size, n, dtype_name))
     meta = {
         "target": f"sm_{ARCH} (compiled, not run: no GPU needed)", "triton": triton.__version__,
         "torch": torch.__version__, "ptxas": ptxas_version(), "commit": common.git_commit(),

@@ -8,7 +8,8 @@ Each part runs as its own process (so one failure or crash does not stop the oth
 limit, and its output is kept in DIR/PART.log. The parts:
     verify      `draw verify`: the fused kernels against the reference, forward and every gradient
     cuda-tests  tests/test_triton_attention.py compiled on the GPU (skipped by --quick and on CPU)
-    attention   bench_attention.py at the launch-bound, middle and bandwidth-bound sizes
+    attention   bench_attention.py at the launch-bound, middle and bandwidth-bound sizes (eager, compiled,
+                and the fused kernels as launched and forced to broadcast-and-sum: triton, triton-sum)
     train       bench_train.py: mnist-paper at batch 100, 1024, 4096; eager reference, eager triton,
                 CUDA graph (fp32 and bf16), and compiled (batch 1024)
 Exit code: non-zero when a part failed (the summary says which).
@@ -49,7 +50,7 @@ def parts(quick: bool, out: pathlib.Path) -> list[tuple[str, list[str], int, dic
                         f"--junitxml={out / 'cuda-tests.xml'}"], 150, {}),
         ("attention", [py, str(BENCH / "bench_attention.py"), "--sizes", "launch,middle,bandwidth", "--rep-ms", "100",
                        "--json", str(out / "attention.json"), "--markdown", str(out / "attention.md"),
-                       "--plot", str(out / "attention.png")], 120, {}),
+                       "--plot", str(out / "attention.png")], 150, {}),
         ("train", train + ["--batch-sizes", "100,1024,4096", "--modes", "reference,triton,triton-graph", "--amp", "fp32,bf16",
                            "--json", str(out / "train.json"), "--markdown", str(out / "train.md")], 150, {}),
         ("train-compiled", train + ["--batch-sizes", "1024", "--modes", "triton-compiled", "--amp", "fp32",
@@ -86,10 +87,14 @@ def headline(out: pathlib.Path) -> list[str]:
         rows = json.loads(verify.read_text()).get("rows", [])
         failed = sum(1 for r in rows if not r.get("passed"))
         lines.append(f"verify: {len(rows) - failed}/{len(rows)} checks pass")
-    for r in _rows(out / "attention.json"):
+    attention = _rows(out / "attention.json")
+    sum_ms = {(r["op"], r["mode"], r["size"], r["timer"]): r["ms"] for r in attention if r.get("provider") == "triton-sum"}
+    for r in attention:
         if r.get("provider") == "triton":
+            vs_sum = sum_ms.get((r["op"], r["mode"], r["size"], r["timer"]), float("nan")) / r["ms"]
             lines.append(f"attention {r['op']} {r['mode']} {r['size']}: triton {r.get('gbps', float('nan')):.0f} GB/s "
-                         f"({r.get('pct_copy', float('nan')):.0f}% of copy), {r.get('vs_compiled') or float('nan'):.2f}x compiled ({r['timer']})")
+                         f"({r.get('pct_copy', float('nan')):.0f}% of copy), {r.get('vs_compiled') or float('nan'):.2f}x compiled, "
+                         f"{vs_sum:.2f}x triton-sum ({r['timer']})")
     for r in _rows(out / "train.json") + _rows(out / "train-compiled.json"):
         lines.append(f"train {r['preset']} batch {r['batch']} {r['mode']} {r['dtype']}: {r['images_per_s']:,.0f} images/s")
     return lines

@@ -36,8 +36,12 @@ over the image in blocks of BLOCK_H rows, with BLOCK_H chosen so that the larges
 temporary [BLOCK_H, BLOCK_N, BLOCK_W] stays within a tile budget (_FORWARD_TILE, _BACKWARD_TILE);
 register use is therefore bounded for any H, and grows with W only through the [BLOCK_N, BLOCK_W]
 row tiles (fp32, sm_90: no register spills for N <= 16, W <= 128; wider images work but spill).
-Contractions are broadcast-multiply-and-sum in the compute dtype (no tl.dot, so no TF32 and no
-minimum block size of 16).
+
+Contractions (_mm, _mm_nt, _mm_tn), two ways, one kernel source: "sum" broadcasts and sums in the
+compute dtype (any block size; fp64 always); "dot" is tl.dot in exact fp32 (input_precision "ieee":
+FMAs, no TF32) on blocks padded to 16, which needs no cross-lane reductions. The launcher picks per
+launch (contraction(); DRAW_TRITON_CONTRACTION=auto|sum|dot overrides it): "dot" from N >= 5 up to 128
+columns, where the sm_90 code runs 2-6x fewer warp instructions per pixel (bench/kernel_report.py).
 
 Precision: compute in fp64 when any input is fp64, else in fp32 (fp16/bf16 are loaded and upcast;
 outputs are stored in their tensor's dtype). Inputs may be non-contiguous: every tensor is passed
@@ -77,6 +81,17 @@ _FLOOR = tl.constexpr(ROW_SUM_FLOOR)  # Z = max(row sum, 1e-8), as in kernels/re
 _FORWARD_TILE = 2048
 _BACKWARD_TILE = 512
 _INTERPRETER_TILE = 8192
+# The contractions (_mm): "sum" broadcasts and sums (any block size; always for fp64); "dot" is tl.dot
+# in exact fp32 on blocks padded to _DOT_MIN, in row blocks of _DOT_FORWARD_TILE elements forward and
+# _DOT_MIN rows backward. "auto" (the default; DRAW_TRITON_CONTRACTION overrides it) takes "dot" where
+# the compiled code is shorter: from ptxas / cuobjdump for sm_90 (bench/kernel_report.py), "dot" runs
+# 2-6x fewer warp instructions per pixel from N >= 5 (BLOCK_N >= 8) up to 128 columns, "sum" fewer at
+# N <= 4 (dot pads N to 16), and at 256 columns dot's operands no longer fit in registers.
+CONTRACTIONS = ("auto", "sum", "dot")
+_DOT_MIN = 16
+_DOT_MIN_N = 5
+_DOT_MAX_WIDTH = 128
+_DOT_FORWARD_TILE = 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +214,34 @@ def _cast_for_store(value, ptr):
     return value.to(ptr.dtype.element_ty)
 
 
+@triton.jit
+def _mm(a, b, CONTRACT: tl.constexpr):
+    """a @ b for a [M, K], b [K, N] -> [M, N]. CONTRACT "sum" broadcasts and sums in the compute dtype;
+    "dot" is tl.dot in exact fp32 (input_precision "ieee": FMAs, no TF32; every dimension >= 16)."""
+    if CONTRACT == "sum":
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _mm_nt(a, b, CONTRACT: tl.constexpr):
+    """a @ b^T for a [M, K], b [N, K] -> [M, N] (see _mm)."""
+    if CONTRACT == "sum":
+        return tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+    else:
+        return tl.dot(a, tl.trans(b), input_precision="ieee")
+
+
+@triton.jit
+def _mm_tn(a, b, CONTRACT: tl.constexpr):
+    """a^T @ b for a [K, M], b [K, N] -> [M, N] (see _mm)."""
+    if CONTRACT == "sum":
+        return tl.sum(a[:, :, None] * b[:, None, :], axis=0)
+    else:
+        return tl.dot(tl.trans(a), b, input_precision="ieee")
+
+
 # ---------------------------------------------------------------------------------------------
 # Read, Eqs. 3 and 27: forward and backward kernels
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +256,7 @@ def _attention_read_forward_kernel(
     stride_pb, stride_pk,
     stride_ob, stride_ok, stride_oc, stride_oj, stride_oi,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, HAS_CANVAS: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, HAS_CANVAS: tl.constexpr, CONTRACT: tl.constexpr,
 ):
     # Program (b, c) owns out[b, :, c] = gamma * F_Y [x, x_hat] F_X^T, both [N, N] glimpses.
     # HAS_CANVAS = False is the glimpse of x alone: canvas_ptr is never read, out is [B, C, N, N]
@@ -247,12 +290,12 @@ def _attention_read_forward_kernel(
                              mask=mask, other=0.0).to(COMPUTE_DTYPE)
             x_hat = tl.where(mask, x - 1 / (1 + tl.exp(-logits)), 0.0)  # (3) error image
         # rows of x F_X^T: [BLOCK_H, BLOCK_N(i)], then F_Y (x F_X^T): [BLOCK_N(j), BLOCK_N(i)]
-        x_fx = tl.sum(x[:, None, :] * f_x[None, :, :], axis=2)
+        x_fx = _mm_nt(x, f_x, CONTRACT)
         if HAS_CANVAS:
-            err_fx = tl.sum(x_hat[:, None, :] * f_x[None, :, :], axis=2)
-        glimpse_x += tl.sum(f_y[:, :, None] * x_fx[None, :, :], axis=1)
+            err_fx = _mm_nt(x_hat, f_x, CONTRACT)
+        glimpse_x += _mm(f_y, x_fx, CONTRACT)
         if HAS_CANVAS:
-            glimpse_err += tl.sum(f_y[:, :, None] * err_fx[None, :, :], axis=1)
+            glimpse_err += _mm(f_y, err_fx, CONTRACT)
 
     offs_j = offs_n[:, None]
     offs_i = offs_n[None, :]
@@ -273,7 +316,7 @@ def _attention_read_backward_kernel(
     stride_gb, stride_gk, stride_gc, stride_gj, stride_gi,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, HAS_CANVAS: tl.constexpr, STORE_GRAD_X: tl.constexpr,
-    STORE_GRAD_CANVAS: tl.constexpr,
+    STORE_GRAD_CANVAS: tl.constexpr, CONTRACT: tl.constexpr,
 ):
     # Program (b, c) owns dx[b, c], dcanvas[b, c] (contiguous [B, C, H, W]) and the partial
     # parameter gradient of channel c, grad_params[b, c, :] (contiguous [B, C, 5]).
@@ -329,12 +372,10 @@ def _attention_read_backward_kernel(
                              mask=mask, other=0.0).to(COMPUTE_DTYPE)
             sig = 1 / (1 + tl.exp(-logits))
             x_hat = tl.where(mask, x - sig, 0.0)
-            fyt_g_err = tl.sum(f_y[:, :, None] * g_err[:, None, :], axis=0)
-            d_err = gamma * tl.sum(fyt_g_err[:, :, None] * f_x[None, :, :], axis=1)
+            d_err = gamma * _mm(_mm_tn(f_y, g_err, CONTRACT), f_x, CONTRACT)
         grad_offs = grad_base + offs_h[:, None] * width + offs_w[None, :]
         if STORE_GRAD_X:
-            fyt_g_x = tl.sum(f_y[:, :, None] * g_x[:, None, :], axis=0)
-            d_x = gamma * tl.sum(fyt_g_x[:, :, None] * f_x[None, :, :], axis=1)
+            d_x = gamma * _mm(_mm_tn(f_y, g_x, CONTRACT), f_x, CONTRACT)
             if HAS_CANVAS:
                 d_x += d_err  # dx = d img_0 + d img_1
             tl.store(grad_x_ptr + grad_offs, _cast_for_store(d_x, grad_x_ptr), mask=mask)
@@ -343,12 +384,12 @@ def _attention_read_backward_kernel(
             tl.store(grad_canvas_ptr + grad_offs, _cast_for_store(d_logits, grad_canvas_ptr), mask=mask)
 
         # dF_Y for these rows: [BLOCK_N(j), BLOCK_H]
-        x_fx = tl.sum(x[:, None, :] * f_x[None, :, :], axis=2)  # [BLOCK_H, BLOCK_N(i)]
+        x_fx = _mm_nt(x, f_x, CONTRACT)  # [BLOCK_H, BLOCK_N(i)]
         if HAS_CANVAS:
-            err_fx = tl.sum(x_hat[:, None, :] * f_x[None, :, :], axis=2)
-        dfy_sum = tl.sum(g_x[:, None, :] * x_fx[None, :, :], axis=2)
+            err_fx = _mm_nt(x_hat, f_x, CONTRACT)
+        dfy_sum = _mm_nt(g_x, x_fx, CONTRACT)
         if HAS_CANVAS:
-            dfy_sum += tl.sum(g_err[:, None, :] * err_fx[None, :, :], axis=2)
+            dfy_sum += _mm_nt(g_err, err_fx, CONTRACT)
         df_y = gamma * dfy_sum
         m_r, m_dfo, m_fo, m_dfe, m_fe = _row_moments(df_y, f_y, offset_y, exponent_y)
         r_y += m_r
@@ -358,13 +399,13 @@ def _attention_read_backward_kernel(
         fe_y += m_fe
 
         # F_Y img_k, needed whole for dF_X: [BLOCK_N(j), BLOCK_W]
-        fy_x += tl.sum(f_y[:, :, None] * x[None, :, :], axis=1)
+        fy_x += _mm(f_y, x, CONTRACT)
         if HAS_CANVAS:
-            fy_err += tl.sum(f_y[:, :, None] * x_hat[None, :, :], axis=1)
+            fy_err += _mm(f_y, x_hat, CONTRACT)
 
-    dfx_sum = tl.sum(g_x[:, :, None] * fy_x[:, None, :], axis=0)  # [BLOCK_N(i), BLOCK_W]
+    dfx_sum = _mm_tn(g_x, fy_x, CONTRACT)  # [BLOCK_N(i), BLOCK_W]
     if HAS_CANVAS:
-        dfx_sum += tl.sum(g_err[:, :, None] * fy_err[:, None, :], axis=0)
+        dfx_sum += _mm_tn(g_err, fy_err, CONTRACT)
     df_x = gamma * dfx_sum
     # offsets and exponents recomputed rather than kept live through the row loop
     gauss_x, offset_x, exponent_x = _gaussian_terms(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
@@ -390,7 +431,7 @@ def _attention_write_forward_kernel(
     stride_pb, stride_pk,
     stride_cb, stride_cc, stride_ch, stride_cw,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, CONTRACT: tl.constexpr,
 ):
     # Program (b, c) owns out[b, c] = canvas[b, c] + (1 / gamma) F_Y^T w[b, c] F_X, [H, W],
     # written in blocks of BLOCK_H full-width rows (out is contiguous [B, C, H, W]).
@@ -410,7 +451,7 @@ def _attention_write_forward_kernel(
     w = tl.load(patch_ptr + pid_b * stride_wb + pid_c * stride_wc
                 + offs_n[:, None] * stride_wj + offs_n[None, :] * stride_wi,
                 mask=w_mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_N(j), BLOCK_N(i)]
-    w_fx = tl.sum(w[:, :, None] * f_x[None, :, :], axis=1)  # w F_X: [BLOCK_N(j), BLOCK_W]
+    w_fx = _mm(w, f_x, CONTRACT)  # w F_X: [BLOCK_N(j), BLOCK_W]
 
     c_base = canvas_ptr + pid_b * stride_cb + pid_c * stride_cc
     out_base = out_ptr + (pid_b * tl.num_programs(1) + pid_c) * height * width
@@ -419,7 +460,7 @@ def _attention_write_forward_kernel(
         mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
         gauss_y = _gaussian_rows(mu_y, sigma2, offs_n, offs_h, height, N, COMPUTE_DTYPE)
         f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
-        written = tl.sum(f_y[:, :, None] * w_fx[:, None, :], axis=0)  # F_Y^T w F_X: [BLOCK_H, BLOCK_W]
+        written = _mm_tn(f_y, w_fx, CONTRACT)  # F_Y^T w F_X: [BLOCK_H, BLOCK_W]
         logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
                          mask=mask, other=0.0).to(COMPUTE_DTYPE)
         new_logits = logits + written / gamma  # (29), (8)
@@ -435,7 +476,7 @@ def _attention_write_backward_kernel(
     stride_pb, stride_pk,
     stride_gb, stride_gc, stride_gh, stride_gw,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, CONTRACT: tl.constexpr,
 ):
     # Program (b, c) owns dpatch[b, c] (contiguous [B, C, N, N]) and the partial parameter
     # gradient of channel c, grad_params[b, c, :] (contiguous [B, C, 5]). With G = dL/dnew_canvas:
@@ -479,17 +520,17 @@ def _attention_write_backward_kernel(
         f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
         g = tl.load(g_base + offs_h[:, None] * stride_gh + offs_w[None, :] * stride_gw,
                     mask=mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
-        g_fx = tl.sum(g[:, None, :] * f_x[None, :, :], axis=2)  # G F_X^T: [BLOCK_H, BLOCK_N(i)]
-        df_y = inv_gamma * tl.sum(w[:, None, :] * g_fx[None, :, :], axis=2)  # [BLOCK_N(j), BLOCK_H]
+        g_fx = _mm_nt(g, f_x, CONTRACT)  # G F_X^T: [BLOCK_H, BLOCK_N(i)]
+        df_y = inv_gamma * _mm_nt(w, g_fx, CONTRACT)  # [BLOCK_N(j), BLOCK_H]
         m_r, m_dfo, m_fo, m_dfe, m_fe = _row_moments(df_y, f_y, offset_y, exponent_y)
         r_y += m_r
         dfo_y += m_dfo
         fo_y += m_fo
         dfe_y += m_dfe
         fe_y += m_fe
-        fy_g += tl.sum(f_y[:, :, None] * g[None, :, :], axis=1)
+        fy_g += _mm(f_y, g, CONTRACT)
 
-    df_x = inv_gamma * tl.sum(w[:, :, None] * fy_g[:, None, :], axis=0)  # [BLOCK_N(i), BLOCK_W]
+    df_x = inv_gamma * _mm_tn(w, fy_g, CONTRACT)  # [BLOCK_N(i), BLOCK_W]
     # offsets and exponents recomputed rather than kept live through the row loop
     gauss_x, offset_x, exponent_x = _gaussian_terms(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
     r_x, dfo_x, fo_x, dfe_x, fe_x = _row_moments(df_x, f_x, offset_x, exponent_x)
@@ -501,7 +542,7 @@ def _attention_write_backward_kernel(
                        dlog_gamma, delta, height, width)
 
     # dpatch = (1 / gamma) (F_Y G) F_X^T: [BLOCK_N(j), BLOCK_N(i)]
-    d_w = inv_gamma * tl.sum(fy_g[:, None, :] * f_x[None, :, :], axis=2)
+    d_w = inv_gamma * _mm_nt(fy_g, f_x, CONTRACT)
     tl.store(grad_patch_ptr + program * N * N + offs_n[:, None] * N + offs_n[None, :],
              _cast_for_store(d_w, grad_patch_ptr), mask=w_mask)
 
@@ -518,8 +559,27 @@ def _compute_dtypes(*tensors):
     return torch.float32, tl.float32
 
 
-def _launch_config(n: int, height: int, width: int, backward: bool) -> dict:
-    """Block sizes (powers of two) and warps for an n-grid over H x W images."""
+def contraction(compute_dtype: torch.dtype, n: int, width: int) -> str:
+    """"sum" or "dot" for an n-grid over images `width` wide (see CONTRACTIONS).
+
+    fp64 always sums (the fp64 path is the exact one the tests hold the others to); fp32 (also for
+    fp16 / bf16 inputs) follows DRAW_TRITON_CONTRACTION: "sum", "dot", or "auto" (the default).
+    """
+    choice = os.environ.get("DRAW_TRITON_CONTRACTION", "auto")
+    if choice not in CONTRACTIONS:
+        raise ValueError(f"DRAW_TRITON_CONTRACTION={choice!r}: expected one of {', '.join(CONTRACTIONS)}")
+    if compute_dtype == torch.float64:
+        return "sum"
+    if choice == "auto":
+        return "dot" if n >= _DOT_MIN_N and width <= _DOT_MAX_WIDTH else "sum"
+    return choice
+
+
+def _launch_config(n: int, height: int, width: int, backward: bool, compute_dtype: torch.dtype) -> dict:
+    """Block sizes (powers of two), warps and contraction for an n-grid over H x W images."""
+    contract = contraction(compute_dtype, n, width)
+    if contract == "dot":
+        return _dot_launch_config(n, height, width, backward)
     block_n = max(triton.next_power_of_2(n), 2)
     block_w = max(triton.next_power_of_2(width), 2)
     row_elements = block_n * block_w  # each [BLOCK_N, BLOCK_W] register tile
@@ -530,7 +590,25 @@ def _launch_config(n: int, height: int, width: int, backward: bool) -> dict:
     # ptxas, sm_90, fp32: no spills up to [16, 128] row tiles (n <= 16, W <= 128); [16, 256] spills
     # in the backward kernels (about 1.2 KB per thread) but stays correct.
     num_warps = 4 if row_elements <= (256 if backward else 2048) else 8
-    return {"N": n, "BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": num_warps}
+    return {"N": n, "BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": num_warps,
+            "CONTRACT": "sum"}
+
+
+def _dot_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
+    """Block sizes for tl.dot: every dimension padded to at least _DOT_MIN (triton 3.6 needs K >= 16).
+
+    ptxas, sm_90, fp32: no spills up to 64 columns; at 65-128 columns read backward spills ~400 B
+    per thread (8 warps) and the other kernels none. 4 warps only for narrow forward kernels.
+    """
+    block_n = max(triton.next_power_of_2(n), _DOT_MIN)
+    block_w = max(triton.next_power_of_2(width), _DOT_MIN)
+    tile = _DOT_MIN * block_w if backward else _DOT_FORWARD_TILE
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        tile = _INTERPRETER_TILE or tile
+    block_h = min(max(tile // block_w, _DOT_MIN), max(triton.next_power_of_2(height), _DOT_MIN))
+    num_warps = 4 if block_w <= 32 and not backward else 8
+    return {"N": n, "BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": num_warps,
+            "CONTRACT": "dot"}
 
 
 def _device_guard(t: torch.Tensor):
@@ -562,13 +640,14 @@ def attention_read_forward(x: torch.Tensor, canvas: torch.Tensor | None, params:
     if height * width == 0:
         return out.zero_()
     canvas = canvas if has_canvas else x  # never read without a canvas; any valid pointer will do
-    _, compute = _compute_dtypes(x, canvas, params)
+    compute_torch, compute = _compute_dtypes(x, canvas, params)
     with _device_guard(x):
         _attention_read_forward_kernel[(batch, channels)](
             x, canvas, params, out,
             height, width, max(height, width) - 1,
             *x.stride(), *canvas.stride(), *params.stride(), *_read_strides(out, has_canvas),
-            COMPUTE_DTYPE=compute, HAS_CANVAS=has_canvas, **_launch_config(n, height, width, backward=False),
+            COMPUTE_DTYPE=compute, HAS_CANVAS=has_canvas,
+            **_launch_config(n, height, width, backward=False, compute_dtype=compute_torch),
         )
     return out
 
@@ -593,7 +672,8 @@ def attention_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: b
                 height, width, max(height, width) - 1,
                 *x.stride(), *canvas.stride(), *params.stride(), *_read_strides(grad_out, has_canvas),
                 COMPUTE_DTYPE=compute, HAS_CANVAS=has_canvas, STORE_GRAD_X=x_needs_grad,
-                STORE_GRAD_CANVAS=canvas_needs_grad, **_launch_config(n, height, width, backward=True),
+                STORE_GRAD_CANVAS=canvas_needs_grad,
+                **_launch_config(n, height, width, backward=True, compute_dtype=acc_dtype),
             )
     else:
         grad_x.zero_()  # empty images (H * W = 0): every gradient is 0
@@ -610,13 +690,14 @@ def attention_write_forward(patch: torch.Tensor, params: torch.Tensor, canvas: t
     out = torch.empty(canvas.shape, device=canvas.device, dtype=canvas.dtype)
     if out.numel() == 0:
         return out
-    _, compute = _compute_dtypes(patch, params, canvas)
+    compute_torch, compute = _compute_dtypes(patch, params, canvas)
     with _device_guard(canvas):
         _attention_write_forward_kernel[(batch, channels)](
             patch, params, canvas, out,
             height, width, max(height, width) - 1,
             *patch.stride(), *params.stride(), *canvas.stride(),
-            COMPUTE_DTYPE=compute, **_launch_config(n, height, width, backward=False),
+            COMPUTE_DTYPE=compute,
+            **_launch_config(n, height, width, backward=False, compute_dtype=compute_torch),
         )
     return out
 
@@ -637,7 +718,8 @@ def attention_write_backward(grad_out, patch, params):
                 patch, params, grad_out, grad_patch, partials,
                 height, width, max(height, width) - 1,
                 *patch.stride(), *params.stride(), *grad_out.stride(),
-                COMPUTE_DTYPE=compute, **_launch_config(n, height, width, backward=True),
+                COMPUTE_DTYPE=compute,
+                **_launch_config(n, height, width, backward=True, compute_dtype=acc_dtype),
             )
     else:
         grad_patch.zero_()

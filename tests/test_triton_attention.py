@@ -20,6 +20,7 @@ from helpers import assert_close
 from draw import kernels, verify
 
 pytest.importorskip("triton")
+from draw.kernels import triton_attention  # noqa: E402
 
 ON_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -181,8 +182,6 @@ def test_glimpse_is_the_first_read_glimpse():
 
 def test_gpu_row_tiling(monkeypatch):
     """The row-block sizes used on the GPU (here down to BLOCK_H = 1 for a [16, 64] row tile)."""
-    from draw.kernels import triton_attention
-
     monkeypatch.setattr(triton_attention, "_INTERPRETER_TILE", 0)
     x, canvas, params, patch = make_inputs(2, 1, 5, 33, 12)
     check_read(x, canvas, params, 12)
@@ -281,6 +280,51 @@ def test_degenerate_parameters(case):
     check_read(x32, canvas32, params32, 3, rel=1e-5, atol=1e-30)
     check_glimpse(x32, params32, 3, rel=1e-5, atol=1e-30)
     check_write(patch32, params32, canvas32, rel=1e-5, atol=1e-30)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two contractions ("sum" and "dot", kernels/triton_attention.py): each, forced, in fp32
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("contract", ["sum", "dot"])
+@pytest.mark.parametrize("gpu_tiles", [False, True])
+@pytest.mark.parametrize(
+    "batch, channels, height, width, read_n, write_n",
+    [
+        (2, 1, 7, 11, 3, 4),  # odd, non-square: dot pads N, H and W to 16
+        (1, 3, 12, 12, 1, 5),  # N = 1, C = 3
+        (2, 2, 37, 53, 5, 2),  # several row blocks with the GPU tiles, W padded 53 -> 64
+        (2, 1, 21, 9, 16, 12),  # the largest grids, taller than wide
+    ],
+)
+def test_each_contraction_float32(monkeypatch, contract, gpu_tiles, batch, channels, height, width, read_n,
+                                  write_n):
+    monkeypatch.setenv("DRAW_TRITON_CONTRACTION", contract)
+    if gpu_tiles:
+        monkeypatch.setattr(triton_attention, "_INTERPRETER_TILE", 0)
+    x, canvas, params, patch = make_inputs(batch, channels, height, width, write_n, dtype=f32, seed=7)
+    check_read(x, canvas, params, read_n, rel=1e-5)
+    check_glimpse(x, params, read_n, rel=1e-5)
+    check_write(patch, params, canvas, rel=1e-5)
+
+
+def test_contraction_choice(monkeypatch):
+    choose = triton_attention.contraction
+    monkeypatch.delenv("DRAW_TRITON_CONTRACTION", raising=False)
+    assert choose(f32, 12, 100) == "dot"  # where dot's compiled code is shorter
+    assert choose(f32, 5, 28) == "dot"
+    assert choose(f32, 2, 28) == "sum"  # dot would pad a 2x2 grid to 16x16
+    assert choose(f32, 16, 256) == "sum"  # dot's operands outgrow the registers
+    assert choose(f64, 12, 100) == "sum"  # fp64 always sums
+    monkeypatch.setenv("DRAW_TRITON_CONTRACTION", "dot")
+    assert choose(f32, 2, 256) == "dot" and choose(f64, 12, 100) == "sum"
+    assert triton_attention._launch_config(2, 28, 28, False, f32)["BLOCK_N"] == 16  # padded for tl.dot
+    monkeypatch.setenv("DRAW_TRITON_CONTRACTION", "sum")
+    assert choose(f32, 12, 100) == "sum"
+    monkeypatch.setenv("DRAW_TRITON_CONTRACTION", "fast")
+    with pytest.raises(ValueError, match="DRAW_TRITON_CONTRACTION='fast': expected one of auto, sum, dot"):
+        choose(f32, 12, 100)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +441,8 @@ def test_double_backward_raises_clearly():
 @pytest.mark.skipif(ON_CUDA, reason="with CUDA every kernel is compiled and run by the tests above")
 def test_kernels_compile_for_sm90():
     """Every kernel variant (read, glimpse and write, forward and backward, with and without dx), as the
-    launchers launch it, in fp32, bf16 and fp64, through bench/kernel_report.py: no spills at 28x28."""
+    launchers launch it, in both contractions for fp32 and bf16 and in fp64, through
+    bench/kernel_report.py: no spills at 28x28."""
     import pathlib
     import subprocess
     import sys
@@ -410,7 +455,7 @@ def test_kernels_compile_for_sm90():
                "--no-write"]
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "0 of 24 kernels spill: none" in result.stdout, result.stdout[-4000:]
+    assert "0 of 40 kernels spill: none" in result.stdout, result.stdout[-4000:]
 
 
 # ---------------------------------------------------------------------------------------------
