@@ -37,17 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    sys.exit("kernel_report.py compiles for the GPU: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-import common  # noqa: E402  (bench/ is on sys.path when this script runs)
-from draw.kernels import triton_attention as ta  # noqa: E402
+import common  # (bench/ is on sys.path when this script runs)
+from draw.kernels import triton_attention as ta
 
 RESULTS_DIR = common.BENCH_DIR / "results"
 ARCH = 90  # H100 / H200
@@ -186,14 +183,19 @@ def _opcode(instruction: str) -> str:
 
 
 def sass_counts(cubin: bytes, loop_trips: int) -> dict:
-    """Machine instructions in the cubin: all, those that touch local memory (LDL / STL: spills), the
-    OPCODE_COLUMNS, and the dynamic count per program estimated as the straight code plus every loop
-    body (a backward branch to an earlier address) run loop_trips times."""
+    """count_sass on the cubin's machine code (cuobjdump -sass)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
         sass = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
                               check=True).stdout
+    return count_sass(sass, loop_trips)
+
+
+def count_sass(sass: str, loop_trips: int) -> dict:
+    """Machine instructions in a SASS listing: all, those that touch local memory (LDL / STL: spills),
+    the OPCODE_COLUMNS, and the dynamic count per program estimated as the straight code plus every
+    loop body (from a backward branch's target to the branch) run loop_trips times."""
     listing = [(int(address, 16), text.strip())
                for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     instructions = [text for _, text in listing]
@@ -242,6 +244,32 @@ COLUMNS = [("kernel", "kernel"), ("size", "C x H x W"), ("n", "n"), ("dtype", "d
            ("warp_instrs_per_pixel", "warp instrs / pixel"), ("ptx_instructions", "PTX instrs")]
 
 
+def compare_contractions(rows: list[dict]) -> list[dict]:
+    """"sum" against "dot" for each kernel, size, n and dtype compiled both ways, with the launchers'
+    default choice ("auto")."""
+    pairs = {}
+    for row in rows:
+        pairs.setdefault((row["kernel"], row["size"], row["n"], row["dtype"]), {})[row["contract"]] = row
+    compared = []
+    for (kernel, size, n, dtype), pair in pairs.items():
+        if not {"sum", "dot"} <= set(pair):
+            continue
+        with mock.patch.dict(os.environ, {"DRAW_TRITON_CONTRACTION": "auto"}):
+            auto = ta.contraction(DTYPES[dtype], n, int(size.split("x")[-1]))
+        total, dot = pair["sum"], pair["dot"]
+        compared.append({"kernel": kernel, "size": size, "n": n, "dtype": dtype,
+                         "sum_per_pixel": total["warp_instrs_per_pixel"], "dot_per_pixel": dot["warp_instrs_per_pixel"],
+                         "sum_over_dot": round(total["warp_instrs_per_pixel"] / dot["warp_instrs_per_pixel"], 2),
+                         "sum_spill": total["spill_stores"], "dot_spill": dot["spill_stores"], "auto": auto})
+    return compared
+
+
+COMPARE_COLUMNS = [("kernel", "kernel"), ("size", "C x H x W"), ("n", "n"), ("dtype", "dtype"),
+                   ("sum_per_pixel", "sum: warp instrs / pixel"), ("dot_per_pixel", "dot: warp instrs / pixel"),
+                   ("sum_over_dot", "sum / dot"), ("sum_spill", "sum: spill st B"), ("dot_spill", "dot: spill st B"),
+                   ("auto", "launched (auto)")]
+
+
 def ptxas_version() -> str:
     out = subprocess.run([_tool("ptxas"), "--version"], capture_output=True, text=True, check=False).stdout
     found = re.search(r"release (\S+),", out)
@@ -268,6 +296,8 @@ def main(argv=None) -> int:
                         "forms of every kernel; fp64 always compiles 'sum', once)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("compiles for the GPU: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     common.check_choices(parser, "--sizes", args.sizes, SIZES)
     common.check_choices(parser, "--dtypes", args.dtypes, DTYPES)
     common.check_choices(parser, "--kernels", args.kernels, VARIANTS)
@@ -292,9 +322,12 @@ def main(argv=None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     print(common.text_table(rows, COLUMNS))
+    compared = compare_contractions(rows)
+    if compared:
+        print("\n" + common.text_table(compared, COMPARE_COLUMNS))
     spilling = [row for row in rows if row["spill_stores"] or row["spill_loads"]]
     summary = (f"{len(spilling)} of {len(rows)} kernels spill: "
-               + (", ".join(f"{r['kernel']} {r['size']} n={r['n']} {r['dtype']} ({r['spill_stores']} B)"
+               + (", ".join(f"{r['kernel']} {r['size']} n={r['n']} {r['dtype']} {r['contract']} ({r['spill_stores']} B)"
                             for r in spilling) or "none"))
     print(summary)
     if not args.no_write:
@@ -302,8 +335,10 @@ def main(argv=None) -> int:
         notes = ["Registers and spill bytes are per thread, from ptxas -v on the PTX that triton.compile "
                  "produced for each launch the launchers make (block sizes as on a GPU); SASS counts from "
                  "cuobjdump. Nothing here was run.", summary]
-        common.write_markdown(args.markdown, f"Fused attention kernels compiled for sm_{ARCH}", meta,
-                              [("Kernels", common.markdown_table(rows, COLUMNS))], notes)
+        sections = [("Kernels", common.markdown_table(rows, COLUMNS))]
+        if compared:
+            sections.insert(0, ("The two contractions", common.markdown_table(compared, COMPARE_COLUMNS)))
+        common.write_markdown(args.markdown, f"Fused attention kernels compiled for sm_{ARCH}", meta, sections, notes)
     return 0
 
 

@@ -12,7 +12,9 @@ and a check passes when it is finite and within the tolerance, or when the large
 below ABS_FLOOR (values the reference holds below fp32's range, e.g. where the row-sum floor is active,
 are 0 in fp32). NaN or Inf anywhere fails. The tolerance is the dtype's (fp32 1e-5, bf16 1e-2, fp16
 2e-3), or, where the precision itself cannot reach that on the case's inputs, BASELINE_FACTOR times the
-error of the reference run in the case's dtype (see TOLERANCES).
+error of the reference run in the case's dtype (see TOLERANCES). The "contract" column is how the
+kernels contract in that case ("sum" or "dot", chosen per launch; DRAW_TRITON_CONTRACTION overrides
+it), so the sweep holds both forms to the reference.
 
 Sweeps (cases the device cannot run are left out):
     quick  every grid size N = 1..16 for every op on small odd shapes (C = 1 and 3 in turn), the
@@ -228,10 +230,22 @@ def check_case(case: Case, device: torch.device) -> list[dict]:
     return rows
 
 
+def _contraction(case: Case) -> str:
+    """How the fused kernels contract in this case: "sum" or "dot" (kernels/triton_attention.py; every
+    verified dtype computes in fp32). Imports triton, so only once the interpreter question is settled."""
+    from draw.kernels import triton_attention
+
+    try:
+        return triton_attention.contraction(torch.float32, case.n, case.width)
+    except ValueError:  # a bad DRAW_TRITON_CONTRACTION: the case's own error row says so
+        return "?"
+
+
 def _row(case: Case, quantity: str, max_abs: float, rel: float, tolerance: float, passed: bool,
          baseline_rel: float = math.nan, error: str = ""):
-    row = {"case": case.name, "quantity": quantity, "max_abs_error": max_abs, "relative_error": rel,
-           "baseline_relative_error": baseline_rel, "tolerance": tolerance, "passed": passed, **asdict(case)}
+    row = {"case": case.name, "contract": _contraction(case), "quantity": quantity, "max_abs_error": max_abs,
+           "relative_error": rel, "baseline_relative_error": baseline_rel, "tolerance": tolerance, "passed": passed,
+           **asdict(case)}
     if error:
         row["error"] = error
     return row
@@ -331,7 +345,7 @@ def _format_row(row: dict, width: int) -> str:
         verdict = "FAIL"
     else:  # "ok (abs)": passed on the absolute floor, the reference's values being below fp32's range
         verdict = "ok" if row["relative_error"] <= row["tolerance"] else "ok (abs)"
-    return (f"{row['case']:<{width}}  {row['quantity']:<12}  {number(row['max_abs_error'])}  "
+    return (f"{row['case']:<{width}}  {row['contract']:<8}  {row['quantity']:<12}  {number(row['max_abs_error'])}  "
             f"{number(row['relative_error'])}  {number(row['baseline_relative_error'])}  {row['tolerance']:8.1e}  "
             f"{verdict}")
 
@@ -412,7 +426,7 @@ def run(args) -> int:
     if device.type == "cpu":
         print("  (on CPU the paper-sized images and the 65536 batch are left out: the interpreter is too slow)")
     width = max(len(case.name) for case in cases)
-    print(f"{'case':<{width}}  {'quantity':<12}  {'max abs':>9}  {'rel err':>9}  {'ref err':>9}  {'tol':>8}  pass",
+    print(f"{'case':<{width}}  {'contract':<8}  {'quantity':<12}  {'max abs':>9}  {'rel err':>9}  {'ref err':>9}  {'tol':>8}  pass",
           flush=True)
     started = time.perf_counter()
     rows = []

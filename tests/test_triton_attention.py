@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, import_bench
 
 from draw import kernels, verify
 
@@ -456,6 +456,24 @@ def test_kernels_compile_for_sm90():
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "0 of 40 kernels spill: none" in result.stdout, result.stdout[-4000:]
+    assert "launched (auto)" in result.stdout  # the sum-against-dot table
+
+
+def test_kernel_report_counts_sass():
+    """The report's instruction counts on a hand-written listing: a 3-instruction loop run 4 times."""
+    report = import_bench("kernel_report")
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   FFMA R2, R3, R4, R5 ;
+        /*0020*/                   SHFL.BFLY PT, R6, R7, 0x1, 0x1f ;
+        /*0030*/              @!P0 BRA 0x10 ;
+        /*0040*/                   HMMA.1688.F32.TF32 R8, R12, R16, R8 ;
+        /*0050*/                   STL [R1], R2 ;
+        /*0060*/                   EXIT ;
+    """
+    counts = report.count_sass(sass, loop_trips=4)
+    assert counts == {"sass_instructions": 7, "sass_local": 1, "sass_ffma": 1, "sass_shfl": 1, "sass_bar": 0,
+                      "sass_mma": 1, "sass_dynamic": 7 + 3 * 3}
 
 
 # ---------------------------------------------------------------------------------------------
