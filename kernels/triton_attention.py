@@ -85,8 +85,8 @@ _INTERPRETER_TILE = 8192
 # in exact fp32 on blocks padded to _DOT_MIN, in row blocks of _DOT_FORWARD_TILE elements forward and
 # _DOT_MIN rows backward. "auto" (the default; DRAW_TRITON_CONTRACTION overrides it) takes "dot" where
 # the compiled code is shorter: from ptxas / cuobjdump for sm_90 (bench/kernel_report.py), "dot" runs
-# 2-6x fewer warp instructions per pixel from N >= 5 (BLOCK_N >= 8) up to 128 columns, "sum" fewer at
-# N <= 4 (dot pads N to 16), and at 256 columns dot's operands no longer fit in registers.
+# 1.4-5x fewer warp instructions per pixel from N >= 5 (BLOCK_N >= 8) up to 128 columns, "sum" fewer
+# at N <= 4 (dot pads N to 16), and at 256 columns dot's operands no longer fit in registers.
 CONTRACTIONS = ("auto", "sum", "dot")
 _DOT_MIN = 16
 _DOT_MIN_N = 5
@@ -597,8 +597,8 @@ def _launch_config(n: int, height: int, width: int, backward: bool, compute_dtyp
 def _dot_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
     """Block sizes for tl.dot: every dimension padded to at least _DOT_MIN (triton 3.6 needs K >= 16).
 
-    ptxas, sm_90, fp32: no spills up to 64 columns; at 65-128 columns read backward spills ~400 B
-    per thread (8 warps) and the other kernels none. 4 warps only for narrow forward kernels.
+    ptxas, sm_90, fp32: no spills up to 64 columns; at 65-128 columns read backward spills 208 B
+    per thread (408 B with dx; 8 warps) and the other kernels none. 4 warps only for narrow forward kernels.
     """
     block_n = max(triton.next_power_of_2(n), _DOT_MIN)
     block_w = max(triton.next_power_of_2(width), _DOT_MIN)
