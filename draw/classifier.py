@@ -26,7 +26,8 @@ class ClassifierOutput(NamedTuple):
 class ClipPerImageGradient(torch.autograd.Function):
     """Identity forward; backward clips each image's gradient elementwise to [-limit, limit].
 
-    The input's gradient is that of a batch-mean loss, 1/B of each image's own: the clip acts on B times it.
+    The input's gradient is that of a batch-mean loss, 1/B of each image's own: clipping B times it to
+    [-limit, limit] is clipping it to [-limit/B, limit/B], which leaves every unclipped value exact.
     """
 
     @staticmethod
@@ -36,8 +37,8 @@ class ClipPerImageGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        images = grad.shape[0]
-        return (grad * images).clamp(-ctx.limit, ctx.limit) / images, None
+        limit = ctx.limit / grad.shape[0]
+        return grad.clamp(-limit, limit), None
 
 
 class DRAM(nn.Module):
