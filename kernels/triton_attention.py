@@ -830,6 +830,78 @@ _write_backward_op.register_autograd(_no_double_backward, setup_context=_no_doub
 
 
 # ---------------------------------------------------------------------------------------------
+# Eager autograd: the same launchers through torch.autograd.Function
+# ---------------------------------------------------------------------------------------------
+# Outside torch.compile the public functions below take these instead of the custom ops: a custom
+# op's dispatch (schema defaults, a redispatch through its autograd kernel) costs the host several
+# times what a Function does per call (bench/bench_host_overhead.py), and eager training on a GPU is
+# host-bound. Under torch.compile the custom ops keep the kernels opaque to the compiler.
+
+
+class _OnceDifferentiable(torch.autograd.Function):
+    """launcher(*args), recorded so that differentiating its result raises (no double backward)."""
+
+    @staticmethod
+    def forward(ctx, launcher, *args):
+        return launcher(*args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _no_double_backward(ctx)
+
+
+def _backward(launcher, *args):
+    """Run a backward launcher; under create_graph=True through _OnceDifferentiable."""
+    if torch.is_grad_enabled():
+        return _OnceDifferentiable.apply(launcher, *args)
+    return launcher(*args)
+
+
+class _ReadFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, canvas, params, n):
+        ctx.save_for_backward(x, canvas, params)
+        ctx.n = n
+        return attention_read_forward(x, canvas, params, n)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, canvas, params = ctx.saved_tensors
+        x_needs_grad, canvas_needs_grad, params_needs_grad = ctx.needs_input_grad[:3]
+        grad_x, grad_canvas, grad_params = _backward(attention_read_backward, grad_out, x, canvas, params, ctx.n,
+                                                     x_needs_grad, canvas_needs_grad)
+        return (grad_x if x_needs_grad else None, grad_canvas if canvas_needs_grad else None,
+                grad_params if params_needs_grad else None, None)
+
+
+class _WriteFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, patch, params, canvas):
+        ctx.save_for_backward(patch, params)
+        return attention_write_forward(patch, params, canvas)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        patch, params = ctx.saved_tensors
+        patch_needs_grad, params_needs_grad, canvas_needs_grad = ctx.needs_input_grad
+        grad_patch, grad_params = _backward(attention_write_backward, grad_out, patch, params)
+        return (grad_patch if patch_needs_grad else None, grad_params if params_needs_grad else None,
+                grad_out if canvas_needs_grad else None)
+
+
+def _use_custom_ops() -> bool:
+    """True while torch.compile traces (see above)."""
+    return torch.compiler.is_compiling()
+
+
+def _read_autograd(x, canvas, params, n):
+    """The custom op under torch.compile, the Function otherwise (see above)."""
+    if _use_custom_ops():
+        return _read_op(x, canvas, params, n)
+    return _ReadFunction.apply(x, canvas, params, n)
+
+
+# ---------------------------------------------------------------------------------------------
 # Public functions (called by kernels.read / kernels.write with validated inputs)
 # ---------------------------------------------------------------------------------------------
 
@@ -845,7 +917,7 @@ def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int) ->
     Returns:
         [B, 2, C, n, n] glimpses of x (index 0) and of the error image (index 1), in x's dtype.
     """
-    return _read_op(x, canvas, params, n)
+    return _read_autograd(x, canvas, params, n)
 
 
 def glimpse(x: torch.Tensor, params: torch.Tensor, n: int) -> torch.Tensor:
@@ -858,7 +930,7 @@ def glimpse(x: torch.Tensor, params: torch.Tensor, n: int) -> torch.Tensor:
     Returns:
         [B, C, n, n] glimpses, in x's dtype; equal to read(x, canvas, params, n)[:, 0] for any canvas.
     """
-    return _read_op(x, None, params, n)
+    return _read_autograd(x, None, params, n)
 
 
 def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
@@ -871,4 +943,6 @@ def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> to
     Returns:
         [B, C, H, W] the new canvas c_t, in the canvas's dtype.
     """
-    return _write_op(patch, params, canvas)
+    if _use_custom_ops():
+        return _write_op(patch, params, canvas)
+    return _WriteFunction.apply(patch, params, canvas)

@@ -37,3 +37,19 @@ def test_the_recipe_benchmark_names_the_default_it_measured():
     assert model == preset.model
     assert train.to_dict() == {**preset.train.to_dict(), "eval_every": bench_recipe.IMAGES_PER_EVAL // train.batch_size}
     assert len({bench_recipe.slug(name) for name in bench_recipe.VARIANTS}) == len(bench_recipe.VARIANTS)
+
+
+def test_the_host_overhead_benchmark_times_both_autograd_paths(tmp_path):
+    """bench/bench_host_overhead.py: a row for every op, mode and autograd path, with the launches stubbed
+    (no kernel runs, even in Triton's interpreter), and the per-step total of read and write."""
+    bench_host_overhead = import_bench("bench_host_overhead")
+    out = tmp_path / "host.json"
+    assert bench_host_overhead.main(["--calls", "2", "--reps", "1", "--batch", "3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["results"]
+    assert {(r["op"], r["mode"], r["path"]) for r in rows} == {
+        (op, mode, path) for op in ("read", "glimpse", "write") for mode in ("fwd", "fwd+bwd") for path in ("function", "custom-op")}
+    assert all(r["us_per_call"] > 0 for r in rows)
+    expected = {path: 64 * sum(r["us_per_call"] for r in rows if r["path"] == path and r["mode"] == "fwd+bwd"
+                               and r["op"] != "glimpse") / 1e3 for path in ("function", "custom-op")}
+    assert result["per_step_ms"] == pytest.approx(expected)

@@ -422,6 +422,16 @@ def test_validation_errors_match_reference(bad):
     assert errors[0] == errors[1]
 
 
+def test_eager_calls_take_the_autograd_function():
+    """Outside torch.compile the ops run through torch.autograd.Function (less host time per call than
+    the custom ops, which test_torch_compile_fullgraph shows torch.compile still gets)."""
+    x, canvas, params, patch = make_inputs(1, 1, 5, 5, 2)
+    params.requires_grad_()
+    assert type(kernels.read(x, canvas, params, 2, backend="triton").grad_fn).__name__ == "_ReadFunctionBackward"
+    assert type(kernels.glimpse(x, params, 2, backend="triton").grad_fn).__name__ == "_ReadFunctionBackward"
+    assert type(kernels.write(patch, params, canvas, backend="triton").grad_fn).__name__ == "_WriteFunctionBackward"
+
+
 def test_double_backward_raises_clearly():
     x, canvas, params, _ = make_inputs(1, 1, 5, 5, 2)
     params.requires_grad_()
