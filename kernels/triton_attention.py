@@ -41,7 +41,11 @@ Contractions (_mm, _mm_nt, _mm_tn), two ways, one kernel source: "sum" broadcast
 compute dtype (any block size; fp64 always); "dot" is tl.dot in exact fp32 (input_precision "ieee":
 FMAs, no TF32) on blocks padded to 16, which needs no cross-lane reductions. The launcher picks per
 launch (contraction(); DRAW_TRITON_CONTRACTION=auto|sum|dot overrides it): "dot" from N >= 5 up to 128
-columns, where the sm_90 code runs 2-6x fewer warp instructions per pixel (bench/kernel_report.py).
+columns, where the sm_90 code runs 1.4-5x fewer warp instructions per pixel (bench/kernel_report.py).
+The program layout above is the "sum" one; "dot" takes rows in blocks of at least 16 (_dot_launch_config).
+
+Autograd: in eager code the ops are torch.autograd.Functions calling the launchers (the least host time
+per call); under torch.compile they are torch.library custom ops, opaque to the compiler.
 
 Precision: compute in fp64 when any input is fp64, else in fp32 (fp16/bf16 are loaded and upcast;
 outputs are stored in their tensor's dtype). Inputs may be non-contiguous: every tensor is passed
