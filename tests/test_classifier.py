@@ -1,5 +1,6 @@
 """The differentiable RAM classifier of Sec. 4.1 (draw/classifier.py)."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -194,7 +195,6 @@ def test_the_classifier_trains_resumes_evaluates_and_shows_its_glimpses(tmp_path
 
 
 def test_glimpse_figure_draws_one_window_per_glimpse(tmp_path):
-    import numpy as np
     from PIL import Image
 
     from draw.figures import save_glimpse_figure
@@ -249,3 +249,18 @@ def test_the_attention_grad_clip_flag(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--preset", "cluttered-8", "--attention-grad-clip", "-1"])
     assert "must be a finite number >= 0, got -1" in capsys.readouterr().err
+
+
+def test_the_error_analysis_scores_glimpses_against_the_digit():
+    """bench/cluttered_errors.py: a glimpse is on the digit when its box holds the digit's centre; an error
+    is a search failure when the last glimpse is off the digit, else a recognition failure."""
+    cluttered_errors = import_bench("cluttered_errors")
+    digit_at = np.array([[10, 50], [60, 0], [0, 0]])  # (row, column): centres (x, y) = (63.5, 23.5), (13.5, 73.5), (13.5, 13.5)
+    whole = [0.0, 0.0, 99.0, 99.0]
+    boxes = np.array([[whole, whole, whole],  # glimpse 1 sees the whole image
+                      [[60, 20, 70, 30], [0, 0, 20, 20], [10, 10, 20, 20]]])  # glimpse 2: on, off, on
+    result = cluttered_errors.coverage(boxes, digit_at, wrong=np.array([False, True, True]))
+    assert (result["errors"], result["search_failures"], result["recognition_failures"]) == (2, 1, 1)
+    assert result["on_digit_share_right"] == [1.0, 1.0]
+    assert result["on_digit_share_wrong"] == [1.0, 0.5]
+    assert result["median_half_width"] == [49.5, 5.0]
