@@ -217,6 +217,8 @@ def metadata(device: torch.device, **extra) -> dict:
         "commit": git_commit(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
+        # how the fused kernels contract (kernels/triton_attention.py): "auto" unless the run set it
+        "triton_contraction": os.environ.get("DRAW_TRITON_CONTRACTION", "auto"),
     }
     meta.update(extra)
     return meta
