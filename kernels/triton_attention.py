@@ -57,6 +57,7 @@ so no [N, W] or [N, H] gradient is ever stored.
 """
 
 import contextlib
+import functools
 import os
 from typing import Optional
 
@@ -781,13 +782,18 @@ def _read_setup_context(ctx, inputs, output):
     ctx.n = n
 
 
-def _read_backward(ctx, grad_out):
+def _read_gradients(ctx, grad_out, launch):
+    """(dx, dcanvas, dparams, None) of read / glimpse, None where not needed; launch is the backward
+    custom op or the launcher (same arguments)."""
     x, canvas, params = ctx.saved_tensors
     x_needs_grad, canvas_needs_grad, params_needs_grad = ctx.needs_input_grad[:3]
-    grad_x, grad_canvas, grad_params = _read_backward_op(
-        grad_out, x, canvas, params, ctx.n, x_needs_grad, canvas_needs_grad)
+    grad_x, grad_canvas, grad_params = launch(grad_out, x, canvas, params, ctx.n, x_needs_grad, canvas_needs_grad)
     return (grad_x if x_needs_grad else None, grad_canvas if canvas_needs_grad else None,
             grad_params if params_needs_grad else None, None)
+
+
+def _read_backward(ctx, grad_out):
+    return _read_gradients(ctx, grad_out, _read_backward_op)
 
 
 _read_op.register_autograd(_read_backward, setup_context=_read_setup_context)
@@ -820,13 +826,19 @@ def _write_setup_context(ctx, inputs, output):
     ctx.save_for_backward(patch, params)
 
 
-def _write_backward(ctx, grad_out):
+def _write_gradients(ctx, grad_out, launch):
+    """(dpatch, dparams, dcanvas) of write, None where not needed; launch is the backward custom op or
+    the launcher (same arguments)."""
     patch, params = ctx.saved_tensors
     patch_needs_grad, params_needs_grad, canvas_needs_grad = ctx.needs_input_grad
-    grad_patch, grad_params = _write_backward_op(grad_out, patch, params)
+    grad_patch, grad_params = launch(grad_out, patch, params)
     # d new_canvas / d canvas = identity; grad_out is already in the canvas's dtype.
     return (grad_patch if patch_needs_grad else None, grad_params if params_needs_grad else None,
             grad_out if canvas_needs_grad else None)
+
+
+def _write_backward(ctx, grad_out):
+    return _write_gradients(ctx, grad_out, _write_backward_op)
 
 
 _write_op.register_autograd(_write_backward, setup_context=_write_setup_context)
@@ -864,33 +876,23 @@ def _backward(launcher, *args):
 class _ReadFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, canvas, params, n):
-        ctx.save_for_backward(x, canvas, params)
-        ctx.n = n
+        _read_setup_context(ctx, (x, canvas, params, n), None)
         return attention_read_forward(x, canvas, params, n)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, canvas, params = ctx.saved_tensors
-        x_needs_grad, canvas_needs_grad, params_needs_grad = ctx.needs_input_grad[:3]
-        grad_x, grad_canvas, grad_params = _backward(attention_read_backward, grad_out, x, canvas, params, ctx.n,
-                                                     x_needs_grad, canvas_needs_grad)
-        return (grad_x if x_needs_grad else None, grad_canvas if canvas_needs_grad else None,
-                grad_params if params_needs_grad else None, None)
+        return _read_gradients(ctx, grad_out, functools.partial(_backward, attention_read_backward))
 
 
 class _WriteFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, patch, params, canvas):
-        ctx.save_for_backward(patch, params)
+        _write_setup_context(ctx, (patch, params, canvas), None)
         return attention_write_forward(patch, params, canvas)
 
     @staticmethod
     def backward(ctx, grad_out):
-        patch, params = ctx.saved_tensors
-        patch_needs_grad, params_needs_grad, canvas_needs_grad = ctx.needs_input_grad
-        grad_patch, grad_params = _backward(attention_write_backward, grad_out, patch, params)
-        return (grad_patch if patch_needs_grad else None, grad_params if params_needs_grad else None,
-                grad_out if canvas_needs_grad else None)
+        return _write_gradients(ctx, grad_out, functools.partial(_backward, attention_write_backward))
 
 
 def _use_custom_ops() -> bool:
