@@ -28,29 +28,13 @@ PATHS = ("function", "custom-op")
 MODES = ("fwd", "fwd+bwd")
 
 
-def _read_forward(x, canvas, params, n):
-    return torch.empty(ta._read_shape(x, canvas is not None, n), dtype=x.dtype)
-
-
-def _read_backward(grad_out, x, canvas, params, n, x_needs_grad, canvas_needs_grad):
-    grad_canvas = torch.empty_like(canvas) if canvas_needs_grad and canvas is not None else torch.empty(0)
-    return torch.empty_like(x) if x_needs_grad else torch.empty(0), grad_canvas, torch.empty_like(params)
-
-
-def _write_forward(patch, params, canvas):
-    return torch.empty_like(canvas)
-
-
-def _write_backward(grad_out, patch, params):
-    return torch.empty_like(patch), torch.empty_like(params)
-
-
 def stand_ins(path: str):
-    """Patches: launchers that launch nothing, CPU tensors accepted, and the autograd path chosen."""
-    return [mock.patch.object(ta, "attention_read_forward", _read_forward),
-            mock.patch.object(ta, "attention_read_backward", _read_backward),
-            mock.patch.object(ta, "attention_write_forward", _write_forward),
-            mock.patch.object(ta, "attention_write_backward", _write_backward),
+    """Patches: launchers that launch nothing (the custom ops' fake implementations, which allocate the
+    outputs), CPU tensors accepted, and the autograd path chosen."""
+    return [mock.patch.object(ta, "attention_read_forward", ta._read_fake),
+            mock.patch.object(ta, "attention_read_backward", ta._read_backward_fake),
+            mock.patch.object(ta, "attention_write_forward", ta._write_fake),
+            mock.patch.object(ta, "attention_write_backward", ta._write_backward_fake),
             mock.patch.object(kernels, "_triton_interpreter", lambda: True),  # the device check passes on CPU
             mock.patch.object(ta, "_use_custom_ops", lambda: path == "custom-op")]
 
