@@ -13,8 +13,11 @@ ptxas that triton ships. Reported per kernel:
     FFMA, SHFL, BAR, MMA   of those: fp32 FMAs, warp shuffles (cross-lane reductions), barriers and
                     tensor-core MMAs
     warp instrs / pixel    the dynamic instruction count of one program, estimated as the straight
-                    code plus each loop body run ceil(H / BLOCK_H) times, times the warps, over the
-                    H x W pixels the program covers: what an issue-bound kernel's time follows
+                    code plus each loop body run ceil(H / BLOCK_H) times (the row blocks; a loop around
+                    it, COL_TILES times: the column tiles), times the warps, over the H x W pixels the
+                    program covers: what an issue-bound kernel's time follows
+    LDL/STL / pixel the same estimate for the local-memory (spill) instructions alone: 0 where nothing
+                    spills, or where the spill code runs outside the loops
     PTX instrs      instructions in the PTX (statements ending in ';', no directives or labels)
 Every kernel is compiled in both contractions ("sum" and "dot", see kernels/triton_attention.py)
 unless --contractions says otherwise; the launchers' own choice ("auto") is one of the two.
@@ -182,20 +185,21 @@ def _opcode(instruction: str) -> str:
     return "MMA" if opcode in ("HMMA", "HGMMA", "DMMA") else opcode
 
 
-def sass_counts(cubin: bytes, loop_trips: int) -> dict:
+def sass_counts(cubin: bytes, loop_trips: int, outer_trips: int = 1) -> dict:
     """count_sass on the cubin's machine code (cuobjdump -sass)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
         sass = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
                               check=True).stdout
-    return count_sass(sass, loop_trips)
+    return count_sass(sass, loop_trips, outer_trips)
 
 
-def count_sass(sass: str, loop_trips: int) -> dict:
+def count_sass(sass: str, loop_trips: int, outer_trips: int = 1) -> dict:
     """Machine instructions in a SASS listing: all, those that touch local memory (LDL / STL: spills),
-    the OPCODE_COLUMNS, and the dynamic count per program estimated as the straight code plus every
-    loop body (from a backward branch's target to the branch) run loop_trips times."""
+    the OPCODE_COLUMNS, and the dynamic count per program estimated as every instruction times the trips
+    of each loop around it. A loop is a backward branch's target to the branch; one with no loop inside
+    runs loop_trips times (the row blocks), one with a loop inside outer_trips times (the column tiles)."""
     listing = [(int(address, 16), text.strip())
                for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     instructions = [text for _, text in listing]
@@ -204,13 +208,23 @@ def count_sass(sass: str, loop_trips: int) -> dict:
     opcodes = [_opcode(i) for i in instructions]
     for opcode, column in OPCODE_COLUMNS.items():
         counts[column] = sum(op == opcode for op in opcodes)
-    dynamic = len(instructions)
+    loops = []  # (first address, branch address)
     for address, text in listing:
         target = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < address:
-            body = sum(1 for a, _ in listing if int(target.group(1), 16) <= a <= address)
-            dynamic += body * (loop_trips - 1)
+            loops.append((int(target.group(1), 16), address))
+    trips = [outer_trips if any(a <= b0 and b1 <= b and (b0, b1) != (a, b) for b0, b1 in loops) else loop_trips
+             for a, b in loops]
+    dynamic = dynamic_local = 0
+    for address, text in listing:
+        runs = 1
+        for (a, b), t in zip(loops, trips):
+            if a <= address <= b:
+                runs *= t
+        dynamic += runs
+        dynamic_local += runs if re.search(r"\b(LDL|STL)\b", text) else 0
     counts["sass_dynamic"] = dynamic
+    counts["sass_dynamic_local"] = dynamic_local
     return counts
 
 
@@ -229,9 +243,11 @@ def report_one(variant: str, size: Size, n: int, dtype_name: str) -> dict:
            "contract": kwargs["CONTRACT"], "num_warps": num_warps,
            "block": f"{kwargs['BLOCK_N']}x{kwargs['BLOCK_H']}x{kwargs['BLOCK_W']}"}
     row.update(ptxas_usage(log))
-    row.update(sass_counts(compiled.asm["cubin"], loop_trips=-(-size.height // kwargs["BLOCK_H"])))
+    row.update(sass_counts(compiled.asm["cubin"], loop_trips=-(-size.height // kwargs["BLOCK_H"]),
+                           outer_trips=kwargs["COL_TILES"]))
     # every warp of the program runs every instruction; one program covers one channel's H x W pixels
     row["warp_instrs_per_pixel"] = round(num_warps * row["sass_dynamic"] / (size.height * size.width), 2)
+    row["local_per_pixel"] = round(num_warps * row["sass_dynamic_local"] / (size.height * size.width), 2)
     row["ptx_instructions"] = ptx_instructions(compiled.asm["ptx"])
     return row
 
@@ -241,7 +257,8 @@ COLUMNS = [("kernel", "kernel"), ("size", "C x H x W"), ("n", "n"), ("dtype", "d
            ("spill_stores", "spill st B"), ("spill_loads", "spill ld B"), ("stack", "stack B"),
            ("sass_instructions", "SASS instrs"), ("sass_local", "LDL/STL"), ("sass_ffma", "FFMA"),
            ("sass_shfl", "SHFL"), ("sass_bar", "BAR"), ("sass_mma", "MMA"),
-           ("warp_instrs_per_pixel", "warp instrs / pixel"), ("ptx_instructions", "PTX instrs")]
+           ("warp_instrs_per_pixel", "warp instrs / pixel"), ("local_per_pixel", "LDL/STL / pixel"),
+           ("ptx_instructions", "PTX instrs")]
 
 
 def compare_contractions(rows: list[dict]) -> list[dict]:

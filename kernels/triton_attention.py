@@ -31,17 +31,17 @@ The backward kernels also write and re-read per-channel parameter partials [B, C
 reduced over C by one small torch sum: deterministic, no atomics.
 
 Program layout (every kernel): grid = (B, C); program (b, c) owns batch item b, channel c, all of
-its rows. A program holds full-width rows in registers (BLOCK_W = next_power_of_2(W)) and loops
-over the image in blocks of BLOCK_H rows, with BLOCK_H chosen so that the largest broadcast
-temporary [BLOCK_H, BLOCK_N, BLOCK_W] stays within a tile budget (_FORWARD_TILE, _BACKWARD_TILE);
-register use is therefore bounded for any H, and grows with W only through the [BLOCK_N, BLOCK_W]
-row tiles (fp32, sm_90: no register spills for N <= 16, W <= 128; wider images work but spill).
+its rows. A program holds BLOCK_W columns of a row in registers and loops over the image in blocks of
+BLOCK_H rows, with BLOCK_H chosen so that the largest broadcast temporary [BLOCK_H, BLOCK_N, BLOCK_W]
+stays within a tile budget (_FORWARD_TILE, _BACKWARD_TILE). Up to _WHOLE_WIDTH columns BLOCK_W is the
+whole width (next_power_of_2(W)); wider images are taken in COL_TILES column tiles, each streamed over
+all rows (_COLUMN_TILE). Register use is therefore bounded for any H and any W.
 
 Contractions (_mm, _mm_nt, _mm_tn), two ways, one kernel source: "sum" broadcasts and sums in the
 compute dtype (any block size; fp64 always); "dot" is tl.dot in exact fp32 (input_precision "ieee":
 FMAs, no TF32) on blocks padded to 16, which needs no cross-lane reductions. The launcher picks per
-launch (contraction(); DRAW_TRITON_CONTRACTION=auto|sum|dot overrides it): "dot" from N >= 5 up to 128
-columns, where the sm_90 code runs 1.4-5x fewer warp instructions per pixel (bench/kernel_report.py).
+launch (contraction(); DRAW_TRITON_CONTRACTION=auto|sum|dot overrides it): "dot" from N >= 5, where the
+sm_90 code runs 1.4-8x fewer warp instructions per pixel (bench/kernel_report.py).
 The program layout above is the "sum" one; "dot" takes rows in blocks of at least 16 (_dot_launch_config).
 
 Autograd: in eager code the ops are torch.autograd.Functions calling the launchers (the least host time
@@ -90,13 +90,22 @@ _INTERPRETER_TILE = 8192
 # in exact fp32 on blocks padded to _DOT_MIN, in row blocks of _DOT_FORWARD_TILE elements forward and
 # _DOT_MIN rows backward. "auto" (the default; DRAW_TRITON_CONTRACTION overrides it) takes "dot" where
 # the compiled code is shorter: from ptxas / cuobjdump for sm_90 (bench/kernel_report.py), "dot" runs
-# 1.4-5x fewer warp instructions per pixel from N >= 5 (BLOCK_N >= 8) up to 128 columns, "sum" fewer
-# at N <= 4 (dot pads N to 16), and at 256 columns dot's operands no longer fit in registers.
+# 1.4-8x fewer warp instructions per pixel from N >= 5 (BLOCK_N >= 8; at 256 columns in column tiles),
+# "sum" fewer at N <= 4 (dot pads N to 16).
 CONTRACTIONS = ("auto", "sum", "dot")
 _DOT_MIN = 16
 _DOT_MIN_N = 5
-_DOT_MAX_WIDTH = 128
 _DOT_FORWARD_TILE = 1024
+# Column tiles: images up to _WHOLE_WIDTH[contraction] columns are one tile (BLOCK_W = the width
+# padded to a power of two); wider ones are streamed in COL_TILES = ceil(W / BLOCK_W) tiles of
+# _COLUMN_TILE[contraction, backward] columns, so that registers stop growing with the width. From
+# ptxas / cuobjdump for sm_90 at 256x256, n 16 (bench/kernel_report.py): "dot" over the whole width
+# spills 0.2-3 KB per thread inside its row loop, and in tiles of 128 (forward) / 64 (backward) columns
+# nothing or 16 B; "sum" over the whole width spills 0.65-1.4 KB in the backward kernels, but almost all
+# of it outside the row loop, and tiling it would cost 1.6-1.9x the instructions, so it tiles only
+# past 256 columns. A test shrinks both to tile small images.
+_WHOLE_WIDTH = {"sum": 256, "dot": 128}
+_COLUMN_TILE = {("sum", False): 256, ("sum", True): 256, ("dot", False): 128, ("dot", True): 64}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +177,21 @@ def _row_sums(mu, sigma2, offs_n, size,
     for start in range(0, size, BLOCK_P):
         offs_pix = start + tl.arange(0, BLOCK_P)
         total += tl.sum(_gaussian_rows(mu, sigma2, offs_n, offs_pix, size, N, COMPUTE_DTYPE), axis=1)
+    return total
+
+
+@triton.jit
+def _column_sums(mu_x, sigma2, offs_n, width, N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                 COL_TILES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """S[i] = sum_a gauss_x[i, a] over the whole width, in COL_TILES tiles of BLOCK_W columns: [BLOCK_N].
+
+    Unrolled (static_range), so that one tile is straight code and the compiler shares its exps with
+    the filterbank tile that the caller then builds from the same columns.
+    """
+    total = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    for tile in range(0, COL_TILES):
+        offs_w = tile * BLOCK_W + tl.arange(0, BLOCK_W)
+        total += tl.sum(_gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE), axis=1)
     return total
 
 
@@ -261,7 +285,7 @@ def _attention_read_forward_kernel(
     stride_pb, stride_pk,
     stride_ob, stride_ok, stride_oc, stride_oj, stride_oi,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, HAS_CANVAS: tl.constexpr, CONTRACT: tl.constexpr,
+    COL_TILES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, HAS_CANVAS: tl.constexpr, CONTRACT: tl.constexpr,
 ):
     # Program (b, c) owns out[b, :, c] = gamma * F_Y [x, x_hat] F_X^T, both [N, N] glimpses.
     # HAS_CANVAS = False is the glimpse of x alone: canvas_ptr is never read, out is [B, C, N, N]
@@ -271,36 +295,37 @@ def _attention_read_forward_kernel(
     offs_n = tl.arange(0, BLOCK_N)  # grid rows i (or j); rows >= N are masked inside the helpers
     mu_x, mu_y, _grid, _delta, sigma2, gamma = _load_attention_grid(
         params_ptr, stride_pb, stride_pk, pid_b, offs_n, height, width, grid_span, N, COMPUTE_DTYPE)
-
-    offs_w = tl.arange(0, BLOCK_W)  # full-width columns; mask_w drops the power-of-two padding
-    mask_w = offs_w < width
-    gauss_x = _gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
-    f_x = gauss_x / tl.maximum(tl.sum(gauss_x, axis=1), _FLOOR)[:, None]  # [BLOCK_N(i), BLOCK_W]  (25)
+    z_x = tl.maximum(_column_sums(mu_x, sigma2, offs_n, width, N, BLOCK_N, BLOCK_W, COL_TILES, COMPUTE_DTYPE),
+                     _FLOOR)
     z_y = tl.maximum(_row_sums(mu_y, sigma2, offs_n, height, N, BLOCK_N, BLOCK_H, COMPUTE_DTYPE), _FLOOR)
 
     x_base = x_ptr + pid_b * stride_xb + pid_c * stride_xc
     c_base = canvas_ptr + pid_b * stride_cb + pid_c * stride_cc
     glimpse_x = tl.zeros([BLOCK_N, BLOCK_N], dtype=COMPUTE_DTYPE)  # [j, i]
     glimpse_err = tl.zeros([BLOCK_N, BLOCK_N], dtype=COMPUTE_DTYPE)
-    for row_start in range(0, height, BLOCK_H):
-        offs_h = row_start + tl.arange(0, BLOCK_H)
-        mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
-        gauss_y = _gaussian_rows(mu_y, sigma2, offs_n, offs_h, height, N, COMPUTE_DTYPE)
-        f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
-        x = tl.load(x_base + offs_h[:, None] * stride_xh + offs_w[None, :] * stride_xw,
-                    mask=mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
-        # (with a canvas, the statements run in the order the compiler was tuned on: loads first)
-        if HAS_CANVAS:
-            logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
-                             mask=mask, other=0.0).to(COMPUTE_DTYPE)
-            x_hat = tl.where(mask, x - 1 / (1 + tl.exp(-logits)), 0.0)  # (3) error image
-        # rows of x F_X^T: [BLOCK_H, BLOCK_N(i)], then F_Y (x F_X^T): [BLOCK_N(j), BLOCK_N(i)]
-        x_fx = _mm_nt(x, f_x, CONTRACT)
-        if HAS_CANVAS:
-            err_fx = _mm_nt(x_hat, f_x, CONTRACT)
-        glimpse_x += _mm(f_y, x_fx, CONTRACT)
-        if HAS_CANVAS:
-            glimpse_err += _mm(f_y, err_fx, CONTRACT)
+    for tile in range(0, COL_TILES):  # the glimpse sums over column tiles and row blocks
+        offs_w = tile * BLOCK_W + tl.arange(0, BLOCK_W)  # this tile's columns; mask_w drops those past W
+        mask_w = offs_w < width
+        f_x = _gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE) / z_x[:, None]  # (25)
+        for row_start in range(0, height, BLOCK_H):  # f_x: [BLOCK_N(i), BLOCK_W]
+            offs_h = row_start + tl.arange(0, BLOCK_H)
+            mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
+            gauss_y = _gaussian_rows(mu_y, sigma2, offs_n, offs_h, height, N, COMPUTE_DTYPE)
+            f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
+            x = tl.load(x_base + offs_h[:, None] * stride_xh + offs_w[None, :] * stride_xw,
+                        mask=mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
+            # (with a canvas, the statements run in the order the compiler was tuned on: loads first)
+            if HAS_CANVAS:
+                logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
+                                 mask=mask, other=0.0).to(COMPUTE_DTYPE)
+                x_hat = tl.where(mask, x - 1 / (1 + tl.exp(-logits)), 0.0)  # (3) error image
+            # rows of x F_X^T: [BLOCK_H, BLOCK_N(i)], then F_Y (x F_X^T): [BLOCK_N(j), BLOCK_N(i)]
+            x_fx = _mm_nt(x, f_x, CONTRACT)
+            if HAS_CANVAS:
+                err_fx = _mm_nt(x_hat, f_x, CONTRACT)
+            glimpse_x += _mm(f_y, x_fx, CONTRACT)
+            if HAS_CANVAS:
+                glimpse_err += _mm(f_y, err_fx, CONTRACT)
 
     offs_j = offs_n[:, None]
     offs_i = offs_n[None, :]
@@ -320,7 +345,7 @@ def _attention_read_backward_kernel(
     stride_pb, stride_pk,
     stride_gb, stride_gk, stride_gc, stride_gj, stride_gi,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, HAS_CANVAS: tl.constexpr, STORE_GRAD_X: tl.constexpr,
+    COL_TILES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, HAS_CANVAS: tl.constexpr, STORE_GRAD_X: tl.constexpr,
     STORE_GRAD_CANVAS: tl.constexpr, CONTRACT: tl.constexpr,
 ):
     # Program (b, c) owns dx[b, c], dcanvas[b, c] (contiguous [B, C, H, W]) and the partial
@@ -331,18 +356,17 @@ def _attention_read_backward_kernel(
     #   dx = d img_0 + d img_1,  dcanvas = -d img_1 * sigmoid' (canvas)
     #   dF_Y[j, h] = gamma sum_k sum_i G_k[j, i] (img_k F_X^T)[h, i]   complete per row block
     #   dF_X[i, w] = gamma sum_k sum_j G_k[j, i] (F_Y img_k)[j, w]     accumulated over row blocks
+    # With COL_TILES > 1 the columns are taken in tiles, each streamed over all rows: dF_Y of a row
+    # block is then a sum over tiles, and the moments linear in dF_Y (r, sum dF F (a-mu), sum dF F t)
+    # add up over tiles too; F_Y's own moments (sum F (a-mu), sum F t) are taken from the first tile only.
     #   dlog gamma = sum G * read = sum_{i,w} dF_X F_X = sum_i r_X[i]  (read is linear in F_X)
     pid_b = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)  # grid rows i (or j); rows >= N are masked inside the helpers
     mu_x, mu_y, grid, delta, sigma2, gamma = _load_attention_grid(
         params_ptr, stride_pb, stride_pk, pid_b, offs_n, height, width, grid_span, N, COMPUTE_DTYPE)
-
-    offs_w = tl.arange(0, BLOCK_W)
-    mask_w = offs_w < width
-    gauss_x = _gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
-    sum_x = tl.sum(gauss_x, axis=1)
-    f_x = gauss_x / tl.maximum(sum_x, _FLOOR)[:, None]  # [BLOCK_N(i), BLOCK_W]  (25)
+    sum_x = _column_sums(mu_x, sigma2, offs_n, width, N, BLOCK_N, BLOCK_W, COL_TILES, COMPUTE_DTYPE)
+    z_x = tl.maximum(sum_x, _FLOOR)
     sum_y = _row_sums(mu_y, sigma2, offs_n, height, N, BLOCK_N, BLOCK_H, COMPUTE_DTYPE)
     z_y = tl.maximum(sum_y, _FLOOR)
 
@@ -356,65 +380,80 @@ def _attention_read_backward_kernel(
     x_base = x_ptr + pid_b * stride_xb + pid_c * stride_xc
     c_base = canvas_ptr + pid_b * stride_cb + pid_c * stride_cc
     grad_base = (pid_b * tl.num_programs(1) + pid_c) * height * width  # contiguous [B, C, H, W]
-    fy_x = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y x      [j, w]
-    fy_err = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y x_hat  [j, w]
-    r_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    r_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)  # the moments of _row_moments, per axis
     dfo_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
     fo_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
     dfe_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
     fe_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    for row_start in range(0, height, BLOCK_H):
-        offs_h = row_start + tl.arange(0, BLOCK_H)
-        mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
-        gauss_y, offset_y, exponent_y = _gaussian_terms(mu_y, sigma2, offs_n, offs_h, height, N,
-                                                        COMPUTE_DTYPE)
-        f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
-        x = tl.load(x_base + offs_h[:, None] * stride_xh + offs_w[None, :] * stride_xw,
-                    mask=mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
-        # d img_k = gamma (F_Y^T G_k) F_X: [BLOCK_H, BLOCK_N(i)], then [BLOCK_H, BLOCK_W]
-        if HAS_CANVAS:
-            logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
-                             mask=mask, other=0.0).to(COMPUTE_DTYPE)
-            sig = 1 / (1 + tl.exp(-logits))
-            x_hat = tl.where(mask, x - sig, 0.0)
-            d_err = gamma * _mm(_mm_tn(f_y, g_err, CONTRACT), f_x, CONTRACT)
-        grad_offs = grad_base + offs_h[:, None] * width + offs_w[None, :]
-        if STORE_GRAD_X:
-            d_x = gamma * _mm(_mm_tn(f_y, g_x, CONTRACT), f_x, CONTRACT)
+    r_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    dfo_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    fo_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    dfe_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    fe_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    for tile in range(0, COL_TILES):
+        offs_w = tile * BLOCK_W + tl.arange(0, BLOCK_W)  # this tile's columns; mask_w drops those past W
+        mask_w = offs_w < width
+        f_x = _gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE) / z_x[:, None]  # (25)
+        fy_x = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y x      [j, w]
+        fy_err = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y x_hat  [j, w]
+        for row_start in range(0, height, BLOCK_H):
+            offs_h = row_start + tl.arange(0, BLOCK_H)
+            mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
+            gauss_y, offset_y, exponent_y = _gaussian_terms(mu_y, sigma2, offs_n, offs_h, height, N,
+                                                            COMPUTE_DTYPE)
+            f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
+            x = tl.load(x_base + offs_h[:, None] * stride_xh + offs_w[None, :] * stride_xw,
+                        mask=mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
+            # d img_k = gamma (F_Y^T G_k) F_X: [BLOCK_H, BLOCK_N(i)], then [BLOCK_H, BLOCK_W]
             if HAS_CANVAS:
-                d_x += d_err  # dx = d img_0 + d img_1
-            tl.store(grad_x_ptr + grad_offs, _cast_for_store(d_x, grad_x_ptr), mask=mask)
-        if STORE_GRAD_CANVAS:  # (only with HAS_CANVAS)
-            d_logits = -d_err * sig * (1 - sig)  # d x_hat / d canvas = -sigmoid'(canvas)
-            tl.store(grad_canvas_ptr + grad_offs, _cast_for_store(d_logits, grad_canvas_ptr), mask=mask)
+                logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
+                                 mask=mask, other=0.0).to(COMPUTE_DTYPE)
+                sig = 1 / (1 + tl.exp(-logits))
+                x_hat = tl.where(mask, x - sig, 0.0)
+                d_err = gamma * _mm(_mm_tn(f_y, g_err, CONTRACT), f_x, CONTRACT)
+            grad_offs = grad_base + offs_h[:, None] * width + offs_w[None, :]
+            if STORE_GRAD_X:
+                d_x = gamma * _mm(_mm_tn(f_y, g_x, CONTRACT), f_x, CONTRACT)
+                if HAS_CANVAS:
+                    d_x += d_err  # dx = d img_0 + d img_1
+                tl.store(grad_x_ptr + grad_offs, _cast_for_store(d_x, grad_x_ptr), mask=mask)
+            if STORE_GRAD_CANVAS:  # (only with HAS_CANVAS)
+                d_logits = -d_err * sig * (1 - sig)  # d x_hat / d canvas = -sigmoid'(canvas)
+                tl.store(grad_canvas_ptr + grad_offs, _cast_for_store(d_logits, grad_canvas_ptr), mask=mask)
 
-        # dF_Y for these rows: [BLOCK_N(j), BLOCK_H]
-        x_fx = _mm_nt(x, f_x, CONTRACT)  # [BLOCK_H, BLOCK_N(i)]
-        if HAS_CANVAS:
-            err_fx = _mm_nt(x_hat, f_x, CONTRACT)
-        dfy_sum = _mm_nt(g_x, x_fx, CONTRACT)
-        if HAS_CANVAS:
-            dfy_sum += _mm_nt(g_err, err_fx, CONTRACT)
-        df_y = gamma * dfy_sum
-        m_r, m_dfo, m_fo, m_dfe, m_fe = _row_moments(df_y, f_y, offset_y, exponent_y)
-        r_y += m_r
-        dfo_y += m_dfo
-        fo_y += m_fo
-        dfe_y += m_dfe
-        fe_y += m_fe
+            # dF_Y for these rows (this tile's share): [BLOCK_N(j), BLOCK_H]
+            x_fx = _mm_nt(x, f_x, CONTRACT)  # [BLOCK_H, BLOCK_N(i)]
+            if HAS_CANVAS:
+                err_fx = _mm_nt(x_hat, f_x, CONTRACT)
+            dfy_sum = _mm_nt(g_x, x_fx, CONTRACT)
+            if HAS_CANVAS:
+                dfy_sum += _mm_nt(g_err, err_fx, CONTRACT)
+            df_y = gamma * dfy_sum
+            m_r, m_dfo, m_fo, m_dfe, m_fe = _row_moments(df_y, f_y, offset_y, exponent_y)
+            r_y += m_r
+            dfo_y += m_dfo
+            dfe_y += m_dfe
+            fo_y += tl.where(tile == 0, m_fo, 0.0)  # moments of F_Y alone: once, not once per tile
+            fe_y += tl.where(tile == 0, m_fe, 0.0)
 
-        # F_Y img_k, needed whole for dF_X: [BLOCK_N(j), BLOCK_W]
-        fy_x += _mm(f_y, x, CONTRACT)
-        if HAS_CANVAS:
-            fy_err += _mm(f_y, x_hat, CONTRACT)
+            # F_Y img_k, needed whole for dF_X: [BLOCK_N(j), BLOCK_W]
+            fy_x += _mm(f_y, x, CONTRACT)
+            if HAS_CANVAS:
+                fy_err += _mm(f_y, x_hat, CONTRACT)
 
-    dfx_sum = _mm_tn(g_x, fy_x, CONTRACT)  # [BLOCK_N(i), BLOCK_W]
-    if HAS_CANVAS:
-        dfx_sum += _mm_tn(g_err, fy_err, CONTRACT)
-    df_x = gamma * dfx_sum
-    # offsets and exponents recomputed rather than kept live through the row loop
-    gauss_x, offset_x, exponent_x = _gaussian_terms(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
-    r_x, dfo_x, fo_x, dfe_x, fe_x = _row_moments(df_x, f_x, offset_x, exponent_x)
+        dfx_sum = _mm_tn(g_x, fy_x, CONTRACT)  # [BLOCK_N(i), BLOCK_W]: this tile's columns, complete
+        if HAS_CANVAS:
+            dfx_sum += _mm_tn(g_err, fy_err, CONTRACT)
+        df_x = gamma * dfx_sum
+        # offsets and exponents recomputed rather than kept live through the row loop
+        _gauss_x, offset_x, exponent_x = _gaussian_terms(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
+        m_r, m_dfo, m_fo, m_dfe, m_fe = _row_moments(df_x, f_x, offset_x, exponent_x)
+        r_x += m_r
+        dfo_x += m_dfo
+        fo_x += m_fo
+        dfe_x += m_dfe
+        fe_x += m_fe
+
     dgx, ddelta_x, dls_x = _axis_gradients(r_x, dfo_x, fo_x, dfe_x, fe_x, sum_x >= _FLOOR, sigma2, grid)
     dgy, ddelta_y, dls_y = _axis_gradients(r_y, dfo_y, fo_y, dfe_y, fe_y, sum_y >= _FLOOR, sigma2, grid)
     dlog_gamma = tl.sum(r_x, axis=0)
@@ -436,41 +475,43 @@ def _attention_write_forward_kernel(
     stride_pb, stride_pk,
     stride_cb, stride_cc, stride_ch, stride_cw,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, CONTRACT: tl.constexpr,
+    COL_TILES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, CONTRACT: tl.constexpr,
 ):
     # Program (b, c) owns out[b, c] = canvas[b, c] + (1 / gamma) F_Y^T w[b, c] F_X, [H, W],
-    # written in blocks of BLOCK_H full-width rows (out is contiguous [B, C, H, W]).
+    # written in tiles of BLOCK_H rows by BLOCK_W columns (out is contiguous [B, C, H, W]).
     pid_b = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)  # grid rows i (or j); rows >= N are masked inside the helpers
     mu_x, mu_y, _grid, _delta, sigma2, gamma = _load_attention_grid(
         params_ptr, stride_pb, stride_pk, pid_b, offs_n, height, width, grid_span, N, COMPUTE_DTYPE)
 
-    offs_w = tl.arange(0, BLOCK_W)
-    mask_w = offs_w < width
-    gauss_x = _gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
-    f_x = gauss_x / tl.maximum(tl.sum(gauss_x, axis=1), _FLOOR)[:, None]  # [BLOCK_N(i), BLOCK_W]  (25)
+    z_x = tl.maximum(_column_sums(mu_x, sigma2, offs_n, width, N, BLOCK_N, BLOCK_W, COL_TILES, COMPUTE_DTYPE),
+                     _FLOOR)
     z_y = tl.maximum(_row_sums(mu_y, sigma2, offs_n, height, N, BLOCK_N, BLOCK_H, COMPUTE_DTYPE), _FLOOR)
 
     w_mask = (offs_n < N)[:, None] & (offs_n < N)[None, :]  # padded [BLOCK_N, BLOCK_N] tile
     w = tl.load(patch_ptr + pid_b * stride_wb + pid_c * stride_wc
                 + offs_n[:, None] * stride_wj + offs_n[None, :] * stride_wi,
                 mask=w_mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_N(j), BLOCK_N(i)]
-    w_fx = _mm(w, f_x, CONTRACT)  # w F_X: [BLOCK_N(j), BLOCK_W]
 
     c_base = canvas_ptr + pid_b * stride_cb + pid_c * stride_cc
     out_base = out_ptr + (pid_b * tl.num_programs(1) + pid_c) * height * width
-    for row_start in range(0, height, BLOCK_H):
-        offs_h = row_start + tl.arange(0, BLOCK_H)
-        mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
-        gauss_y = _gaussian_rows(mu_y, sigma2, offs_n, offs_h, height, N, COMPUTE_DTYPE)
-        f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
-        written = _mm_tn(f_y, w_fx, CONTRACT)  # F_Y^T w F_X: [BLOCK_H, BLOCK_W]
-        logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
-                         mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        new_logits = logits + written / gamma  # (29), (8)
-        tl.store(out_base + offs_h[:, None] * width + offs_w[None, :],
-                 _cast_for_store(new_logits, out_ptr), mask=mask)
+    for tile in range(0, COL_TILES):
+        offs_w = tile * BLOCK_W + tl.arange(0, BLOCK_W)  # this tile's columns; mask_w drops those past W
+        mask_w = offs_w < width
+        f_x = _gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE) / z_x[:, None]  # (25)
+        w_fx = _mm(w, f_x, CONTRACT)  # w F_X: [BLOCK_N(j), BLOCK_W]
+        for row_start in range(0, height, BLOCK_H):
+            offs_h = row_start + tl.arange(0, BLOCK_H)
+            mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
+            gauss_y = _gaussian_rows(mu_y, sigma2, offs_n, offs_h, height, N, COMPUTE_DTYPE)
+            f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
+            written = _mm_tn(f_y, w_fx, CONTRACT)  # F_Y^T w F_X: [BLOCK_H, BLOCK_W]
+            logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
+                             mask=mask, other=0.0).to(COMPUTE_DTYPE)
+            new_logits = logits + written / gamma  # (29), (8)
+            tl.store(out_base + offs_h[:, None] * width + offs_w[None, :],
+                     _cast_for_store(new_logits, out_ptr), mask=mask)
 
 
 @triton.jit
@@ -481,7 +522,7 @@ def _attention_write_backward_kernel(
     stride_pb, stride_pk,
     stride_gb, stride_gc, stride_gh, stride_gw,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, CONTRACT: tl.constexpr,
+    COL_TILES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, CONTRACT: tl.constexpr,
 ):
     # Program (b, c) owns dpatch[b, c] (contiguous [B, C, N, N]) and the partial parameter
     # gradient of channel c, grad_params[b, c, :] (contiguous [B, C, 5]). With G = dL/dnew_canvas:
@@ -489,7 +530,8 @@ def _attention_write_backward_kernel(
     #   dF_Y[j, h] = (1 / gamma) sum_i w[j, i] (G F_X^T)[h, i]     complete per row block
     #   dF_X[i, w] = (1 / gamma) sum_j w[j, i] (F_Y G)[j, w]       accumulated over row blocks
     #   dlog gamma = -sum w * dpatch = -sum_{i,w} dF_X F_X = -sum_i r_X[i]
-    # (dcanvas = G needs no kernel.)
+    # (dcanvas = G needs no kernel.) Column tiles (COL_TILES > 1) as in the read backward kernel; dpatch
+    # is then a sum over tiles too.
     pid_b = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)  # grid rows i (or j); rows >= N are masked inside the helpers
@@ -497,11 +539,8 @@ def _attention_write_backward_kernel(
         params_ptr, stride_pb, stride_pk, pid_b, offs_n, height, width, grid_span, N, COMPUTE_DTYPE)
     inv_gamma = 1 / gamma
 
-    offs_w = tl.arange(0, BLOCK_W)
-    mask_w = offs_w < width
-    gauss_x = _gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
-    sum_x = tl.sum(gauss_x, axis=1)
-    f_x = gauss_x / tl.maximum(sum_x, _FLOOR)[:, None]  # [BLOCK_N(i), BLOCK_W]  (25)
+    sum_x = _column_sums(mu_x, sigma2, offs_n, width, N, BLOCK_N, BLOCK_W, COL_TILES, COMPUTE_DTYPE)
+    z_x = tl.maximum(sum_x, _FLOOR)
     sum_y = _row_sums(mu_y, sigma2, offs_n, height, N, BLOCK_N, BLOCK_H, COMPUTE_DTYPE)
     z_y = tl.maximum(sum_y, _FLOOR)
 
@@ -511,34 +550,51 @@ def _attention_write_backward_kernel(
                 mask=w_mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_N(j), BLOCK_N(i)]
 
     g_base = grad_out_ptr + pid_b * stride_gb + pid_c * stride_gc
-    fy_g = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y G  [j, w]
-    r_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    r_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)  # the moments of _row_moments, per axis
     dfo_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
     fo_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
     dfe_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
     fe_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    for row_start in range(0, height, BLOCK_H):
-        offs_h = row_start + tl.arange(0, BLOCK_H)
-        mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
-        gauss_y, offset_y, exponent_y = _gaussian_terms(mu_y, sigma2, offs_n, offs_h, height, N,
-                                                        COMPUTE_DTYPE)
-        f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
-        g = tl.load(g_base + offs_h[:, None] * stride_gh + offs_w[None, :] * stride_gw,
-                    mask=mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
-        g_fx = _mm_nt(g, f_x, CONTRACT)  # G F_X^T: [BLOCK_H, BLOCK_N(i)]
-        df_y = inv_gamma * _mm_nt(w, g_fx, CONTRACT)  # [BLOCK_N(j), BLOCK_H]
-        m_r, m_dfo, m_fo, m_dfe, m_fe = _row_moments(df_y, f_y, offset_y, exponent_y)
-        r_y += m_r
-        dfo_y += m_dfo
-        fo_y += m_fo
-        dfe_y += m_dfe
-        fe_y += m_fe
-        fy_g += _mm(f_y, g, CONTRACT)
+    r_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    dfo_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    fo_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    dfe_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    fe_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    d_w = tl.zeros([BLOCK_N, BLOCK_N], dtype=COMPUTE_DTYPE)  # (F_Y G) F_X^T, summed over tiles
+    for tile in range(0, COL_TILES):
+        offs_w = tile * BLOCK_W + tl.arange(0, BLOCK_W)  # this tile's columns; mask_w drops those past W
+        mask_w = offs_w < width
+        f_x = _gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE) / z_x[:, None]  # (25)
+        fy_g = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y G  [j, w]
+        for row_start in range(0, height, BLOCK_H):
+            offs_h = row_start + tl.arange(0, BLOCK_H)
+            mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
+            gauss_y, offset_y, exponent_y = _gaussian_terms(mu_y, sigma2, offs_n, offs_h, height, N,
+                                                            COMPUTE_DTYPE)
+            f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
+            g = tl.load(g_base + offs_h[:, None] * stride_gh + offs_w[None, :] * stride_gw,
+                        mask=mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
+            g_fx = _mm_nt(g, f_x, CONTRACT)  # G F_X^T: [BLOCK_H, BLOCK_N(i)]
+            df_y = inv_gamma * _mm_nt(w, g_fx, CONTRACT)  # [BLOCK_N(j), BLOCK_H], this tile's share
+            m_r, m_dfo, m_fo, m_dfe, m_fe = _row_moments(df_y, f_y, offset_y, exponent_y)
+            r_y += m_r
+            dfo_y += m_dfo
+            dfe_y += m_dfe
+            fo_y += tl.where(tile == 0, m_fo, 0.0)  # moments of F_Y alone: once, not once per tile
+            fe_y += tl.where(tile == 0, m_fe, 0.0)
+            fy_g += _mm(f_y, g, CONTRACT)
 
-    df_x = inv_gamma * _mm_tn(w, fy_g, CONTRACT)  # [BLOCK_N(i), BLOCK_W]
-    # offsets and exponents recomputed rather than kept live through the row loop
-    gauss_x, offset_x, exponent_x = _gaussian_terms(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
-    r_x, dfo_x, fo_x, dfe_x, fe_x = _row_moments(df_x, f_x, offset_x, exponent_x)
+        df_x = inv_gamma * _mm_tn(w, fy_g, CONTRACT)  # [BLOCK_N(i), BLOCK_W]: this tile's columns, complete
+        # offsets and exponents recomputed rather than kept live through the row loop
+        _gauss_x, offset_x, exponent_x = _gaussian_terms(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
+        m_r, m_dfo, m_fo, m_dfe, m_fe = _row_moments(df_x, f_x, offset_x, exponent_x)
+        r_x += m_r
+        dfo_x += m_dfo
+        fo_x += m_fo
+        dfe_x += m_dfe
+        fe_x += m_fe
+        d_w += _mm_nt(fy_g, f_x, CONTRACT)
+
     dgx, ddelta_x, dls_x = _axis_gradients(r_x, dfo_x, fo_x, dfe_x, fe_x, sum_x >= _FLOOR, sigma2, grid)
     dgy, ddelta_y, dls_y = _axis_gradients(r_y, dfo_y, fo_y, dfe_y, fe_y, sum_y >= _FLOOR, sigma2, grid)
     dlog_gamma = -tl.sum(r_x, axis=0)
@@ -547,9 +603,8 @@ def _attention_write_backward_kernel(
                        dlog_gamma, delta, height, width)
 
     # dpatch = (1 / gamma) (F_Y G) F_X^T: [BLOCK_N(j), BLOCK_N(i)]
-    d_w = inv_gamma * _mm_nt(fy_g, f_x, CONTRACT)
     tl.store(grad_patch_ptr + program * N * N + offs_n[:, None] * N + offs_n[None, :],
-             _cast_for_store(d_w, grad_patch_ptr), mask=w_mask)
+             _cast_for_store(inv_gamma * d_w, grad_patch_ptr), mask=w_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,8 +631,13 @@ def contraction(compute_dtype: torch.dtype, n: int, width: int) -> str:
     if compute_dtype == torch.float64:
         return "sum"
     if choice == "auto":
-        return "dot" if n >= _DOT_MIN_N and width <= _DOT_MAX_WIDTH else "sum"
+        return "dot" if n >= _DOT_MIN_N else "sum"
     return choice
+
+
+def _column_tile(block_w: int, contract: str, backward: bool) -> int:
+    """BLOCK_W: the padded width itself up to _WHOLE_WIDTH, else a column tile (see _COLUMN_TILE)."""
+    return block_w if block_w <= _WHOLE_WIDTH[contract] else _COLUMN_TILE[contract, backward]
 
 
 def _launch_config(n: int, height: int, width: int, backward: bool, compute_dtype: torch.dtype) -> dict:
@@ -586,34 +646,35 @@ def _launch_config(n: int, height: int, width: int, backward: bool, compute_dtyp
     if contract == "dot":
         return _dot_launch_config(n, height, width, backward)
     block_n = max(triton.next_power_of_2(n), 2)
-    block_w = max(triton.next_power_of_2(width), 2)
+    block_w = _column_tile(max(triton.next_power_of_2(width), 2), "sum", backward)
     row_elements = block_n * block_w  # each [BLOCK_N, BLOCK_W] register tile
     tile = _BACKWARD_TILE if backward else _FORWARD_TILE
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         tile = _INTERPRETER_TILE or tile
     block_h = min(max(tile // row_elements, 1), triton.next_power_of_2(height))  # powers of two
-    # ptxas, sm_90, fp32: no spills up to [16, 128] row tiles (n <= 16, W <= 128); [16, 256] spills
-    # in the backward kernels (about 1.2 KB per thread) but stays correct.
+    # ptxas, sm_90, fp32: no spills up to [16, 128] row tiles (n <= 16); at [16, 256] the backward
+    # kernels spill, almost all of it outside the row loop (see _WHOLE_WIDTH)
     num_warps = 4 if row_elements <= (256 if backward else 2048) else 8
-    return {"N": n, "BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": num_warps,
-            "CONTRACT": "sum"}
+    return {"N": n, "BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_W": block_w,
+            "COL_TILES": triton.cdiv(width, block_w), "num_warps": num_warps, "CONTRACT": "sum"}
 
 
 def _dot_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
     """Block sizes for tl.dot: every dimension padded to at least _DOT_MIN (triton 3.6 needs K >= 16).
 
     ptxas, sm_90, fp32: no spills up to 64 columns; at 65-128 columns read backward spills 208 B
-    per thread (408 B with dx; 8 warps) and the other kernels none. 4 warps only for narrow forward kernels.
+    per thread (408 B with dx; 8 warps) and the other kernels none; wider images go in column tiles
+    (128 columns forward, 64 backward: 16 B of spills at most). 4 warps only for narrow forward kernels.
     """
     block_n = max(triton.next_power_of_2(n), _DOT_MIN)
-    block_w = max(triton.next_power_of_2(width), _DOT_MIN)
+    block_w = _column_tile(max(triton.next_power_of_2(width), _DOT_MIN), "dot", backward)
     tile = _DOT_MIN * block_w if backward else _DOT_FORWARD_TILE
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         tile = _INTERPRETER_TILE or tile
     block_h = min(max(tile // block_w, _DOT_MIN), max(triton.next_power_of_2(height), _DOT_MIN))
     num_warps = 4 if block_w <= 32 and not backward else 8
-    return {"N": n, "BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": num_warps,
-            "CONTRACT": "dot"}
+    return {"N": n, "BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_W": block_w,
+            "COL_TILES": triton.cdiv(width, block_w), "num_warps": num_warps, "CONTRACT": "dot"}
 
 
 def _device_guard(t: torch.Tensor):

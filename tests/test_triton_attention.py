@@ -189,6 +189,44 @@ def test_gpu_row_tiling(monkeypatch):
     check_write(patch, params, canvas)
 
 
+def shrink_column_tiles(monkeypatch):
+    """Column tiles of 16 (the GPU's start past 128 or 256 columns; see _WHOLE_WIDTH)."""
+    monkeypatch.setattr(triton_attention, "_WHOLE_WIDTH", {"sum": 16, "dot": 16})
+    monkeypatch.setattr(triton_attention, "_COLUMN_TILE", dict.fromkeys(triton_attention._COLUMN_TILE, 16))
+
+
+@pytest.mark.parametrize("gpu_rows", [False, True])
+def test_column_tiles(monkeypatch, gpu_rows):
+    """Images wider than a column tile (past 128 or 256 columns on the GPU; here 16) are streamed in tiles: 53
+    columns in 4 tiles, the last one partial; 16 columns exactly one tile; with the GPU's row blocks too."""
+    shrink_column_tiles(monkeypatch)
+    if gpu_rows:
+        monkeypatch.setattr(triton_attention, "_INTERPRETER_TILE", 0)
+    assert triton_attention._launch_config(12, 9, 53, True, f64)["COL_TILES"] == 4
+    for height, width, read_n, write_n in [(9, 53, 12, 5), (5, 16, 3, 16), (3, 33, 1, 2)]:
+        x, canvas, params, patch = make_inputs(2, 2, height, width, write_n, seed=width)
+        check_read(x, canvas, params, read_n)
+        check_glimpse(x, params, read_n)
+        check_write(patch, params, canvas)
+
+
+def test_column_tile_sizes(monkeypatch):
+    """The GPU's column tiles: "dot" past 128 columns (128 forward, 64 backward), "sum" past 256."""
+    monkeypatch.delenv("DRAW_TRITON_CONTRACTION", raising=False)
+    config = triton_attention._launch_config
+
+    def tiles(n, width, backward):
+        c = config(n, 50, width, backward, f32)
+        return c["CONTRACT"], c["BLOCK_W"], c["COL_TILES"]
+
+    assert tiles(12, 100, False) == tiles(12, 100, True) == ("dot", 128, 1)  # the whole width
+    assert tiles(16, 256, False) == ("dot", 128, 2)
+    assert tiles(16, 256, True) == ("dot", 64, 4)
+    assert tiles(2, 256, True) == ("sum", 256, 1)
+    assert tiles(2, 300, False) == ("sum", 256, 2)  # the last tile partial
+    assert config(12, 50, 100, True, f64)["BLOCK_W"] == 128  # fp64 sums
+
+
 def test_read_without_x_or_canvas_grad():
     """The model's case: x is data (no dx is computed or stored); also canvas without grad."""
     x, canvas, params, _ = make_inputs(2, 1, 9, 10, 1)
@@ -300,9 +338,11 @@ def test_degenerate_parameters(case):
 )
 def test_each_contraction_float32(monkeypatch, contract, gpu_tiles, batch, channels, height, width, read_n,
                                   write_n):
+    """gpu_tiles: the GPU's row blocks, and column tiles of 16 (so 53 columns take 4 tiles)."""
     monkeypatch.setenv("DRAW_TRITON_CONTRACTION", contract)
     if gpu_tiles:
         monkeypatch.setattr(triton_attention, "_INTERPRETER_TILE", 0)
+        shrink_column_tiles(monkeypatch)
     x, canvas, params, patch = make_inputs(batch, channels, height, width, write_n, dtype=f32, seed=7)
     check_read(x, canvas, params, read_n, rel=1e-5)
     check_glimpse(x, params, read_n, rel=1e-5)
@@ -315,7 +355,8 @@ def test_contraction_choice(monkeypatch):
     assert choose(f32, 12, 100) == "dot"  # where dot's compiled code is shorter
     assert choose(f32, 5, 28) == "dot"
     assert choose(f32, 2, 28) == "sum"  # dot would pad a 2x2 grid to 16x16
-    assert choose(f32, 16, 256) == "sum"  # dot's operands outgrow the registers
+    assert choose(f32, 16, 256) == "dot"  # in column tiles
+    assert choose(f32, 4, 256) == "sum"
     assert choose(f64, 12, 100) == "sum"  # fp64 always sums
     monkeypatch.setenv("DRAW_TRITON_CONTRACTION", "dot")
     assert choose(f32, 2, 256) == "dot" and choose(f64, 12, 100) == "sum"
@@ -470,7 +511,8 @@ def test_kernels_compile_for_sm90():
 
 
 def test_kernel_report_counts_sass():
-    """The report's instruction counts on a hand-written listing: a 3-instruction loop run 4 times."""
+    """The report's instruction counts on hand-written listings: a 3-instruction loop run 4 times, and
+    a loop inside a loop."""
     report = import_bench("kernel_report")
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -483,7 +525,20 @@ def test_kernel_report_counts_sass():
     """
     counts = report.count_sass(sass, loop_trips=4)
     assert counts == {"sass_instructions": 7, "sass_local": 1, "sass_ffma": 1, "sass_shfl": 1, "sass_bar": 0,
-                      "sass_mma": 1, "sass_dynamic": 7 + 3 * 3}
+                      "sass_mma": 1, "sass_dynamic": 7 + 3 * 3, "sass_dynamic_local": 1}
+    # a row loop (0x20-0x30, 4 trips) inside a column loop (0x10-0x50, 3 trips), a spill store in each
+    nested = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   STL [R1], R2 ;
+        /*0020*/                   LDL R2, [R1] ;
+        /*0030*/              @!P0 BRA 0x20 ;
+        /*0040*/                   FFMA R2, R3, R4, R5 ;
+        /*0050*/              @!P1 BRA 0x10 ;
+        /*0060*/                   EXIT ;
+    """
+    counts = report.count_sass(nested, loop_trips=4, outer_trips=3)
+    assert counts["sass_dynamic"] == 2 + 3 * (3 + 2 * 4)
+    assert counts["sass_dynamic_local"] == 3 * (1 + 4)
 
 
 # ---------------------------------------------------------------------------------------------
