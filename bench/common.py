@@ -237,7 +237,8 @@ def format_cell(value) -> str:
             return f"{value:,.0f}"
         if abs(value) >= 1:
             return f"{value:.2f}"
-        return f"{value:.4f}"
+        text = f"{value:.4f}"  # 4 decimals below 1, less the zeros past the second (0.07, not 0.0700)
+        return text[:-2] + text[-2:].rstrip("0") if text.endswith("0") else text
     return str(value)
 
 

@@ -53,3 +53,10 @@ def test_the_host_overhead_benchmark_times_both_autograd_paths(tmp_path):
     expected = {path: 64 * sum(r["us_per_call"] for r in rows if r["path"] == path and r["mode"] == "fwd+bwd"
                                and r["op"] != "glimpse") / 1e3 for path in ("function", "custom-op")}
     assert result["per_step_ms"] == pytest.approx(expected)
+
+
+def test_table_cells_keep_their_precision_without_trailing_zeros():
+    """bench/common.py: 4 decimals below 1 (small times keep their digits), but 0.07 prints as 0.07."""
+    common = import_bench("common")
+    cells = [common.format_cell(v) for v in (0.07, 0.0123, 0.5, 0.12345, 0.0, 1.5, 1234.5, None, "dot")]
+    assert cells == ["0.07", "0.0123", "0.50", "0.1235", "0", "1.50", "1,234", "-", "dot"]
