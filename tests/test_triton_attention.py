@@ -210,6 +210,17 @@ def test_column_tiles(monkeypatch, gpu_rows):
         check_write(patch, params, canvas)
 
 
+@pytest.mark.parametrize("contract", ["sum", "dot"])
+def test_column_tiles_at_their_real_width(monkeypatch, contract):
+    """300 columns with the GPU's own tiles: "sum" in 2 tiles of 256, "dot" in 3 of 128 forward and 5 of
+    64 backward (the last tile partial each time); fp32 within 1e-5 of float64."""
+    monkeypatch.setenv("DRAW_TRITON_CONTRACTION", contract)
+    x, canvas, params, patch = make_inputs(2, 1, 6, 300, 12, dtype=f32, seed=3)
+    check_read(x, canvas, params, 12, rel=1e-5)
+    check_glimpse(x, params, 12, rel=1e-5)
+    check_write(patch, params, canvas, rel=1e-5)
+
+
 def test_column_tile_sizes(monkeypatch):
     """The GPU's column tiles: "dot" past 128 columns (128 forward, 64 backward), "sum" past 256."""
     monkeypatch.delenv("DRAW_TRITON_CONTRACTION", raising=False)
