@@ -219,6 +219,8 @@ def metadata(device: torch.device, **extra) -> dict:
         "command": shlex.join([sys.executable, *sys.argv]),
         # how the fused kernels contract (kernels/triton_attention.py): "auto" unless the run set it
         "triton_contraction": os.environ.get("DRAW_TRITON_CONTRACTION", "auto"),
+        # the warps of every launch (DRAW_TRITON_NUM_WARPS), "auto" (the launchers' own) unless the run set it
+        "triton_num_warps": os.environ.get("DRAW_TRITON_NUM_WARPS") or "auto",
     }
     meta.update(extra)
     return meta

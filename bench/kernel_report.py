@@ -20,11 +20,13 @@ ptxas that triton ships. Reported per kernel:
                     spills, or where the spill code runs outside the loops
     PTX instrs      instructions in the PTX (statements ending in ';', no directives or labels)
 Every kernel is compiled in both contractions ("sum" and "dot", see kernels/triton_attention.py)
-unless --contractions says otherwise; the launchers' own choice ("auto") is one of the two.
+unless --contractions says otherwise; the launchers' own choice ("auto") is one of the two. --num-warps
+compiles each kernel with the given warp counts instead of the launch's own (the rows say "warps_forced").
 The metadata are device-independent: triton and torch versions, ptxas version, commit, date.
 
     python bench/kernel_report.py                           # the default sizes, fp32 and bf16
     python bench/kernel_report.py --sizes mnist --n 5 --dtypes fp32,bf16,fp64 --no-write   # as the tests
+    python bench/kernel_report.py --sizes mnist --dtypes fp32 --num-warps 1,2,4,8          # other warp counts
 """
 
 import argparse
@@ -234,13 +236,15 @@ def ptx_instructions(ptx: str) -> int:
     return sum(1 for line in lines if line.endswith(";") and not line.startswith("."))
 
 
-def report_one(variant: str, size: Size, n: int, dtype_name: str) -> dict:
+def report_one(variant: str, size: Size, n: int, dtype_name: str, num_warps: int | None = None) -> dict:
+    """One kernel as the launcher launches it; num_warps, when given, replaces the launch's warps."""
     kernel, args, kwargs = record_launch(variant, size, n, DTYPES[dtype_name])
-    signature, constexprs, attrs, num_warps = specialise(kernel, args, kwargs)
+    signature, constexprs, attrs, launched_warps = specialise(kernel, args, kwargs)
+    forced, num_warps = num_warps is not None, num_warps or launched_warps
     compiled, log = compile_with_ptxas_log(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
                                            num_warps)
     row = {"kernel": variant, "size": f"{size.channels}x{size.height}x{size.width}", "n": n, "dtype": dtype_name,
-           "contract": kwargs["CONTRACT"], "num_warps": num_warps,
+           "contract": kwargs["CONTRACT"], "num_warps": num_warps, "warps_forced": forced,
            "block": f"{kwargs['BLOCK_N']}x{kwargs['BLOCK_H']}x{kwargs['BLOCK_W']}"}
     row.update(ptxas_usage(log))
     row.update(sass_counts(compiled.asm["cubin"], loop_trips=-(-size.height // kwargs["BLOCK_H"]),
@@ -266,22 +270,24 @@ def compare_contractions(rows: list[dict]) -> list[dict]:
     default choice ("auto")."""
     pairs = {}
     for row in rows:
-        pairs.setdefault((row["kernel"], row["size"], row["n"], row["dtype"]), {})[row["contract"]] = row
+        forced = row["num_warps"] if row.get("warps_forced") else None  # with --num-warps: pairs at equal warps
+        pairs.setdefault((row["kernel"], row["size"], row["n"], row["dtype"], forced), {})[row["contract"]] = row
     compared = []
-    for (kernel, size, n, dtype), pair in pairs.items():
+    for (kernel, size, n, dtype, _forced), pair in pairs.items():
         if not {"sum", "dot"} <= set(pair):
             continue
         with mock.patch.dict(os.environ, {"DRAW_TRITON_CONTRACTION": "auto"}):
             auto = ta.contraction(DTYPES[dtype], n, int(size.split("x")[-1]))
         total, dot = pair["sum"], pair["dot"]
         compared.append({"kernel": kernel, "size": size, "n": n, "dtype": dtype,
+                         "warps": f"{total['num_warps']} / {dot['num_warps']}",
                          "sum_per_pixel": total["warp_instrs_per_pixel"], "dot_per_pixel": dot["warp_instrs_per_pixel"],
                          "sum_over_dot": round(total["warp_instrs_per_pixel"] / dot["warp_instrs_per_pixel"], 2),
                          "sum_spill": total["spill_stores"], "dot_spill": dot["spill_stores"], "auto": auto})
     return compared
 
 
-COMPARE_COLUMNS = [("kernel", "kernel"), ("size", "C x H x W"), ("n", "n"), ("dtype", "dtype"),
+COMPARE_COLUMNS = [("kernel", "kernel"), ("size", "C x H x W"), ("n", "n"), ("dtype", "dtype"), ("warps", "warps sum / dot"),
                    ("sum_per_pixel", "sum: warp instrs / pixel"), ("dot_per_pixel", "dot: warp instrs / pixel"),
                    ("sum_over_dot", "sum / dot"), ("sum_spill", "sum: spill st B"), ("dot_spill", "dot: spill st B"),
                    ("auto", "launched (auto)")]
@@ -311,14 +317,21 @@ def main(argv=None) -> int:
     parser.add_argument("--contractions", type=common.split_list, default=["sum", "dot"],
                         help=f"comma-separated subset of {','.join(ta.CONTRACTIONS)} (default sum,dot: both "
                         "forms of every kernel; fp64 always compiles 'sum', once)")
+    parser.add_argument("--num-warps", type=common.split_list, default=None, metavar="W,...",
+                        help="compile every kernel with each of these warp counts instead of the launch's own "
+                        "(e.g. 1,2,4,8: what fewer or more warps per program would issue)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        parser.error("compiles for the GPU: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     common.check_choices(parser, "--sizes", args.sizes, SIZES)
     common.check_choices(parser, "--dtypes", args.dtypes, DTYPES)
     common.check_choices(parser, "--kernels", args.kernels, VARIANTS)
     common.check_choices(parser, "--contractions", args.contractions, ta.CONTRACTIONS)
+    if args.num_warps:
+        if not all(w.isdigit() and int(w) in (1, 2, 4, 8, 16) for w in args.num_warps):
+            parser.error(f"--num-warps: powers of two from 1 to 16, got {','.join(args.num_warps)}")
+        args.num_warps = [int(w) for w in args.num_warps]
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("compiles for the GPU: unset TRITON_INTERPRET (the interpreter compiles nothing)")
 
     rows = []
     for dtype_name in args.dtypes:
@@ -330,8 +343,10 @@ def main(argv=None) -> int:
                     for variant in args.kernels:
                         for n in [args.n] if args.n else (size.write_ns if variant.startswith("write")
                                                           else size.read_ns):
-                            common.log(f"compiling {variant} {size.name} n={n} {dtype_name} {contract}")
-                            rows.append(report_one(variant, size, n, dtype_name))
+                            for warps in args.num_warps or [None]:
+                                common.log(f"compiling {variant} {size.name} n={n} {dtype_name} {contract}"
+                                           + (f" {warps} warps" if warps else ""))
+                                rows.append(report_one(variant, size, n, dtype_name, warps))
     meta = {
         "target": f"sm_{ARCH} (compiled, not run: no GPU needed)", "triton": triton.__version__,
         "torch": torch.__version__, "ptxas": ptxas_version(), "commit": common.git_commit(),

@@ -640,11 +640,32 @@ def _column_tile(block_w: int, contract: str, backward: bool) -> int:
     return block_w if block_w <= _WHOLE_WIDTH[contract] else _COLUMN_TILE[contract, backward]
 
 
+def num_warps_override() -> int | None:
+    """DRAW_TRITON_NUM_WARPS: the warps of every launch instead of the launchers' choice (unset: theirs).
+
+    For measuring: at 28x28 fewer warps issue fewer instructions per pixel (bench/kernel_report.py
+    --num-warps), at the cost of each program's latency; which wins depends on the batch and the GPU.
+    """
+    value = os.environ.get("DRAW_TRITON_NUM_WARPS", "")
+    if value == "":
+        return None
+    if value not in ("1", "2", "4", "8", "16"):
+        raise ValueError(f"DRAW_TRITON_NUM_WARPS={value!r}: expected 1, 2, 4, 8 or 16 (or unset)")
+    return int(value)
+
+
 def _launch_config(n: int, height: int, width: int, backward: bool, compute_dtype: torch.dtype) -> dict:
     """Block sizes (powers of two), warps and contraction for an n-grid over H x W images."""
-    contract = contraction(compute_dtype, n, width)
-    if contract == "dot":
-        return _dot_launch_config(n, height, width, backward)
+    if contraction(compute_dtype, n, width) == "dot":
+        config = _dot_launch_config(n, height, width, backward)
+    else:
+        config = _sum_launch_config(n, height, width, backward)
+    config["num_warps"] = num_warps_override() or config["num_warps"]
+    return config
+
+
+def _sum_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
+    """Block sizes for the broadcast-and-sum contraction (see _FORWARD_TILE)."""
     block_n = max(triton.next_power_of_2(n), 2)
     block_w = _column_tile(max(triton.next_power_of_2(width), 2), "sum", backward)
     row_elements = block_n * block_w  # each [BLOCK_N, BLOCK_W] register tile

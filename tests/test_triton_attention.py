@@ -221,6 +221,20 @@ def test_column_tiles_at_their_real_width(monkeypatch, contract):
     check_write(patch, params, canvas, rel=1e-5)
 
 
+def test_num_warps_override(monkeypatch):
+    """DRAW_TRITON_NUM_WARPS replaces the launch's warps in both forms; a bad value is refused."""
+    config = triton_attention._launch_config
+    monkeypatch.delenv("DRAW_TRITON_NUM_WARPS", raising=False)
+    assert config(5, 28, 28, True, f32)["num_warps"] == 8 and config(2, 28, 28, False, f32)["num_warps"] == 4
+    monkeypatch.setenv("DRAW_TRITON_NUM_WARPS", "1")
+    assert config(5, 28, 28, True, f32)["num_warps"] == config(2, 28, 28, False, f32)["num_warps"] == 1
+    x, canvas, params, patch = make_inputs(2, 1, 9, 13, 5)
+    check_read(x, canvas, params, 5)  # (the interpreter runs any warp count alike)
+    monkeypatch.setenv("DRAW_TRITON_NUM_WARPS", "3")
+    with pytest.raises(ValueError, match="DRAW_TRITON_NUM_WARPS='3': expected 1, 2, 4, 8 or 16"):
+        config(5, 28, 28, True, f32)
+
+
 def test_column_tile_sizes(monkeypatch):
     """The GPU's column tiles: "dot" past 128 columns (128 forward, 64 backward), "sum" past 256."""
     monkeypatch.delenv("DRAW_TRITON_CONTRACTION", raising=False)
@@ -550,6 +564,19 @@ def test_kernel_report_counts_sass():
     counts = report.count_sass(nested, loop_trips=4, outer_trips=3)
     assert counts["sass_dynamic"] == 2 + 3 * (3 + 2 * 4)
     assert counts["sass_dynamic_local"] == 3 * (1 + 4)
+
+
+def test_kernel_report_pairs_the_contractions_at_equal_warps(capsys):
+    """With --num-warps each warp count gets its own sum-against-dot row; a bad count is refused."""
+    report = import_bench("kernel_report")
+    rows = [{"kernel": "read fwd", "size": "1x28x28", "n": 5, "dtype": "fp32", "contract": contract,
+             "num_warps": warps, "warps_forced": True, "warp_instrs_per_pixel": per_pixel, "spill_stores": 0}
+            for contract, warps, per_pixel in [("sum", 1, 9.0), ("dot", 1, 6.0), ("sum", 4, 14.0), ("dot", 4, 7.0)]]
+    compared = report.compare_contractions(rows)
+    assert [(c["warps"], c["sum_over_dot"]) for c in compared] == [("1 / 1", 1.5), ("4 / 4", 2.0)]
+    with pytest.raises(SystemExit):
+        report.main(["--num-warps", "3", "--no-write"])
+    assert "--num-warps: powers of two from 1 to 16, got 3" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
