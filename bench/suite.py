@@ -10,6 +10,8 @@ limit, and its output is kept in DIR/PART.log. The parts:
     cuda-tests  tests/test_triton_attention.py compiled on the GPU (skipped by --quick and on CPU)
     attention   bench_attention.py at the launch-bound, middle and bandwidth-bound sizes (eager, compiled,
                 and the fused kernels as launched and forced to broadcast-and-sum: triton, triton-sum)
+    attention-2warps  the fused kernels at the launch-bound and middle sizes with 2 warps per program
+                (DRAW_TRITON_NUM_WARPS=2), against the launched warps in the summary
     train       bench_train.py: mnist-paper at batch 100, 1024, 4096; eager reference, eager triton,
                 CUDA graph (fp32 and bf16), and compiled (batch 1024)
 Exit code: non-zero when a part failed (the summary says which).
@@ -51,6 +53,9 @@ def parts(quick: bool, out: pathlib.Path) -> list[tuple[str, list[str], int, dic
         ("attention", [py, str(BENCH / "bench_attention.py"), "--sizes", "launch,middle,bandwidth", "--rep-ms", "100",
                        "--json", str(out / "attention.json"), "--markdown", str(out / "attention.md"),
                        "--plot", str(out / "attention.png")], 150, {}),
+        ("attention-2warps", [py, str(BENCH / "bench_attention.py"), "--sizes", "launch,middle", "--providers", "triton",
+                              "--rep-ms", "50", "--json", str(out / "attention-2warps.json")], 60,
+         {"DRAW_TRITON_NUM_WARPS": "2"}),
         ("train", train + ["--batch-sizes", "100,1024,4096", "--modes", "reference,triton,triton-graph", "--amp", "fp32,bf16",
                            "--json", str(out / "train.json"), "--markdown", str(out / "train.md")], 150, {}),
         ("train-compiled", train + ["--batch-sizes", "1024", "--modes", "triton-compiled", "--amp", "fp32",
@@ -95,6 +100,11 @@ def headline(out: pathlib.Path) -> list[str]:
             lines.append(f"attention {r['op']} {r['mode']} {r['size']}: triton {r.get('gbps', float('nan')):.0f} GB/s "
                          f"({r.get('pct_copy', float('nan')):.0f}% of copy), {r.get('vs_compiled') or float('nan'):.2f}x compiled, "
                          f"{vs_sum:.2f}x triton-sum ({r['timer']})")
+    launched_ms = {(r["op"], r["mode"], r["size"], r["timer"]): r["ms"] for r in attention if r.get("provider") == "triton"}
+    for r in _rows(out / "attention-2warps.json"):
+        if r.get("provider") == "triton" and r.get("ms"):
+            vs = launched_ms.get((r["op"], r["mode"], r["size"], r["timer"]), float("nan")) / r["ms"]
+            lines.append(f"attention {r['op']} {r['mode']} {r['size']}: 2 warps {vs:.2f}x the launched warps ({r['timer']})")
     for r in _rows(out / "train.json") + _rows(out / "train-compiled.json"):
         lines.append(f"train {r['preset']} batch {r['batch']} {r['mode']} {r['dtype']}: {r['images_per_s']:,.0f} images/s")
     return lines

@@ -60,3 +60,17 @@ def test_table_cells_keep_their_precision_without_trailing_zeros():
     common = import_bench("common")
     cells = [common.format_cell(v) for v in (0.07, 0.0123, 0.5, 0.12345, 0.0, 1.5, 1234.5, None, "dot")]
     assert cells == ["0.07", "0.0123", "0.50", "0.1235", "0", "1.50", "1,234", "-", "dot"]
+
+
+def test_the_suite_summary_compares_two_warps_with_the_launched_warps(tmp_path):
+    """bench/suite.py's headline: the attention-2warps part against the launched kernels, case by case."""
+    suite = import_bench("suite")
+    case = {"op": "read", "mode": "fwd", "size": "1024x1x28x28", "timer": "cudagraph"}
+    (tmp_path / "attention.json").write_text(json.dumps({"results": [
+        {**case, "provider": "triton", "ms": 0.03, "gbps": 100.0, "pct_copy": 5.0, "vs_compiled": 3.0},
+        {**case, "provider": "triton-sum", "ms": 0.06}]}))
+    (tmp_path / "attention-2warps.json").write_text(json.dumps({"results": [{**case, "provider": "triton", "ms": 0.02}]}))
+    lines = suite.headline(tmp_path)
+    assert "attention read fwd 1024x1x28x28: 2 warps 1.50x the launched warps (cudagraph)" in lines
+    assert any("2.00x triton-sum" in line for line in lines)
+    assert "attention-2warps" in [name for name, *_ in suite.parts(False, tmp_path)]
