@@ -52,7 +52,7 @@ outputs are stored in their tensor's dtype). Inputs may be non-contiguous: every
 with its strides, outputs are allocated contiguous.
 
 Backward: the filterbanks are recomputed, not saved. The gradient reaches the raw parameters through
-per-row moments of dF * F (see _row_moments), which a program accumulates while it streams its rows,
+per-row moments of dF * F (see _add_row_moments), which a program accumulates while it streams its rows,
 so no [N, W] or [N, H] gradient is ever stored.
 """
 
@@ -196,24 +196,59 @@ def _column_sums(mu_x, sigma2, offs_n, width, N: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
-def _row_moments(dfilter, filt, offset, exponent):
-    """Per-row sums that carry dL/dF [BLOCK_N, BLOCK_P] back to mu and log sigma^2.
+def _column_tile(tile, mu_x, sigma2, z_x, offs_n, width, N: tl.constexpr, BLOCK_W: tl.constexpr,
+                 COMPUTE_DTYPE: tl.constexpr):
+    """Column tile `tile` of the image: its columns offs_w [BLOCK_W] (0-based), the mask of those inside
+    the width, and F_X on them, [BLOCK_N(i), BLOCK_W] (Eq. 25, normalised by z_x over the whole width)."""
+    offs_w = tile * BLOCK_W + tl.arange(0, BLOCK_W)
+    f_x = _gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE) / z_x[:, None]
+    return offs_w, offs_w < width, f_x
+
+
+@triton.jit
+def _row_block(row_start, mask_w, mu_y, sigma2, z_y, offs_n, height, N: tl.constexpr, BLOCK_H: tl.constexpr,
+               COMPUTE_DTYPE: tl.constexpr):
+    """The backward kernels' block of rows from row_start: rows offs_h [BLOCK_H], the mask of the
+    [BLOCK_H, BLOCK_W] tile inside the image (rows past H in the last block, columns past W), F_Y on
+    the rows [BLOCK_N(j), BLOCK_H] (Eq. 26), and its offsets and exponents (_gaussian_terms)."""
+    offs_h = row_start + tl.arange(0, BLOCK_H)
+    mask = (offs_h < height)[:, None] & mask_w[None, :]
+    gauss_y, offset_y, exponent_y = _gaussian_terms(mu_y, sigma2, offs_n, offs_h, height, N, COMPUTE_DTYPE)
+    return offs_h, mask, gauss_y / z_y[:, None], offset_y, exponent_y
+
+
+@triton.jit
+def _zero_moments(BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """The five sums of _add_row_moments before any pixel: zeros, each [BLOCK_N]."""
+    zero = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    return zero, zero, zero, zero, zero
+
+
+@triton.jit
+def _add_row_moments(r, dfo, fo, dfe, fe, dfilter, filt, offset, exponent, own):
+    """Add one pixel block's per-row sums that carry dL/dF [BLOCK_N, BLOCK_P] back to mu and log sigma^2.
 
     With F = e / Z, Z = max(S, floor), S = sum_a e, and e = exp(-t), t = (a - mu)^2 / (2 sigma^2):
         dL/de[i, a] = (dF[i, a] - gate_i * r_i) / Z_i,          r_i = sum_a dF[i, a] F[i, a]
         dL/dmu_i    = sum_a (dF - gate r) F (a - mu_i) / sigma^2
         dL/dlog s^2 = sum_i sum_a (dF - gate r) F t
-    All five sums are additive over pixel blocks, so a program accumulates them as it streams.
-    Returns (r, sum dF F (a-mu), sum F (a-mu), sum dF F t, sum F t), each [BLOCK_N].
+    All five sums are additive over pixel blocks, so a program accumulates them as it streams:
+    (r, sum dF F (a-mu), sum F (a-mu), sum dF F t, sum F t), each [BLOCK_N]. The sums of F alone
+    (sum F (a-mu), sum F t) are added only where `own` is true: with column tiles a row block's dF_Y
+    comes in shares, one per tile, but its F_Y must be counted once.
     """
     weighted = dfilter * filt
-    return (tl.sum(weighted, axis=1), tl.sum(weighted * offset, axis=1), tl.sum(filt * offset, axis=1),
-            tl.sum(weighted * exponent, axis=1), tl.sum(filt * exponent, axis=1))
+    r += tl.sum(weighted, axis=1)
+    dfo += tl.sum(weighted * offset, axis=1)
+    fo += tl.where(own, tl.sum(filt * offset, axis=1), 0.0)
+    dfe += tl.sum(weighted * exponent, axis=1)
+    fe += tl.where(own, tl.sum(filt * exponent, axis=1), 0.0)
+    return r, dfo, fo, dfe, fe
 
 
 @triton.jit
 def _axis_gradients(r, dfilt_offset, filt_offset, dfilt_exponent, filt_exponent, gate, sigma2, grid):
-    """Finish one axis's chain rule (see _row_moments): returns dL/dg (the centre gx or gy),
+    """Finish one axis's chain rule (see _add_row_moments): returns dL/dg (the centre gx or gy),
     the axis's share of dL/ddelta (through mu_i = g + grid_i delta) and of dL/dlog sigma^2.
     """
     gated_r = tl.where(gate, r, 0.0)  # gate = S >= floor: no gradient into S where the floor is active
@@ -304,9 +339,7 @@ def _attention_read_forward_kernel(
     glimpse_x = tl.zeros([BLOCK_N, BLOCK_N], dtype=COMPUTE_DTYPE)  # [j, i]
     glimpse_err = tl.zeros([BLOCK_N, BLOCK_N], dtype=COMPUTE_DTYPE)
     for tile in range(0, COL_TILES):  # the glimpse sums over column tiles and row blocks
-        offs_w = tile * BLOCK_W + tl.arange(0, BLOCK_W)  # this tile's columns; mask_w drops those past W
-        mask_w = offs_w < width
-        f_x = _gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE) / z_x[:, None]  # (25)
+        offs_w, mask_w, f_x = _column_tile(tile, mu_x, sigma2, z_x, offs_n, width, N, BLOCK_W, COMPUTE_DTYPE)
         for row_start in range(0, height, BLOCK_H):  # f_x: [BLOCK_N(i), BLOCK_W]
             offs_h = row_start + tl.arange(0, BLOCK_H)
             mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
@@ -380,28 +413,15 @@ def _attention_read_backward_kernel(
     x_base = x_ptr + pid_b * stride_xb + pid_c * stride_xc
     c_base = canvas_ptr + pid_b * stride_cb + pid_c * stride_cc
     grad_base = (pid_b * tl.num_programs(1) + pid_c) * height * width  # contiguous [B, C, H, W]
-    r_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)  # the moments of _row_moments, per axis
-    dfo_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    fo_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    dfe_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    fe_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    r_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    dfo_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    fo_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    dfe_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    fe_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    r_y, dfo_y, fo_y, dfe_y, fe_y = _zero_moments(BLOCK_N, COMPUTE_DTYPE)  # _add_row_moments, per axis
+    r_x, dfo_x, fo_x, dfe_x, fe_x = _zero_moments(BLOCK_N, COMPUTE_DTYPE)
     for tile in range(0, COL_TILES):
-        offs_w = tile * BLOCK_W + tl.arange(0, BLOCK_W)  # this tile's columns; mask_w drops those past W
-        mask_w = offs_w < width
-        f_x = _gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE) / z_x[:, None]  # (25)
+        offs_w, mask_w, f_x = _column_tile(tile, mu_x, sigma2, z_x, offs_n, width, N, BLOCK_W, COMPUTE_DTYPE)
         fy_x = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y x      [j, w]
         fy_err = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y x_hat  [j, w]
         for row_start in range(0, height, BLOCK_H):
-            offs_h = row_start + tl.arange(0, BLOCK_H)
-            mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
-            gauss_y, offset_y, exponent_y = _gaussian_terms(mu_y, sigma2, offs_n, offs_h, height, N,
-                                                            COMPUTE_DTYPE)
-            f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
+            offs_h, mask, f_y, offset_y, exponent_y = _row_block(row_start, mask_w, mu_y, sigma2, z_y, offs_n, height,
+                                                                 N, BLOCK_H, COMPUTE_DTYPE)
             x = tl.load(x_base + offs_h[:, None] * stride_xh + offs_w[None, :] * stride_xw,
                         mask=mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
             # d img_k = gamma (F_Y^T G_k) F_X: [BLOCK_H, BLOCK_N(i)], then [BLOCK_H, BLOCK_W]
@@ -429,12 +449,8 @@ def _attention_read_backward_kernel(
             if HAS_CANVAS:
                 dfy_sum += _mm_nt(g_err, err_fx, CONTRACT)
             df_y = gamma * dfy_sum
-            m_r, m_dfo, m_fo, m_dfe, m_fe = _row_moments(df_y, f_y, offset_y, exponent_y)
-            r_y += m_r
-            dfo_y += m_dfo
-            dfe_y += m_dfe
-            fo_y += tl.where(tile == 0, m_fo, 0.0)  # moments of F_Y alone: once, not once per tile
-            fe_y += tl.where(tile == 0, m_fe, 0.0)
+            r_y, dfo_y, fo_y, dfe_y, fe_y = _add_row_moments(r_y, dfo_y, fo_y, dfe_y, fe_y, df_y, f_y, offset_y,
+                                                             exponent_y, tile == 0)  # F_Y's own sums: once
 
             # F_Y img_k, needed whole for dF_X: [BLOCK_N(j), BLOCK_W]
             fy_x += _mm(f_y, x, CONTRACT)
@@ -447,12 +463,8 @@ def _attention_read_backward_kernel(
         df_x = gamma * dfx_sum
         # offsets and exponents recomputed rather than kept live through the row loop
         _gauss_x, offset_x, exponent_x = _gaussian_terms(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
-        m_r, m_dfo, m_fo, m_dfe, m_fe = _row_moments(df_x, f_x, offset_x, exponent_x)
-        r_x += m_r
-        dfo_x += m_dfo
-        fo_x += m_fo
-        dfe_x += m_dfe
-        fe_x += m_fe
+        r_x, dfo_x, fo_x, dfe_x, fe_x = _add_row_moments(r_x, dfo_x, fo_x, dfe_x, fe_x, df_x, f_x, offset_x,
+                                                         exponent_x, True)  # the tile's columns: all its own
 
     dgx, ddelta_x, dls_x = _axis_gradients(r_x, dfo_x, fo_x, dfe_x, fe_x, sum_x >= _FLOOR, sigma2, grid)
     dgy, ddelta_y, dls_y = _axis_gradients(r_y, dfo_y, fo_y, dfe_y, fe_y, sum_y >= _FLOOR, sigma2, grid)
@@ -497,9 +509,7 @@ def _attention_write_forward_kernel(
     c_base = canvas_ptr + pid_b * stride_cb + pid_c * stride_cc
     out_base = out_ptr + (pid_b * tl.num_programs(1) + pid_c) * height * width
     for tile in range(0, COL_TILES):
-        offs_w = tile * BLOCK_W + tl.arange(0, BLOCK_W)  # this tile's columns; mask_w drops those past W
-        mask_w = offs_w < width
-        f_x = _gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE) / z_x[:, None]  # (25)
+        offs_w, mask_w, f_x = _column_tile(tile, mu_x, sigma2, z_x, offs_n, width, N, BLOCK_W, COMPUTE_DTYPE)
         w_fx = _mm(w, f_x, CONTRACT)  # w F_X: [BLOCK_N(j), BLOCK_W]
         for row_start in range(0, height, BLOCK_H):
             offs_h = row_start + tl.arange(0, BLOCK_H)
@@ -550,49 +560,28 @@ def _attention_write_backward_kernel(
                 mask=w_mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_N(j), BLOCK_N(i)]
 
     g_base = grad_out_ptr + pid_b * stride_gb + pid_c * stride_gc
-    r_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)  # the moments of _row_moments, per axis
-    dfo_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    fo_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    dfe_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    fe_y = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    r_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    dfo_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    fo_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    dfe_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    fe_x = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
+    r_y, dfo_y, fo_y, dfe_y, fe_y = _zero_moments(BLOCK_N, COMPUTE_DTYPE)  # _add_row_moments, per axis
+    r_x, dfo_x, fo_x, dfe_x, fe_x = _zero_moments(BLOCK_N, COMPUTE_DTYPE)
     d_w = tl.zeros([BLOCK_N, BLOCK_N], dtype=COMPUTE_DTYPE)  # (F_Y G) F_X^T, summed over tiles
     for tile in range(0, COL_TILES):
-        offs_w = tile * BLOCK_W + tl.arange(0, BLOCK_W)  # this tile's columns; mask_w drops those past W
-        mask_w = offs_w < width
-        f_x = _gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE) / z_x[:, None]  # (25)
+        offs_w, mask_w, f_x = _column_tile(tile, mu_x, sigma2, z_x, offs_n, width, N, BLOCK_W, COMPUTE_DTYPE)
         fy_g = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y G  [j, w]
         for row_start in range(0, height, BLOCK_H):
-            offs_h = row_start + tl.arange(0, BLOCK_H)
-            mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
-            gauss_y, offset_y, exponent_y = _gaussian_terms(mu_y, sigma2, offs_n, offs_h, height, N,
-                                                            COMPUTE_DTYPE)
-            f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
+            offs_h, mask, f_y, offset_y, exponent_y = _row_block(row_start, mask_w, mu_y, sigma2, z_y, offs_n, height,
+                                                                 N, BLOCK_H, COMPUTE_DTYPE)
             g = tl.load(g_base + offs_h[:, None] * stride_gh + offs_w[None, :] * stride_gw,
                         mask=mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
             g_fx = _mm_nt(g, f_x, CONTRACT)  # G F_X^T: [BLOCK_H, BLOCK_N(i)]
             df_y = inv_gamma * _mm_nt(w, g_fx, CONTRACT)  # [BLOCK_N(j), BLOCK_H], this tile's share
-            m_r, m_dfo, m_fo, m_dfe, m_fe = _row_moments(df_y, f_y, offset_y, exponent_y)
-            r_y += m_r
-            dfo_y += m_dfo
-            dfe_y += m_dfe
-            fo_y += tl.where(tile == 0, m_fo, 0.0)  # moments of F_Y alone: once, not once per tile
-            fe_y += tl.where(tile == 0, m_fe, 0.0)
+            r_y, dfo_y, fo_y, dfe_y, fe_y = _add_row_moments(r_y, dfo_y, fo_y, dfe_y, fe_y, df_y, f_y, offset_y,
+                                                             exponent_y, tile == 0)  # F_Y's own sums: once
             fy_g += _mm(f_y, g, CONTRACT)
 
         df_x = inv_gamma * _mm_tn(w, fy_g, CONTRACT)  # [BLOCK_N(i), BLOCK_W]: this tile's columns, complete
         # offsets and exponents recomputed rather than kept live through the row loop
         _gauss_x, offset_x, exponent_x = _gaussian_terms(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
-        m_r, m_dfo, m_fo, m_dfe, m_fe = _row_moments(df_x, f_x, offset_x, exponent_x)
-        r_x += m_r
-        dfo_x += m_dfo
-        fo_x += m_fo
-        dfe_x += m_dfe
-        fe_x += m_fe
+        r_x, dfo_x, fo_x, dfe_x, fe_x = _add_row_moments(r_x, dfo_x, fo_x, dfe_x, fe_x, df_x, f_x, offset_x,
+                                                         exponent_x, True)  # the tile's columns: all its own
         d_w += _mm_nt(fy_g, f_x, CONTRACT)
 
     dgx, ddelta_x, dls_x = _axis_gradients(r_x, dfo_x, fo_x, dfe_x, fe_x, sum_x >= _FLOOR, sigma2, grid)
@@ -635,7 +624,7 @@ def contraction(compute_dtype: torch.dtype, n: int, width: int) -> str:
     return choice
 
 
-def _column_tile(block_w: int, contract: str, backward: bool) -> int:
+def _tile_width(block_w: int, contract: str, backward: bool) -> int:
     """BLOCK_W: the padded width itself up to _WHOLE_WIDTH, else a column tile (see _COLUMN_TILE)."""
     return block_w if block_w <= _WHOLE_WIDTH[contract] else _COLUMN_TILE[contract, backward]
 
@@ -667,7 +656,7 @@ def _launch_config(n: int, height: int, width: int, backward: bool, compute_dtyp
 def _sum_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
     """Block sizes for the broadcast-and-sum contraction (see _FORWARD_TILE)."""
     block_n = max(triton.next_power_of_2(n), 2)
-    block_w = _column_tile(max(triton.next_power_of_2(width), 2), "sum", backward)
+    block_w = _tile_width(max(triton.next_power_of_2(width), 2), "sum", backward)
     row_elements = block_n * block_w  # each [BLOCK_N, BLOCK_W] register tile
     tile = _BACKWARD_TILE if backward else _FORWARD_TILE
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -688,7 +677,7 @@ def _dot_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
     (128 columns forward, 64 backward: 16 B of spills at most). 4 warps only for narrow forward kernels.
     """
     block_n = max(triton.next_power_of_2(n), _DOT_MIN)
-    block_w = _column_tile(max(triton.next_power_of_2(width), _DOT_MIN), "dot", backward)
+    block_w = _tile_width(max(triton.next_power_of_2(width), _DOT_MIN), "dot", backward)
     tile = _DOT_MIN * block_w if backward else _DOT_FORWARD_TILE
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         tile = _INTERPRETER_TILE or tile
