@@ -101,7 +101,7 @@ _DOT_FORWARD_TILE = 1024
 # _COLUMN_TILE[contraction, backward] columns, so that registers stop growing with the width. From
 # ptxas / cuobjdump for sm_90 at 256x256, n 16 (bench/kernel_report.py): "dot" over the whole width
 # spills 0.2-3 KB per thread inside its row loop, and in tiles of 128 (forward) / 64 (backward) columns
-# nothing or 16 B; "sum" over the whole width spills 0.65-1.4 KB in the backward kernels, but almost all
+# nothing or 4 B; "sum" over the whole width spills 0.65-1.4 KB in the backward kernels, but almost all
 # of it outside the row loop, and tiling it would cost 1.6-1.9x the instructions, so it tiles only
 # past 256 columns. A test shrinks both to tile small images.
 _WHOLE_WIDTH = {"sum": 256, "dot": 128}
@@ -400,6 +400,8 @@ def _attention_read_backward_kernel(
         params_ptr, stride_pb, stride_pk, pid_b, offs_n, height, width, grid_span, N, COMPUTE_DTYPE)
     sum_x = _column_sums(mu_x, sigma2, offs_n, width, N, BLOCK_N, BLOCK_W, COL_TILES, COMPUTE_DTYPE)
     z_x = tl.maximum(sum_x, _FLOOR)
+    # the first tile's F_X here, each next one at the end of a tile (as in write forward: fewer registers)
+    offs_w, mask_w, f_x = _column_tile(0, mu_x, sigma2, z_x, offs_n, width, N, BLOCK_W, COMPUTE_DTYPE)
     sum_y = _row_sums(mu_y, sigma2, offs_n, height, N, BLOCK_N, BLOCK_H, COMPUTE_DTYPE)
     z_y = tl.maximum(sum_y, _FLOOR)
 
@@ -416,7 +418,6 @@ def _attention_read_backward_kernel(
     r_y, dfo_y, fo_y, dfe_y, fe_y = _zero_moments(BLOCK_N, COMPUTE_DTYPE)  # _add_row_moments, per axis
     r_x, dfo_x, fo_x, dfe_x, fe_x = _zero_moments(BLOCK_N, COMPUTE_DTYPE)
     for tile in range(0, COL_TILES):
-        offs_w, mask_w, f_x = _column_tile(tile, mu_x, sigma2, z_x, offs_n, width, N, BLOCK_W, COMPUTE_DTYPE)
         fy_x = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y x      [j, w]
         fy_err = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y x_hat  [j, w]
         for row_start in range(0, height, BLOCK_H):
@@ -465,6 +466,7 @@ def _attention_read_backward_kernel(
         _gauss_x, offset_x, exponent_x = _gaussian_terms(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
         r_x, dfo_x, fo_x, dfe_x, fe_x = _add_row_moments(r_x, dfo_x, fo_x, dfe_x, fe_x, df_x, f_x, offset_x,
                                                          exponent_x, True)  # the tile's columns: all its own
+        offs_w, mask_w, f_x = _column_tile(tile + 1, mu_x, sigma2, z_x, offs_n, width, N, BLOCK_W, COMPUTE_DTYPE)
 
     dgx, ddelta_x, dls_x = _axis_gradients(r_x, dfo_x, fo_x, dfe_x, fe_x, sum_x >= _FLOOR, sigma2, grid)
     dgy, ddelta_y, dls_y = _axis_gradients(r_y, dfo_y, fo_y, dfe_y, fe_y, sum_y >= _FLOOR, sigma2, grid)
@@ -500,7 +502,8 @@ def _attention_write_forward_kernel(
     z_x = tl.maximum(_column_sums(mu_x, sigma2, offs_n, width, N, BLOCK_N, BLOCK_W, COL_TILES, COMPUTE_DTYPE),
                      _FLOOR)
     # The first tile's F_X right after z_x, before the row sums of F_Y, and each next one at the end of a
-    # tile: in this order ptxas keeps write forward at 56-66 registers (sm_90, 100x100), not 95-101.
+    # tile: in this order ptxas keeps write forward at 56-66 registers (sm_90, 100x100), not 95-101, and
+    # write backward in bf16 at 64, not 101. (Read forward does better in the plain order.)
     offs_w, mask_w, f_x = _column_tile(0, mu_x, sigma2, z_x, offs_n, width, N, BLOCK_W, COMPUTE_DTYPE)
     z_y = tl.maximum(_row_sums(mu_y, sigma2, offs_n, height, N, BLOCK_N, BLOCK_H, COMPUTE_DTYPE), _FLOOR)
 
@@ -554,6 +557,8 @@ def _attention_write_backward_kernel(
 
     sum_x = _column_sums(mu_x, sigma2, offs_n, width, N, BLOCK_N, BLOCK_W, COL_TILES, COMPUTE_DTYPE)
     z_x = tl.maximum(sum_x, _FLOOR)
+    # the first tile's F_X here, each next one at the end of a tile (as in write forward: fewer registers)
+    offs_w, mask_w, f_x = _column_tile(0, mu_x, sigma2, z_x, offs_n, width, N, BLOCK_W, COMPUTE_DTYPE)
     sum_y = _row_sums(mu_y, sigma2, offs_n, height, N, BLOCK_N, BLOCK_H, COMPUTE_DTYPE)
     z_y = tl.maximum(sum_y, _FLOOR)
 
@@ -567,7 +572,6 @@ def _attention_write_backward_kernel(
     r_x, dfo_x, fo_x, dfe_x, fe_x = _zero_moments(BLOCK_N, COMPUTE_DTYPE)
     d_w = tl.zeros([BLOCK_N, BLOCK_N], dtype=COMPUTE_DTYPE)  # (F_Y G) F_X^T, summed over tiles
     for tile in range(0, COL_TILES):
-        offs_w, mask_w, f_x = _column_tile(tile, mu_x, sigma2, z_x, offs_n, width, N, BLOCK_W, COMPUTE_DTYPE)
         fy_g = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y G  [j, w]
         for row_start in range(0, height, BLOCK_H):
             offs_h, mask, f_y, offset_y, exponent_y = _row_block(row_start, mask_w, mu_y, sigma2, z_y, offs_n, height,
@@ -586,6 +590,7 @@ def _attention_write_backward_kernel(
         r_x, dfo_x, fo_x, dfe_x, fe_x = _add_row_moments(r_x, dfo_x, fo_x, dfe_x, fe_x, df_x, f_x, offset_x,
                                                          exponent_x, True)  # the tile's columns: all its own
         d_w += _mm_nt(fy_g, f_x, CONTRACT)
+        offs_w, mask_w, f_x = _column_tile(tile + 1, mu_x, sigma2, z_x, offs_n, width, N, BLOCK_W, COMPUTE_DTYPE)
 
     dgx, ddelta_x, dls_x = _axis_gradients(r_x, dfo_x, fo_x, dfe_x, fe_x, sum_x >= _FLOOR, sigma2, grid)
     dgy, ddelta_y, dls_y = _axis_gradients(r_y, dfo_y, fo_y, dfe_y, fe_y, sum_y >= _FLOOR, sigma2, grid)
@@ -677,7 +682,7 @@ def _dot_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
 
     ptxas, sm_90, fp32: no spills up to 64 columns; at 65-128 columns read backward spills 208 B
     per thread (408 B with dx; 8 warps) and the other kernels none; wider images go in column tiles
-    (128 columns forward, 64 backward: 16 B of spills at most). 4 warps only for narrow forward kernels.
+    (128 columns forward, 64 backward: 4 B of spills at most). 4 warps only for narrow forward kernels.
     """
     block_n = max(triton.next_power_of_2(n), _DOT_MIN)
     block_w = _tile_width(max(triton.next_power_of_2(width), _DOT_MIN), "dot", backward)
