@@ -235,6 +235,18 @@ def test_num_warps_override(monkeypatch):
         config(5, 28, 28, True, f32)
 
 
+def test_256x256_in_column_tiles(monkeypatch):
+    """A 256x256 image at N 16 as launched ("dot": 2 column tiles forward, 4 backward), fp32 within
+    1e-5 of float64 or 8x fp32's own error (as test_cuda_256x256 does with a bigger batch on a GPU)."""
+    monkeypatch.delenv("DRAW_TRITON_CONTRACTION", raising=False)
+    assert triton_attention._launch_config(16, 256, 256, True, f32)["COL_TILES"] == 4
+    x, canvas, params, patch = make_inputs(1, 1, 256, 256, 12, dtype=f32)
+    params[:, 2] += 2.0  # wide filters: every pixel row and column contributes
+    check_read(x, canvas, params, 16, rel=1e-5, baseline=True)
+    check_glimpse(x, params, 16, rel=1e-5, baseline=True)
+    check_write(patch, params, canvas, rel=1e-5, baseline=True)
+
+
 def test_column_tile_sizes(monkeypatch):
     """The GPU's column tiles: "dot" past 128 columns (128 forward, 64 backward), "sum" past 256."""
     monkeypatch.delenv("DRAW_TRITON_CONTRACTION", raising=False)
