@@ -101,7 +101,7 @@ _DOT_FORWARD_TILE = 1024
 # _COLUMN_TILE[contraction, backward] columns, so that registers stop growing with the width. From
 # ptxas / cuobjdump for sm_90 at 256x256, n 16 (bench/kernel_report.py): "dot" over the whole width
 # spills 0.2-3 KB per thread inside its row loop, and in tiles of 128 (forward) / 64 (backward) columns
-# nothing or 4 B; "sum" over the whole width spills 0.65-1.4 KB in the backward kernels, but almost all
+# nothing or 8 B (bf16: 20 B); "sum" over the whole width spills 0.65-1.4 KB in the backward kernels, but almost all
 # of it outside the row loop, and tiling it would cost 1.6-1.9x the instructions, so it tiles only
 # past 256 columns. A test shrinks both to tile small images.
 _WHOLE_WIDTH = {"sum": 256, "dot": 128}
@@ -185,11 +185,12 @@ def _column_sums(mu_x, sigma2, offs_n, width, N: tl.constexpr, BLOCK_N: tl.const
                  COL_TILES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
     """S[i] = sum_a gauss_x[i, a] over the whole width, in COL_TILES tiles of BLOCK_W columns: [BLOCK_N].
 
-    Unrolled (static_range), so that one tile is straight code and the compiler shares its exps with
-    the filterbank tile that the caller then builds from the same columns.
+    Unrolled (static_range): one tile is straight code whose exps the compiler shares with the caller's
+    first filterbank tile, and bench/kernel_report.py counts no loop here (it takes every loop with no
+    loop inside for a row loop).
     """
     total = tl.zeros([BLOCK_N], dtype=COMPUTE_DTYPE)
-    for tile in range(0, COL_TILES):
+    for tile in tl.static_range(COL_TILES):
         offs_w = tile * BLOCK_W + tl.arange(0, BLOCK_W)
         total += tl.sum(_gaussian_rows(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE), axis=1)
     return total
@@ -682,7 +683,7 @@ def _dot_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
 
     ptxas, sm_90, fp32: no spills up to 64 columns; at 65-128 columns read backward spills 208 B
     per thread (408 B with dx; 8 warps) and the other kernels none; wider images go in column tiles
-    (128 columns forward, 64 backward: 4 B of spills at most). 4 warps only for narrow forward kernels.
+    (128 columns forward, 64 backward: 8 B of spills at most in fp32, 20 B in bf16). 4 warps only for narrow forward kernels.
     """
     block_n = max(triton.next_power_of_2(n), _DOT_MIN)
     block_w = _tile_width(max(triton.next_power_of_2(width), _DOT_MIN), "dot", backward)
