@@ -1,83 +1,130 @@
 """The whole GPU record in one command: verify the kernels, run the CUDA tests, benchmark attention and
 the training step, and write everything (JSON, markdown, logs) into one directory, a summary last.
 
-    python bench/suite.py --out results/h100            # a CUDA machine: the full record, < 9 minutes on one H100
+    python bench/suite.py --out results/h100            # a CUDA machine: the full record
+    python bench/suite.py --out results/h100 --only verify,cuda-tests,attention,attention-2warps  # in two halves,
+    python bench/suite.py --out results/h100 --only attention-large,train,train-eager,train-compiled  # same DIR
     python bench/suite.py --quick --out /tmp/suite      # any machine: tiny sizes, the interpreter for the kernels
 
 Each part runs as its own process (so one failure or crash does not stop the others), with a time
-limit, and its output is kept in DIR/PART.log. The parts:
-    verify      `draw verify`: the fused kernels against the reference, forward and every gradient
-    cuda-tests  tests/test_triton_attention.py compiled on the GPU (skipped by --quick and on CPU)
-    attention   bench_attention.py at the launch-bound, middle and bandwidth-bound sizes (eager, compiled,
-                and the fused kernels as launched and forced to broadcast-and-sum: triton, triton-sum)
-    attention-2warps  the fused kernels at the launch-bound and middle sizes with 2 warps per program
+limit, and its output is kept in DIR/PART.log. The correctness parts (verify, cuda-tests) run side by
+side, since they time nothing and mostly compile; every timing part runs alone. The parts:
+    verify      `draw verify --quick`: the fused kernels against the reference, forward and every gradient
+    cuda-tests  tests/test_triton_attention.py compiled on the GPU, 8 workers where pytest-xdist is
+                installed (skipped by --quick and on CPU)
+    attention   bench_attention.py at the launch-bound sizes (eager, compiled, and the fused kernels as
+                launched and forced to broadcast-and-sum: triton, triton-sum)
+    attention-2warps  the fused kernels at the launch-bound sizes with 2 warps per program
                 (DRAW_TRITON_NUM_WARPS=2), against the launched warps in the summary
-    train       bench_train.py: mnist-paper at batch 100, 1024, 4096; eager reference, eager triton,
-                CUDA graph (fp32 and bf16), and compiled (batch 1024)
+    attention-large  bench_attention.py at the middle and bandwidth-bound sizes (compiled, triton, triton-sum)
+    train       bench_train.py: mnist-paper at batch 100, 1024, 4096 as one CUDA graph, fp32 and bf16
+    train-eager the eager reference and eager triton at batch 1024 (a few steps: each takes 0.2-0.6 s)
+    train-compiled  the compiled step at batch 1024 (about 2 minutes of compiling)
+Run with --out DIR again (say with --only), a part's results replace that part's earlier ones in
+DIR/suite.json, and the summary covers every part recorded there.
 Exit code: non-zero when a part failed (the summary says which).
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
+from xml.etree import ElementTree
 
 import common
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 
+Part = tuple[str, list[str], int, dict]  # name, command, time limit in s, extra environment
 
-def parts(quick: bool, out: pathlib.Path) -> list[tuple[str, list[str], int, dict]]:
-    """(name, command, time limit in s, extra environment) of every part, in order."""
+
+def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
+    """The parts in order, grouped in stages: the parts of one stage run side by side."""
     py = sys.executable
-    interpreter = {"TRITON_INTERPRET": "1"} if quick else {}
     if quick:
+        interpreter = {"TRITON_INTERPRET": "1"}
         return [
-            ("verify", [py, "-m", "draw", "verify", "--device", "cpu", "--json", str(out / "verify.json")], 240, interpreter),
-            ("attention", [py, str(BENCH / "bench_attention.py"), "--device", "cpu", "--sizes", "64x1x28x28",
-                           "--providers", "eager", "--reps", "3", "--budget", "0.5", "--copy-mib", "8",
-                           "--json", str(out / "attention.json"), "--markdown", str(out / "attention.md")], 180, {}),
-            ("train", [py, str(BENCH / "bench_train.py"), "--device", "cpu", "--presets", "mnist-quick", "--batch-sizes", "16",
-                       "--modes", "reference", "--warmup", "1", "--steps", "2",
-                       "--json", str(out / "train.json"), "--markdown", str(out / "train.md")], 180, {}),
+            [("verify", [py, "-m", "draw", "verify", "--device", "cpu", "--json", str(out / "verify.json")], 240,
+              interpreter)],
+            [("attention", [py, str(BENCH / "bench_attention.py"), "--device", "cpu", "--sizes", "64x1x28x28",
+                            "--providers", "eager", "--reps", "3", "--budget", "0.5", "--copy-mib", "8",
+                            "--json", str(out / "attention.json"), "--markdown", str(out / "attention.md")], 180, {})],
+            [("train", [py, str(BENCH / "bench_train.py"), "--device", "cpu", "--presets", "mnist-quick",
+                        "--batch-sizes", "16", "--modes", "reference", "--warmup", "1", "--steps", "2",
+                        "--json", str(out / "train.json"), "--markdown", str(out / "train.md")], 180, {})],
         ]
-    train = [py, str(BENCH / "bench_train.py"), "--presets", "mnist-paper", "--warmup", "5", "--steps", "20"]
+    workers = ["-n", "8"] if importlib.util.find_spec("xdist") else []
+    attention = [py, str(BENCH / "bench_attention.py")]
+    train = [py, str(BENCH / "bench_train.py"), "--presets", "mnist-paper"]
+    # limits from one H100 (bench/RESULTS.md, 2026-11-22): the full verify sweep passed 200 s, the
+    # CUDA tests took 53 s with 8 workers, compiling the step 118 s
     return [
-        ("verify", [py, "-m", "draw", "verify", "--json", str(out / "verify.json")], 90, {}),
-        ("cuda-tests", [py, "-m", "pytest", "-q", "-rs", str(ROOT / "tests" / "test_triton_attention.py"),
-                        f"--junitxml={out / 'cuda-tests.xml'}"], 150, {}),
-        ("attention", [py, str(BENCH / "bench_attention.py"), "--sizes", "launch,middle,bandwidth", "--rep-ms", "100",
-                       "--json", str(out / "attention.json"), "--markdown", str(out / "attention.md"),
-                       "--plot", str(out / "attention.png")], 150, {}),
-        ("attention-2warps", [py, str(BENCH / "bench_attention.py"), "--sizes", "launch,middle", "--providers", "triton",
-                              "--rep-ms", "50", "--json", str(out / "attention-2warps.json")], 60,
-         {"DRAW_TRITON_NUM_WARPS": "2"}),
-        ("train", train + ["--batch-sizes", "100,1024,4096", "--modes", "reference,triton,triton-graph", "--amp", "fp32,bf16",
-                           "--json", str(out / "train.json"), "--markdown", str(out / "train.md")], 150, {}),
-        ("train-compiled", train + ["--batch-sizes", "1024", "--modes", "triton-compiled", "--amp", "fp32",
-                                    "--json", str(out / "train-compiled.json")], 120, {}),
+        [("verify", [py, "-m", "draw", "verify", "--quick", "--json", str(out / "verify.json")], 240, {}),
+         ("cuda-tests", [py, "-m", "pytest", "-q", "-rfs", *workers, str(ROOT / "tests" / "test_triton_attention.py"),
+                         f"--junitxml={out / 'cuda-tests.xml'}"], 240, {})],
+        [("attention", attention + ["--sizes", "launch", "--rep-ms", "50", "--json", str(out / "attention.json"),
+                                    "--markdown", str(out / "attention.md"), "--plot", str(out / "attention.png")],
+          150, {})],
+        [("attention-2warps", attention + ["--sizes", "launch", "--providers", "triton", "--rep-ms", "50",
+                                           "--json", str(out / "attention-2warps.json")], 60,
+          {"DRAW_TRITON_NUM_WARPS": "2"})],
+        [("attention-large", attention + ["--sizes", "middle,bandwidth", "--providers", "compiled,triton,triton-sum",
+                                          "--rep-ms", "30", "--json", str(out / "attention-large.json"),
+                                          "--markdown", str(out / "attention-large.md")], 240, {})],
+        [("train", train + ["--batch-sizes", "100,1024,4096", "--modes", "triton-graph", "--amp", "fp32,bf16",
+                            "--warmup", "5", "--steps", "20", "--json", str(out / "train.json"),
+                            "--markdown", str(out / "train.md")], 120, {})],
+        [("train-eager", train + ["--batch-sizes", "1024", "--modes", "reference,triton", "--amp", "fp32",
+                                  "--warmup", "2", "--steps", "5", "--json", str(out / "train-eager.json")], 90, {})],
+        [("train-compiled", train + ["--batch-sizes", "1024", "--modes", "triton-compiled", "--amp", "fp32",
+                                     "--warmup", "3", "--steps", "20", "--json", str(out / "train-compiled.json")],
+          240, {})],
     ]
 
 
-def run_part(name: str, command: list[str], limit_s: int, env: dict, out: pathlib.Path) -> dict:
-    common.log(f"[suite] {name}: {' '.join(command)}")
-    start = time.perf_counter()
-    log_path = out / f"{name}.log"
-    with open(log_path, "w") as log:
+def parts(quick: bool, out: pathlib.Path) -> list[Part]:
+    """Every part, in order."""
+    return [part for stage in stages(quick, out) for part in stage]
+
+
+def run_stage(stage: list[Part], out: pathlib.Path) -> list[dict]:
+    """Start the stage's parts together; each is stopped (its whole process group) at its time limit."""
+    running = []
+    for name, command, limit_s, env in stage:
+        common.log(f"[suite] {name}: {' '.join(command)}")
+        log = open(out / f"{name}.log", "w")
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **env})
+        running.append((name, limit_s, process, log, time.perf_counter()))
+    results = []
+    for name, limit_s, process, log, start in running:
         try:
-            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=limit_s, cwd=ROOT,
-                                    env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **env})
-            status = "ok" if result.returncode == 0 else f"failed (exit {result.returncode})"
+            code = process.wait(timeout=max(limit_s - (time.perf_counter() - start), 0))
+            status = "ok" if code == 0 else f"failed (exit {code})"
         except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the part and its workers
+            process.wait()
             status = f"timed out after {limit_s} s"
-    seconds = time.perf_counter() - start
-    tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-    common.log(f"[suite] {name}: {status} in {seconds:.0f} s")
-    return {"part": name, "status": status, "seconds": round(seconds, 1), "last_line": tail[0][:200], "log": log_path.name}
+        log.close()
+        seconds = time.perf_counter() - start
+        log_path = out / f"{name}.log"
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+        common.log(f"[suite] {name}: {status} in {seconds:.0f} s")
+        results.append({"part": name, "status": status, "seconds": round(seconds, 1), "last_line": tail[0][:200],
+                        "log": log_path.name})
+    return results
+
+
+def merge(previous: list[dict], new: list[dict], order: list[str]) -> list[dict]:
+    """The parts recorded in DIR: this run's results replace earlier ones of the same part; in suite order."""
+    by_part = {r["part"]: r for r in previous} | {r["part"]: r for r in new}
+    return [by_part[name] for name in order if name in by_part]
 
 
 def _rows(path: pathlib.Path) -> list[dict]:
@@ -92,7 +139,15 @@ def headline(out: pathlib.Path) -> list[str]:
         rows = json.loads(verify.read_text()).get("rows", [])
         failed = sum(1 for r in rows if not r.get("passed"))
         lines.append(f"verify: {len(rows) - failed}/{len(rows)} checks pass")
-    attention = _rows(out / "attention.json")
+    junit = out / "cuda-tests.xml"
+    if junit.is_file():
+        suite = ElementTree.parse(junit).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+        passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+        lines.append(f"cuda-tests: {passed} passed, {counts['failures'] + counts['errors']} failed, "
+                     f"{counts['skipped']} skipped")
+    attention = _rows(out / "attention.json") + _rows(out / "attention-large.json")
     sum_ms = {(r["op"], r["mode"], r["size"], r["timer"]): r["ms"] for r in attention if r.get("provider") == "triton-sum"}
     for r in attention:
         if r.get("provider") == "triton":
@@ -105,7 +160,7 @@ def headline(out: pathlib.Path) -> list[str]:
         if r.get("provider") == "triton" and r.get("ms"):
             vs = launched_ms.get((r["op"], r["mode"], r["size"], r["timer"]), float("nan")) / r["ms"]
             lines.append(f"attention {r['op']} {r['mode']} {r['size']}: 2 warps {vs:.2f}x the launched warps ({r['timer']})")
-    for r in _rows(out / "train.json") + _rows(out / "train-compiled.json"):
+    for r in _rows(out / "train.json") + _rows(out / "train-eager.json") + _rows(out / "train-compiled.json"):
         lines.append(f"train {r['preset']} batch {r['batch']} {r['mode']} {r['dtype']}: {r['images_per_s']:,.0f} images/s")
     return lines
 
@@ -114,24 +169,35 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=pathlib.Path, required=True, help="directory for every part's JSON, markdown and log")
     p.add_argument("--quick", action="store_true", help="tiny sizes on the CPU (the kernels in Triton's interpreter): checks the suite runs")
+    p.add_argument("--only", type=common.split_list, default=None, help="comma-separated parts to run (default: all)")
     p.add_argument("--skip", type=common.split_list, default=[], help="comma-separated parts to leave out")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    order = [name for name, *_ in parts(args.quick, args.out)]
+    unknown = sorted(set(args.only or []) | set(args.skip) - set(order))
+    if unknown:
+        p.error(f"unknown part(s) {', '.join(unknown)}: the parts are {', '.join(order)}")
 
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     started = time.perf_counter()
-    results = [run_part(name, cmd, limit, env, args.out) for name, cmd, limit, env in parts(args.quick, args.out)
-               if name not in args.skip]
+    results = []
+    for stage in stages(args.quick, args.out):
+        chosen = [part for part in stage if part[0] not in args.skip and (args.only is None or part[0] in args.only)]
+        if chosen:
+            results += run_stage(chosen, args.out)
     meta = common.metadata(device, command=" ".join([sys.executable, *sys.argv]), quick=args.quick,
                            wall_s=round(time.perf_counter() - started, 1))
+    previous_path = args.out / "suite.json"
+    previous = json.loads(previous_path.read_text()).get("results", []) if previous_path.is_file() else []
+    recorded = merge(previous, results, order)
     summary = headline(args.out)
-    common.write_json(str(args.out / "suite.json"), meta, results, headline=summary)
-    table = common.markdown_table(results, [("part", "part"), ("status", "status"), ("seconds", "s"), ("last_line", "last line")])
+    common.write_json(str(previous_path), meta, recorded, headline=summary)
+    table = common.markdown_table(recorded, [("part", "part"), ("status", "status"), ("seconds", "s"), ("last_line", "last line")])
     common.write_markdown(str(args.out / "suite.md"), "Benchmark suite", meta, [("Parts", table)], summary)
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']} | {meta['wall_s']} s")
-    print(common.text_table(results, [("part", "part"), ("status", "status"), ("seconds", "s")]))
+    print(common.text_table(recorded, [("part", "part"), ("status", "status"), ("seconds", "s")]))
     for line in summary:
         print(line)
     return 0 if all(r["status"] == "ok" for r in results) else 1

@@ -93,6 +93,16 @@ _INTERPRETER_TILE = 8192
 # 1.4-8x fewer warp instructions per pixel from N >= 5 (BLOCK_N >= 8; at 256 columns in column tiles),
 # "sum" fewer at N <= 4 (dot pads N to 16).
 CONTRACTIONS = ("auto", "sum", "dot")
+# What the compiled "sum" form got wrong on a GPU (H100, sm_90, triton 3.6, fp32 compute; bench/RESULTS.md),
+# where Triton's interpreter and fp64 on the same GPU were right at the same block shapes (cause not
+# established):
+#   - the backward kernels at BLOCK_N <= 4 gave dx 2-4x off wherever BLOCK_H >= 16 and BLOCK_W >= 16
+#     (5 block shapes), and matched float64 at every shape with BLOCK_H <= 8 (15 shapes): so the GPU's
+#     backward row blocks of "sum" stop at _SUM_BACKWARD_MAX_H rows;
+#   - at N >= _DOT_MIN_N (BLOCK_N >= 8, where "auto" takes "dot"), a forced "sum" was wrong at every block
+#     shape tried, so it is refused outside the interpreter.
+_SUM_BACKWARD_MAX_H = 8
+REFUSE_GPU_SUM = True  # bench/kernel_report.py, which compiles but never runs, turns the refusal off
 _DOT_MIN = 16
 _DOT_MIN_N = 5
 _DOT_FORWARD_TILE = 1024
@@ -621,16 +631,27 @@ def contraction(compute_dtype: torch.dtype, n: int, width: int) -> str:
     """"sum" or "dot" for an n-grid over images `width` wide (see CONTRACTIONS).
 
     fp64 always sums (the fp64 path is the exact one the tests hold the others to); fp32 (also for
-    fp16 / bf16 inputs) follows DRAW_TRITON_CONTRACTION: "sum", "dot", or "auto" (the default).
+    fp16 / bf16 inputs) follows DRAW_TRITON_CONTRACTION: "sum", "dot", or "auto" (the default). A forced
+    "sum" at n >= 5 is refused on a GPU (see _SUM_BACKWARD_MAX_H: it was measured wrong there).
     """
     choice = os.environ.get("DRAW_TRITON_CONTRACTION", "auto")
     if choice not in CONTRACTIONS:
         raise ValueError(f"DRAW_TRITON_CONTRACTION={choice!r}: expected one of {', '.join(CONTRACTIONS)}")
     if compute_dtype == torch.float64:
         return "sum"
+    if choice == "sum" and n >= _DOT_MIN_N and REFUSE_GPU_SUM and not _interpreted():
+        raise ValueError(f"DRAW_TRITON_CONTRACTION=sum at n = {n}: the compiled broadcast-and-sum kernels gave wrong "
+                         f"results for n >= {_DOT_MIN_N} in fp32 on an H100 (triton 3.6; bench/RESULTS.md), so the "
+                         "fused kernels refuse it there; use auto or dot (sum runs for n >= 5 in fp64 and in "
+                         "Triton's interpreter)")
     if choice == "auto":
         return "dot" if n >= _DOT_MIN_N else "sum"
     return choice
+
+
+def _interpreted() -> bool:
+    """Whether the kernels run in Triton's interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _tile_width(block_w: int, contract: str, backward: bool) -> int:
@@ -668,9 +689,10 @@ def _sum_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
     block_w = _tile_width(max(triton.next_power_of_2(width), 2), "sum", backward)
     row_elements = block_n * block_w  # each [BLOCK_N, BLOCK_W] register tile
     tile = _BACKWARD_TILE if backward else _FORWARD_TILE
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        tile = _INTERPRETER_TILE or tile
-    block_h = min(max(tile // row_elements, 1), triton.next_power_of_2(height))  # powers of two
+    interpreter_tile = _INTERPRETER_TILE if _interpreted() else 0
+    block_h = min(max((interpreter_tile or tile) // row_elements, 1), triton.next_power_of_2(height))  # powers of 2
+    if backward and not interpreter_tile:  # the GPU's row blocks (see _SUM_BACKWARD_MAX_H)
+        block_h = min(block_h, _SUM_BACKWARD_MAX_H)
     # ptxas, sm_90, fp32: no spills up to [16, 128] row tiles (n <= 16); at [16, 256] the backward
     # kernels spill, almost all of it outside the row loop (see _WHOLE_WIDTH)
     num_warps = 4 if row_elements <= (256 if backward else 2048) else 8
@@ -688,7 +710,7 @@ def _dot_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
     block_n = max(triton.next_power_of_2(n), _DOT_MIN)
     block_w = _tile_width(max(triton.next_power_of_2(width), _DOT_MIN), "dot", backward)
     tile = _DOT_MIN * block_w if backward else _DOT_FORWARD_TILE
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if _interpreted():
         tile = _INTERPRETER_TILE or tile
     block_h = min(max(tile // block_w, _DOT_MIN), max(triton.next_power_of_2(height), _DOT_MIN))
     num_warps = 4 if block_w <= 32 and not backward else 8

@@ -4,6 +4,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 from helpers import import_bench
@@ -74,3 +75,56 @@ def test_the_suite_summary_compares_two_warps_with_the_launched_warps(tmp_path):
     assert "attention read fwd 1024x1x28x28: 2 warps 1.50x the launched warps (cudagraph)" in lines
     assert any("2.00x triton-sum" in line for line in lines)
     assert "attention-2warps" in [name for name, *_ in suite.parts(False, tmp_path)]
+
+
+def test_the_suite_runs_correctness_side_by_side_and_timing_alone(tmp_path):
+    """bench/suite.py on CUDA: verify and the CUDA tests share a stage; every timing part has one to itself."""
+    suite = import_bench("suite")
+    stages = [[name for name, *_ in stage] for stage in suite.stages(False, tmp_path)]
+    assert stages[0] == ["verify", "cuda-tests"]
+    assert all(len(stage) == 1 for stage in stages[1:])
+    assert [name for stage in stages for name in stage] == [name for name, *_ in suite.parts(False, tmp_path)]
+
+
+def test_the_suite_merges_a_second_half_into_the_same_directory(tmp_path):
+    """--only runs some parts; their results replace those parts' earlier ones, the rest are kept, in order."""
+    suite = import_bench("suite")
+    first = [{"part": "verify", "status": "ok"}, {"part": "train", "status": "timed out after 120 s"}]
+    second = [{"part": "train", "status": "ok"}, {"part": "attention", "status": "ok"}]
+    merged = suite.merge(first, second, ["verify", "attention", "train"])
+    assert merged == [{"part": "verify", "status": "ok"}, {"part": "attention", "status": "ok"},
+                      {"part": "train", "status": "ok"}]
+
+
+def test_the_suite_stops_a_part_and_its_children_at_the_time_limit(tmp_path):
+    """A part past its limit is killed with its whole process group (pytest's workers too) and marked."""
+    suite = import_bench("suite")
+    sleeper = [sys.executable, "-c", "import subprocess, sys, time; "
+               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); print('started'); time.sleep(60)"]
+    quick = [sys.executable, "-c", "print('done')"]
+    start = time.perf_counter()
+    results = suite.run_stage([("slow", sleeper, 2, {}), ("fast", quick, 30, {})], tmp_path)
+    assert time.perf_counter() - start < 30
+    assert [(r["part"], r["status"]) for r in results] == [("slow", "timed out after 2 s"), ("fast", "ok")]
+    assert results[1]["last_line"] == "done" and (tmp_path / "slow.log").read_text().startswith("started")
+
+
+def test_the_suite_summary_counts_the_cuda_tests(tmp_path):
+    suite = import_bench("suite")
+    (tmp_path / "cuda-tests.xml").write_text(
+        '<testsuites><testsuite name="pytest" errors="1" failures="2" skipped="3" tests="20"></testsuite></testsuites>')
+    assert "cuda-tests: 14 passed, 3 failed, 3 skipped" in suite.headline(tmp_path)
+
+
+def test_the_step_profile_lists_the_busiest_ops(tmp_path):
+    """bench/profile_step.py on CPU: wall and op time per step, the busiest ops first, and its JSON."""
+    profile_step = import_bench("profile_step")
+    out = tmp_path / "profile.json"
+    profile_step.main(["--device", "cpu", "--preset", "mnist-quick", "--batch", "4", "--modes", "reference",
+                       "--warmup", "1", "--steps", "1", "--top", "4", "--json", str(out)])
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["mode"] == "reference" and result["wall_ms_per_step"] > 0
+    kernels = result["kernels"]
+    assert len(kernels) == 4 and all(k["calls"] > 0 for k in kernels)
+    assert [k["ms"] for k in kernels] == sorted((k["ms"] for k in kernels), reverse=True)
+    assert 0 < sum(k["ms_per_step"] for k in kernels) <= result["device_ms_per_step"]
