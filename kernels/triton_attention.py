@@ -96,9 +96,10 @@ CONTRACTIONS = ("auto", "sum", "dot")
 # What the compiled "sum" form got wrong on a GPU (H100, sm_90, triton 3.6, fp32 compute; bench/RESULTS.md),
 # where Triton's interpreter and fp64 on the same GPU were right at the same block shapes (cause not
 # established):
-#   - the backward kernels at BLOCK_N <= 4 gave dx 2-4x off wherever BLOCK_H >= 16 and BLOCK_W >= 16
-#     (5 block shapes), and matched float64 at every shape with BLOCK_H <= 8 (15 shapes): so the GPU's
-#     backward row blocks of "sum" stop at _SUM_BACKWARD_MAX_H rows;
+#   - read and glimpse backward at BLOCK_N <= 4 gave dx 2-4x off at every measured block of 16 or more
+#     rows and 16 or more columns (4 block shapes, 12 cases), and every backward kernel matched float64
+#     in all 59 cases measured with BLOCK_H <= 8: so the GPU's backward row blocks of "sum" stop at
+#     _SUM_BACKWARD_MAX_H rows (bench/probe_sum_blocks.py reruns the comparison);
 #   - at N >= _DOT_MIN_N (BLOCK_N >= 8, where "auto" takes "dot"), a forced "sum" was wrong at every block
 #     shape tried, so it is refused outside the interpreter.
 _SUM_BACKWARD_MAX_H = 8

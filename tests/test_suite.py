@@ -1,12 +1,14 @@
 """`python bench/suite.py --quick` runs on a CPU machine from end to end, so the GPU record never rots."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 from helpers import import_bench
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -128,3 +130,22 @@ def test_the_step_profile_lists_the_busiest_ops(tmp_path):
     assert len(kernels) == 4 and all(k["calls"] > 0 for k in kernels)
     assert [k["ms"] for k in kernels] == sorted((k["ms"] for k in kernels), reverse=True)
     assert 0 < sum(k["ms_per_step"] for k in kernels) <= result["device_ms_per_step"]
+
+
+def test_the_sum_block_probe_changes_one_launch_setting_at_a_time(tmp_path):
+    """bench/probe_sum_blocks.py: each variant's line shows the block shape it launched and every quantity's
+    error; in the interpreter every variant is right (the GPU is where they differed)."""
+    pytest.importorskip("triton")
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        pytest.skip("needs CUDA, or TRITON_INTERPRET=1 set before triton is imported")
+    probe = import_bench("probe_sum_blocks")
+    out = tmp_path / "probe.txt"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert probe.main(["--device", device, "--variants", "launched,rows/2,block_n4", "--cases", "1", "--out", str(out)]) == 0
+    launched, halved, block_n4 = out.read_text().splitlines()
+    rows = [int(line.split(" backward H")[1].split()[0]) for line in (launched, halved)]
+    assert rows[1] == rows[0] // 2 and " N4 " in block_n4 and " N2 " in launched
+    assert all("dx=" in line and "dparams=" in line and "!" not in line for line in (launched, halved, block_n4))
+    with pytest.raises(SystemExit):
+        probe.main(["--variants", "bogus"])
+
