@@ -253,6 +253,9 @@ def report_one(variant: str, size: Size, n: int, dtype_name: str, num_warps: int
     row["warp_instrs_per_pixel"] = round(num_warps * row["sass_dynamic"] / (size.height * size.width), 2)
     row["local_per_pixel"] = round(num_warps * row["sass_dynamic_local"] / (size.height * size.width), 2)
     row["ptx_instructions"] = ptx_instructions(compiled.asm["ptx"])
+    # tl.dot ops after Triton's own rewrites: a "sum" kernel should have none (triton 3.6 turned
+    # sum(a[:, :, None] * b[None, :, :], 1) into a TF32 tl.dot; see _mm in kernels/triton_attention.py)
+    row["ttgir_dots"] = len(re.findall(r"\btt\.dot\b|warp_group_dot", compiled.asm["ttgir"]))
     return row
 
 
@@ -262,7 +265,7 @@ COLUMNS = [("kernel", "kernel"), ("size", "C x H x W"), ("n", "n"), ("dtype", "d
            ("sass_instructions", "SASS instrs"), ("sass_local", "LDL/STL"), ("sass_ffma", "FFMA"),
            ("sass_shfl", "SHFL"), ("sass_bar", "BAR"), ("sass_mma", "MMA"),
            ("warp_instrs_per_pixel", "warp instrs / pixel"), ("local_per_pixel", "LDL/STL / pixel"),
-           ("ptx_instructions", "PTX instrs")]
+           ("ptx_instructions", "PTX instrs"), ("ttgir_dots", "tt.dot")]
 
 
 def compare_contractions(rows: list[dict]) -> list[dict]:
@@ -338,9 +341,7 @@ def main(argv=None) -> int:
         # the launchers read the contraction from the environment; fp64 has only "sum"
         contractions = ["sum"] if dtype_name == "fp64" else args.contractions
         for contract in contractions:
-            # compiled, never run: also the "sum" kernels that the launchers refuse on a GPU for n >= 5
-            with mock.patch.dict(os.environ, {"DRAW_TRITON_CONTRACTION": contract}), \
-                    mock.patch.object(ta, "REFUSE_GPU_SUM", False):
+            with mock.patch.dict(os.environ, {"DRAW_TRITON_CONTRACTION": contract}):
                 for size in (SIZES[name] for name in args.sizes):
                     for variant in args.kernels:
                         for n in [args.n] if args.n else (size.write_ns if variant.startswith("write")
@@ -363,12 +364,16 @@ def main(argv=None) -> int:
     summary = (f"{len(spilling)} of {len(rows)} kernels spill: "
                + (", ".join(f"{r['kernel']} {r['size']} n={r['n']} {r['dtype']} {r['contract']} ({r['spill_stores']} B)"
                             for r in spilling) or "none"))
+    rewritten = [row for row in rows if row["contract"] == "sum" and row["ttgir_dots"]]
+    dots = (f"{len(rewritten)} of {sum(r['contract'] == 'sum' for r in rows)} sum kernels hold a tt.dot: "
+            + (", ".join(f"{r['kernel']} {r['size']} n={r['n']} {r['dtype']}" for r in rewritten) or "none"))
+    summary = f"{summary}\n{dots}"
     print(summary)
     if not args.no_write:
         common.write_json(args.json, meta, rows)
         notes = ["Registers and spill bytes are per thread, from ptxas -v on the PTX that triton.compile "
                  "produced for each launch the launchers make (block sizes as on a GPU); SASS counts from "
-                 "cuobjdump. Nothing here was run.", summary]
+                 "cuobjdump. Nothing here was run.", *summary.splitlines()]
         sections = [("Kernels", common.markdown_table(rows, COLUMNS))]
         if compared:
             sections.insert(0, ("The two contractions", common.markdown_table(compared, COMPARE_COLUMNS)))

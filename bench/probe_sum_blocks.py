@@ -1,9 +1,11 @@
 """Which launch settings the compiled "sum" contraction gets right: draw verify's check, one setting changed at a time.
 
-On an H100 (triton 3.6) the "sum" backward kernels gave dx 4x off at some block shapes
-(bench/RESULTS.md, 2026-11-22; that run's table is bench/results/h100-2026-11-22/sum-contraction-blocks.txt).
-This probe reruns such cases with the launch changed one way at a time (warps, BLOCK_N, BLOCK_H, the
-contraction) and prints each quantity's relative error to float64; "!" marks a failed check.
+On an H100 (triton 3.6) the "sum" backward kernels gave dx 4x off at some block shapes, and forced
+"sum" at N 12-16 lost precision (bench/RESULTS.md, 2026-11-22; that run's table is
+bench/results/h100-2026-11-22/sum-contraction-blocks.txt): Triton had rewritten one of _mm's products into
+a TF32 tl.dot, which _mm now prevents. This probe reruns such cases with the launch changed one way at a
+time (warps, BLOCK_N, BLOCK_H, the contraction) and prints each quantity's relative error to float64;
+"!" marks a failed check.
 
     python bench/probe_sum_blocks.py                       # CUDA: every case and setting
     TRITON_INTERPRET=1 python bench/probe_sum_blocks.py --device cpu --variants launched,rows/2 --cases 1
@@ -20,7 +22,7 @@ import torch
 from draw import verify
 from draw.kernels import triton_attention as ta
 
-CASES = (  # the first two were wrong on the H100 with 16 rows per backward block; the last two right
+CASES = (  # on the H100 before the fix: dx wrong in the first two, outputs in the next two; the last two right
     verify.Case("read", 2, 3, 13, 9, 1, "fp32"),
     verify.Case("read", 3, 1, 9, 16, 2, "fp32"),
     verify.Case("read", 2, 1, 21, 9, 16, "fp32"),
@@ -47,8 +49,7 @@ def launch_changes(variant: str) -> tuple[dict, object]:
 
 def probe(case: verify.Case, variant: str, device: torch.device) -> str:
     env, config = launch_changes(variant)
-    with mock.patch.dict(os.environ, env), mock.patch.object(ta, "REFUSE_GPU_SUM", False), \
-            mock.patch.object(ta, "_sum_launch_config", config or ta._sum_launch_config):
+    with mock.patch.dict(os.environ, env), mock.patch.object(ta, "_sum_launch_config", config or ta._sum_launch_config):
         start = time.perf_counter()
         rows = verify.check_case(case, device)
         launch = ta._launch_config(case.n, case.height, case.width, True, torch.float32)

@@ -93,17 +93,6 @@ _INTERPRETER_TILE = 8192
 # 1.4-8x fewer warp instructions per pixel from N >= 5 (BLOCK_N >= 8; at 256 columns in column tiles),
 # "sum" fewer at N <= 4 (dot pads N to 16).
 CONTRACTIONS = ("auto", "sum", "dot")
-# What the compiled "sum" form got wrong on a GPU (H100, sm_90, triton 3.6, fp32 compute; bench/RESULTS.md),
-# where Triton's interpreter and fp64 on the same GPU were right at the same block shapes (cause not
-# established):
-#   - read and glimpse backward at BLOCK_N <= 4 gave dx 2-4x off at every measured block of 16 or more
-#     rows and 16 or more columns (4 block shapes, 12 cases), and every backward kernel matched float64
-#     in all 59 cases measured with BLOCK_H <= 8: so the GPU's backward row blocks of "sum" stop at
-#     _SUM_BACKWARD_MAX_H rows (bench/probe_sum_blocks.py reruns the comparison);
-#   - at N >= _DOT_MIN_N (BLOCK_N >= 8, where "auto" takes "dot"), a forced "sum" was wrong at every block
-#     shape tried, so it is refused outside the interpreter.
-_SUM_BACKWARD_MAX_H = 8
-REFUSE_GPU_SUM = True  # bench/kernel_report.py, which compiles but never runs, turns the refusal off
 _DOT_MIN = 16
 _DOT_MIN_N = 5
 _DOT_FORWARD_TILE = 1024
@@ -112,8 +101,8 @@ _DOT_FORWARD_TILE = 1024
 # _COLUMN_TILE[contraction, backward] columns, so that registers stop growing with the width. From
 # ptxas / cuobjdump for sm_90 at 256x256, n 16 (bench/kernel_report.py): "dot" over the whole width
 # spills 0.2-3 KB per thread inside its row loop, and in tiles of 128 (forward) / 64 (backward) columns
-# nothing or 8 B (bf16: 20 B); "sum" over the whole width spills 0.65-1.4 KB in the backward kernels, but almost all
-# of it outside the row loop, and tiling it would cost 1.6-1.9x the instructions, so it tiles only
+# nothing or 8 B (bf16: 20 B); "sum" over the whole width spills only in write backward (0.98-1.14 KB,
+# 0.06 spill instructions per pixel), and tiling it would cost 1.6-1.9x the instructions, so it tiles only
 # past 256 columns. A test shrinks both to tile small images.
 _WHOLE_WIDTH = {"sum": 256, "dot": 128}
 _COLUMN_TILE = {("sum", False): 256, ("sum", True): 256, ("dot", False): 128, ("dot", True): 64}
@@ -293,9 +282,15 @@ def _cast_for_store(value, ptr):
 @triton.jit
 def _mm(a, b, CONTRACT: tl.constexpr):
     """a @ b for a [M, K], b [K, N] -> [M, N]. CONTRACT "sum" broadcasts and sums in the compute dtype;
-    "dot" is tl.dot in exact fp32 (input_precision "ieee": FMAs, no TF32; every dimension >= 16)."""
+    "dot" is tl.dot in exact fp32 (input_precision "ieee": FMAs, no TF32; every dimension >= 16).
+
+    "sum" multiplies b's broadcast by a's, in that order: triton 3.6 rewrites the product the other way
+    round, sum(a[:, :, None] * b[None, :, :], 1) with M, N >= 16, into a TF32 tl.dot (its
+    CombineBroadcastMulReducePattern), which lost precision (~1e-3) and, at K = 2, gave 4x the result
+    on an H100 (bench/RESULTS.md). tests/test_triton_attention.py checks no "sum" kernel compiles to MMAs.
+    """
     if CONTRACT == "sum":
-        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+        return tl.sum(b[None, :, :] * a[:, :, None], axis=1)
     else:
         return tl.dot(a, b, input_precision="ieee")
 
@@ -632,19 +627,13 @@ def contraction(compute_dtype: torch.dtype, n: int, width: int) -> str:
     """"sum" or "dot" for an n-grid over images `width` wide (see CONTRACTIONS).
 
     fp64 always sums (the fp64 path is the exact one the tests hold the others to); fp32 (also for
-    fp16 / bf16 inputs) follows DRAW_TRITON_CONTRACTION: "sum", "dot", or "auto" (the default). A forced
-    "sum" at n >= 5 is refused on a GPU (see _SUM_BACKWARD_MAX_H: it was measured wrong there).
+    fp16 / bf16 inputs) follows DRAW_TRITON_CONTRACTION: "sum", "dot", or "auto" (the default).
     """
     choice = os.environ.get("DRAW_TRITON_CONTRACTION", "auto")
     if choice not in CONTRACTIONS:
         raise ValueError(f"DRAW_TRITON_CONTRACTION={choice!r}: expected one of {', '.join(CONTRACTIONS)}")
     if compute_dtype == torch.float64:
         return "sum"
-    if choice == "sum" and n >= _DOT_MIN_N and REFUSE_GPU_SUM and not _interpreted():
-        raise ValueError(f"DRAW_TRITON_CONTRACTION=sum at n = {n}: the compiled broadcast-and-sum kernels gave wrong "
-                         f"results for n >= {_DOT_MIN_N} in fp32 on an H100 (triton 3.6; bench/RESULTS.md), so the "
-                         "fused kernels refuse it there; use auto or dot (sum runs for n >= 5 in fp64 and in "
-                         "Triton's interpreter)")
     if choice == "auto":
         return "dot" if n >= _DOT_MIN_N else "sum"
     return choice
@@ -690,12 +679,11 @@ def _sum_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
     block_w = _tile_width(max(triton.next_power_of_2(width), 2), "sum", backward)
     row_elements = block_n * block_w  # each [BLOCK_N, BLOCK_W] register tile
     tile = _BACKWARD_TILE if backward else _FORWARD_TILE
-    interpreter_tile = _INTERPRETER_TILE if _interpreted() else 0
-    block_h = min(max((interpreter_tile or tile) // row_elements, 1), triton.next_power_of_2(height))  # powers of 2
-    if backward and not interpreter_tile:  # the GPU's row blocks (see _SUM_BACKWARD_MAX_H)
-        block_h = min(block_h, _SUM_BACKWARD_MAX_H)
-    # ptxas, sm_90, fp32: no spills up to [16, 128] row tiles (n <= 16); at [16, 256] the backward
-    # kernels spill, almost all of it outside the row loop (see _WHOLE_WIDTH)
+    if _interpreted():
+        tile = _INTERPRETER_TILE or tile
+    block_h = min(max(tile // row_elements, 1), triton.next_power_of_2(height))  # powers of two
+    # ptxas, sm_90, fp32: no spills up to [16, 128] row tiles (n <= 16); at [16, 256] write backward
+    # spills, little of it inside the row loop (see _WHOLE_WIDTH)
     num_warps = 4 if row_elements <= (256 if backward else 2048) else 8
     return {"N": n, "BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_W": block_w,
             "COL_TILES": triton.cdiv(width, block_w), "num_warps": num_warps, "CONTRACT": "sum"}

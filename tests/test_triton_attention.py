@@ -11,7 +11,6 @@ glimpse (x alone, no canvas) is the read kernels with the canvas compiled out; i
 way, and against read(x, canvas, ...)[:, 0].
 """
 
-import contextlib
 import os
 
 import pytest
@@ -200,18 +199,15 @@ def test_gpu_row_tiling(monkeypatch):
     check_write(patch, params, canvas)
 
 
-def test_sum_backward_row_blocks_on_a_gpu(monkeypatch):
-    """On a GPU the "sum" backward kernels take at most 8 rows per block: with 16 rows or more (and 16
-    columns or more) the compiled kernels gave dx 2-4x off on an H100 (bench/RESULTS.md), e.g. at 13x9,
-    N 1 and 9x16, N 2, which now run in blocks of 8 rows, here in the interpreter against float64."""
+def test_blocks_of_16_rows_and_16_columns(monkeypatch):
+    """The "sum" backward at 13x9, N 1 and 9x16, N 2 in the GPU's blocks (16 rows, 16 columns, BLOCK_N 2),
+    fp32: compiled with triton 3.6 these gave dx 4x off on an H100 (bench/RESULTS.md), where Triton had
+    rewritten F_Y^T G F_X's second product into a TF32 tl.dot with K = 2 (see _mm)."""
     monkeypatch.setattr(triton_attention, "_INTERPRETER_TILE", 0)  # the GPU's tiles
-    monkeypatch.setenv("DRAW_TRITON_CONTRACTION", "sum")
-    config = triton_attention._sum_launch_config
-    assert max(config(n, h, w, True)["BLOCK_H"] for n in range(1, 17) for h in (1, 9, 13, 16, 28, 100)
-               for w in (3, 5, 9, 16, 28, 100)) == triton_attention._SUM_BACKWARD_MAX_H == 8
-    assert config(2, 28, 28, True)["BLOCK_H"] == 8  # MNIST's read: as before
-    assert config(1, 13, 9, False)["BLOCK_H"] == 16  # forward: unchanged (right at every shape measured)
-    for (height, width, n) in [(13, 9, 1), (9, 16, 2)]:
+    monkeypatch.delenv("DRAW_TRITON_CONTRACTION", raising=False)
+    for height, width, n in [(13, 9, 1), (9, 16, 2)]:
+        config = triton_attention._launch_config(n, height, width, True, f32)
+        assert (config["CONTRACT"], config["BLOCK_H"], config["BLOCK_W"], config["BLOCK_N"]) == ("sum", 16, 16, 2)
         x, canvas, params, _ = make_inputs(2, 3, height, width, 1, dtype=f32, seed=n)
         check_read(x, canvas, params, n, rel=1e-5)
         check_glimpse(x, params, n, rel=1e-5)
@@ -238,25 +234,15 @@ def test_column_tiles(monkeypatch, gpu_rows):
         check_write(patch, params, canvas)
 
 
-def refused_on_a_gpu(contract: str, n: int):
-    """Compiled for a GPU, a forced "sum" at n >= 5 is refused (it was measured wrong there)."""
-    if ON_CUDA and contract == "sum" and n >= 5:
-        return pytest.raises(ValueError, match="refuse it there")
-    return contextlib.nullcontext()
-
-
 @pytest.mark.parametrize("contract", ["sum", "dot"])
 def test_column_tiles_at_their_real_width(monkeypatch, contract):
     """300 columns with the GPU's own tiles: "sum" in 2 tiles of 256, "dot" in 3 of 128 forward and 5 of
     64 backward (the last tile partial each time); fp32 within 1e-5 of float64."""
     monkeypatch.setenv("DRAW_TRITON_CONTRACTION", contract)
     x, canvas, params, patch = make_inputs(2, 1, 6, 300, 12, dtype=f32, seed=3)
-    with refused_on_a_gpu(contract, 12):
-        check_read(x, canvas, params, 12, rel=1e-5)
-    with refused_on_a_gpu(contract, 12):
-        check_glimpse(x, params, 12, rel=1e-5)
-    with refused_on_a_gpu(contract, 12):
-        check_write(patch, params, canvas, rel=1e-5)
+    check_read(x, canvas, params, 12, rel=1e-5)
+    check_glimpse(x, params, 12, rel=1e-5)
+    check_write(patch, params, canvas, rel=1e-5)
 
 
 def test_num_warps_override(monkeypatch):
@@ -419,12 +405,9 @@ def test_each_contraction_float32(monkeypatch, contract, gpu_tiles, batch, chann
         monkeypatch.setattr(triton_attention, "_INTERPRETER_TILE", 0)
         shrink_column_tiles(monkeypatch)
     x, canvas, params, patch = make_inputs(batch, channels, height, width, write_n, dtype=f32, seed=7)
-    with refused_on_a_gpu(contract, read_n):
-        check_read(x, canvas, params, read_n, rel=1e-5)
-    with refused_on_a_gpu(contract, read_n):
-        check_glimpse(x, params, read_n, rel=1e-5)
-    with refused_on_a_gpu(contract, write_n):
-        check_write(patch, params, canvas, rel=1e-5)
+    check_read(x, canvas, params, read_n, rel=1e-5)
+    check_glimpse(x, params, read_n, rel=1e-5)
+    check_write(patch, params, canvas, rel=1e-5)
 
 
 def test_contraction_choice(monkeypatch):
@@ -440,16 +423,6 @@ def test_contraction_choice(monkeypatch):
     assert choose(f32, 2, 256) == "dot" and choose(f64, 12, 100) == "sum"
     assert triton_attention._launch_config(2, 28, 28, False, f32)["BLOCK_N"] == 16  # padded for tl.dot
     monkeypatch.setenv("DRAW_TRITON_CONTRACTION", "sum")
-    assert choose(f32, 4, 100) == "sum" and choose(f64, 12, 100) == "sum"
-    if INTERPRETED:
-        assert choose(f32, 12, 100) == "sum"  # the interpreter runs "sum" at any N
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as compiled for a GPU (read at each call)
-    with pytest.raises(ValueError, match="DRAW_TRITON_CONTRACTION=sum at n = 12: .* refuse it there"):
-        choose(f32, 12, 100)
-    with pytest.raises(ValueError, match="refuse it there"):
-        choose(torch.bfloat16, 5, 28)
-    assert choose(f32, 4, 100) == "sum" and choose(f64, 12, 100) == "sum"  # where sum was right
-    monkeypatch.setattr(triton_attention, "REFUSE_GPU_SUM", False)  # as bench/kernel_report.py compiles
     assert choose(f32, 12, 100) == "sum"
     monkeypatch.setenv("DRAW_TRITON_CONTRACTION", "fast")
     with pytest.raises(ValueError, match="DRAW_TRITON_CONTRACTION='fast': expected one of auto, sum, dot"):
@@ -479,7 +452,8 @@ def test_float32_large_image_within_fp32s_own_error():
     leaves = [t.clone().requires_grad_() for t in (params, params.double())]
     grads = [torch.autograd.grad(kernels.glimpse(x.to(p.dtype), p, 12, backend="reference").square().sum(), p)[0]
              for p in leaves]
-    assert verify.relative_error(*grads)[1] > 1e-5  # fp32 PyTorch, not the kernels
+    if not ON_CUDA:  # on an H100 PyTorch's fp32 glimpse gradient was 2.8e-6 off here (bench/RESULTS.md)
+        assert verify.relative_error(*grads)[1] > 1e-5  # fp32 PyTorch, not the kernels
     check_read(x, canvas, params, 12, rel=1e-5, baseline=True)
     check_glimpse(x, params, 12, rel=1e-5, baseline=True)
     check_write(inputs["patch"], params, canvas, rel=1e-5, baseline=True)
@@ -576,12 +550,8 @@ def test_double_backward_raises_clearly():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(ON_CUDA, reason="with CUDA every kernel is compiled and run by the tests above")
-def test_kernels_compile_for_sm90():
-    """Every kernel variant (read, glimpse and write, forward and backward, with and without dx), as the
-    launchers launch it, in both contractions for fp32 and bf16 and in fp64, through
-    bench/kernel_report.py: no spills at 28x28."""
+def run_kernel_report(*args):
+    """bench/kernel_report.py --no-write in a process without Triton's interpreter (it compiles for sm_90)."""
     import pathlib
     import subprocess
     import sys
@@ -590,12 +560,33 @@ def test_kernels_compile_for_sm90():
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    command = [sys.executable, "bench/kernel_report.py", "--sizes", "mnist", "--n", "5", "--dtypes", "fp32,bf16,fp64",
-               "--no-write"]
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False)
+    result = subprocess.run([sys.executable, "bench/kernel_report.py", *args, "--no-write"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ON_CUDA, reason="with CUDA every kernel is compiled and run by the tests above")
+def test_kernels_compile_for_sm90():
+    """Every kernel variant (read, glimpse and write, forward and backward, with and without dx), as the
+    launchers launch it, in both contractions for fp32 and bf16 and in fp64, through
+    bench/kernel_report.py: no spills at 28x28."""
+    result = run_kernel_report("--sizes", "mnist", "--n", "5", "--dtypes", "fp32,bf16,fp64")
     assert "0 of 40 kernels spill: none" in result.stdout, result.stdout[-4000:]
     assert "launched (auto)" in result.stdout  # the sum-against-dot table
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ON_CUDA, reason="with CUDA every kernel is compiled and run by the tests above")
+def test_sum_kernels_compile_without_a_dot():
+    """The "sum" contraction stays a broadcast-and-sum when compiled: Triton rewrites
+    sum(a[:, :, None] * b[None, :, :], 1) with both outer sizes >= 16 into tl.dot (TF32 in triton 3.6,
+    which on an H100 lost precision and at K = 2 gave 4x the result; bench/RESULTS.md). At N = 12 the
+    forward's F_Y x is such a product, 16 x 32; _mm writes it the other way round, so no tt.dot remains."""
+    result = run_kernel_report("--sizes", "mnist", "--n", "12", "--dtypes", "fp32", "--contractions", "sum",
+                               "--kernels", "read fwd,write bwd")
+    assert "0 of 2 sum kernels hold a tt.dot: none" in result.stdout, result.stdout[-4000:]
 
 
 def test_kernel_report_counts_sass():
