@@ -286,8 +286,9 @@ def _mm(a, b, CONTRACT: tl.constexpr):
 
     "sum" multiplies b's broadcast by a's, in that order: triton 3.6 rewrites the product the other way
     round, sum(a[:, :, None] * b[None, :, :], 1) with M, N >= 16, into a TF32 tl.dot (its
-    CombineBroadcastMulReducePattern), which lost precision (~1e-3) and, at K = 2, gave 4x the result
-    on an H100 (bench/RESULTS.md). tests/test_triton_attention.py checks no "sum" kernel compiles to MMAs.
+    CombineBroadcastMulReducePattern; triton-lang/triton#9831 makes its dot exact fp32 upstream), which
+    lost precision (~1e-3) and, at K = 2, gave 4x the result on an H100 (bench/RESULTS.md).
+    tests/test_triton_attention.py checks that no "sum" kernel keeps a tt.dot.
     """
     if CONTRACT == "sum":
         return tl.sum(b[None, :, :] * a[:, :, None], axis=1)
