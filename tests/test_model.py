@@ -59,6 +59,28 @@ def test_loss_is_the_papers_bound():
     torch.testing.assert_close(out_beta.loss, (out.l_x + 0.5 * out.l_z).mean())
 
 
+def test_latent_loss_and_log_weight_are_the_per_step_gaussian_terms():
+    """L_z = sum_t KL(N(mu_t, sigma_t) || N(0, I)) (Eq. 11) and log_weight = -L_x + sum_t [log N(z_t; 0, I)
+    - log N(z_t; mu_t, sigma_t)], checked against torch.distributions on the mu_t, sigma_t and z_t of each
+    step (read off to_latent and the decoder's input), in float64."""
+    torch.manual_seed(0)
+    model = DRAW(SMALL).double()
+    x = binary_images(3).double()
+    steps, inputs = [], []
+    model.to_latent.register_forward_hook(lambda m, args, out: steps.append(out.chunk(2, dim=1)))
+    model.decoder.register_forward_hook(lambda m, args, out: inputs.append(args[0]))
+    out = model(x)
+    normal = torch.distributions.Normal
+    kl, log_ratio = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for (mu, log_sigma), z in zip(steps, inputs, strict=True):
+        q, prior = normal(mu, log_sigma.exp()), normal(torch.zeros_like(mu), torch.ones_like(mu))
+        kl += torch.distributions.kl_divergence(q, prior).sum(1)
+        log_ratio += (prior.log_prob(z) - q.log_prob(z)).sum(1)
+    assert len(steps) == SMALL.T
+    torch.testing.assert_close(out.l_z, kl.float())
+    torch.testing.assert_close(out.log_weight, (-out.l_x.double() + log_ratio).float())
+
+
 def test_initial_canvas_and_states_are_learned():
     model = DRAW(SMALL)
     names = {name for name, _ in model.named_parameters()}
