@@ -361,19 +361,18 @@ def main(argv=None) -> int:
     if compared:
         print("\n" + common.text_table(compared, COMPARE_COLUMNS))
     spilling = [row for row in rows if row["spill_stores"] or row["spill_loads"]]
-    summary = (f"{len(spilling)} of {len(rows)} kernels spill: "
-               + (", ".join(f"{r['kernel']} {r['size']} n={r['n']} {r['dtype']} {r['contract']} ({r['spill_stores']} B)"
-                            for r in spilling) or "none"))
     rewritten = [row for row in rows if row["contract"] == "sum" and row["ttgir_dots"]]
-    dots = (f"{len(rewritten)} of {sum(r['contract'] == 'sum' for r in rows)} sum kernels hold a tt.dot: "
-            + (", ".join(f"{r['kernel']} {r['size']} n={r['n']} {r['dtype']}" for r in rewritten) or "none"))
-    summary = f"{summary}\n{dots}"
-    print(summary)
+    summary = [f"{len(spilling)} of {len(rows)} kernels spill: "
+               + (", ".join(f"{r['kernel']} {r['size']} n={r['n']} {r['dtype']} {r['contract']} ({r['spill_stores']} B)"
+                            for r in spilling) or "none"),
+               f"{len(rewritten)} of {sum(r['contract'] == 'sum' for r in rows)} sum kernels hold a tt.dot: "
+               + (", ".join(f"{r['kernel']} {r['size']} n={r['n']} {r['dtype']}" for r in rewritten) or "none")]
+    print("\n".join(summary))
     if not args.no_write:
         common.write_json(args.json, meta, rows)
         notes = ["Registers and spill bytes are per thread, from ptxas -v on the PTX that triton.compile "
                  "produced for each launch the launchers make (block sizes as on a GPU); SASS counts from "
-                 "cuobjdump. Nothing here was run.", *summary.splitlines()]
+                 "cuobjdump. Nothing here was run.", *summary]
         sections = [("Kernels", common.markdown_table(rows, COLUMNS))]
         if compared:
             sections.insert(0, ("The two contractions", common.markdown_table(compared, COMPARE_COLUMNS)))

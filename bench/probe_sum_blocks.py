@@ -38,13 +38,18 @@ def launch_changes(variant: str) -> tuple[dict, object]:
     env = {"DRAW_TRITON_CONTRACTION": "dot" if variant == "dot" else "sum"}
     if variant.startswith("warps"):
         env["DRAW_TRITON_NUM_WARPS"] = variant.removeprefix("warps")
-    launched = ta._sum_launch_config
     edits = {"block_n4": lambda c: {"BLOCK_N": max(c["BLOCK_N"], 4)},
              "rows*2": lambda c: {"BLOCK_H": c["BLOCK_H"] * 2},
              "rows/2": lambda c: {"BLOCK_H": max(c["BLOCK_H"] // 2, 1)}}
     if variant not in edits:
         return env, None
-    return env, lambda *args: (lambda c: {**c, **edits[variant](c)})(launched(*args))
+    launched = ta._sum_launch_config
+
+    def changed(*args):
+        config = launched(*args)
+        return {**config, **edits[variant](config)}
+
+    return env, changed
 
 
 def probe(case: verify.Case, variant: str, device: torch.device) -> str:

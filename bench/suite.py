@@ -98,12 +98,13 @@ def run_stage(stage: list[Part], out: pathlib.Path) -> list[dict]:
     running = []
     for name, command, limit_s, env in stage:
         common.log(f"[suite] {name}: {' '.join(command)}")
-        log = open(out / f"{name}.log", "w")
+        log_path = out / f"{name}.log"
+        log = open(log_path, "w")
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
                                    env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **env})
-        running.append((name, limit_s, process, log, time.perf_counter()))
+        running.append((name, limit_s, process, log, log_path, time.perf_counter()))
     results = []
-    for name, limit_s, process, log, start in running:
+    for name, limit_s, process, log, log_path, start in running:
         try:
             code = process.wait(timeout=max(limit_s - (time.perf_counter() - start), 0))
             status = "ok" if code == 0 else f"failed (exit {code})"
@@ -113,7 +114,6 @@ def run_stage(stage: list[Part], out: pathlib.Path) -> list[dict]:
             status = f"timed out after {limit_s} s"
         log.close()
         seconds = time.perf_counter() - start
-        log_path = out / f"{name}.log"
         tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
         common.log(f"[suite] {name}: {status} in {seconds:.0f} s")
         results.append({"part": name, "status": status, "seconds": round(seconds, 1), "last_line": tail[0][:200],

@@ -65,6 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
+from draw.kernels import _triton_interpreter as _interpreted
 from draw.kernels.reference import ROW_SUM_FLOOR
 
 __all__ = [
@@ -638,11 +639,6 @@ def contraction(compute_dtype: torch.dtype, n: int, width: int) -> str:
     if choice == "auto":
         return "dot" if n >= _DOT_MIN_N else "sum"
     return choice
-
-
-def _interpreted() -> bool:
-    """Whether the kernels run in Triton's interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _tile_width(block_w: int, contract: str, backward: bool) -> int:
