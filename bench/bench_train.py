@@ -81,9 +81,11 @@ def run_case(preset_name: str, batch: int, mode: str, amp: str, device: torch.de
         return train_step(batches[i % 2], preset.train.lr)[0]
 
     t0 = time.perf_counter()
-    for i in range(args.warmup):
+    i = 0
+    while i < args.warmup or time.perf_counter() - t0 < args.warmup_s:  # the GPU's clocks ramp up from idle
         step(i)
-    common.synchronize(device)
+        common.synchronize(device)
+        i += 1
     warmup_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -103,7 +105,7 @@ def run_case(preset_name: str, batch: int, mode: str, amp: str, device: torch.de
         "warmup_s": warmup_s,
         "final_loss": float(loss.float()),
         "steps": args.steps,
-        "warmup_steps": args.warmup,
+        "warmup_steps": i,
         "compile_mode": compile_mode if step_mode == "compile" else None,
     }
     del model, train_step, batches
@@ -172,7 +174,10 @@ def parse_args(argv=None):
                    help="torch.compile mode of the compiled modes on CUDA (CPU always uses default)")
     p.add_argument("--no-tf32", action="store_true", help="CUDA: keep fp32 matmuls in full fp32 (no TF32)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (they include compiling); default 2 CPU, 5 CUDA")
-    p.add_argument("--steps", type=int, default=None, help="timed steps; default 5 CPU, 20 CUDA")
+    p.add_argument("--warmup-s", type=float, default=None,
+                   help="keep warming up until this many seconds have passed; default 0 CPU, 3 CUDA (an H100 "
+                   "idles at 345 MHz: 20 steps timed after 3 from idle ran mnist-paper at batch 1024 at 2/3 of its speed)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps; default 5 CPU, 50 CUDA")
     common.add_run_arguments(p, seed_help="seed of the model's initial weights and the random images",
                              plot_help="write a PNG of the speed-up over batch size to PATH")
     args = p.parse_args(argv)
@@ -180,6 +185,8 @@ def parse_args(argv=None):
         p.error("--batch-sizes: each must be >= 1")
     if (args.steps is not None and args.steps < 1) or (args.warmup is not None and args.warmup < 0):
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.warmup_s is not None and args.warmup_s < 0:
+        p.error("--warmup-s must be >= 0")
     for flag, values, allowed in (("--modes", args.modes or [], MODES), ("--amp", args.amp or [], AMPS)):
         common.check_choices(p, flag, values, allowed)
     return args
@@ -195,7 +202,8 @@ def main(argv=None) -> None:
     modes = args.modes or (["reference", "triton", "triton-graph", "triton-compiled"] if cuda else ["reference"])
     amps = args.amp or (["fp32", "bf16"] if cuda else ["fp32"])
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
-    args.steps = args.steps if args.steps is not None else (20 if cuda else 5)
+    args.warmup_s = args.warmup_s if args.warmup_s is not None else (3.0 if cuda else 0.0)
+    args.steps = args.steps if args.steps is not None else (50 if cuda else 5)
     triton_reason = common.triton_skip_reason(device) if any(m.startswith("triton") for m in modes) else None
 
     memory = "torch.cuda.max_memory_allocated per case" if cuda else "process max RSS (getrusage ru_maxrss), cumulative over the run"
@@ -204,6 +212,7 @@ def main(argv=None) -> None:
         tf32=bool(cuda and not args.no_tf32),
         compile_mode=args.compile_mode if cuda else "default",
         warmup_steps=args.warmup,
+        warmup_s=args.warmup_s,
         timed_steps=args.steps,
         peak_memory=memory,
     )

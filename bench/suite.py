@@ -78,12 +78,12 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
                                           "--rep-ms", "30", "--json", str(out / "attention-large.json"),
                                           "--markdown", str(out / "attention-large.md")], 240, {})],
         [("train", train + ["--batch-sizes", "100,1024,4096", "--modes", "triton-graph", "--amp", "fp32,bf16",
-                            "--warmup", "5", "--steps", "20", "--json", str(out / "train.json"),
+                            "--warmup", "5", "--steps", "50", "--json", str(out / "train.json"),
                             "--markdown", str(out / "train.md")], 120, {})],
         [("train-eager", train + ["--batch-sizes", "1024", "--modes", "reference,triton", "--amp", "fp32",
                                   "--warmup", "2", "--steps", "5", "--json", str(out / "train-eager.json")], 90, {})],
         [("train-compiled", train + ["--batch-sizes", "1024", "--modes", "triton-compiled", "--amp", "fp32",
-                                     "--warmup", "3", "--steps", "20", "--json", str(out / "train-compiled.json")],
+                                     "--warmup", "3", "--steps", "50", "--json", str(out / "train-compiled.json")],
           240, {})],
     ]
 
@@ -165,6 +165,11 @@ def headline(out: pathlib.Path) -> list[str]:
     return lines
 
 
+def unknown_parts(only: list[str] | None, skip: list[str], order: list[str]) -> list[str]:
+    """The names in --only and --skip that are not parts of the suite, sorted."""
+    return sorted((set(only or []) | set(skip)) - set(order))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=pathlib.Path, required=True, help="directory for every part's JSON, markdown and log")
@@ -174,7 +179,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     order = [name for name, *_ in parts(args.quick, args.out)]
-    unknown = sorted(set(args.only or []) | set(args.skip) - set(order))
+    unknown = unknown_parts(args.only, args.skip, order)
     if unknown:
         p.error(f"unknown part(s) {', '.join(unknown)}: the parts are {', '.join(order)}")
 

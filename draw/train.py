@@ -138,7 +138,10 @@ class BatchSampler:
 
 class StopRequest:
     """Defers SIGINT, SIGTERM and SIGHUP to the end of the current step, so the run stops on a step
-    boundary with a checkpoint: the first signal sets `signum`, a second one interrupts at once.
+    boundary with a checkpoint: the first signal sets `signum`; a second SIGINT (Ctrl-C twice)
+    interrupts at once. A repeated SIGTERM or SIGHUP is the same request again: `timeout` sends its
+    signal to the command and then to the command's whole process group, so a run it stops receives
+    it twice (and `timeout -k` follows up with SIGKILL if it must).
 
     A signal the process inherited as ignored (a job started with nohup, or in the background) stays
     ignored; the previous handlers come back on exit.
@@ -151,9 +154,9 @@ class StopRequest:
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.signum is not None:
+        if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum = self.signum or signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -5,6 +5,9 @@ import errno
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 import zipfile
 
 import pytest
@@ -133,6 +136,35 @@ def test_sigterm_exits_143_after_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module.BatchSampler, "batch", terminated)
     assert main(TRAIN + ["--steps", "50", "--checkpoint-every", "100", "--out", str(tmp_path / "run")]) == 143
     assert load_checkpoint(tmp_path / "run")["step"] == 2
+
+
+def test_timeouts_double_sigterm_still_stops_with_a_checkpoint(tmp_path):
+    """What `timeout -s TERM` does at its limit: SIGTERM to the command, then to its process group. The
+    run gets the signal twice (here the second 50 ms after the first, in the middle of a step of
+    batch 128) and must still finish its step, save and exit 143."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "draw", *TRAIN, "--batch-size", "128", "--steps", "100000", "--log-every", "1",
+               "--eval-every", "100000", "--checkpoint-every", "100000", "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                           start_new_session=True)
+    try:
+        lines = []
+        for line in run.stdout:  # wait until it is training
+            lines.append(line)
+            if line.startswith("step 2/"):
+                break
+        run.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        os.killpg(run.pid, signal.SIGTERM)
+        rest, _ = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    output = "".join(lines) + rest
+    assert run.returncode == 143, output[-2000:]
+    step = load_checkpoint(out)["step"]
+    assert step >= 2 and f"stopped at step {step} (SIGTERM)" in output
 
 
 # --- 5. damaged checkpoints ------------------------------------------------------------------------

@@ -98,6 +98,18 @@ def test_the_suite_merges_a_second_half_into_the_same_directory(tmp_path):
                       {"part": "train", "status": "ok"}]
 
 
+def test_the_suite_accepts_its_own_part_names_and_refuses_others(tmp_path):
+    """--only and --skip take the suite's part names; any other name is refused before anything runs."""
+    suite = import_bench("suite")
+    order = [name for name, *_ in suite.parts(False, tmp_path)]
+    assert suite.unknown_parts(["verify", "cuda-tests"], [], order) == []
+    assert suite.unknown_parts(None, ["train-compiled"], order) == []
+    assert suite.unknown_parts(["verify", "nope"], ["train", "zzz"], order) == ["nope", "zzz"]
+    with pytest.raises(SystemExit):
+        suite.main(["--out", str(tmp_path), "--only", "verfy"])
+    assert not (tmp_path / "suite.json").exists()
+
+
 def test_the_suite_stops_a_part_and_its_children_at_the_time_limit(tmp_path):
     """A part past its limit is killed with its whole process group (pytest's workers too) and marked."""
     suite = import_bench("suite")

@@ -147,14 +147,15 @@ def interactive_sigint():
         signal.signal(signum, handler)
 
 
-def interrupt_at(monkeypatch, at_step: int, signum: int):
+def interrupt_at(monkeypatch, at_step: int, signum: int, times: int = 1):
     from draw import train as train_module
 
     batch = train_module.BatchSampler.batch
 
     def interrupted_batch(self, step):  # the signal arrives in the middle of step at_step + 1
         if step == at_step:
-            os.kill(os.getpid(), signum)
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
         return batch(self, step)
 
     monkeypatch.setattr(train_module.BatchSampler, "batch", interrupted_batch)
@@ -178,6 +179,26 @@ def test_a_signal_stops_on_a_step_boundary_and_resumes_exactly(tmp_path, monkeyp
     train(stopped, resume=True, **QUIET)
     assert losses(stopped) == losses(full)
     assert {s: signal.getsignal(s) for s in before} == before  # the handlers that were there come back
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+def test_a_repeated_termination_signal_still_stops_with_a_checkpoint(tmp_path, monkeypatch, signum, interactive_sigint):
+    """`timeout` signals the command and then its process group: the same request twice, which must
+    not cut the checkpoint short."""
+    from draw.train import TrainingStopped
+
+    interrupt_at(monkeypatch, 4, signum, times=2)
+    with pytest.raises(TrainingStopped) as info:
+        train(tmp_path, model_config=SMALL, train_config=train_config(checkpoint_every=100), **QUIET)
+    assert info.value.signum == signum and load_checkpoint(tmp_path)["step"] == 5
+
+
+def test_ctrl_c_twice_interrupts_at_once(tmp_path, monkeypatch, interactive_sigint):
+    """The second SIGINT is a person who will not wait: no checkpoint of the step in flight."""
+    interrupt_at(monkeypatch, 4, signal.SIGINT, times=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, model_config=SMALL, train_config=train_config(checkpoint_every=100), **QUIET)
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 def full_and_stopped_between_two_records(tmp_path, monkeypatch):
