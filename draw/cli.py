@@ -11,6 +11,7 @@ import math
 import os
 import pathlib
 import sys
+import time
 
 from draw import __version__
 from draw.config import DATASETS, DEFAULT_PRESET, LR_SCHEDULES, PRESETS, TrainConfig, get_preset
@@ -22,6 +23,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # CPU threads when --threads is not given: one thread per process holds up when the cores are shared
 # (bench/bench_threads.py measures quiet against busy; bench/RESULTS.md has the figures).
 DEFAULT_CPU_THREADS = 1
+EXIT_TIME_LIMIT = 75  # `draw train --time-limit` stopped the run before its end (EX_TEMPFAIL: run it again)
+STARTED = time.monotonic()  # the command's start, for --time-limit (before torch is imported)
 
 log = logging.getLogger("draw")
 
@@ -133,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out exactly where it stopped; only --steps, --epochs, --eval-every, "
                         "--log-every, --checkpoint-every and --accumulate (and how it runs: --device, --backend, --step, "
-                        "--threads, the number of torchrun ranks) may change")
+                        "--threads, --time-limit, the number of torchrun ranks) may change")
+    t.add_argument("--time-limit", type=_positive_float, metavar="MINUTES",
+                   help="stop at the first step boundary after this many minutes from the command's start, with a "
+                        f"checkpoint, and exit {EXIT_TIME_LIMIT}; --resume goes on (for jobs with a wall-time limit)")
     _common(t, backend_help="attention backend (default auto: the Triton kernels on CUDA, the reference elsewhere)")
     t.add_argument("--step", choices=STEP_MODES, dest="step_mode",
                    help="how the training step runs: eager, compile (torch.compile; eager if it fails), cuda-graph (the "
@@ -195,6 +201,7 @@ TRAIN_FLAGS = {  # TrainConfig field: argparse dest, for the flags that set one
 
 
 def cmd_train(args) -> int:
+    deadline = STARTED + 60 * args.time_limit if args.time_limit else None
     from draw.distributed import process_group_from_environment
     from draw.train import scaled_lr, train
 
@@ -207,7 +214,7 @@ def cmd_train(args) -> int:
     out = args.out or pathlib.Path("runs") / (preset_name if dataset == preset.train.dataset else f"{preset_name}-{dataset}")
     runtime = dict(backend=args.backend, step_mode=args.step_mode or (None if args.resume else preset.step_mode),
                    compile_mode=args.compile_mode, data_dir=args.data_dir, progress=False if args.no_progress else None,
-                   tensorboard=args.tensorboard)
+                   tensorboard=args.tensorboard, deadline=deadline)
     if not args.resume:
         if "batch_size" in given and "lr" not in given:
             given["lr"] = scaled_lr(preset.train.lr, preset.train.batch_size, given["batch_size"])
@@ -327,7 +334,7 @@ def main(argv=None) -> int:
     from draw.data import DataUnavailableError
     from draw.distributed import AnotherRankFailed
     from draw.rundir import MetricsError, RunDirectoryBusy
-    from draw.train import TrainingDiverged, TrainingStopped
+    from draw.train import TIME_LIMIT, TrainingDiverged, TrainingStopped
 
     commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "presets": cmd_presets}
     try:
@@ -339,7 +346,7 @@ def main(argv=None) -> int:
         print(f"draw {args.command}: error: {rank}{_error_line(e)}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
-        return 128 + e.signum
+        return EXIT_TIME_LIMIT if e.signum == TIME_LIMIT else 128 + e.signum
     except KeyboardInterrupt:
         return 130
 

@@ -44,11 +44,20 @@ class TrainingDiverged(RuntimeError):
     """The loss or the weights became non-finite; the last good checkpoint is kept."""
 
 
+TIME_LIMIT = 256  # the stop code of a run's time limit: above every signal number, so it wins agree_on_stop
+
+
+def stop_reason(code: int) -> str:
+    """"SIGTERM" for a signal's stop code, "time limit" for TIME_LIMIT."""
+    return "time limit" if code == TIME_LIMIT else signal.Signals(code).name
+
+
 class TrainingStopped(KeyboardInterrupt):
-    """The run stopped on a signal after saving a checkpoint; `signum` says which."""
+    """The run stopped after saving a checkpoint, on a signal or at its time limit; `signum` is the
+    signal's number, or TIME_LIMIT."""
 
     def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(stop_reason(signum))
         self.signum = signum
 
 
@@ -198,6 +207,7 @@ class Run:
     tensorboard: object = None
     good_checkpoint_step: int | None = None
     world: World = SINGLE
+    deadline: float | None = None  # time.monotonic() after which the run stops at a step boundary
 
     @property
     def checkpoint_path(self) -> pathlib.Path:
@@ -398,8 +408,8 @@ def _log_interval(run: Run, step: int, seconds: float) -> dict:
 
 
 def run_loop(run: Run) -> int | None:
-    """Train from run.start_step to run.total_steps. Returns None when done, or the number of the
-    signal that stopped it (after a checkpoint)."""
+    """Train from run.start_step to run.total_steps. Returns None when done, or the stop code (a
+    signal's number, or TIME_LIMIT once run.deadline has passed) of what stopped it after a checkpoint."""
     from tqdm.auto import tqdm
 
     cfg = run.config
@@ -421,11 +431,13 @@ def run_loop(run: Run) -> int | None:
                     run.last_eval = _evaluate(run, step)
                     (bar.write if run.progress else log.info)(f"step {step}: {_headline(run.last_eval)}")
                     tick = time.perf_counter()  # evaluation time is not training time
-                stopping = run.world.agree_on_stop(stop.signum)  # every rank stops after the same step
+                timed_out = run.deadline is not None and time.monotonic() >= run.deadline
+                # every rank stops after the same step
+                stopping = run.world.agree_on_stop(stop.signum or (TIME_LIMIT if timed_out else None))
                 if step % cfg.checkpoint_every == 0 or step == run.total_steps or stopping is not None:
                     save_run_checkpoint(run, step)
                 if stopping is not None and step < run.total_steps:
-                    log.info(f"stopped at step {step} ({signal.Signals(stopping).name}): saved {run.checkpoint_path}; continue with --resume")
+                    log.info(f"stopped at step {step} ({stop_reason(stopping)}): saved {run.checkpoint_path}; continue with --resume")
                     return stopping
     finally:
         bar.close()
@@ -474,7 +486,7 @@ def finish_run(run: Run, *, make_figures: bool = True) -> dict:
 def train(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None = None, train_config: TrainConfig | None = None,
           resume: bool = False, overrides: dict | None = None, device=None, backend: str = "auto",
           step_mode: str | None = None, compile_mode: str = "default", data_dir=None, progress: bool | None = None,
-          tensorboard=None, make_figures: bool = True, world: World = SINGLE) -> dict:
+          tensorboard=None, make_figures: bool = True, world: World = SINGLE, deadline: float | None = None) -> dict:
     """Train DRAW into `out_dir` and return the run summary.
 
     A new run needs `model_config` and `train_config`; `resume=True` reads both from out_dir's
@@ -482,9 +494,11 @@ def train(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None = None,
     that ran it for a resumed one (draw/step.py). `overrides` are TrainConfig fields to change
     (on resume only the schedule's). `progress` None shows a bar when stderr is a terminal, and
     otherwise logs one line per logging interval. `world`: this rank's place in a torchrun launch
-    (draw/distributed.py); every rank calls train() alike.
+    (draw/distributed.py); every rank calls train() alike. `deadline`: a time.monotonic() after which
+    the run checkpoints and stops at the end of its step.
 
-    Raises TrainingStopped after a signal (the checkpoint saved), TrainingDiverged on a non-finite loss.
+    Raises TrainingStopped after a signal or at the deadline (the checkpoint saved), TrainingDiverged
+    on a non-finite loss.
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if progress is None:
@@ -497,6 +511,7 @@ def train(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None = None,
                             overrides=overrides or {}, device=device, backend=backend, step_mode=step_mode,
                             compile_mode=compile_mode, data_dir=data_dir, progress=progress and world.is_main,
                             tensorboard=tensorboard, world=world)
+            run.deadline = deadline
         except BaseException:
             if created and lock is not None:  # a refused run leaves nothing behind
                 lock.path.unlink(missing_ok=True)

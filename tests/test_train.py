@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -199,6 +200,32 @@ def test_ctrl_c_twice_interrupts_at_once(tmp_path, monkeypatch, interactive_sigi
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path, model_config=SMALL, train_config=train_config(checkpoint_every=100), **QUIET)
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_time_limit_stops_with_a_checkpoint_and_resumes_exactly(tmp_path):
+    """A deadline already past stops the run after its first step, checkpointed; --resume finishes it as if
+    it had never stopped."""
+    from draw.train import TIME_LIMIT, TrainingStopped
+
+    full = tmp_path / "full"
+    train(full, model_config=SMALL, train_config=train_config(checkpoint_every=100), **QUIET)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(TrainingStopped) as info:
+        train(stopped, model_config=SMALL, train_config=train_config(checkpoint_every=100), deadline=time.monotonic(),
+              **QUIET)
+    assert info.value.signum == TIME_LIMIT and str(info.value) == "time limit"
+    assert load_checkpoint(stopped)["step"] == 1
+    train(stopped, resume=True, **QUIET)
+    assert losses(stopped) == losses(full)
+
+
+def test_the_time_limit_flag_exits_75_and_resume_goes_on(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    flags = ["train", "--dataset", "synthetic", "--batch-size", "8", "--no-progress", "--step", "eager", "--out", out]
+    assert main(flags + ["--steps", "6", "--time-limit", "1e-6"]) == 75
+    assert load_checkpoint(out)["step"] == 1
+    assert main(flags + ["--resume", "--time-limit", "60"]) == 0
+    assert load_checkpoint(out)["step"] == 6
 
 
 def full_and_stopped_between_two_records(tmp_path, monkeypatch):
