@@ -24,6 +24,33 @@ class DRAWOutput(NamedTuple):
     write_params: torch.Tensor | None  # [T, B, 5] raw write parameters, when asked for
 
 
+class Projections(NamedTuple):
+    """Every layer that reads h_dec, and every one that reads h_enc, stacked into one linear map each,
+    so that a step multiplies each hidden state once (draw/model.py, DRAW.projections)."""
+
+    dec_weight: torch.Tensor  # [sum(dec_sizes), dec_size]
+    dec_bias: torch.Tensor  # [sum(dec_sizes)]
+    dec_sizes: list[int]  # write patch (w_t), write params, read params, encoder gates, decoder gates
+    enc_weight: torch.Tensor  # [2 z + 4 enc_size, enc_size]
+    enc_bias: torch.Tensor
+    enc_sizes: list[int]  # mu and log sigma, encoder hidden gates
+
+
+def lstm_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, c: torch.Tensor):
+    """nn.LSTMCell's update from its two pre-activation halves (biases included): gates [B, 4H] in
+    nn.LSTMCell's order (input, forget, cell, output). Returns (h, c), each [B, H].
+
+    On CUDA one fused kernel forward and one backward (the one nn.LSTMCell uses there).
+    """
+    c = c.to(input_gates.dtype)  # as nn.LSTMCell under autocast
+    if input_gates.is_cuda:
+        h, c, _ = torch.ops.aten._thnn_fused_lstm_cell(input_gates, hidden_gates, c)
+        return h, c
+    i, f, g, o = (input_gates + hidden_gates).chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
 class Generation(NamedTuple):
     canvases: torch.Tensor  # [T, n, C, H, W] canvas logits c~_1..c~_T
     write_params: torch.Tensor | None  # [T, n, 5] raw write parameters (None without write attention)
@@ -79,27 +106,58 @@ class DRAW(nn.Module):
         self.h_dec0 = nn.Parameter(torch.zeros(config.dec_size))
         self.c_dec0 = nn.Parameter(torch.zeros(config.dec_size))
 
+    # --- the linear layers, stacked by input --------------------------------------------------
+
+    def projections(self) -> Projections:
+        """The layers that read h_dec (to_write, to_write_params, to_read_params, the encoder's input
+        weights on h_dec, the decoder's hidden weights) and those that read h_enc (to_latent, the
+        encoder's hidden weights), each set stacked into one matrix. The same maths as calling each
+        layer: the step computes P_t = W_dec h_dec_t + b_dec and Q_t = W_enc h_enc_t + b_enc once, and
+        each layer reads its rows, in this step (w_t, the write parameters, mu and log sigma) or the
+        next (the read parameters, the LSTM gates). One GEMM where there were five, and two."""
+        cfg = self.config
+        read_size = self.encoder.weight_ih.shape[1] - cfg.dec_size
+        dec_layers = [(self.to_write.weight, self.to_write.bias)]
+        for layer in (self.to_write_params, self.to_read_params):
+            if layer is not None:
+                dec_layers.append((layer.weight, layer.bias))
+        dec_layers.append((self.encoder.weight_ih[:, read_size:], self.encoder.bias_ih))  # (5): [r, h_dec]
+        dec_layers.append((self.decoder.weight_hh, self.decoder.bias_hh))  # (7)
+        enc_layers = [(self.to_latent.weight, self.to_latent.bias), (self.encoder.weight_hh, self.encoder.bias_hh)]
+        return Projections(
+            torch.cat([w for w, _ in dec_layers]), torch.cat([b for _, b in dec_layers]), [w.shape[0] for w, _ in dec_layers],
+            torch.cat([w for w, _ in enc_layers]), torch.cat([b for _, b in enc_layers]), [w.shape[0] for w, _ in enc_layers],
+        )
+
+    def _split_dec(self, proj: Projections, h_dec):
+        """P_t = W_dec h_dec + b_dec split into (w_t, write params or None, read params or None,
+        encoder input gates from h_dec, decoder hidden gates); one backward for all of them (a cat)."""
+        parts = list(F.linear(h_dec, proj.dec_weight, proj.dec_bias).split(proj.dec_sizes, dim=1))
+        patch = parts.pop(0)
+        write_params = parts.pop(0) if self.config.write_attn else None
+        read_params = parts.pop(0) if self.config.read_attn else None
+        return patch, write_params, read_params, parts[0], parts[1]
+
     # --- read and write ---------------------------------------------------------------------
 
-    def read(self, x, canvas, h_dec):
-        """r_t, Eq. 4: [B, 2*C*N*N] with attention (27), else [B, 2*C*H*W] (17)."""
+    def read(self, x, canvas, params):
+        """r_t, Eq. 4: [B, 2*C*N*N] with attention (27; params [B, 5] from h_dec_{t-1}, Eq. 21), else
+        [B, 2*C*H*W] (17; params None)."""
         cfg = self.config
         if cfg.read_attn:
-            params = self.to_read_params(h_dec)  # [B, 5]
             glimpse = kernels.read(x, canvas, params, cfg.read_n, backend=self.backend)  # [B, 2, C, N, N]
             return glimpse.flatten(1)
         x_hat = x - torch.sigmoid(canvas)  # (3)
         return torch.cat([x.flatten(1), x_hat.flatten(1)], dim=1)
 
-    def write(self, canvas, h_dec):
-        """c_t = c_{t-1} + write(h_dec_t), Eq. 8. Returns (c_t [B, C, H, W], raw write params [B, 5] or None)."""
+    def write(self, canvas, patch, params):
+        """c_t = c_{t-1} + write(h_dec_t), Eq. 8: patch = w_t [B, C*N^*N^] (28) or [B, C*H*W] (18), params
+        [B, 5] (21) or None. Returns c_t [B, C, H, W]."""
         cfg = self.config
-        patch = self.to_write(h_dec)
         if cfg.write_attn:
-            params = self.to_write_params(h_dec)  # [B, 5]
             patch = patch.view(-1, cfg.channels, cfg.write_n, cfg.write_n)  # [B, C, N^, N^]
-            return kernels.write(patch, params, canvas, backend=self.backend), params
-        return canvas + patch.view_as(canvas), None
+            return kernels.write(patch, params, canvas, backend=self.backend)
+        return canvas + patch.view_as(canvas)
 
     def _initial_state(self, batch: int, dtype: torch.dtype):
         def expand(p, *shape):
@@ -130,16 +188,25 @@ class DRAW(nn.Module):
         if noise is not None and tuple(noise.shape) != (cfg.T, batch, cfg.z_size):
             raise ValueError(f"noise must be [T, B, z_size] = [{cfg.T}, {batch}, {cfg.z_size}], got {list(noise.shape)}")
         canvas, (h_enc, c_enc), (h_dec, c_dec) = self._initial_state(batch, x.dtype)
+        proj = self.projections()
+        read_size = self.encoder.weight_ih.shape[1] - cfg.dec_size
+        w_read = self.encoder.weight_ih[:, :read_size]  # the encoder's input weights on r_t  (5)
+        _, _, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, h_dec)  # from h_dec_0
+        enc_hidden = F.linear(h_enc, proj.enc_weight, proj.enc_bias).split(proj.enc_sizes, dim=1)[1]  # from h_enc_0
         latents = []  # (mu_t, log sigma_t, eps_t, z_t), each [B, z]
         canvases, write_params = [], []
         for t in range(cfg.T):
-            r = self.read(x, canvas, h_dec)  # (3, 4)
-            h_enc, c_enc = self.encoder(torch.cat([r, h_dec], dim=1), (h_enc, c_enc))  # (5)
-            mu, log_sigma = self.to_latent(h_enc).chunk(2, dim=1)  # [B, z] each  (1, 2)
+            r = self.read(x, canvas, read_params)  # (3, 4)
+            enc_input = torch.addmm(enc_from_dec, r, w_read.t())  # W_ih [r, h_dec_{t-1}] + b_ih  (5)
+            h_enc, c_enc = lstm_cell(enc_input, enc_hidden, c_enc)  # (5)
+            latent, enc_hidden = F.linear(h_enc, proj.enc_weight, proj.enc_bias).split(proj.enc_sizes, dim=1)
+            mu, log_sigma = latent.chunk(2, dim=1)  # [B, z] each  (1, 2)
             eps = torch.randn_like(mu) if noise is None else noise[t].to(mu.dtype)
             z = mu + torch.exp(log_sigma) * eps  # reparameterised sample of Q(Z_t | h_enc_t)  (6)
-            h_dec, c_dec = self.decoder(z, (h_dec, c_dec))  # (7)
-            canvas, params = self.write(canvas, h_dec)  # (8)
+            dec_input = F.linear(z, self.decoder.weight_ih, self.decoder.bias_ih)
+            h_dec, c_dec = lstm_cell(dec_input, dec_hidden, c_dec)  # (7)
+            patch, params, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, h_dec)
+            canvas = self.write(canvas, patch, params)  # (8)
             latents.append((mu, log_sigma, eps, z))
             if return_sequence:
                 canvases.append(canvas)
@@ -179,11 +246,14 @@ class DRAW(nn.Module):
         cfg = self.config
         device = self.canvas0.device
         canvas, _, (h_dec, c_dec) = self._initial_state(n, self.canvas0.dtype)
+        proj = self.projections()
+        dec_hidden = self._split_dec(proj, h_dec)[4]
         canvases, write_params = [], []
         for _ in range(cfg.T):
-            z = torch.randn(n, cfg.z_size, device=device, generator=generator)  # (13)
-            h_dec, c_dec = self.decoder(z, (h_dec, c_dec))  # (14)
-            canvas, params = self.write(canvas, h_dec)  # (15)
+            z = torch.randn(n, cfg.z_size, device=device, dtype=self.canvas0.dtype, generator=generator)  # (13)
+            h_dec, c_dec = lstm_cell(F.linear(z, self.decoder.weight_ih, self.decoder.bias_ih), dec_hidden, c_dec)  # (14)
+            patch, params, _, _, dec_hidden = self._split_dec(proj, h_dec)
+            canvas = self.write(canvas, patch, params)  # (15)
             canvases.append(canvas)
             write_params.append(params)
         return Generation(torch.stack(canvases), torch.stack(write_params) if cfg.write_attn else None)

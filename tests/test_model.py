@@ -4,8 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from draw import DRAW, DRAWConfig, importance_weighted_bound
+from draw import DRAW, DRAWConfig, importance_weighted_bound, kernels
 from draw.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from draw.data import load_dataset
 
@@ -59,20 +61,120 @@ def test_loss_is_the_papers_bound():
     torch.testing.assert_close(out_beta.loss, (out.l_x + 0.5 * out.l_z).mean())
 
 
+def paper_recurrence(model: DRAW, x: torch.Tensor, noise: torch.Tensor):
+    """Eqs. 3-8 written out with each layer called on its own (nn.LSTMCell, nn.Linear): the oracle of
+    DRAW.forward, which stacks the layers that share an input. Returns the final canvas, the write
+    parameters of every step (or None) and the (mu, log sigma, z) of every step."""
+    cfg = model.config
+    batch = x.shape[0]
+    canvas = model.canvas0.expand(batch, -1, -1, -1)
+    h_enc, c_enc = model.h_enc0.expand(batch, -1), model.c_enc0.expand(batch, -1)
+    h_dec, c_dec = model.h_dec0.expand(batch, -1), model.c_dec0.expand(batch, -1)
+    steps, write_params = [], []
+    for t in range(cfg.T):
+        if cfg.read_attn:
+            r = kernels.read(x, canvas, model.to_read_params(h_dec), cfg.read_n, backend="reference").flatten(1)  # (27)
+        else:
+            r = torch.cat([x.flatten(1), (x - torch.sigmoid(canvas)).flatten(1)], dim=1)  # (3, 17)
+        h_enc, c_enc = model.encoder(torch.cat([r, h_dec], dim=1), (h_enc, c_enc))  # (5)
+        mu, log_sigma = model.to_latent(h_enc).chunk(2, dim=1)  # (1, 2)
+        z = mu + torch.exp(log_sigma) * noise[t]  # (6)
+        h_dec, c_dec = model.decoder(z, (h_dec, c_dec))  # (7)
+        patch = model.to_write(h_dec)
+        if cfg.write_attn:
+            params = model.to_write_params(h_dec)
+            patch = patch.view(batch, cfg.channels, cfg.write_n, cfg.write_n)
+            canvas = kernels.write(patch, params, canvas, backend="reference")  # (29)
+            write_params.append(params)
+        else:
+            canvas = canvas + patch.view_as(canvas)  # (18)
+        steps.append((mu, log_sigma, z))
+    return canvas, (torch.stack(write_params) if write_params else None), steps
+
+
+@pytest.mark.parametrize(
+    "changes", [{}, {"read_attn": False, "write_attn": False}, {"read_attn": False}, {"channels": 3, "read_n": 1, "write_n": 4}],
+    ids=["attention", "no-attention", "write-only", "colour-N1"])
+def test_the_stacked_layers_are_the_papers_recurrence(changes):
+    """DRAW.forward multiplies h_dec and h_enc once per step by the stacked layers that read them; in
+    float64 it gives the canvases, write parameters and every gradient of the layer-by-layer recurrence."""
+    config = DRAWConfig(**{**SMALL.__dict__, **changes})
+    torch.manual_seed(0)
+    model = DRAW(config, backend="reference").double()
+    with torch.no_grad():
+        for param in model.parameters():  # away from the initial zeros, so that every path carries a gradient
+            param.add_(0.1 * torch.randn_like(param))
+    x = binary_images(3, config).double()
+    noise = torch.randn(config.T, 3, config.z_size, dtype=torch.float64)
+    out = model(x, noise=noise, return_sequence=True)
+    canvas, write_params, _ = paper_recurrence(model, x, noise)
+    torch.testing.assert_close(out.canvases[-1], canvas, rtol=1e-12, atol=1e-12)
+    if config.write_attn:
+        torch.testing.assert_close(out.write_params, write_params, rtol=1e-12, atol=1e-12)
+    fused = torch.autograd.grad(out.canvases[-1].sum(), list(model.parameters()), allow_unused=True)
+    plain = torch.autograd.grad(canvas.sum(), list(model.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), fused, plain):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_generation_is_the_papers_recurrence():
+    """generate() (Eqs. 13-16) with the stacked layers: the canvases of the decoder and write layers
+    called one by one on the same z draws, in float64."""
+    torch.manual_seed(0)
+    model = DRAW(SMALL).double()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    gen = model.generate(5, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    canvas = model.canvas0.expand(5, -1, -1, -1)
+    h_dec, c_dec = model.h_dec0.expand(5, -1), model.c_dec0.expand(5, -1)
+    with torch.no_grad():
+        for t in range(SMALL.T):
+            h_dec, c_dec = model.decoder(torch.randn(5, SMALL.z_size, generator=g, dtype=torch.float64), (h_dec, c_dec))  # (13, 14)
+            patch = model.to_write(h_dec).view(5, 1, SMALL.write_n, SMALL.write_n)
+            canvas = kernels.write(patch, model.to_write_params(h_dec), canvas, backend="reference")  # (15)
+            torch.testing.assert_close(gen.canvases[t], canvas, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_lstm_cell_is_nn_lstm_cell(device):
+    """lstm_cell from the two gate halves (column slices of wider projections, as DRAW passes them; on
+    CUDA the fused kernel) gives nn.LSTMCell's h, c and gradients, in float64."""
+    from draw.model import lstm_cell
+
+    torch.manual_seed(0)
+    cell = nn.LSTMCell(5, 7).double().to(device)
+    x, h, c = (torch.randn(3, n, dtype=torch.float64, device=device, requires_grad=True) for n in (5, 7, 7))
+    input_gates = F.linear(x, torch.cat([cell.weight_ih, torch.ones(2, 5, dtype=torch.float64, device=device)]),
+                           torch.cat([cell.bias_ih, torch.zeros(2, dtype=torch.float64, device=device)]))[:, :28]
+    hidden_gates = F.linear(h, cell.weight_hh, cell.bias_hh)
+    ours = lstm_cell(input_gates, hidden_gates, c)
+    theirs = cell(x, (h, c))
+    upstream = [torch.randn_like(t) for t in theirs]
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(ours, (x, h, c, *cell.parameters()), upstream),
+                    torch.autograd.grad(theirs, (x, h, c, *cell.parameters()), upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_latent_loss_and_log_weight_are_the_per_step_gaussian_terms():
     """L_z = sum_t KL(N(mu_t, sigma_t) || N(0, I)) (Eq. 11) and log_weight = -L_x + sum_t [log N(z_t; 0, I)
     - log N(z_t; mu_t, sigma_t)], checked against torch.distributions on the mu_t, sigma_t and z_t of each
-    step (read off to_latent and the decoder's input), in float64."""
+    step of the layer-by-layer recurrence, in float64."""
     torch.manual_seed(0)
     model = DRAW(SMALL).double()
     x = binary_images(3).double()
-    steps, inputs = [], []
-    model.to_latent.register_forward_hook(lambda m, args, out: steps.append(out.chunk(2, dim=1)))
-    model.decoder.register_forward_hook(lambda m, args, out: inputs.append(args[0]))
-    out = model(x)
+    noise = torch.randn(SMALL.T, 3, SMALL.z_size, dtype=torch.float64)
+    out = model(x, noise=noise)
+    _, _, steps = paper_recurrence(model, x, noise)
     normal = torch.distributions.Normal
     kl, log_ratio = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-    for (mu, log_sigma), z in zip(steps, inputs, strict=True):
+    for mu, log_sigma, z in steps:
         q, prior = normal(mu, log_sigma.exp()), normal(torch.zeros_like(mu), torch.ones_like(mu))
         kl += torch.distributions.kl_divergence(q, prior).sum(1)
         log_ratio += (prior.log_prob(z) - q.log_prob(z)).sum(1)

@@ -173,6 +173,25 @@ def test_glimpse_every_grid_size(n, channels):
     check_glimpse(x, params, n)
 
 
+def test_the_model_runs_the_same_on_both_backends():
+    """DRAW hands the kernels column slices of its stacked projections (params and patch with a row
+    stride of the whole projection): the fused kernels give the reference's loss and every gradient."""
+    from draw import DRAW, DRAWConfig
+
+    config = DRAWConfig(height=9, width=11, channels=2, T=3, enc_size=12, dec_size=10, z_size=4, read_n=3, write_n=4)
+    torch.manual_seed(0)
+    model = DRAW(config).double().to(DEVICE)
+    x = torch.rand(3, 2, 9, 11, dtype=f64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    noise = torch.randn(3, 3, 4, dtype=f64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    results = {}
+    for backend in ("triton", "reference"):
+        model.backend = backend
+        out = model(x, noise=noise)
+        results[backend] = [out.loss.detach(), *torch.autograd.grad(out.loss, list(model.parameters()))]
+    for (name, _), a, b in zip([("loss", None), *model.named_parameters()], *results.values()):
+        assert_f64_close(a, b, name)
+
+
 def test_glimpse_is_the_first_read_glimpse():
     """glimpse(x) = read(x, canvas)[:, 0] for any canvas, bit for bit in the interpreter (the same kernels,
     the same sums); so are the fused gradients to x and params when the error glimpse's upstream gradient
