@@ -25,8 +25,9 @@ class DRAWOutput(NamedTuple):
 
 
 class Projections(NamedTuple):
-    """Every layer that reads h_dec, and every one that reads h_enc, stacked into one linear map each,
-    so that a step multiplies each hidden state once (draw/model.py, DRAW.projections)."""
+    """The linear layers of a step, grouped by input: every layer that reads h_dec, and every one that
+    reads h_enc, stacked into one map each, so that a step multiplies each hidden state once
+    (DRAW.projections); under autocast, already in its dtype."""
 
     dec_weight: torch.Tensor  # [sum(dec_sizes), dec_size]
     dec_bias: torch.Tensor  # [sum(dec_sizes)]
@@ -34,6 +35,9 @@ class Projections(NamedTuple):
     enc_weight: torch.Tensor  # [2 z + 4 enc_size, enc_size]
     enc_bias: torch.Tensor
     enc_sizes: list[int]  # mu and log sigma, encoder hidden gates
+    read_weight: torch.Tensor  # [4 enc_size, read size] the encoder's input weights on r_t  (5)
+    z_weight: torch.Tensor  # [4 dec_size, z_size] the decoder's input weights on z_t  (7)
+    z_bias: torch.Tensor
 
 
 def lstm_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, c: torch.Tensor):
@@ -114,7 +118,10 @@ class DRAW(nn.Module):
         encoder's hidden weights), each set stacked into one matrix. The same maths as calling each
         layer: the step computes P_t = W_dec h_dec_t + b_dec and Q_t = W_enc h_enc_t + b_enc once, and
         each layer reads its rows, in this step (w_t, the write parameters, mu and log sigma) or the
-        next (the read parameters, the LSTM gates). One GEMM where there were five, and two."""
+        next (the read parameters, the LSTM gates). One GEMM where there were five, and two.
+
+        Under autocast every matrix is cast here, once per forward: autocast caches its casts of
+        parameters only, and not at all while a CUDA graph is captured, so each step would cast again."""
         cfg = self.config
         read_size = self.encoder.weight_ih.shape[1] - cfg.dec_size
         dec_layers = [(self.to_write.weight, self.to_write.bias)]
@@ -124,10 +131,16 @@ class DRAW(nn.Module):
         dec_layers.append((self.encoder.weight_ih[:, read_size:], self.encoder.bias_ih))  # (5): [r, h_dec]
         dec_layers.append((self.decoder.weight_hh, self.decoder.bias_hh))  # (7)
         enc_layers = [(self.to_latent.weight, self.to_latent.bias), (self.encoder.weight_hh, self.encoder.bias_hh)]
-        return Projections(
+        proj = Projections(
             torch.cat([w for w, _ in dec_layers]), torch.cat([b for _, b in dec_layers]), [w.shape[0] for w, _ in dec_layers],
             torch.cat([w for w, _ in enc_layers]), torch.cat([b for _, b in enc_layers]), [w.shape[0] for w, _ in enc_layers],
+            self.encoder.weight_ih[:, :read_size], self.decoder.weight_ih, self.decoder.bias_ih,
         )
+        device = self.canvas0.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            proj = proj._replace(**{name: t.to(dtype) for name, t in proj._asdict().items() if isinstance(t, torch.Tensor)})
+        return proj
 
     def _split_dec(self, proj: Projections, h_dec):
         """P_t = W_dec h_dec + b_dec split into (w_t, write params or None, read params or None,
@@ -189,22 +202,19 @@ class DRAW(nn.Module):
             raise ValueError(f"noise must be [T, B, z_size] = [{cfg.T}, {batch}, {cfg.z_size}], got {list(noise.shape)}")
         canvas, (h_enc, c_enc), (h_dec, c_dec) = self._initial_state(batch, x.dtype)
         proj = self.projections()
-        read_size = self.encoder.weight_ih.shape[1] - cfg.dec_size
-        w_read = self.encoder.weight_ih[:, :read_size]  # the encoder's input weights on r_t  (5)
         _, _, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, h_dec)  # from h_dec_0
         enc_hidden = F.linear(h_enc, proj.enc_weight, proj.enc_bias).split(proj.enc_sizes, dim=1)[1]  # from h_enc_0
         latents = []  # (mu_t, log sigma_t, eps_t, z_t), each [B, z]
         canvases, write_params = [], []
         for t in range(cfg.T):
             r = self.read(x, canvas, read_params)  # (3, 4)
-            enc_input = torch.addmm(enc_from_dec, r, w_read.t())  # W_ih [r, h_dec_{t-1}] + b_ih  (5)
+            enc_input = torch.addmm(enc_from_dec, r, proj.read_weight.t())  # W_ih [r, h_dec_{t-1}] + b_ih  (5)
             h_enc, c_enc = lstm_cell(enc_input, enc_hidden, c_enc)  # (5)
             latent, enc_hidden = F.linear(h_enc, proj.enc_weight, proj.enc_bias).split(proj.enc_sizes, dim=1)
             mu, log_sigma = latent.chunk(2, dim=1)  # [B, z] each  (1, 2)
             eps = torch.randn_like(mu) if noise is None else noise[t].to(mu.dtype)
             z = mu + torch.exp(log_sigma) * eps  # reparameterised sample of Q(Z_t | h_enc_t)  (6)
-            dec_input = F.linear(z, self.decoder.weight_ih, self.decoder.bias_ih)
-            h_dec, c_dec = lstm_cell(dec_input, dec_hidden, c_dec)  # (7)
+            h_dec, c_dec = lstm_cell(F.linear(z, proj.z_weight, proj.z_bias), dec_hidden, c_dec)  # (7)
             patch, params, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, h_dec)
             canvas = self.write(canvas, patch, params)  # (8)
             latents.append((mu, log_sigma, eps, z))
@@ -251,7 +261,7 @@ class DRAW(nn.Module):
         canvases, write_params = [], []
         for _ in range(cfg.T):
             z = torch.randn(n, cfg.z_size, device=device, dtype=self.canvas0.dtype, generator=generator)  # (13)
-            h_dec, c_dec = lstm_cell(F.linear(z, self.decoder.weight_ih, self.decoder.bias_ih), dec_hidden, c_dec)  # (14)
+            h_dec, c_dec = lstm_cell(F.linear(z, proj.z_weight, proj.z_bias), dec_hidden, c_dec)  # (14)
             patch, params, _, _, dec_hidden = self._split_dec(proj, h_dec)
             canvas = self.write(canvas, patch, params)  # (15)
             canvases.append(canvas)

@@ -162,6 +162,30 @@ def test_lstm_cell_is_nn_lstm_cell(device):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_autocast_casts_each_weight_once_per_forward():
+    """Under bf16 autocast without its cache (as while a CUDA graph is captured), the stacked weights are
+    cast once per forward, not at every step: each weight-shaped cast happens once."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].dim() == 2 and args[0].shape[0] != 3:
+                self.shapes[tuple(args[0].shape)] += 1  # not an activation: those are [3, ...]
+            return func(*args, **(kwargs or {}))
+
+    model = DRAW(SMALL)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), Casts() as casts:
+        out = model(binary_images(3))
+    assert out.loss.isfinite()
+    assert casts.shapes and max(casts.shapes.values()) == 1, casts.shapes
+
+
 def test_latent_loss_and_log_weight_are_the_per_step_gaussian_terms():
     """L_z = sum_t KL(N(mu_t, sigma_t) || N(0, I)) (Eq. 11) and log_weight = -L_x + sum_t [log N(z_t; 0, I)
     - log N(z_t; mu_t, sigma_t)], checked against torch.distributions on the mu_t, sigma_t and z_t of each
