@@ -24,7 +24,6 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # (bench/bench_threads.py measures quiet against busy; bench/RESULTS.md has the figures).
 DEFAULT_CPU_THREADS = 1
 EXIT_TIME_LIMIT = 75  # `draw train --time-limit` stopped the run before its end (EX_TEMPFAIL: run it again)
-STARTED = time.monotonic()  # the command's start, for --time-limit (before torch is imported)
 
 log = logging.getLogger("draw")
 
@@ -201,7 +200,7 @@ TRAIN_FLAGS = {  # TrainConfig field: argparse dest, for the flags that set one
 
 
 def cmd_train(args) -> int:
-    deadline = STARTED + 60 * args.time_limit if args.time_limit else None
+    deadline = args.started + 60 * args.time_limit if args.time_limit else None
     from draw.distributed import process_group_from_environment
     from draw.train import scaled_lr, train
 
@@ -317,12 +316,14 @@ def _error_line(e: BaseException) -> str:
 
 
 def main(argv=None) -> int:
+    started = time.monotonic()  # the command's start, for --time-limit (before torch is imported)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["verify"]:  # its own parser (draw/verify.py); it imports torch, and on CPU chooses
         from draw import verify  # Triton's interpreter before triton is imported
 
         return verify.main(argv[1:])
     args = build_parser().parse_args(argv)
+    args.started = started
     if args.command in ("train", "eval", "sample"):
         _set_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
