@@ -34,11 +34,16 @@ F64_RTOL, F64_ATOL = 1e-10, 1e-12
 F64_REL_CUDA = 2e-8
 
 
+def assert_relative_close(actual, expected, rel, label, atol=F64_ATOL):
+    """max|actual - expected| <= max(rel * max|expected|, atol), elementwise."""
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    assert_close(actual, expected, 0.0, max(rel * scale, atol), label)
+
+
 def assert_f64_close(actual, expected, label, atol=F64_ATOL):
     """float64 kernel output against float64 reference output (see F64_REL_CUDA)."""
     if ON_CUDA:
-        scale = expected.abs().max().item() if expected.numel() else 0.0
-        assert_close(actual, expected, 0.0, max(F64_REL_CUDA * scale, atol), label)
+        assert_relative_close(actual, expected, F64_REL_CUDA, label, atol)
     else:
         assert_close(actual, expected, F64_RTOL, atol, label)
 
@@ -112,9 +117,8 @@ def check_against_reference(op, leaves, *, rel=None, atol=F64_ATOL, needs_grad=N
         if rel is None:
             assert_f64_close(actual, exp, f"{name} {label}", atol)
         else:
-            scale = exp.abs().max().item() if exp.numel() else 0.0
             bound = rel if base is None else max(rel, verify.BASELINE_FACTOR * verify.relative_error(base, exp)[1])
-            assert_close(actual, exp, 0.0, max(bound * scale, atol), f"{name} {label}")
+            assert_relative_close(actual, exp, bound, f"{name} {label}", atol)
 
     close(out, expected, bases[0], "output")
     leaf_index = [i for i, rg in enumerate(needs_grad) if rg]
