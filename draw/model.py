@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from draw import kernels
 from draw.config import DRAWConfig
+from draw.recurrent_linear import RecurrentLinear
 
 
 class DRAWOutput(NamedTuple):
@@ -38,6 +39,12 @@ class Projections(NamedTuple):
     read_weight: torch.Tensor  # [4 enc_size, read size] the encoder's input weights on r_t  (5)
     z_weight: torch.Tensor  # [4 dec_size, z_size] the decoder's input weights on z_t  (7)
     z_bias: torch.Tensor
+
+    def maps(self) -> tuple[RecurrentLinear, RecurrentLinear, RecurrentLinear, RecurrentLinear]:
+        """The step's four maps, from h_dec, h_enc, r and z (the same at every step, so each weight's
+        gradient is one GEMM over all steps: draw/recurrent_linear.py). Make them once per forward."""
+        return (RecurrentLinear(self.dec_weight, self.dec_bias), RecurrentLinear(self.enc_weight, self.enc_bias),
+                RecurrentLinear(self.read_weight), RecurrentLinear(self.z_weight, self.z_bias))
 
 
 def lstm_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, c: torch.Tensor):
@@ -142,10 +149,11 @@ class DRAW(nn.Module):
             proj = proj._replace(**{name: t.to(dtype) for name, t in proj._asdict().items() if isinstance(t, torch.Tensor)})
         return proj
 
-    def _split_dec(self, proj: Projections, h_dec):
-        """P_t = W_dec h_dec + b_dec split into (w_t, write params or None, read params or None,
-        encoder input gates from h_dec, decoder hidden gates); one backward for all of them (a cat)."""
-        parts = list(F.linear(h_dec, proj.dec_weight, proj.dec_bias).split(proj.dec_sizes, dim=1))
+    def _split_dec(self, proj: Projections, p: torch.Tensor):
+        """P_t = W_dec h_dec_t + b_dec [B, sum(dec_sizes)] split into (w_t, write params or None, read
+        params or None, encoder input gates from h_dec, decoder hidden gates); one backward for all of
+        them (a cat)."""
+        parts = list(p.split(proj.dec_sizes, dim=1))
         patch = parts.pop(0)
         write_params = parts.pop(0) if self.config.write_attn else None
         read_params = parts.pop(0) if self.config.read_attn else None
@@ -202,20 +210,21 @@ class DRAW(nn.Module):
             raise ValueError(f"noise must be [T, B, z_size] = [{cfg.T}, {batch}, {cfg.z_size}], got {list(noise.shape)}")
         canvas, (h_enc, c_enc), (h_dec, c_dec) = self._initial_state(batch, x.dtype)
         proj = self.projections()
-        _, _, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, h_dec)  # from h_dec_0
-        enc_hidden = F.linear(h_enc, proj.enc_weight, proj.enc_bias).split(proj.enc_sizes, dim=1)[1]  # from h_enc_0
+        from_dec, from_enc, from_read, from_z = proj.maps()
+        _, _, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, from_dec(h_dec))  # from h_dec_0
+        enc_hidden = from_enc(h_enc).split(proj.enc_sizes, dim=1)[1]  # from h_enc_0
         latents = []  # (mu_t, log sigma_t, eps_t, z_t), each [B, z]
         canvases, write_params = [], []
         for t in range(cfg.T):
             r = self.read(x, canvas, read_params)  # (3, 4)
-            enc_input = torch.addmm(enc_from_dec, r, proj.read_weight.t())  # W_ih [r, h_dec_{t-1}] + b_ih  (5)
+            enc_input = from_read(r, add=enc_from_dec)  # W_ih [r, h_dec_{t-1}] + b_ih  (5)
             h_enc, c_enc = lstm_cell(enc_input, enc_hidden, c_enc)  # (5)
-            latent, enc_hidden = F.linear(h_enc, proj.enc_weight, proj.enc_bias).split(proj.enc_sizes, dim=1)
+            latent, enc_hidden = from_enc(h_enc).split(proj.enc_sizes, dim=1)
             mu, log_sigma = latent.chunk(2, dim=1)  # [B, z] each  (1, 2)
             eps = torch.randn_like(mu) if noise is None else noise[t].to(mu.dtype)
             z = mu + torch.exp(log_sigma) * eps  # reparameterised sample of Q(Z_t | h_enc_t)  (6)
-            h_dec, c_dec = lstm_cell(F.linear(z, proj.z_weight, proj.z_bias), dec_hidden, c_dec)  # (7)
-            patch, params, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, h_dec)
+            h_dec, c_dec = lstm_cell(from_z(z), dec_hidden, c_dec)  # (7)
+            patch, params, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, from_dec(h_dec))
             canvas = self.write(canvas, patch, params)  # (8)
             latents.append((mu, log_sigma, eps, z))
             if return_sequence:
@@ -257,12 +266,13 @@ class DRAW(nn.Module):
         device = self.canvas0.device
         canvas, _, (h_dec, c_dec) = self._initial_state(n, self.canvas0.dtype)
         proj = self.projections()
-        dec_hidden = self._split_dec(proj, h_dec)[4]
+        from_dec, _, _, from_z = proj.maps()
+        dec_hidden = self._split_dec(proj, from_dec(h_dec))[4]
         canvases, write_params = [], []
         for _ in range(cfg.T):
             z = torch.randn(n, cfg.z_size, device=device, dtype=self.canvas0.dtype, generator=generator)  # (13)
-            h_dec, c_dec = lstm_cell(F.linear(z, proj.z_weight, proj.z_bias), dec_hidden, c_dec)  # (14)
-            patch, params, _, _, dec_hidden = self._split_dec(proj, h_dec)
+            h_dec, c_dec = lstm_cell(from_z(z), dec_hidden, c_dec)  # (14)
+            patch, params, _, _, dec_hidden = self._split_dec(proj, from_dec(h_dec))
             canvas = self.write(canvas, patch, params)  # (15)
             canvases.append(canvas)
             write_params.append(params)
