@@ -211,6 +211,8 @@ class DRAW(nn.Module):
         canvas, (h_enc, c_enc), (h_dec, c_dec) = self._initial_state(batch, x.dtype)
         proj = self.projections()
         from_dec, from_enc, from_read, from_z = proj.maps()
+        if noise is not None:  # in the latents' dtype (autocast's, under autocast), cast once
+            noise = noise.to(proj.enc_weight.dtype)
         _, _, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, from_dec(h_dec))  # from h_dec_0
         enc_hidden = from_enc(h_enc).split(proj.enc_sizes, dim=1)[1]  # from h_enc_0
         latents = []  # (mu_t, log sigma_t, eps_t, z_t), each [B, z]
@@ -221,7 +223,7 @@ class DRAW(nn.Module):
             h_enc, c_enc = lstm_cell(enc_input, enc_hidden, c_enc)  # (5)
             latent, enc_hidden = from_enc(h_enc).split(proj.enc_sizes, dim=1)
             mu, log_sigma = latent.chunk(2, dim=1)  # [B, z] each  (1, 2)
-            eps = torch.randn_like(mu) if noise is None else noise[t].to(mu.dtype)
+            eps = torch.randn_like(mu) if noise is None else noise[t]
             z = mu + torch.exp(log_sigma) * eps  # reparameterised sample of Q(Z_t | h_enc_t)  (6)
             h_dec, c_dec = lstm_cell(from_z(z), dec_hidden, c_dec)  # (7)
             patch, params, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, from_dec(h_dec))

@@ -161,3 +161,23 @@ def test_the_sum_block_probe_changes_one_launch_setting_at_a_time(tmp_path):
     with pytest.raises(SystemExit):
         probe.main(["--variants", "bogus"])
 
+
+
+def test_the_launch_count_sees_each_fused_kernel_and_one_weight_gradient_per_map(tmp_path):
+    """bench/count_launches.py: every fused attention launcher and LSTM cell once per time step and way;
+    in backward one product per step and map for the input's gradient and one per map for its weight
+    (RecurrentLinear), not one per step."""
+    count_launches = import_bench("count_launches")
+    from draw.config import PRESETS
+
+    T = PRESETS["mnist-quick"].model.T
+    out = tmp_path / "launches.json"
+    count_launches.main(["--preset", "mnist-quick", "--batch", "3", "--json", str(out)])
+    counts = json.loads(out.read_text())["counts"]
+    forward, backward = counts["forward"], counts["backward"]
+    assert forward["fused read_forward"] == forward["fused write_forward"] == T
+    assert backward["fused read_backward"] == backward["fused write_backward"] == T
+    assert forward["fused LSTM cell"] == backward["fused LSTM cell backward"] == 2 * T
+    # the maps from h_dec and h_enc run T + 1 times (once on the initial states), those from r and z T times
+    assert backward["mm"] == 2 * (T + 1) + 2 * T + 4
+    assert any(op.startswith("_foreach_") for op in counts["optimizer"])  # Adam as on CUDA

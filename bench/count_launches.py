@@ -1,0 +1,164 @@
+"""The kernels one DRAW training step launches on a GPU, counted on a CPU.
+
+Replayed as one CUDA graph, a training step is GPU-bound and its kernels are small: at batch 100 most
+of its time is the fixed cost of each kernel, so the number of kernels sets the speed (bench/RESULTS.md,
+"Where a CUDA-graph step's time goes"). This script counts them without a GPU: it runs one step of the
+model with the fused attention ("triton" backend) on CPU tensors and counts every operation the step
+dispatches that would launch a kernel on CUDA:
+    - each fused attention launcher (kernels/triton_attention.py) counts once; here it only allocates
+      its outputs (the custom ops' fake implementations), so no interpreter runs;
+    - the LSTM cell counts once forward and once backward (CUDA's fused cell, draw.model.lstm_cell);
+    - views (view, split, t, expand, ...) and empty allocations launch nothing and are not counted;
+    - Adam runs in its foreach form, as on CUDA.
+Not seen: kernels that cuBLAS adds inside one product (split-K reductions, often after a product with a
+long inner dimension, such as a weight gradient). Counts are per phase and per time step T.
+
+    python bench/count_launches.py --preset mnist-paper --batch 8 --json bench/results/launches-cpu.json
+"""
+
+import argparse
+import collections
+import contextlib
+import sys
+from unittest import mock
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import common
+import draw.model
+from draw import DRAW, kernels
+from draw.config import PRESETS
+from draw.kernels import triton_attention as ta
+
+NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "split", "split_with_sizes", "chunk",
+             "unbind", "slice", "select", "as_strided", "unsqueeze", "squeeze", "alias", "detach", "unflatten",
+             "flatten", "reshape", "_reshape_alias", "empty", "empty_like", "empty_strided", "new_empty", "lift_fresh",
+             "_local_scalar_dense", "set_", "is_same_size", "_record_function_enter_new", "_record_function_exit"}
+
+
+class Launches(TorchDispatchMode):
+    """Counts the operations dispatched at the top level; inside `one_kernel(name)` only that name, once."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+        self.inside = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.inside and name not in NO_KERNEL:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def one_kernel(self, name: str):
+        if not self.inside:
+            self.counts[name] += 1
+        self.inside += 1
+        try:
+            yield
+        finally:
+            self.inside -= 1
+
+
+COUNTER: Launches | None = None
+
+
+def as_one_kernel(name: str, fn):
+    def counted(*args, **kwargs):
+        with COUNTER.one_kernel(name) if COUNTER is not None else contextlib.nullcontext():
+            return fn(*args, **kwargs)
+    return counted
+
+
+class FusedLSTMCell(torch.autograd.Function):
+    """draw.model.lstm_cell's CPU maths, counted as CUDA's fused cell: one kernel each way."""
+
+    @staticmethod
+    def forward(ctx, input_gates, hidden_gates, c):
+        with COUNTER.one_kernel("fused LSTM cell") if COUNTER is not None else contextlib.nullcontext():
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_() for t in (input_gates, hidden_gates, c)]
+                h, c_new = lstm_cell(*leaves)
+        ctx.graph = (leaves, (h, c_new))
+        return h.detach(), c_new.detach()
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_c):
+        leaves, outputs = ctx.graph
+        with COUNTER.one_kernel("fused LSTM cell backward") if COUNTER is not None else contextlib.nullcontext():
+            return torch.autograd.grad(outputs, leaves, (grad_h, grad_c), allow_unused=True)
+
+
+lstm_cell = draw.model.lstm_cell
+
+
+def patches():
+    """The fused attention launchers as counted stand-ins that launch nothing; the LSTM cell as CUDA's."""
+    fakes = {"attention_read_forward": ta._read_fake, "attention_read_backward": ta._read_backward_fake,
+             "attention_write_forward": ta._write_fake, "attention_write_backward": ta._write_backward_fake}
+    return [*(mock.patch.object(ta, name, as_one_kernel(name.replace("attention_", "fused "), fake)) for name, fake in fakes.items()),
+            mock.patch.object(kernels, "_triton_interpreter", lambda: True),  # the device check passes on CPU
+            mock.patch.object(draw.model, "lstm_cell", lambda i, h, c: FusedLSTMCell.apply(i, h, c.to(i.dtype)))]
+
+
+def count_step(preset: str, batch: int, amp: str = "fp32") -> dict[str, collections.Counter]:
+    """Per phase (forward, backward, optimizer), the launches of one training step after a first one;
+    amp "bf16": the forward under bf16 autocast without its cache, as a CUDA graph captures it."""
+    global COUNTER
+    config = PRESETS[preset].model
+    torch.manual_seed(0)
+    model = DRAW(config, backend="triton")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+    x = torch.bernoulli(torch.full((batch, config.channels, config.height, config.width), 0.3))
+    noise = torch.randn(config.T, batch, config.z_size)
+    phases = {}
+
+    def phase(name, fn):
+        global COUNTER
+        with Launches() as COUNTER:
+            result = fn()
+        phases[name], COUNTER = COUNTER.counts, None
+        return result
+
+    with contextlib.ExitStack() as stack:
+        for patch in patches():
+            stack.enter_context(patch)
+        for counted in (False, True):  # the first step allocates Adam's state
+            optimizer.zero_grad(set_to_none=True)
+            run = phase if counted else (lambda name, fn: fn())
+            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False, enabled=amp == "bf16"):
+                out = run("forward", lambda: model(x, noise=noise))
+            run("backward", lambda: out.loss.backward())
+            run("optimizer", lambda: (torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0), optimizer.step()))
+    return phases
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="mnist-paper", choices=sorted(PRESETS), help="a DRAW preset")
+    parser.add_argument("--batch", type=int, default=8, help="batch size (counts do not depend on it)")
+    parser.add_argument("--amp", default="fp32", choices=("fp32", "bf16"), help="bf16: the forward under bf16 autocast")
+    parser.add_argument("--top", type=int, default=12, help="how many operations to list per phase")
+    parser.add_argument("--json", metavar="PATH", help="write the counts as JSON here")
+    args = parser.parse_args(argv)
+    if not hasattr(PRESETS[args.preset].model, "T"):
+        parser.error(f"--preset {args.preset} is not a DRAW preset")
+    T = PRESETS[args.preset].model.T
+    phases = count_step(args.preset, args.batch, args.amp)
+    rows = [{"phase": name, "launches": sum(c.values()), "per time step": round(sum(c.values()) / T, 1),
+             "most frequent": ", ".join(f"{op} {n}" for op, n in c.most_common(args.top))} for name, c in phases.items()]
+    total = sum(row["launches"] for row in rows)
+    rows.append({"phase": "step", "launches": total, "per time step": round(total / T, 1), "most frequent": ""})
+    print(f"{args.preset}, T = {T}, {args.amp}: kernels one training step launches on CUDA (counted on CPU)")
+    print(common.text_table(rows, [("phase", "phase"), ("launches", "launches"), ("per time step", "per time step"),
+                                   ("most frequent", "most frequent")]))
+    if args.json:
+        meta = common.metadata(torch.device("cpu"), command=" ".join(["python", *sys.argv]), preset=args.preset, batch=args.batch,
+                                amp=args.amp)
+        common.write_json(args.json, meta, rows, counts={name: dict(c) for name, c in phases.items()})
+
+
+if __name__ == "__main__":
+    main()
