@@ -35,7 +35,7 @@ class Projections(NamedTuple):
     dec_sizes: list[int]  # write patch (w_t), write params, read params, encoder gates, decoder gates
     enc_weight: torch.Tensor  # [2 z + 4 enc_size, enc_size]
     enc_bias: torch.Tensor
-    enc_sizes: list[int]  # mu and log sigma, encoder hidden gates
+    enc_sizes: list[int]  # mu, log sigma, encoder hidden gates
     read_weight: torch.Tensor  # [4 enc_size, read size] the encoder's input weights on r_t  (5)
     z_weight: torch.Tensor  # [4 dec_size, z_size] the decoder's input weights on z_t  (7)
     z_bias: torch.Tensor
@@ -140,7 +140,8 @@ class DRAW(nn.Module):
         enc_layers = [(self.to_latent.weight, self.to_latent.bias), (self.encoder.weight_hh, self.encoder.bias_hh)]
         proj = Projections(
             torch.cat([w for w, _ in dec_layers]), torch.cat([b for _, b in dec_layers]), [w.shape[0] for w, _ in dec_layers],
-            torch.cat([w for w, _ in enc_layers]), torch.cat([b for _, b in enc_layers]), [w.shape[0] for w, _ in enc_layers],
+            torch.cat([w for w, _ in enc_layers]), torch.cat([b for _, b in enc_layers]),
+            [cfg.z_size, cfg.z_size, self.encoder.weight_hh.shape[0]],  # one split, so one cat in backward
             self.encoder.weight_ih[:, :read_size], self.decoder.weight_ih, self.decoder.bias_ih,
         )
         device = self.canvas0.device.type
@@ -214,15 +215,14 @@ class DRAW(nn.Module):
         if noise is not None:  # in the latents' dtype (autocast's, under autocast), cast once
             noise = noise.to(proj.enc_weight.dtype)
         _, _, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, from_dec(h_dec))  # from h_dec_0
-        enc_hidden = from_enc(h_enc).split(proj.enc_sizes, dim=1)[1]  # from h_enc_0
+        enc_hidden = from_enc(h_enc).split(proj.enc_sizes, dim=1)[2]  # from h_enc_0
         latents = []  # (mu_t, log sigma_t, eps_t, z_t), each [B, z]
         canvases, write_params = [], []
         for t in range(cfg.T):
             r = self.read(x, canvas, read_params)  # (3, 4)
             enc_input = from_read(r, add=enc_from_dec)  # W_ih [r, h_dec_{t-1}] + b_ih  (5)
             h_enc, c_enc = lstm_cell(enc_input, enc_hidden, c_enc)  # (5)
-            latent, enc_hidden = from_enc(h_enc).split(proj.enc_sizes, dim=1)
-            mu, log_sigma = latent.chunk(2, dim=1)  # [B, z] each  (1, 2)
+            mu, log_sigma, enc_hidden = from_enc(h_enc).split(proj.enc_sizes, dim=1)  # [B, z], [B, z]  (1, 2)
             eps = torch.randn_like(mu) if noise is None else noise[t]
             z = mu + torch.exp(log_sigma) * eps  # reparameterised sample of Q(Z_t | h_enc_t)  (6)
             h_dec, c_dec = lstm_cell(from_z(z), dec_hidden, c_dec)  # (7)
