@@ -5,8 +5,9 @@ of its time is the fixed cost of each kernel, so the number of kernels sets the 
 "Where a CUDA-graph step's time goes"). This script counts them without a GPU: it runs one step of the
 model with the fused attention ("triton" backend) on CPU tensors and counts every operation the step
 dispatches that would launch a kernel on CUDA:
-    - each fused attention launcher (kernels/triton_attention.py) counts once; here it only allocates
-      its outputs (the custom ops' fake implementations), so no interpreter runs;
+    - each Triton kernel launch (kernels/triton_*.py) counts once; here the kernels are stand-ins that
+      launch nothing (no interpreter runs), while their launchers' own operations (allocating, summing
+      per-channel partials, casting) run and are counted;
     - the LSTM cell counts once forward and once backward (CUDA's fused cell, draw.model.lstm_cell);
     - views (view, split, t, expand, ...) and empty allocations launch nothing and are not counted;
     - Adam runs in its foreach form, as on CUDA.
@@ -65,11 +66,17 @@ class Launches(TorchDispatchMode):
 COUNTER: Launches | None = None
 
 
-def as_one_kernel(name: str, fn):
-    def counted(*args, **kwargs):
-        with COUNTER.one_kernel(name) if COUNTER is not None else contextlib.nullcontext():
-            return fn(*args, **kwargs)
-    return counted
+class StandInKernel:
+    """A @triton.jit kernel's stand-in: `kernel[grid](*args, **meta)` counts one launch and does nothing."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            if COUNTER is not None:
+                COUNTER.counts[self.name] += 1
+        return launch
 
 
 class FusedLSTMCell(torch.autograd.Function):
@@ -94,11 +101,15 @@ class FusedLSTMCell(torch.autograd.Function):
 lstm_cell = draw.model.lstm_cell
 
 
+TRITON_KERNELS = {ta: ("_attention_read_forward_kernel", "_attention_read_backward_kernel",
+                       "_attention_write_forward_kernel", "_attention_write_backward_kernel")}
+
+
 def patches():
-    """The fused attention launchers as counted stand-ins that launch nothing; the LSTM cell as CUDA's."""
-    fakes = {"attention_read_forward": ta._read_fake, "attention_read_backward": ta._read_backward_fake,
-             "attention_write_forward": ta._write_fake, "attention_write_backward": ta._write_backward_fake}
-    return [*(mock.patch.object(ta, name, as_one_kernel(name.replace("attention_", "fused "), fake)) for name, fake in fakes.items()),
+    """Every Triton kernel a stand-in that launches nothing; the LSTM cell as CUDA's fused one."""
+    stand_ins = [mock.patch.object(module, name, StandInKernel(name.strip("_").removesuffix("_kernel")))
+                 for module, names in TRITON_KERNELS.items() for name in names]
+    return [*stand_ins,
             mock.patch.object(kernels, "_triton_interpreter", lambda: True),  # the device check passes on CPU
             mock.patch.object(draw.model, "lstm_cell", lambda i, h, c: FusedLSTMCell.apply(i, h, c.to(i.dtype)))]
 

@@ -27,8 +27,9 @@ element; every input read once, every output written once) -- what these kernels
     write backward: s * (B*C*H*W    + 2*B*C*N^*N^ + 10*B)    dcanvas_new, patch, params in; dpatch,
                                                              dparams out; dcanvas = dcanvas_new is
                                                              passed through without a copy
-The backward kernels also write and re-read per-channel parameter partials [B, C, 5] (fp32/fp64),
-reduced over C by one small torch sum: deterministic, no atomics.
+With C > 1 the backward kernels also write and re-read per-channel parameter partials [B, C, 5]
+(fp32/fp64), reduced over C by one small torch sum: deterministic, no atomics. With one channel they
+write the parameter gradient itself, in the parameters' dtype: no sum, no cast, no launch after.
 
 Program layout (every kernel): grid = (B, C); program (b, c) owns batch item b, channel c, all of
 its rows. A program holds BLOCK_W columns of a row in registers and loops over the image in blocks of
@@ -263,12 +264,13 @@ def _axis_gradients(r, dfilt_offset, filt_offset, dfilt_exponent, filt_exponent,
 
 @triton.jit
 def _store_param_grads(dparams_ptr, dgx, dgy, dlog_sigma2, ddelta, dlog_gamma, delta, height, width):
-    """Chain (gx, gy, sigma^2, delta, gamma) -> raw params (Eqs. 22-24) and store the 5 values."""
-    tl.store(dparams_ptr + 0, dgx * (width + 1) * 0.5)  # d gx / d gx~ = (W + 1) / 2
-    tl.store(dparams_ptr + 1, dgy * (height + 1) * 0.5)  # d gy / d gy~ = (H + 1) / 2
-    tl.store(dparams_ptr + 2, dlog_sigma2)
-    tl.store(dparams_ptr + 3, ddelta * delta)  # d delta / d log delta~ = delta
-    tl.store(dparams_ptr + 4, dlog_gamma)  # already w.r.t. log gamma
+    """Chain (gx, gy, sigma^2, delta, gamma) -> raw params (Eqs. 22-24) and store the 5 values, rounded
+    to dparams_ptr's type (the compute dtype for per-channel partials; params' own for one channel)."""
+    tl.store(dparams_ptr + 0, _cast_for_store(dgx * (width + 1) * 0.5, dparams_ptr))  # d gx / d gx~ = (W + 1) / 2
+    tl.store(dparams_ptr + 1, _cast_for_store(dgy * (height + 1) * 0.5, dparams_ptr))  # d gy / d gy~ = (H + 1) / 2
+    tl.store(dparams_ptr + 2, _cast_for_store(dlog_sigma2, dparams_ptr))
+    tl.store(dparams_ptr + 3, _cast_for_store(ddelta * delta, dparams_ptr))  # d delta / d log delta~ = delta
+    tl.store(dparams_ptr + 4, _cast_for_store(dlog_gamma, dparams_ptr))  # already w.r.t. log gamma
 
 
 @triton.jit
@@ -720,6 +722,19 @@ def _read_strides(t: torch.Tensor, has_canvas: bool) -> tuple:
     return t.stride() if has_canvas else (t.stride(0), 0, *t.stride()[1:])
 
 
+def _param_partials(batch: int, channels: int, acc_dtype: torch.dtype, params: torch.Tensor) -> torch.Tensor:
+    """The backward kernels' per-channel parameter gradients [B, C, 5], in the compute dtype to be
+    summed over C; with one channel, already the gradient, in params' dtype (no cast after)."""
+    return torch.empty((batch, channels, 5), device=params.device, dtype=acc_dtype if channels > 1 else params.dtype)
+
+
+def _sum_channels(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The parameter gradient [B, 5] in `dtype` from the per-channel partials [B, C, 5]: a deterministic
+    sum over C, and none for one channel (MNIST), which would be a kernel launch for nothing."""
+    grad_params = partials[:, 0] if partials.shape[1] == 1 else partials.sum(dim=1)
+    return grad_params.to(dtype)
+
+
 def attention_read_forward(x: torch.Tensor, canvas: torch.Tensor | None, params: torch.Tensor, n: int):
     """Launch the read forward kernel. x, canvas [B, C, H, W]; params [B, 5] -> [B, 2, C, n, n].
 
@@ -757,7 +772,7 @@ def attention_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: b
     grad_canvas = torch.empty(canvas.shape if canvas_needs_grad else (0,), device=x.device,
                               dtype=canvas.dtype)
     acc_dtype, compute = _compute_dtypes(x, canvas, params)
-    partials = torch.empty((batch, channels, 5), device=x.device, dtype=acc_dtype)  # all written
+    partials = _param_partials(batch, channels, acc_dtype, params)  # all written
     if x.numel() > 0:
         with _device_guard(x):
             _attention_read_backward_kernel[(batch, channels)](
@@ -772,8 +787,7 @@ def attention_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: b
         grad_x.zero_()  # empty images (H * W = 0): every gradient is 0
         grad_canvas.zero_()
         partials.zero_()
-    grad_params = partials.sum(dim=1).to(params.dtype)  # [B, 5], deterministic reduction over C
-    return grad_x, grad_canvas, grad_params
+    return grad_x, grad_canvas, _sum_channels(partials, params.dtype)
 
 
 def attention_write_forward(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor):
@@ -804,7 +818,7 @@ def attention_write_backward(grad_out, patch, params):
     n = patch.shape[-1]
     grad_patch = torch.empty(patch.shape, device=patch.device, dtype=patch.dtype)
     acc_dtype, compute = _compute_dtypes(grad_out, patch, params)
-    partials = torch.empty((batch, channels, 5), device=patch.device, dtype=acc_dtype)
+    partials = _param_partials(batch, channels, acc_dtype, params)
     if grad_out.numel() > 0:
         with _device_guard(patch):
             _attention_write_backward_kernel[(batch, channels)](
@@ -817,7 +831,7 @@ def attention_write_backward(grad_out, patch, params):
     else:
         grad_patch.zero_()
         partials.zero_()
-    return grad_patch, partials.sum(dim=1).to(params.dtype)
+    return grad_patch, _sum_channels(partials, params.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -175,8 +175,8 @@ def test_the_launch_count_sees_each_fused_kernel_and_one_weight_gradient_per_map
     count_launches.main(["--preset", "mnist-quick", "--batch", "3", "--json", str(out)])
     counts = json.loads(out.read_text())["counts"]
     forward, backward = counts["forward"], counts["backward"]
-    assert forward["fused read_forward"] == forward["fused write_forward"] == T
-    assert backward["fused read_backward"] == backward["fused write_backward"] == T
+    assert forward["attention_read_forward"] == forward["attention_write_forward"] == T
+    assert backward["attention_read_backward"] == backward["attention_write_backward"] == T
     assert forward["fused LSTM cell"] == backward["fused LSTM cell backward"] == 2 * T
     # the maps from h_dec and h_enc run T + 1 times (once on the initial states), those from r and z T times
     assert backward["mm"] == 2 * (T + 1) + 2 * T + 4
