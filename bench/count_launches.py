@@ -31,6 +31,7 @@ import draw.model
 from draw import DRAW, kernels
 from draw.config import PRESETS
 from draw.kernels import triton_attention as ta
+from draw.kernels import triton_latent as tlat
 
 NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "split", "split_with_sizes", "chunk",
              "unbind", "slice", "select", "as_strided", "unsqueeze", "squeeze", "alias", "detach", "unflatten",
@@ -102,7 +103,8 @@ lstm_cell = draw.model.lstm_cell
 
 
 TRITON_KERNELS = {ta: ("_attention_read_forward_kernel", "_attention_read_backward_kernel",
-                       "_attention_write_forward_kernel", "_attention_write_backward_kernel")}
+                       "_attention_write_forward_kernel", "_attention_write_backward_kernel"),
+                  tlat: ("_latent_forward_kernel", "_latent_backward_kernel")}
 
 
 def patches():

@@ -216,7 +216,7 @@ class DRAW(nn.Module):
             noise = noise.to(proj.enc_weight.dtype)
         _, _, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, from_dec(h_dec))  # from h_dec_0
         enc_hidden = from_enc(h_enc).split(proj.enc_sizes, dim=1)[2]  # from h_enc_0
-        latents = []  # (mu_t, log sigma_t, eps_t, z_t), each [B, z]
+        latent_terms = []  # per step [B, 2]: KL(Q(Z_t | h_enc_t) || N(0, I)) and log N(z_t; 0, I) - log Q(z_t)
         canvases, write_params = [], []
         for t in range(cfg.T):
             r = self.read(x, canvas, read_params)  # (3, 4)
@@ -224,21 +224,16 @@ class DRAW(nn.Module):
             h_enc, c_enc = lstm_cell(enc_input, enc_hidden, c_enc)  # (5)
             mu, log_sigma, enc_hidden = from_enc(h_enc).split(proj.enc_sizes, dim=1)  # [B, z], [B, z]  (1, 2)
             eps = torch.randn_like(mu) if noise is None else noise[t]
-            z = mu + torch.exp(log_sigma) * eps  # reparameterised sample of Q(Z_t | h_enc_t)  (6)
+            z, terms = kernels.latent_sample(mu, log_sigma, eps, backend=self.backend)  # z_t ~ Q(Z_t | h_enc_t)  (6, 11)
             h_dec, c_dec = lstm_cell(from_z(z), dec_hidden, c_dec)  # (7)
             patch, params, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, from_dec(h_dec))
             canvas = self.write(canvas, patch, params)  # (8)
-            latents.append((mu, log_sigma, eps, z))
+            latent_terms.append(terms)
             if return_sequence:
                 canvases.append(canvas)
                 write_params.append(params)
-        # all T steps at once (a handful of kernels instead of a dozen per step), in fp32 or wider: [T, B, z]
-        wide = torch.promote_types(mu.dtype, torch.float32)
-        mu, log_sigma, eps, z = (torch.stack(parts).to(wide) for parts in zip(*latents))
-        # KL(N(mu, sigma) || N(0, 1)) = 0.5 (mu^2 + sigma^2 - log sigma^2) - 1/2, per unit, summed over t  (11)
-        l_z = (0.5 * (mu**2 + torch.exp(2 * log_sigma)) - log_sigma - 0.5).sum((0, 2)).float()
-        # sum_t log N(z_t; 0, I) - log N(z_t; mu_t, sigma_t)
-        log_ratio = (0.5 * (eps**2 - z**2) + log_sigma).sum((0, 2)).float()
+        # L_z = sum_t KL_t  (10, 11); sum_t log N(z_t; 0, I) - log N(z_t; mu_t, sigma_t): [B] each, fp32
+        l_z, log_ratio = torch.stack(latent_terms).sum(0).float().unbind(1)
         l_x = F.binary_cross_entropy_with_logits(canvas.float(), x.float(), reduction="none").sum((1, 2, 3))  # (9)
         loss = (l_x + cfg.beta * l_z).mean()  # (12)
         log_weight = -l_x + log_ratio  # log p(x | z) + log p(z) - log q(z | x)

@@ -1,11 +1,12 @@
-"""`draw verify`: check the fused Triton attention kernels against the float64 reference, on this machine.
+"""`draw verify`: check the fused Triton kernels against the float64 reference, on this machine.
 
-Every case runs one op (read, glimpse or write) with backend="triton" on the current device and with
-backend="reference" on float64 copies of the same inputs, then compares the output and the gradient of
-every input under one random upstream gradient:
+Every case runs one op (read, glimpse, write or latent) with backend="triton" on the current device and
+with backend="reference" on float64 copies of the same inputs, then compares the outputs and the
+gradient of every input under one random upstream gradient:
     read    x, canvas, params        (Eqs. 3, 27)
     glimpse x, params                (Eq. 27's first half: x alone)
     write   patch, params, canvas    (Eqs. 8, 29)
+    latent  mu, log_sigma, eps       (Eqs. 6, 11: z and the per-image terms; a case's width is Z)
 
 The error of a compared tensor is max|fused - reference| / max|reference| (0 when both are all zero),
 and a check passes when it is finite and within the tolerance, or when the largest absolute error is
@@ -17,9 +18,9 @@ kernels contract in that case ("sum" or "dot", chosen per launch; DRAW_TRITON_CO
 it), so the sweep holds both forms to the reference.
 
 Sweeps (cases the device cannot run are left out):
-    quick  every grid size N = 1..16 for every op on small odd shapes (C = 1 and 3 in turn), the
-           degenerate parameters in fp32; on CUDA also the paper's image sizes in every dtype and a
-           65536 batch. The default (on an H100 about 110 cases, each compiling its own kernels).
+    quick  every grid size N = 1..16 for every attention op on small odd shapes (C = 1 and 3 in
+           turn), the degenerate parameters, and the latent step on odd B x Z, in fp32; on CUDA also
+           the paper's sizes in every dtype and a 65536 batch. The default (on an H100 about 110 cases, each compiling its own kernels).
     full   quick, plus N = 1..16 in every dtype with C = 1 and 3 each, more paper-sized cases and
            256x256 images: about 400 cases, over 200 s on an H100 (bench/RESULTS.md), minutes on CPU.
 
@@ -77,8 +78,13 @@ DEGENERATE_PARAMS = {
     "log_gamma=+15": {4: 15.0},
     "log_gamma=-15": {4: -15.0},
 }
+# The latent step's: log sigma for every element (sigma 2e-9 and 3e3).
+DEGENERATE_LOG_SIGMA = {"log_sigma=-20": -20.0, "log_sigma=+8": 8.0}
 
-OP_INPUTS = {"read": ("x", "canvas", "params"), "glimpse": ("x", "params"), "write": ("patch", "params", "canvas")}
+OP_INPUTS = {"read": ("x", "canvas", "params"), "glimpse": ("x", "params"), "write": ("patch", "params", "canvas"),
+             "latent": ("mu", "log_sigma", "eps")}
+ATTENTION_OPS = ("read", "glimpse", "write")
+OP_OUTPUTS = {"latent": ("z", "terms")}  # the others: ("output",)
 
 # Triton's interpreter converts one-element arrays with int(), which numpy 2.4 made an error (only
 # 0-d arrays convert); triton 3.7 fixed it. Checked: triton 3.6.0 runs these kernels with numpy 2.3.5
@@ -89,18 +95,20 @@ NUMPY_BREAKING_INTERPRETER = (2, 4)
 
 @dataclass(frozen=True)
 class Case:
-    op: str  # "read", "glimpse" or "write"
+    op: str  # "read", "glimpse", "write" or "latent" (B x Z: batch, width = Z; channels, height 1, n 0)
     batch: int
     channels: int
     height: int
     width: int
     n: int
     dtype: str  # a key of DTYPES
-    degenerate: str = ""  # a key of DEGENERATE_PARAMS, or "" for ordinary random parameters
+    degenerate: str = ""  # a key of DEGENERATE_PARAMS (DEGENERATE_LOG_SIGMA), or "" for ordinary random ones
     cuda_only: bool = False  # too large for Triton's interpreter
 
     @property
     def name(self) -> str:
+        if self.op == "latent":
+            return " ".join(filter(None, [self.op, f"{self.batch}x{self.width}", self.dtype, self.degenerate]))
         shape = f"{self.batch}x{self.channels}x{self.height}x{self.width}"
         return " ".join(filter(None, [self.op, shape, f"n={self.n}", self.dtype, self.degenerate]))
 
@@ -115,31 +123,42 @@ ODD_SHAPES = ((2, 1, 7, 11), (2, 3, 13, 9), (1, 1, 21, 5), (3, 3, 9, 16), (2, 1,
 PAPER_SIZES = ((64, 1, 28, 28, 2, 5), (16, 3, 32, 32, 5, 5), (8, 3, 54, 54, 12, 12), (8, 1, 100, 100, 12, 12))
 LARGE = ((4, 3, 256, 256, 16, 16),)
 LARGE_BATCH = (65536, 1, 28, 28, 2, 5)
+LATENT_SHAPES = ((1, 1), (7, 3), (37, 100), (5, 130), (3, 2500))  # (B, Z): odd, and past one tile of Z
+LATENT_PAPER = ((256, 100),)  # mnist-paper's Z
+
+
+def latent_case(batch: int, size: int, dtype: str, degenerate: str = "", cuda_only: bool = False) -> Case:
+    return Case("latent", batch, 1, 1, size, 0, dtype, degenerate, cuda_only)
 
 
 def build_sweep(sweep: str, dtypes, cuda: bool) -> list[Case]:
     """The cases of the quick or full sweep for `dtypes` (keys of DTYPES); CUDA-only cases when cuda."""
     cases = []
-    for op in OP_INPUTS:  # every grid size, fp32, one odd shape per N (C = 1 and 3 in turn)
+    for op in ATTENTION_OPS:  # every grid size, fp32, one odd shape per N (C = 1 and 3 in turn)
         cases += [Case(op, *ODD_SHAPES[n % len(ODD_SHAPES)], n, "fp32") for n in range(1, 17)]
-    for op in OP_INPUTS:
+    for op in ATTENTION_OPS:
         cases += [Case(op, 2, 1, 13, 13, 3, "fp32", degenerate) for degenerate in DEGENERATE_PARAMS]
+    cases += [latent_case(b, z, "fp32") for b, z in LATENT_SHAPES]
+    cases += [latent_case(5, 9, "fp32", degenerate) for degenerate in DEGENERATE_LOG_SIGMA]
+    cases += [latent_case(b, z, dtype, cuda_only=True) for dtype in dtypes for b, z in LATENT_PAPER]
     sizes = PAPER_SIZES if sweep == "quick" else PAPER_SIZES + LARGE
     for dtype in dtypes:
         for b, c, h, w, read_n, write_n in sizes:
-            for op in OP_INPUTS:
+            for op in ATTENTION_OPS:
                 n = write_n if op == "write" else (12 if op == "glimpse" else read_n)
                 cases.append(Case(op, b, c, h, w, n, dtype, cuda_only=True))
     if sweep == "full":
         for dtype in dtypes:  # every grid size in every dtype, each with C = 1 and C = 3
-            for op in OP_INPUTS:
+            cases += [latent_case(b, z, dtype) for b, z in LATENT_SHAPES]
+            for op in ATTENTION_OPS:
                 for n in range(1, 17):
                     for channels in (1, 3):
                         b, _, h, w = ODD_SHAPES[(n + channels) % len(ODD_SHAPES)]
                         cases.append(Case(op, b, channels, h, w, n, dtype))
-    for op in OP_INPUTS:
+    for op in ATTENTION_OPS:
         b, c, h, w, read_n, write_n = LARGE_BATCH
         cases.append(Case(op, b, c, h, w, write_n if op == "write" else read_n, "fp32", cuda_only=True))
+    cases.append(latent_case(LARGE_BATCH[0], LATENT_PAPER[0][1], "fp32", cuda_only=True))
     cases = [case for case in cases if (case.dtype in dtypes) and (cuda or not case.cuda_only)]
     return list(dict.fromkeys(cases))  # drop repeats, keep the order
 
@@ -170,10 +189,17 @@ def passes(max_abs: float, rel: float, tolerance: float) -> bool:
 
 
 def make_inputs(case: Case, device: torch.device) -> dict:
-    """x in [0, 1], canvas logits, raw params (degenerate columns set), a patch: in the case's dtype."""
+    """x in [0, 1], canvas logits, raw params (degenerate columns set), a patch: in the case's dtype.
+    The latent step: mu, log sigma (or a degenerate value) and eps [B, Z]."""
     g = torch.Generator(device=device).manual_seed(case.n * 1000 + case.channels)
     b, c, h, w, n = case.batch, case.channels, case.height, case.width, case.n
     f64 = torch.float64
+    if case.op == "latent":
+        inputs = {name: torch.randn(b, w, generator=g, device=device, dtype=f64) for name in OP_INPUTS["latent"]}
+        inputs["log_sigma"] = 0.5 * inputs["log_sigma"]
+        if case.degenerate:
+            inputs["log_sigma"].fill_(DEGENERATE_LOG_SIGMA[case.degenerate])
+        return {name: t.to(DTYPES[case.dtype]) for name, t in inputs.items()}
     inputs = {
         "x": torch.rand(b, c, h, w, generator=g, device=device, dtype=f64),
         "canvas": 2 * torch.randn(b, c, h, w, generator=g, device=device, dtype=f64),
@@ -185,7 +211,14 @@ def make_inputs(case: Case, device: torch.device) -> dict:
     return {name: t.to(DTYPES[case.dtype]) for name, t in inputs.items()}
 
 
-def apply_op(op: str, inputs: dict, n: int, backend: str) -> torch.Tensor:
+def apply_op(op: str, inputs: dict, n: int, backend: str) -> tuple[torch.Tensor, ...]:
+    """The op's outputs (OP_OUTPUTS): one tensor, or the latent step's z and terms."""
+    if op == "latent":
+        return kernels.latent_sample(inputs["mu"], inputs["log_sigma"], inputs["eps"], backend=backend)
+    return (_attention(op, inputs, n, backend),)
+
+
+def _attention(op: str, inputs: dict, n: int, backend: str) -> torch.Tensor:
     if op == "read":
         return kernels.read(inputs["x"], inputs["canvas"], inputs["params"], n, backend=backend)
     if op == "glimpse":
@@ -193,16 +226,19 @@ def apply_op(op: str, inputs: dict, n: int, backend: str) -> torch.Tensor:
     return kernels.write(inputs["patch"], inputs["params"], inputs["canvas"], backend=backend)
 
 
-def _output_shape(case: Case) -> tuple:
+def _output_shapes(case: Case) -> list[tuple]:
     b, c, n = case.batch, case.channels, case.n
-    return {"read": (b, 2, c, n, n), "glimpse": (b, c, n, n), "write": (b, c, case.height, case.width)}[case.op]
+    if case.op == "latent":
+        return [(b, case.width), (b, 2)]
+    return [{"read": (b, 2, c, n, n), "glimpse": (b, c, n, n), "write": (b, c, case.height, case.width)}[case.op]]
 
 
-def _forward_backward(case: Case, inputs: dict, dtype: torch.dtype, backend: str, upstream: torch.Tensor):
-    """[output, grad of each input] of the case's op on `inputs` converted to `dtype`."""
+def _forward_backward(case: Case, inputs: dict, dtype: torch.dtype, backend: str, upstream: list[torch.Tensor]):
+    """[each output, grad of each input] of the case's op on `inputs` converted to `dtype`."""
     leaves = {name: inputs[name].detach().to(dtype).requires_grad_() for name in OP_INPUTS[case.op]}
-    out = apply_op(case.op, leaves, case.n, backend)
-    return [out, *torch.autograd.grad(out, list(leaves.values()), upstream.to(out.dtype))]
+    outs = apply_op(case.op, leaves, case.n, backend)
+    upstream = [u.to(out.dtype) for u, out in zip(upstream, outs)]
+    return [*outs, *torch.autograd.grad(outs, list(leaves.values()), upstream)]
 
 
 def check_case(case: Case, device: torch.device) -> list[dict]:
@@ -216,12 +252,12 @@ def check_case(case: Case, device: torch.device) -> list[dict]:
     dtype = DTYPES[case.dtype]
     inputs = make_inputs(case, device)
     g = torch.Generator(device=device).manual_seed(1)
-    upstream = torch.randn(_output_shape(case), generator=g, device=device, dtype=torch.float64).to(dtype)
+    upstream = [torch.randn(shape, generator=g, device=device, dtype=torch.float64).to(dtype) for shape in _output_shapes(case)]
     fused = _forward_backward(case, inputs, dtype, "triton", upstream)
     expected = _forward_backward(case, inputs, torch.float64, "reference", upstream)
     baseline = _forward_backward(case, inputs, dtype, "reference", upstream)
     rows = []
-    quantities = ["output"] + [f"grad {name}" for name in OP_INPUTS[case.op]]
+    quantities = [*OP_OUTPUTS.get(case.op, ("output",)), *(f"grad {name}" for name in OP_INPUTS[case.op])]
     for quantity, actual, exp, base in zip(quantities, fused, expected, baseline):
         max_abs, rel = relative_error(actual, exp)
         baseline_rel = relative_error(base, exp)[1]
@@ -235,6 +271,8 @@ def _contraction(case: Case) -> str:
     verified dtype computes in fp32). Imports triton, so only once the interpreter question is settled."""
     from draw.kernels import triton_attention
 
+    if case.op == "latent":
+        return "-"  # elementwise: no contraction
     try:
         return triton_attention.contraction(torch.float32, case.n, case.width)
     except ValueError:  # a bad DRAW_TRITON_CONTRACTION: the case's own error row says so
@@ -345,7 +383,7 @@ def _format_row(row: dict, width: int) -> str:
         verdict = "FAIL"
     else:  # "ok (abs)": passed on the absolute floor, the reference's values being below fp32's range
         verdict = "ok" if row["relative_error"] <= row["tolerance"] else "ok (abs)"
-    return (f"{row['case']:<{width}}  {row['contract']:<8}  {row['quantity']:<12}  {number(row['max_abs_error'])}  "
+    return (f"{row['case']:<{width}}  {row['contract']:<8}  {row['quantity']:<14}  {number(row['max_abs_error'])}  "
             f"{number(row['relative_error'])}  {number(row['baseline_relative_error'])}  {row['tolerance']:8.1e}  "
             f"{verdict}")
 
@@ -426,7 +464,7 @@ def run(args) -> int:
     if device.type == "cpu":
         print("  (on CPU the paper-sized images and the 65536 batch are left out: the interpreter is too slow)")
     width = max(len(case.name) for case in cases)
-    print(f"{'case':<{width}}  {'contract':<8}  {'quantity':<12}  {'max abs':>9}  {'rel err':>9}  {'ref err':>9}  {'tol':>8}  pass",
+    print(f"{'case':<{width}}  {'contract':<8}  {'quantity':<14}  {'max abs':>9}  {'rel err':>9}  {'ref err':>9}  {'tol':>8}  pass",
           flush=True)
     started = time.perf_counter()
     rows = []

@@ -1,11 +1,13 @@
-"""DRAW's selective attention (Gregor et al. 2015, Eqs. 19-29): filterbank, read, glimpse and write.
+"""DRAW's selective attention (Gregor et al. 2015, Eqs. 19-29): filterbank, read, glimpse and write; and
+its latent step (Eqs. 6, 11): latent_sample.
 
 read is the generator's (x and the error image, Eq. 27); glimpse reads x alone, as the cluttered-MNIST
-classifier of Sec. 4.1 does; write adds a patch to the canvas (Eq. 29).
+classifier of Sec. 4.1 does; write adds a patch to the canvas (Eq. 29); latent_sample draws z_t and
+the per-image Gaussian terms of the loss, one launch each way on the GPU.
 
 Two backends share one API and one set of conventions (docs/conventions.md):
     "reference"  batched PyTorch (kernels/reference.py), any device, the definition of correctness;
-    "triton"     fused Triton kernels (kernels/triton_attention.py), CUDA tensors, or CPU tensors
+    "triton"     fused Triton kernels (kernels/triton_attention.py, triton_latent.py), CUDA tensors, or CPU tensors
                  under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported);
     "auto"       Triton for CUDA tensors when Triton imports, else the reference.
 """
@@ -19,7 +21,7 @@ from draw.kernels import reference
 
 BACKENDS = ("auto", "reference", "triton")
 
-__all__ = ["BACKENDS", "filterbank", "glimpse", "read", "write", "resolve_backend", "triton_available"]
+__all__ = ["BACKENDS", "filterbank", "glimpse", "latent_sample", "read", "write", "resolve_backend", "triton_available"]
 
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -190,3 +192,27 @@ def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor, *, ba
 
         return triton_attention.write(patch, params, canvas)
     return reference.write(patch, params, canvas)
+
+
+def latent_sample(mu: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor, *, backend: str = "auto"):
+    """One step's reparameterised sample z = mu + exp(log_sigma) * eps (Eq. 6) and, per image, the KL
+    term of the latent loss (Eq. 11) and log N(z; 0, I) - log N(z; mu, sigma^2).
+
+    Args:
+        mu, log_sigma, eps: [B, Z] (any strides), on one device.
+        backend: "auto", "reference" or "triton" (under torch.compile always the reference, which the
+            compiler fuses itself).
+    Returns:
+        z [B, Z] in mu's dtype; terms [B, 2] (KL, log ratio) in fp32, or fp64 for fp64 inputs.
+    """
+    for name, t in (("mu", mu), ("log_sigma", log_sigma), ("eps", eps)):
+        _check_tensor(name, t, 2, "[B, Z]")
+    if not mu.shape == log_sigma.shape == eps.shape:
+        raise ValueError(f"mu, log_sigma and eps must have one shape [B, Z], got {list(mu.shape)}, "
+                         f"{list(log_sigma.shape)} and {list(eps.shape)}")
+    device = _check_same_device(mu=mu, log_sigma=log_sigma, eps=eps)
+    if resolve_backend(backend, device) == "triton" and not torch.compiler.is_compiling():
+        from draw.kernels import triton_latent
+
+        return triton_latent.latent_sample(mu, log_sigma, eps)
+    return reference.latent_sample(mu, log_sigma, eps)

@@ -125,3 +125,23 @@ def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> to
     fx, fy, gamma = filterbank(params, n, height, width)
     written = fy[:, None].transpose(-1, -2) @ patch.to(fx.dtype) @ fx[:, None]  # [B, C, H, W]: F_Y^T w F_X  (29)
     return (canvas.to(fx.dtype) + written / gamma[:, None, None, None]).to(canvas.dtype)
+
+
+def latent_sample(mu: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor):
+    """One step's reparameterised sample and its per-image Gaussian terms (Eqs. 6, 11).
+
+    Args:
+        mu, log_sigma: [B, Z] the mean and log standard deviation of Q(Z_t | h_enc_t)  (1, 2).
+        eps: [B, Z] a standard-normal draw.
+    Returns:
+        z [B, Z] = mu + exp(log_sigma) * eps, in mu's dtype  (6);
+        terms [B, 2], in fp32 or wider: KL(N(mu, sigma^2) || N(0, I)) summed over Z  (11), and
+        log N(z; 0, I) - log N(z; mu, sigma^2) = sum_j 0.5 (eps^2 - z^2) + log sigma.
+    """
+    out_dtype, wide = mu.dtype, torch.promote_types(mu.dtype, torch.float32)  # fp32 or wider; z rounded once
+    mu, log_sigma, eps = mu.to(wide), log_sigma.to(wide), eps.to(wide)
+    sigma = torch.exp(log_sigma)
+    z = mu + sigma * eps  # (6)
+    kl = 0.5 * (mu.square() + sigma.square() - 1) - log_sigma  # (11), per unit
+    log_ratio = 0.5 * (eps.square() - z.square()) + log_sigma
+    return z.to(out_dtype), torch.stack([kl, log_ratio], dim=1).sum(2)

@@ -38,24 +38,36 @@ def test_quick_sweep_passes_and_json_holds_every_row(tmp_path, capsys):
     cases = verify.build_sweep("quick", ["fp32"], cuda=False)
     assert payload["passed"] is True and payload["metadata"]["triton_interpreter"] is True
     rows = payload["rows"]
-    # the output and the gradient of every input, for every case: read 4, glimpse 3, write 4 rows
-    assert len(rows) == sum(1 + len(verify.OP_INPUTS[case.op]) for case in cases)
-    assert [row["case"] for row in rows if row["quantity"] == "output"] == [case.name for case in cases]
+    # each output and the gradient of every input, for every case: read 4, glimpse 3, write 4, latent 5 rows
+    outputs = {op: verify.OP_OUTPUTS.get(op, ("output",)) for op in verify.OP_INPUTS}
+    assert len(rows) == sum(len(outputs[case.op]) + len(verify.OP_INPUTS[case.op]) for case in cases)
+    assert [row["case"] for row in rows if row["quantity"] in ("output", "z")] == [case.name for case in cases]
     quantities = {(row["op"], row["quantity"]) for row in rows}
     for op, names in verify.OP_INPUTS.items():
-        assert {(op, "output")} | {(op, f"grad {name}") for name in names} <= quantities
-    assert {row["n"] for row in rows} == set(range(1, 17)) and {row["channels"] for row in rows} == {1, 3}
-    assert {row["degenerate"] for row in rows} >= set(verify.DEGENERATE_PARAMS)
+        assert {(op, out) for out in outputs[op]} | {(op, f"grad {name}") for name in names} <= quantities
+    attention = [row for row in rows if row["op"] != "latent"]
+    assert {row["n"] for row in attention} == set(range(1, 17)) and {row["channels"] for row in attention} == {1, 3}
+    assert {row["degenerate"] for row in rows} >= set(verify.DEGENERATE_PARAMS) | set(verify.DEGENERATE_LOG_SIGMA)
     for row in rows:  # fp32: 1e-5, or 8x the fp32 reference's own error where that is larger
         assert row["passed"] and row["tolerance"] == max(1e-5, verify.BASELINE_FACTOR * row["baseline_relative_error"])
     assert printed.count(" ok") == len(rows) and "all passed" in printed
 
 
-@pytest.mark.parametrize("where", ["forward", "gradient"])
+@pytest.mark.parametrize("where", ["forward", "gradient", "latent"])
 def test_a_wrong_kernel_fails(where, monkeypatch, tmp_path, capsys):
-    from draw.kernels import triton_attention
+    from draw.kernels import triton_attention, triton_latent
 
-    if where == "forward":
+    only = SMALL
+    if where == "latent":
+        backward = triton_latent.latent_sample_backward
+
+        def wrong_latent_backward(*args):
+            grad_mu, grad_log_sigma, grad_eps = backward(*args)
+            return grad_mu, grad_log_sigma * (1 + 1e-4), grad_eps
+
+        monkeypatch.setattr(triton_latent, "latent_sample_backward", wrong_latent_backward)
+        only = "latent 37x100 fp32"
+    elif where == "forward":
         glimpse = triton_attention.glimpse
 
         def wrong_glimpse(x, params, n):
@@ -72,10 +84,10 @@ def test_a_wrong_kernel_fails(where, monkeypatch, tmp_path, capsys):
 
         monkeypatch.setattr(triton_attention, "attention_read_backward", wrong_backward)
     path = tmp_path / "verify.json"
-    assert verify.run(parse("--device", "cpu", "--only", SMALL, "--json", str(path))) == 1
+    assert verify.run(parse("--device", "cpu", "--only", only, "--json", str(path))) == 1
     rows = json.loads(path.read_text())["rows"]
     failed = {row["quantity"] for row in rows if not row["passed"]}
-    assert failed == ({"output"} if where == "forward" else {"grad params"})
+    assert failed == {"forward": {"output"}, "gradient": {"grad params"}, "latent": {"grad log_sigma"}}[where]
     assert "FAIL" in capsys.readouterr().err
 
 

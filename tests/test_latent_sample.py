@@ -1,0 +1,120 @@
+"""The latent step, kernels.latent_sample (Eqs. 6, 11): the reference against the Gaussian maths of
+torch.distributions, then the fused Triton kernel (kernels/triton_latent.py) against the reference,
+forward and every gradient, as tests/test_triton_attention.py does for the attention."""
+
+import os
+
+import pytest
+import torch
+from helpers import assert_close
+from torch.distributions import Normal, kl_divergence
+
+from draw import kernels
+
+ON_CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cuda" if ON_CUDA else "cpu"
+requires_kernels = pytest.mark.skipif(
+    not (ON_CUDA or INTERPRETED), reason="needs CUDA, or TRITON_INTERPRET=1 set before triton is imported")
+
+
+def latent_inputs(batch, size, dtype=torch.float64, seed=0, device="cpu", strided=False):
+    """mu, log sigma, eps [B, Z], leaves requiring grad; strided: mu and log sigma as column slices of
+    one wider tensor, as DRAW passes them (its h_enc projection)."""
+    g = torch.Generator().manual_seed(seed)
+    if strided:
+        wide = torch.randn(batch, 2 * size + 3, generator=g, dtype=torch.float64)
+        mu, log_sigma = wide[:, :size], 0.5 * wide[:, size:2 * size]
+    else:
+        mu, log_sigma = torch.randn(batch, size, generator=g, dtype=torch.float64), 0.5 * torch.randn(batch, size, generator=g, dtype=torch.float64)
+    eps = torch.randn(batch, size, generator=g, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (mu, log_sigma, eps)]
+
+
+def test_reference_is_the_gaussian_maths():
+    """z = mu + sigma eps; terms = (KL(N(mu, sigma^2) || N(0, I)), log N(z; 0, I) - log N(z; mu, sigma^2)),
+    summed over Z, from torch.distributions."""
+    mu, log_sigma, eps = latent_inputs(5, 7)
+    z, terms = kernels.latent_sample(mu, log_sigma, eps, backend="reference")
+    q, prior = Normal(mu, torch.exp(log_sigma)), Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    assert_close(z, mu + torch.exp(log_sigma) * eps, 1e-14, 1e-14, "z")
+    assert_close(terms[:, 0], kl_divergence(q, prior).sum(1), 1e-12, 1e-12, "kl")
+    assert_close(terms[:, 1], (prior.log_prob(z) - q.log_prob(z)).sum(1), 1e-12, 1e-12, "log ratio")
+
+
+def test_reference_gradcheck():
+    assert torch.autograd.gradcheck(lambda *t: kernels.latent_sample(*t, backend="reference"), tuple(latent_inputs(3, 4)))
+
+
+def test_bad_inputs_are_refused():
+    mu, log_sigma, eps = (t.detach() for t in latent_inputs(3, 4))
+    with pytest.raises(ValueError, match="one shape"):
+        kernels.latent_sample(mu, log_sigma, eps[:, :3])
+    with pytest.raises(ValueError, match=r"\[B, Z\]"):
+        kernels.latent_sample(mu[0], log_sigma[0], eps[0])
+    with pytest.raises(TypeError, match="floating-point"):
+        kernels.latent_sample(mu, log_sigma, eps.long())
+
+
+def compare(batch, size, dtype, *, strided=False, outputs=("z", "terms"), eps_grad=True, rtol=None, atol=None):
+    """Triton against the float64 reference: z, the terms and the gradients of mu, log sigma (and eps)
+    under random upstream gradients of the outputs named in `outputs` (the others unused)."""
+    leaves = latent_inputs(batch, size, dtype, seed=batch * 1000 + size, device=DEVICE, strided=strided)
+    if not eps_grad:
+        leaves[2] = leaves[2].detach()
+    reference_leaves = [t.detach().to("cpu", torch.float64).requires_grad_(t.requires_grad) for t in leaves]
+    fused = kernels.latent_sample(*leaves, backend="triton")
+    expected = kernels.latent_sample(*reference_leaves, backend="reference")
+    assert fused[0].dtype == dtype and fused[1].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert fused[0].is_contiguous() and fused[1].shape == (batch, 2)
+    g = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(e.shape, generator=g, dtype=torch.float64) for e in expected]
+    rtol = rtol if rtol is not None else {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
+    atol = atol if atol is not None else rtol
+    for name, a, e in zip(("z", "terms"), fused, expected):
+        assert_close(a, e, rtol, atol * max(1.0, e.abs().max().item()), name)
+    chosen = [i for i, name in enumerate(("z", "terms")) if name in outputs]
+    wrt = [t for t in leaves if t.requires_grad]
+    grads = torch.autograd.grad([fused[i] for i in chosen], wrt, [upstream[i].to(DEVICE, fused[i].dtype) for i in chosen])
+    wrt_expected = [t for t in reference_leaves if t.requires_grad]
+    grads_expected = torch.autograd.grad([expected[i] for i in chosen], wrt_expected, [upstream[i] for i in chosen])
+    for name, a, e in zip(("d mu", "d log sigma", "d eps"), grads, grads_expected):
+        assert a.dtype == dtype
+        assert_close(a, e, rtol, atol * max(1.0, e.abs().max().item()), name)
+
+
+@requires_kernels
+@pytest.mark.parametrize("batch,size", [(1, 1), (7, 3), (37, 100), (5, 130), (3, 2500)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_kernel_forward_and_every_gradient(batch, size, dtype):
+    """Odd batches, Z = 1 up to past one tile of columns (2,048: the column loop)."""
+    compare(batch, size, dtype)
+
+
+@requires_kernels
+@pytest.mark.parametrize("outputs", [("z",), ("terms",)], ids=["z-only", "terms-only"])
+def test_kernel_with_one_output_unused(outputs):
+    compare(6, 9, torch.float64, outputs=outputs)
+
+
+@requires_kernels
+def test_kernel_on_column_slices_without_eps_gradient():
+    """mu and log sigma as slices of a wider tensor (DRAW's case), eps a constant draw."""
+    compare(9, 10, torch.float64, strided=True, eps_grad=False)
+    compare(9, 10, torch.float32, strided=True, eps_grad=False)
+
+
+@requires_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_kernel_half_precision(dtype):
+    """Computed in fp32, stored in the inputs' dtype: within that dtype's rounding of the reference."""
+    compare(11, 20, dtype, rtol=2e-2, atol=2e-2)
+
+
+@requires_kernels
+def test_kernel_double_backward_is_refused():
+    leaves = latent_inputs(3, 4, device=DEVICE)
+    z, terms = kernels.latent_sample(*leaves, backend="triton")
+    (grad,) = torch.autograd.grad(terms.sum(), leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad.sum().backward()
