@@ -39,6 +39,20 @@ _NUM_WARPS = 4
 
 
 @triton.jit
+def _load_block(mu_ptr, log_sigma_ptr, eps_ptr, rows, row_mask, start, size,
+                stride_mb, stride_mz, stride_lb, stride_lz, stride_eb, stride_ez,
+                BLOCK_Z: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """Columns [start, start + BLOCK_Z) of the program's rows: (cols, mask, mu, log sigma, eps), the three
+    [BLOCK_B, BLOCK_Z] in the compute dtype, 0 where masked (rows past B, columns past Z)."""
+    cols = start + tl.arange(0, BLOCK_Z)
+    mask = row_mask[:, None] & (cols < size)[None, :]
+    mu = tl.load(mu_ptr + rows[:, None] * stride_mb + cols[None, :] * stride_mz, mask=mask, other=0.0)
+    log_sigma = tl.load(log_sigma_ptr + rows[:, None] * stride_lb + cols[None, :] * stride_lz, mask=mask, other=0.0)
+    eps = tl.load(eps_ptr + rows[:, None] * stride_eb + cols[None, :] * stride_ez, mask=mask, other=0.0)
+    return cols, mask, mu.to(COMPUTE_DTYPE), log_sigma.to(COMPUTE_DTYPE), eps.to(COMPUTE_DTYPE)
+
+
+@triton.jit
 def _latent_forward_kernel(
     mu_ptr, log_sigma_ptr, eps_ptr, z_ptr, terms_ptr,
     batch, size,
@@ -52,12 +66,9 @@ def _latent_forward_kernel(
     kl = tl.zeros([BLOCK_B], dtype=COMPUTE_DTYPE)
     log_ratio = tl.zeros([BLOCK_B], dtype=COMPUTE_DTYPE)
     for start in range(0, size, BLOCK_Z):
-        cols = start + tl.arange(0, BLOCK_Z)
-        mask = row_mask[:, None] & (cols < size)[None, :]
-        mu = tl.load(mu_ptr + rows[:, None] * stride_mb + cols[None, :] * stride_mz, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        log_sigma = tl.load(log_sigma_ptr + rows[:, None] * stride_lb + cols[None, :] * stride_lz,
-                            mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        eps = tl.load(eps_ptr + rows[:, None] * stride_eb + cols[None, :] * stride_ez, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        cols, mask, mu, log_sigma, eps = _load_block(mu_ptr, log_sigma_ptr, eps_ptr, rows, row_mask, start, size,
+                                                     stride_mb, stride_mz, stride_lb, stride_lz, stride_eb, stride_ez,
+                                                     BLOCK_Z, COMPUTE_DTYPE)
         sigma = tl.exp(log_sigma)
         z = mu + sigma * eps  # (6)
         tl.store(z_ptr + rows[:, None] * size + cols[None, :], _cast_for_store(z, z_ptr), mask=mask)
@@ -87,12 +98,9 @@ def _latent_backward_kernel(
         grad_kl = tl.zeros([BLOCK_B, 1], dtype=COMPUTE_DTYPE)
         grad_ratio = tl.zeros([BLOCK_B, 1], dtype=COMPUTE_DTYPE)
     for start in range(0, size, BLOCK_Z):
-        cols = start + tl.arange(0, BLOCK_Z)
-        mask = row_mask[:, None] & (cols < size)[None, :]
-        mu = tl.load(mu_ptr + rows[:, None] * stride_mb + cols[None, :] * stride_mz, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        log_sigma = tl.load(log_sigma_ptr + rows[:, None] * stride_lb + cols[None, :] * stride_lz,
-                            mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        eps = tl.load(eps_ptr + rows[:, None] * stride_eb + cols[None, :] * stride_ez, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        cols, mask, mu, log_sigma, eps = _load_block(mu_ptr, log_sigma_ptr, eps_ptr, rows, row_mask, start, size,
+                                                     stride_mb, stride_mz, stride_lb, stride_lz, stride_eb, stride_ez,
+                                                     BLOCK_Z, COMPUTE_DTYPE)
         if HAS_GRAD_Z:
             grad_z = tl.load(grad_z_ptr + rows[:, None] * stride_gzb + cols[None, :] * stride_gzz,
                              mask=mask, other=0.0).to(COMPUTE_DTYPE)
