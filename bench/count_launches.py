@@ -10,7 +10,7 @@ dispatches that would launch a kernel on CUDA:
       per-channel partials, casting) run and are counted;
     - the LSTM cell counts once forward and once backward (CUDA's fused cell, draw.model.lstm_cell);
     - views (view, split, t, expand, ...) and empty allocations launch nothing and are not counted;
-    - Adam runs in its foreach form, as on CUDA.
+    - Adam runs in its foreach form, as on CUDA; the forward draws its own latent noise.
 Not seen: kernels that cuBLAS adds inside one product (split-K reductions, often after a product with a
 long inner dimension, such as a weight gradient). Counts are per phase and per time step T.
 
@@ -125,7 +125,6 @@ def count_step(preset: str, batch: int, amp: str = "fp32") -> dict[str, collecti
     model = DRAW(config, backend="triton")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
     x = torch.bernoulli(torch.full((batch, config.channels, config.height, config.width), 0.3))
-    noise = torch.randn(config.T, batch, config.z_size)
     phases = {}
 
     def phase(name, fn):
@@ -142,7 +141,7 @@ def count_step(preset: str, batch: int, amp: str = "fp32") -> dict[str, collecti
             optimizer.zero_grad(set_to_none=True)
             run = phase if counted else (lambda name, fn: fn())
             with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False, enabled=amp == "bf16"):
-                out = run("forward", lambda: model(x, noise=noise))
+                out = run("forward", lambda: model(x))  # the latent noise drawn inside, counted
             run("backward", lambda: out.loss.backward())
             run("optimizer", lambda: (torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0), optimizer.step()))
     return phases

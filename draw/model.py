@@ -199,7 +199,7 @@ class DRAW(nn.Module):
         Args:
             x: [B, C, H, W] binary (or grey-level) images in [0, 1].
             noise: [T, B, z_size] the standard-normal draws of the reparameterised z_t (default: fresh
-                draws from torch's generator); evaluation passes noise tied to each image.
+                draws from torch's generator, all T in one); evaluation passes noise tied to each image.
             return_sequence: also return the T canvases and write parameters (for figures).
         """
         cfg = self.config
@@ -212,8 +212,9 @@ class DRAW(nn.Module):
         canvas, (h_enc, c_enc), (h_dec, c_dec) = self._initial_state(batch, x.dtype)
         proj = self.projections()
         from_dec, from_enc, from_read, from_z = proj.maps()
-        if noise is not None:  # in the latents' dtype (autocast's, under autocast), cast once
-            noise = noise.to(proj.enc_weight.dtype)
+        if noise is None:  # all T steps' draws at once (one kernel), in fp32 or wider as TrainStep draws them
+            noise = torch.randn(cfg.T, batch, cfg.z_size, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+        noise = noise.to(proj.enc_weight.dtype)  # in the latents' dtype (autocast's, under autocast), cast once
         _, _, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, from_dec(h_dec))  # from h_dec_0
         enc_hidden = from_enc(h_enc).split(proj.enc_sizes, dim=1)[2]  # from h_enc_0
         latent_terms = []  # per step [B, 2]: KL(Q(Z_t | h_enc_t) || N(0, I)) and log N(z_t; 0, I) - log Q(z_t)
@@ -223,8 +224,7 @@ class DRAW(nn.Module):
             enc_input = from_read(r, add=enc_from_dec)  # W_ih [r, h_dec_{t-1}] + b_ih  (5)
             h_enc, c_enc = lstm_cell(enc_input, enc_hidden, c_enc)  # (5)
             mu, log_sigma, enc_hidden = from_enc(h_enc).split(proj.enc_sizes, dim=1)  # [B, z], [B, z]  (1, 2)
-            eps = torch.randn_like(mu) if noise is None else noise[t]
-            z, terms = kernels.latent_sample(mu, log_sigma, eps, backend=self.backend)  # z_t ~ Q(Z_t | h_enc_t)  (6, 11)
+            z, terms = kernels.latent_sample(mu, log_sigma, noise[t], backend=self.backend)  # z_t ~ Q(Z_t | h_enc_t)  (6, 11)
             h_dec, c_dec = lstm_cell(from_z(z), dec_hidden, c_dec)  # (7)
             patch, params, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, from_dec(h_dec))
             canvas = self.write(canvas, patch, params)  # (8)

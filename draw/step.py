@@ -130,9 +130,9 @@ class TrainStep:
 
     def latent_noise(self, batch: int, mine: slice) -> torch.Tensor:
         """This rank's part [T, b, z_size] of a global batch's latent noise, drawn from torch's generator
-        for the whole batch one time step at a time, as the model itself would draw it."""
+        for the whole batch in one draw (one kernel), as the model itself draws it."""
         cfg = self.model.config
-        return torch.stack([torch.randn(batch, cfg.z_size, device=self.device)[mine] for _ in range(cfg.T)])
+        return torch.randn(cfg.T, batch, cfg.z_size, device=self.device)[:, mine]
 
     def _step(self, batch: tuple, *, capturing: bool = False) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
