@@ -10,8 +10,9 @@ Each part runs as its own process (so one failure or crash does not stop the oth
 limit, and its output is kept in DIR/PART.log. The correctness parts (verify, cuda-tests) run side by
 side, since they time nothing and mostly compile; every timing part runs alone. The parts:
     verify      `draw verify --quick`: the fused kernels against the reference, forward and every gradient
-    cuda-tests  tests/test_triton_attention.py compiled on the GPU and tests/test_model.py (the model's
-                fused CUDA LSTM cell), 8 workers where pytest-xdist is installed (skipped by --quick and on CPU)
+    cuda-tests  tests/test_triton_attention.py and tests/test_latent_sample.py compiled on the GPU, and
+                tests/test_model.py (the model's fused CUDA LSTM cell), 8 workers where pytest-xdist is
+                installed (skipped by --quick and on CPU)
     attention   bench_attention.py at the launch-bound sizes (eager, compiled, and the fused kernels as
                 launched and forced to broadcast-and-sum: triton, triton-sum)
     attention-2warps  the fused kernels at the launch-bound sizes with 2 warps per program
@@ -67,7 +68,8 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
     return [
         [("verify", [py, "-m", "draw", "verify", "--quick", "--json", str(out / "verify.json")], 240, {}),
          ("cuda-tests", [py, "-m", "pytest", "-q", "-rfs", *workers, str(ROOT / "tests" / "test_triton_attention.py"),
-                         str(ROOT / "tests" / "test_model.py"), f"--junitxml={out / 'cuda-tests.xml'}"], 240, {})],
+                         str(ROOT / "tests" / "test_latent_sample.py"), str(ROOT / "tests" / "test_model.py"),
+                         f"--junitxml={out / 'cuda-tests.xml'}"], 240, {})],
         [("attention", attention + ["--sizes", "launch", "--rep-ms", "50", "--json", str(out / "attention.json"),
                                     "--markdown", str(out / "attention.md"), "--plot", str(out / "attention.png")],
           150, {})],
