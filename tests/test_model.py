@@ -162,6 +162,51 @@ def test_lstm_cell_is_nn_lstm_cell(device):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def graph_and_eager(step, inputs, new_inputs):
+    """step(*inputs) captured as one CUDA graph (after a warm-up on a side stream), replayed on new_inputs
+    copied into the static ones; returns (replayed outputs, step(*new_inputs) run eagerly)."""
+    static = [t.clone() for t in inputs]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # compile the kernels and fill the allocator outside capture
+            step(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(*static)
+    for s, t in zip(static, new_inputs):
+        s.copy_(t)
+    graph.replay()
+    torch.cuda.synchronize()
+    return static_out, step(*new_inputs)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_forward_and_backward_replay_as_a_cuda_graph():
+    """DRAW's forward and backward (on CUDA: the fused attention and latent kernels, the fused LSTM cell,
+    RecurrentLinear's weight gradients formed after the last step) captured as one CUDA graph and
+    replayed on new images and noise give the eager loss and every gradient."""
+    device = "cuda"
+    torch.manual_seed(0)
+    model = DRAW(SMALL).to(device)
+    params = list(model.parameters())
+
+    def step(x, noise):
+        out = model(x, noise=noise)
+        return (out.loss, *torch.autograd.grad(out.loss, params))
+
+    def inputs(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [binary_images(8, seed=seed).to(device), torch.randn(SMALL.T, 8, SMALL.z_size, generator=g).to(device)]
+
+    replayed, eager = graph_and_eager(step, inputs(0), inputs(1))
+    assert len(replayed) == 1 + len(params)
+    for name, a, b in zip(["loss", *(n for n, _ in model.named_parameters())], replayed, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_autocast_casts_each_weight_once_per_forward():
     """Under bf16 autocast without its cache (as while a CUDA graph is captured), the stacked weights are
     cast once per forward, not at every step: each weight-shaped cast happens once."""
