@@ -7,8 +7,9 @@ the per-image Gaussian terms of the loss, one launch each way on the GPU.
 
 Two backends share one API and one set of conventions (docs/conventions.md):
     "reference"  batched PyTorch (kernels/reference.py), any device, the definition of correctness;
-    "triton"     fused Triton kernels (kernels/triton_attention.py, triton_latent.py), CUDA tensors, or CPU tensors
-                 under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported);
+    "triton"     fused Triton kernels (kernels/triton_attention.py, triton_latent.py), CUDA tensors,
+                 or CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set before triton is
+                 imported);
     "auto"       Triton for CUDA tensors when Triton imports, else the reference.
 """
 
