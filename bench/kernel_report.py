@@ -65,18 +65,19 @@ class Size:
     width: int
     read_ns: tuple  # grid sizes for read and glimpse
     write_ns: tuple
+    write_read_ns: tuple  # (write n, read n) pairs for the fused write-then-read
 
 
 SIZES = {
-    "mnist": Size("mnist", 1, 28, 28, (2, 5, 12), (2, 5, 12)),  # 2x2 read, 5x5 write, 12x12 glimpse
-    "svhn": Size("svhn", 3, 54, 54, (12,), (12,)),
-    "cluttered": Size("cluttered", 1, 100, 100, (12,), (12,)),
-    "large": Size("large", 1, 256, 256, (16,), (16,)),
+    "mnist": Size("mnist", 1, 28, 28, (2, 5, 12), (2, 5, 12), ((5, 2),)),  # 2x2 read, 5x5 write, 12x12 glimpse
+    "svhn": Size("svhn", 3, 54, 54, (12,), (12,), ((12, 12),)),
+    "cluttered": Size("cluttered", 1, 100, 100, (12,), (12,), ((12, 12),)),
+    "large": Size("large", 1, 256, 256, (16,), (16,), ((16, 16),)),
 }
 
 # (kernel label, launcher call on meta tensors): each records the launches of one variant
 VARIANTS = ("read fwd", "read bwd", "read bwd +dx", "glimpse fwd", "glimpse bwd", "glimpse bwd +dx",
-            "write fwd", "write bwd")
+            "write fwd", "write bwd", "write-read fwd", "write-read bwd")
 
 
 class _Recorder:
@@ -89,12 +90,13 @@ class _Recorder:
         return lambda *args, **kwargs: self.calls.append((self.kernel, args, kwargs))
 
 
-def record_launch(variant: str, size: Size, n: int, dtype: torch.dtype):
-    """The (kernel, args, kwargs) that the launcher for `variant` makes for one batch item of `size`."""
+def record_launch(variant: str, size: Size, n: int, dtype: torch.dtype, write_n: int | None = None):
+    """The (kernel, args, kwargs) that the launcher for `variant` makes for one batch item of `size`
+    (write-read: a write_n write, then an n read)."""
     meta = dict(device="meta", dtype=dtype)
     x = torch.empty(1, size.channels, size.height, size.width, **meta)
     params = torch.empty(1, 5, **meta)
-    patch = torch.empty(1, size.channels, n, n, **meta)
+    patch = torch.empty(1, size.channels, write_n or n, write_n or n, **meta)
     calls = []
     kernels = ("_attention_read_forward_kernel", "_attention_read_backward_kernel",
                "_attention_write_forward_kernel", "_attention_write_backward_kernel")
@@ -104,7 +106,13 @@ def record_launch(variant: str, size: Size, n: int, dtype: torch.dtype):
     try:
         op, direction = variant.split()[:2]
         canvas = x if op == "read" else None
-        if direction == "fwd":
+        if op == "write-read":
+            if direction == "fwd":
+                ta.attention_write_read_forward(patch, params, x, x, params, n)
+            else:
+                grad_out = torch.empty(ta._read_shape(x, True, n), **meta)
+                ta.attention_write_read_backward(x, grad_out, patch, params, x, x, params, n, False, True)
+        elif direction == "fwd":
             if op == "write":
                 ta.attention_write_forward(patch, params, x)
             else:
@@ -236,15 +244,24 @@ def ptx_instructions(ptx: str) -> int:
     return sum(1 for line in lines if line.endswith(";") and not line.startswith("."))
 
 
-def report_one(variant: str, size: Size, n: int, dtype_name: str, num_warps: int | None = None) -> dict:
-    """One kernel as the launcher launches it; num_warps, when given, replaces the launch's warps."""
-    kernel, args, kwargs = record_launch(variant, size, n, DTYPES[dtype_name])
+def contraction_label(kwargs: dict) -> str:
+    """The launch's contraction; a write-read whose two ops contract differently: "read/write"."""
+    read, write = kwargs["CONTRACT"], kwargs.get("CONTRACT_W", kwargs["CONTRACT"])
+    return read if not kwargs.get("HAS_WRITE") or read == write else f"{read}/{write}"
+
+
+def report_one(variant: str, size: Size, n: int, dtype_name: str, num_warps: int | None = None,
+               write_n: int | None = None) -> dict:
+    """One kernel as the launcher launches it; num_warps, when given, replaces the launch's warps; write_n:
+    the write's grid of a write-read (n is the read's)."""
+    kernel, args, kwargs = record_launch(variant, size, n, DTYPES[dtype_name], write_n)
     signature, constexprs, attrs, launched_warps = specialise(kernel, args, kwargs)
     forced, num_warps = num_warps is not None, num_warps or launched_warps
     compiled, log = compile_with_ptxas_log(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
                                            num_warps)
-    row = {"kernel": variant, "size": f"{size.channels}x{size.height}x{size.width}", "n": n, "dtype": dtype_name,
-           "contract": kwargs["CONTRACT"], "num_warps": num_warps, "warps_forced": forced,
+    row = {"kernel": variant if write_n is None else f"{variant} (write n {write_n})",
+           "size": f"{size.channels}x{size.height}x{size.width}", "n": n, "dtype": dtype_name,
+           "contract": contraction_label(kwargs), "num_warps": num_warps, "warps_forced": forced,
            "block": f"{kwargs['BLOCK_N']}x{kwargs['BLOCK_H']}x{kwargs['BLOCK_W']}"}
     row.update(ptxas_usage(log))
     row.update(sass_counts(compiled.asm["cubin"], loop_trips=-(-size.height // kwargs["BLOCK_H"]),
@@ -296,6 +313,13 @@ COMPARE_COLUMNS = [("kernel", "kernel"), ("size", "C x H x W"), ("n", "n"), ("dt
                    ("auto", "launched (auto)")]
 
 
+def grids(variant: str, size: Size, n: int | None) -> list[tuple]:
+    """(write n or None, n) of each compile of `variant` at `size`: its own grid sizes, or n for all."""
+    if variant.startswith("write-read"):
+        return [(n, n)] if n else list(size.write_read_ns)
+    return [(None, n) for n in ([n] if n else size.write_ns if variant.startswith("write") else size.read_ns)]
+
+
 def ptxas_version() -> str:
     out = subprocess.run([_tool("ptxas"), "--version"], capture_output=True, text=True, check=False).stdout
     found = re.search(r"release (\S+),", out)
@@ -344,12 +368,11 @@ def main(argv=None) -> int:
             with mock.patch.dict(os.environ, {"DRAW_TRITON_CONTRACTION": contract}):
                 for size in (SIZES[name] for name in args.sizes):
                     for variant in args.kernels:
-                        for n in [args.n] if args.n else (size.write_ns if variant.startswith("write")
-                                                          else size.read_ns):
+                        for write_n, n in grids(variant, size, args.n):
                             for warps in args.num_warps or [None]:
                                 common.log(f"compiling {variant} {size.name} n={n} {dtype_name} {contract}"
                                            + (f" {warps} warps" if warps else ""))
-                                rows.append(report_one(variant, size, n, dtype_name, warps))
+                                rows.append(report_one(variant, size, n, dtype_name, warps, write_n))
     meta = {
         "target": f"sm_{ARCH} (compiled, not run: no GPU needed)", "triton": triton.__version__,
         "torch": torch.__version__, "ptxas": ptxas_version(), "commit": common.git_commit(),

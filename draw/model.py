@@ -181,6 +181,20 @@ class DRAW(nn.Module):
             return kernels.write(patch, params, canvas, backend=self.backend)
         return canvas + patch.view_as(canvas)
 
+    def write_and_read(self, x, canvas, patch, params, read_params, *, read_next: bool):
+        """c_t = write(h_dec_t) (Eq. 8) and, when read_next, the next step's r_{t+1} = read(x, c_t) (3, 4),
+        else None. With attentive read and write, one op (kernels.write_read: one launch each way on the
+        GPU, the canvas streamed once and its two gradients summed in the kernel)."""
+        cfg = self.config
+        if not read_next:
+            return self.write(canvas, patch, params), None
+        if cfg.read_attn and cfg.write_attn:
+            patch = patch.view(-1, cfg.channels, cfg.write_n, cfg.write_n)  # [B, C, N^, N^]
+            canvas, glimpse = kernels.write_read(patch, params, canvas, x, read_params, cfg.read_n, backend=self.backend)
+            return canvas, glimpse.flatten(1)  # [B, 2*C*N*N]
+        canvas = self.write(canvas, patch, params)
+        return canvas, self.read(x, canvas, read_params)
+
     def _initial_state(self, batch: int, dtype: torch.dtype):
         def expand(p, *shape):
             return p.to(dtype).expand(batch, *shape)
@@ -219,15 +233,15 @@ class DRAW(nn.Module):
         enc_hidden = from_enc(h_enc).split(proj.enc_sizes, dim=1)[2]  # from h_enc_0
         latent_terms = []  # per step [B, 2]: KL(Q(Z_t | h_enc_t) || N(0, I)) and log N(z_t; 0, I) - log Q(z_t)
         canvases, write_params = [], []
+        r = self.read(x, canvas, read_params)  # r_1 from c_0 and h_dec_0  (3, 4)
         for t in range(cfg.T):
-            r = self.read(x, canvas, read_params)  # (3, 4)
             enc_input = from_read(r, add=enc_from_dec)  # W_ih [r, h_dec_{t-1}] + b_ih  (5)
             h_enc, c_enc = lstm_cell(enc_input, enc_hidden, c_enc)  # (5)
             mu, log_sigma, enc_hidden = from_enc(h_enc).split(proj.enc_sizes, dim=1)  # [B, z], [B, z]  (1, 2)
             z, terms = kernels.latent_sample(mu, log_sigma, noise[t], backend=self.backend)  # z_t ~ Q(Z_t | h_enc_t)  (6, 11)
             h_dec, c_dec = lstm_cell(from_z(z), dec_hidden, c_dec)  # (7)
             patch, params, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, from_dec(h_dec))
-            canvas = self.write(canvas, patch, params)  # (8)
+            canvas, r = self.write_and_read(x, canvas, patch, params, read_params, read_next=t + 1 < cfg.T)  # (8); (3, 4)
             latent_terms.append(terms)
             if return_sequence:
                 canvases.append(canvas)

@@ -6,6 +6,8 @@ gradient of every input under one random upstream gradient:
     read    x, canvas, params        (Eqs. 3, 27)
     glimpse x, params                (Eq. 27's first half: x alone)
     write   patch, params, canvas    (Eqs. 8, 29)
+    write-read  patch, write_params, canvas, x, read_params  (write, then read the new canvas: both
+            outputs, the new canvas and the glimpses; a case's n is the read's, write_n the write's)
     latent  mu, log_sigma, eps       (Eqs. 6, 11: z and the per-image terms; a case's width is Z)
 
 The error of a compared tensor is max|fused - reference| / max|reference| (0 when both are all zero),
@@ -84,9 +86,9 @@ DEGENERATE_PARAMS = {
 DEGENERATE_LOG_SIGMA = {"log_sigma=-20": -20.0, "log_sigma=+8": 8.0}
 
 OP_INPUTS = {"read": ("x", "canvas", "params"), "glimpse": ("x", "params"), "write": ("patch", "params", "canvas"),
-             "latent": ("mu", "log_sigma", "eps")}
-ATTENTION_OPS = ("read", "glimpse", "write")
-OP_OUTPUTS = {"latent": ("z", "terms")}  # the others: ("output",)
+             "write-read": ("patch", "write_params", "canvas", "x", "read_params"), "latent": ("mu", "log_sigma", "eps")}
+ATTENTION_OPS = ("read", "glimpse", "write", "write-read")
+OP_OUTPUTS = {"latent": ("z", "terms"), "write-read": ("canvas", "glimpses")}  # the others: ("output",)
 
 # Triton's interpreter converts one-element arrays with int(), which numpy 2.4 made an error (only
 # 0-d arrays convert); triton 3.7 fixed it. Checked: triton 3.6.0 runs these kernels with numpy 2.3.5
@@ -106,13 +108,15 @@ class Case:
     dtype: str  # a key of DTYPES
     degenerate: str = ""  # a key of DEGENERATE_PARAMS (DEGENERATE_LOG_SIGMA), or "" for ordinary random ones
     cuda_only: bool = False  # too large for Triton's interpreter
+    write_n: int = 0  # write-read: the write's grid size (n is the read's)
 
     @property
     def name(self) -> str:
         if self.op == "latent":
             return " ".join(filter(None, [self.op, f"{self.batch}x{self.width}", self.dtype, self.degenerate]))
         shape = f"{self.batch}x{self.channels}x{self.height}x{self.width}"
-        return " ".join(filter(None, [self.op, shape, f"n={self.n}", self.dtype, self.degenerate]))
+        grid = f"n={self.n}" if self.op != "write-read" else f"n={self.write_n}/{self.n}"
+        return " ".join(filter(None, [self.op, shape, grid, self.dtype, self.degenerate]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,13 +137,22 @@ def latent_case(batch: int, size: int, dtype: str, degenerate: str = "", cuda_on
     return Case("latent", batch, 1, 1, size, 0, dtype, degenerate, cuda_only)
 
 
+def attention_case(op: str, batch: int, channels: int, height: int, width: int, n: int, dtype: str,
+                   degenerate: str = "", cuda_only: bool = False, write_n: int | None = None) -> Case:
+    """An attention op's case; n is the read's grid (the write's for "write"). write-read writes with a
+    write_n grid, by default one that differs from n: 17 - n (16 for n = 1, 1 for n = 16)."""
+    if op != "write-read":
+        return Case(op, batch, channels, height, width, n, dtype, degenerate, cuda_only)
+    return Case(op, batch, channels, height, width, n, dtype, degenerate, cuda_only, write_n or 17 - n)
+
+
 def build_sweep(sweep: str, dtypes, cuda: bool) -> list[Case]:
     """The cases of the quick or full sweep for `dtypes` (keys of DTYPES); CUDA-only cases when cuda."""
     cases = []
     for op in ATTENTION_OPS:  # every grid size, fp32, one odd shape per N (C = 1 and 3 in turn)
-        cases += [Case(op, *ODD_SHAPES[n % len(ODD_SHAPES)], n, "fp32") for n in range(1, 17)]
+        cases += [attention_case(op, *ODD_SHAPES[n % len(ODD_SHAPES)], n, "fp32") for n in range(1, 17)]
     for op in ATTENTION_OPS:
-        cases += [Case(op, 2, 1, 13, 13, 3, "fp32", degenerate) for degenerate in DEGENERATE_PARAMS]
+        cases += [attention_case(op, 2, 1, 13, 13, 3, "fp32", degenerate) for degenerate in DEGENERATE_PARAMS]
     cases += [latent_case(b, z, "fp32") for b, z in LATENT_SHAPES]
     cases += [latent_case(5, 9, "fp32", degenerate) for degenerate in DEGENERATE_LOG_SIGMA]
     cases += [latent_case(b, z, dtype, cuda_only=True) for dtype in dtypes for b, z in LATENT_PAPER]
@@ -148,7 +161,7 @@ def build_sweep(sweep: str, dtypes, cuda: bool) -> list[Case]:
         for b, c, h, w, read_n, write_n in sizes:
             for op in ATTENTION_OPS:
                 n = write_n if op == "write" else (12 if op == "glimpse" else read_n)
-                cases.append(Case(op, b, c, h, w, n, dtype, cuda_only=True))
+                cases.append(attention_case(op, b, c, h, w, n, dtype, cuda_only=True, write_n=write_n))
     if sweep == "full":
         for dtype in dtypes:  # every grid size in every dtype, each with C = 1 and C = 3
             cases += [latent_case(b, z, dtype) for b, z in LATENT_SHAPES]
@@ -156,10 +169,11 @@ def build_sweep(sweep: str, dtypes, cuda: bool) -> list[Case]:
                 for n in range(1, 17):
                     for channels in (1, 3):
                         b, _, h, w = ODD_SHAPES[(n + channels) % len(ODD_SHAPES)]
-                        cases.append(Case(op, b, channels, h, w, n, dtype))
+                        cases.append(attention_case(op, b, channels, h, w, n, dtype))
     for op in ATTENTION_OPS:
         b, c, h, w, read_n, write_n = LARGE_BATCH
-        cases.append(Case(op, b, c, h, w, write_n if op == "write" else read_n, "fp32", cuda_only=True))
+        cases.append(attention_case(op, b, c, h, w, write_n if op == "write" else read_n, "fp32", cuda_only=True,
+                                    write_n=write_n))
     cases.append(latent_case(LARGE_BATCH[0], LATENT_PAPER[0][1], "fp32", cuda_only=True))
     cases = [case for case in cases if (case.dtype in dtypes) and (cuda or not case.cuda_only)]
     return list(dict.fromkeys(cases))  # drop repeats, keep the order
@@ -202,14 +216,20 @@ def make_inputs(case: Case, device: torch.device) -> dict:
         if case.degenerate:
             inputs["log_sigma"].fill_(DEGENERATE_LOG_SIGMA[case.degenerate])
         return {name: t.to(DTYPES[case.dtype]) for name, t in inputs.items()}
+    patch_n = case.write_n or n
     inputs = {
         "x": torch.rand(b, c, h, w, generator=g, device=device, dtype=f64),
         "canvas": 2 * torch.randn(b, c, h, w, generator=g, device=device, dtype=f64),
         "params": 0.5 * torch.randn(b, 5, generator=g, device=device, dtype=f64),
-        "patch": torch.randn(b, c, n, n, generator=g, device=device, dtype=f64),
+        "patch": torch.randn(b, c, patch_n, patch_n, generator=g, device=device, dtype=f64),
     }
     for column, value in DEGENERATE_PARAMS.get(case.degenerate, {}).items():
         inputs["params"][:, column] = value
+    if case.op == "write-read":  # the write's params as above, the read's drawn after (degenerate alike)
+        inputs["write_params"] = inputs.pop("params")
+        inputs["read_params"] = 0.5 * torch.randn(b, 5, generator=g, device=device, dtype=f64)
+        for column, value in DEGENERATE_PARAMS.get(case.degenerate, {}).items():
+            inputs["read_params"][:, column] = value
     return {name: t.to(DTYPES[case.dtype]) for name, t in inputs.items()}
 
 
@@ -217,6 +237,8 @@ def apply_op(op: str, inputs: dict, n: int, backend: str) -> tuple[torch.Tensor,
     """The op's outputs (OP_OUTPUTS): one tensor, or the latent step's z and terms."""
     if op == "latent":
         return kernels.latent_sample(inputs["mu"], inputs["log_sigma"], inputs["eps"], backend=backend)
+    if op == "write-read":
+        return kernels.write_read(*(inputs[name] for name in OP_INPUTS[op]), n, backend=backend)
     return (_attention(op, inputs, n, backend),)
 
 
@@ -232,6 +254,8 @@ def _output_shapes(case: Case) -> list[tuple]:
     b, c, n = case.batch, case.channels, case.n
     if case.op == "latent":
         return [(b, case.width), (b, 2)]
+    if case.op == "write-read":
+        return [(b, c, case.height, case.width), (b, 2, c, n, n)]
     return [{"read": (b, 2, c, n, n), "glimpse": (b, c, n, n), "write": (b, c, case.height, case.width)}[case.op]]
 
 
@@ -276,9 +300,11 @@ def _contraction(case: Case) -> str:
     if case.op == "latent":
         return "-"  # elementwise: no contraction
     try:
-        return triton_attention.contraction(torch.float32, case.n, case.width)
+        read = triton_attention.contraction(torch.float32, case.n, case.width)
+        write = triton_attention.contraction(torch.float32, case.write_n or case.n, case.width)
     except ValueError:  # a bad DRAW_TRITON_CONTRACTION: the case's own error row says so
         return "?"
+    return read if read == write else f"{read}/{write}"  # write-read: each op its own
 
 
 def _row(case: Case, quantity: str, max_abs: float, rel: float, tolerance: float, passed: bool,
@@ -385,7 +411,7 @@ def _format_row(row: dict, width: int) -> str:
         verdict = "FAIL"
     else:  # "ok (abs)": passed on the absolute floor, the reference's values being below fp32's range
         verdict = "ok" if row["relative_error"] <= row["tolerance"] else "ok (abs)"
-    return (f"{row['case']:<{width}}  {row['contract']:<8}  {row['quantity']:<14}  {number(row['max_abs_error'])}  "
+    return (f"{row['case']:<{width}}  {row['contract']:<8}  {row['quantity']:<17}  {number(row['max_abs_error'])}  "
             f"{number(row['relative_error'])}  {number(row['baseline_relative_error'])}  {row['tolerance']:8.1e}  "
             f"{verdict}")
 
@@ -466,7 +492,7 @@ def run(args) -> int:
     if device.type == "cpu":
         print("  (on CPU the paper-sized images and the 65536 batch are left out: the interpreter is too slow)")
     width = max(len(case.name) for case in cases)
-    print(f"{'case':<{width}}  {'contract':<8}  {'quantity':<14}  {'max abs':>9}  {'rel err':>9}  {'ref err':>9}  {'tol':>8}  pass",
+    print(f"{'case':<{width}}  {'contract':<8}  {'quantity':<17}  {'max abs':>9}  {'rel err':>9}  {'ref err':>9}  {'tol':>8}  pass",
           flush=True)
     started = time.perf_counter()
     rows = []

@@ -2,8 +2,9 @@
 its latent step (Eqs. 6, 11): latent_sample.
 
 read is the generator's (x and the error image, Eq. 27); glimpse reads x alone, as the cluttered-MNIST
-classifier of Sec. 4.1 does; write adds a patch to the canvas (Eq. 29); latent_sample draws z_t and
-the per-image Gaussian terms of the loss, one launch each way on the GPU.
+classifier of Sec. 4.1 does; write adds a patch to the canvas (Eq. 29); write_read writes and then reads
+the new canvas, as DRAW does from one step to the next, in one launch each way on the GPU; latent_sample
+draws z_t and the per-image Gaussian terms of the loss, one launch each way on the GPU.
 
 Two backends share one API and one set of conventions (docs/conventions.md):
     "reference"  batched PyTorch (kernels/reference.py), any device, the definition of correctness;
@@ -22,7 +23,8 @@ from draw.kernels import reference
 
 BACKENDS = ("auto", "reference", "triton")
 
-__all__ = ["BACKENDS", "filterbank", "glimpse", "latent_sample", "read", "write", "resolve_backend", "triton_available"]
+__all__ = ["BACKENDS", "filterbank", "glimpse", "latent_sample", "read", "write", "write_read", "resolve_backend",
+           "triton_available"]
 
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -177,6 +179,16 @@ def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor, *, ba
     Returns:
         [B, C, H, W] the new canvas, in the canvas's dtype.
     """
+    _check_write_inputs(patch, params, canvas)
+    device = _check_same_device(patch=patch, params=params, canvas=canvas)
+    if resolve_backend(backend, device) == "triton":
+        from draw.kernels import triton_attention
+
+        return triton_attention.write(patch, params, canvas)
+    return reference.write(patch, params, canvas)
+
+
+def _check_write_inputs(patch, params, canvas) -> None:
     _check_tensor("patch", patch, 4, "[B, C, n, n]")
     _check_tensor("canvas", canvas, 4, "[B, C, H, W]")
     batch, channels = canvas.shape[:2]
@@ -187,12 +199,37 @@ def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor, *, ba
         )
     _check_grid_size("write grid size n (patch.shape[-1])", patch.shape[-1])
     _check_params(params, batch)
-    device = _check_same_device(patch=patch, params=params, canvas=canvas)
+
+
+def write_read(patch: torch.Tensor, write_params: torch.Tensor, canvas: torch.Tensor, x: torch.Tensor,
+               read_params: torch.Tensor, n: int, *, backend: str = "auto"):
+    """write, then read the new canvas (Eqs. 8 and 29, then 3 and 27): one step's write and the next
+    step's read, which DRAW makes back to back. The same as
+
+        c_t = write(patch, write_params, canvas); r = read(x, c_t, read_params, n)
+
+    but on the GPU one launch forward and one backward instead of two each, the canvas streamed once,
+    and its two gradients (from later steps, and through this read's error image) summed in registers.
+
+    Args:
+        patch: [B, C, n^, n^] write patch; write_params: [B, 5] raw write parameters.
+        canvas: [B, C, H, W] canvas logits c_{t-1}.
+        x: [B, C, H, W] images; read_params: [B, 5] raw read parameters; n: read grid size N >= 1.
+        backend: "auto", "reference" or "triton".
+    Returns:
+        (c_t [B, C, H, W] in the canvas's dtype, [B, 2, C, n, n] glimpses in x's dtype).
+    """
+    _check_write_inputs(patch, write_params, canvas)
+    _check_tensor("x", x, 4, "[B, C, H, W]")
+    if x.shape != canvas.shape:
+        raise ValueError(f"x must have the canvas's shape {list(canvas.shape)}, got {list(x.shape)}")
+    _check_read_inputs(x, read_params, n)
+    device = _check_same_device(patch=patch, write_params=write_params, canvas=canvas, x=x, read_params=read_params)
     if resolve_backend(backend, device) == "triton":
         from draw.kernels import triton_attention
 
-        return triton_attention.write(patch, params, canvas)
-    return reference.write(patch, params, canvas)
+        return triton_attention.write_read(patch, write_params, canvas, x, read_params, n)
+    return reference.write_read(patch, write_params, canvas, x, read_params, n)
 
 
 def latent_sample(mu: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor, *, backend: str = "auto"):

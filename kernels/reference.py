@@ -127,6 +127,14 @@ def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> to
     return (canvas.to(fx.dtype) + written / gamma[:, None, None, None]).to(canvas.dtype)
 
 
+def write_read(patch: torch.Tensor, write_params: torch.Tensor, canvas: torch.Tensor, x: torch.Tensor,
+               read_params: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """write, then read the new canvas: (c_t, read(x, c_t, read_params, n)), c_t = write(patch,
+    write_params, canvas) (Eqs. 8, 29, then 3, 27). The definition of the fused op of the same name."""
+    new_canvas = write(patch, write_params, canvas)
+    return new_canvas, read(x, new_canvas, read_params, n)
+
+
 def latent_sample(mu: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor):
     """One step's reparameterised sample and its per-image Gaussian terms (Eqs. 6, 11).
 

@@ -74,9 +74,12 @@ __all__ = [
     "attention_read_forward",
     "attention_write_backward",
     "attention_write_forward",
+    "attention_write_read_backward",
+    "attention_write_read_forward",
     "glimpse",
     "read",
     "write",
+    "write_read",
 ]
 
 _FLOOR = tl.constexpr(ROW_SUM_FLOOR)  # Z = max(row sum, 1e-8), as in kernels/reference.py
@@ -228,6 +231,32 @@ def _zero_moments(BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _load_patch(patch_ptr, stride_wb, stride_wc, stride_wj, stride_wi, pid_b, pid_c, offs_n, N: tl.constexpr,
+                COMPUTE_DTYPE: tl.constexpr):
+    """The write patch w[b, c] as [BLOCK_N(j), BLOCK_N(i)], zero past N."""
+    w_mask = (offs_n < N)[:, None] & (offs_n < N)[None, :]  # the padded tile's N x N entries
+    return tl.load(patch_ptr + pid_b * stride_wb + pid_c * stride_wc
+                   + offs_n[:, None] * stride_wj + offs_n[None, :] * stride_wi, mask=w_mask, other=0.0).to(COMPUTE_DTYPE)
+
+
+@triton.jit
+def _write_setup(patch_ptr, params_ptr, stride_wb, stride_wc, stride_wj, stride_wi, stride_pb, stride_pk,
+                 pid_b, pid_c, offs_n, height, width, grid_span, N: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, COL_TILES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """What the read kernels need of a write made in the same launch (HAS_WRITE), before their loops:
+    its grid (Eqs. 19-24: mu_x, mu_y, grid, delta), its filterbank row sums S and normalisers
+    Z = max(S, 1e-8) on each axis (25, 26), sigma^2, gamma and the patch w [BLOCK_N(j), BLOCK_N(i)]."""
+    mu_x, mu_y, grid, delta, sigma2, gamma = _load_attention_grid(
+        params_ptr, stride_pb, stride_pk, pid_b, offs_n, height, width, grid_span, N, COMPUTE_DTYPE)
+    sum_x = _column_sums(mu_x, sigma2, offs_n, width, N, BLOCK_N, BLOCK_W, COL_TILES, COMPUTE_DTYPE)
+    sum_y = _row_sums(mu_y, sigma2, offs_n, height, N, BLOCK_N, BLOCK_H, COMPUTE_DTYPE)
+    w = _load_patch(patch_ptr, stride_wb, stride_wc, stride_wj, stride_wi, pid_b, pid_c, offs_n, N,
+                             COMPUTE_DTYPE)
+    return (mu_x, mu_y, grid, delta, sum_x, tl.maximum(sum_x, _FLOOR), sum_y, tl.maximum(sum_y, _FLOOR), sigma2,
+            gamma, w)
+
+
+@triton.jit
 def _add_row_moments(r, dfo, fo, dfe, fe, dfilter, filt, offset, exponent, own):
     """Add one pixel block's per-row sums that carry dL/dF [BLOCK_N, BLOCK_P] back to mu and log sigma^2.
 
@@ -271,6 +300,22 @@ def _store_param_grads(dparams_ptr, dgx, dgy, dlog_sigma2, ddelta, dlog_gamma, d
     tl.store(dparams_ptr + 2, _cast_for_store(dlog_sigma2, dparams_ptr))
     tl.store(dparams_ptr + 3, _cast_for_store(ddelta * delta, dparams_ptr))  # d delta / d log delta~ = delta
     tl.store(dparams_ptr + 4, _cast_for_store(dlog_gamma, dparams_ptr))  # already w.r.t. log gamma
+
+
+@triton.jit
+def _store_write_grads(grad_params_ptr, grad_patch_ptr, program, r_x, dfo_x, fo_x, dfe_x, fe_x,
+                       r_y, dfo_y, fo_y, dfe_y, fe_y, sum_x, sum_y, sigma2, grid, delta, d_w, inv_gamma, offs_n,
+                       height, width, N: tl.constexpr):
+    """Finish a write's backward from its moments on each axis (_add_row_moments) and d_w = (F_Y G) F_X^T:
+    store the parameter gradient (dlog gamma = -sum w * dpatch = -sum_i r_X[i]) and
+    dpatch = (1 / gamma) (F_Y G) F_X^T, both of program (b, c) (contiguous [B, C, 5] and [B, C, N, N])."""
+    dgx, ddelta_x, dls_x = _axis_gradients(r_x, dfo_x, fo_x, dfe_x, fe_x, sum_x >= _FLOOR, sigma2, grid)
+    dgy, ddelta_y, dls_y = _axis_gradients(r_y, dfo_y, fo_y, dfe_y, fe_y, sum_y >= _FLOOR, sigma2, grid)
+    _store_param_grads(grad_params_ptr + program * 5, dgx, dgy, dls_x + dls_y, ddelta_x + ddelta_y,
+                       -tl.sum(r_x, axis=0), delta, height, width)
+    w_mask = (offs_n < N)[:, None] & (offs_n < N)[None, :]
+    tl.store(grad_patch_ptr + program * N * N + offs_n[:, None] * N + offs_n[None, :],
+             _cast_for_store(inv_gamma * d_w, grad_patch_ptr), mask=w_mask)
 
 
 @triton.jit
@@ -324,18 +369,24 @@ def _mm_tn(a, b, CONTRACT: tl.constexpr):
 
 @triton.jit
 def _attention_read_forward_kernel(
-    x_ptr, canvas_ptr, params_ptr, out_ptr,
+    x_ptr, canvas_ptr, params_ptr, out_ptr, patch_ptr, write_params_ptr, new_canvas_ptr,
     height, width, grid_span,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_cb, stride_cc, stride_ch, stride_cw,
     stride_pb, stride_pk,
     stride_ob, stride_ok, stride_oc, stride_oj, stride_oi,
+    stride_wb, stride_wc, stride_wj, stride_wi,
+    stride_qb, stride_qk,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     COL_TILES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, HAS_CANVAS: tl.constexpr, CONTRACT: tl.constexpr,
+    HAS_WRITE: tl.constexpr, NW: tl.constexpr, BLOCK_NW: tl.constexpr, CONTRACT_W: tl.constexpr,
 ):
     # Program (b, c) owns out[b, :, c] = gamma * F_Y [x, x_hat] F_X^T, both [N, N] glimpses.
     # HAS_CANVAS = False is the glimpse of x alone: canvas_ptr is never read, out is [B, C, N, N]
     # (stride_ok unused) and only out[b, c] = gamma * F_Y x F_X^T is written.
+    # HAS_WRITE = True (with a canvas) writes first: the canvas read is c_t = canvas + (1 / gamma_w)
+    # F_Y,w^T w F_X,w (Eq. 29, patch w [B, C, NW, NW], write_params [B, 5]), stored into new_canvas
+    # (contiguous [B, C, H, W]) as each block is formed, and rounded to its dtype before it is read.
     pid_b = tl.program_id(0).to(tl.int64)  # int64: b * stride can pass 2^31 for big batches
     pid_c = tl.program_id(1).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)  # grid rows i (or j); rows >= N are masked inside the helpers
@@ -345,12 +396,23 @@ def _attention_read_forward_kernel(
                      _FLOOR)
     z_y = tl.maximum(_row_sums(mu_y, sigma2, offs_n, height, N, BLOCK_N, BLOCK_H, COMPUTE_DTYPE), _FLOOR)
 
+    if HAS_WRITE:
+        offs_nw = tl.arange(0, BLOCK_NW)
+        mu_xw, mu_yw, _grid_w, _delta_w, _sum_xw, z_xw, _sum_yw, z_yw, sigma2_w, gamma_w, w = _write_setup(
+            patch_ptr, write_params_ptr, stride_wb, stride_wc, stride_wj, stride_wi, stride_qb, stride_qk,
+            pid_b, pid_c, offs_nw, height, width, grid_span, NW, BLOCK_NW, BLOCK_H, BLOCK_W, COL_TILES, COMPUTE_DTYPE)
+        new_base = new_canvas_ptr + (pid_b * tl.num_programs(1) + pid_c) * height * width
+
     x_base = x_ptr + pid_b * stride_xb + pid_c * stride_xc
     c_base = canvas_ptr + pid_b * stride_cb + pid_c * stride_cc
     glimpse_x = tl.zeros([BLOCK_N, BLOCK_N], dtype=COMPUTE_DTYPE)  # [j, i]
     glimpse_err = tl.zeros([BLOCK_N, BLOCK_N], dtype=COMPUTE_DTYPE)
     for tile in range(0, COL_TILES):  # the glimpse sums over column tiles and row blocks
         offs_w, mask_w, f_x = _column_tile(tile, mu_x, sigma2, z_x, offs_n, width, N, BLOCK_W, COMPUTE_DTYPE)
+        if HAS_WRITE:
+            _offs_w, _mask_w, f_xw = _column_tile(tile, mu_xw, sigma2_w, z_xw, offs_nw, width, NW, BLOCK_W,
+                                                  COMPUTE_DTYPE)
+            w_fx = _mm(w, f_xw, CONTRACT_W)  # w F_X,w: [BLOCK_NW(j), BLOCK_W]
         for row_start in range(0, height, BLOCK_H):  # f_x: [BLOCK_N(i), BLOCK_W]
             offs_h = row_start + tl.arange(0, BLOCK_H)
             mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
@@ -362,6 +424,11 @@ def _attention_read_forward_kernel(
             if HAS_CANVAS:
                 logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
                                  mask=mask, other=0.0).to(COMPUTE_DTYPE)
+                if HAS_WRITE:  # c_t = c_{t-1} + (1 / gamma_w) F_Y,w^T w F_X,w  (29), (8)
+                    f_yw = _gaussian_rows(mu_yw, sigma2_w, offs_nw, offs_h, height, NW, COMPUTE_DTYPE) / z_yw[:, None]
+                    new_logits = _cast_for_store(logits + _mm_tn(f_yw, w_fx, CONTRACT_W) / gamma_w, new_canvas_ptr)
+                    tl.store(new_base + offs_h[:, None] * width + offs_w[None, :], new_logits, mask=mask)
+                    logits = new_logits.to(COMPUTE_DTYPE)  # the stored value, as a separate read would see it
                 x_hat = tl.where(mask, x - 1 / (1 + tl.exp(-logits)), 0.0)  # (3) error image
             # rows of x F_X^T: [BLOCK_H, BLOCK_N(i)], then F_Y (x F_X^T): [BLOCK_N(j), BLOCK_N(i)]
             x_fx = _mm_nt(x, f_x, CONTRACT)
@@ -383,14 +450,19 @@ def _attention_read_forward_kernel(
 @triton.jit
 def _attention_read_backward_kernel(
     x_ptr, canvas_ptr, params_ptr, grad_out_ptr, grad_x_ptr, grad_canvas_ptr, grad_params_ptr,
+    patch_ptr, write_params_ptr, grad_new_canvas_ptr, grad_patch_ptr, grad_write_params_ptr,
     height, width, grid_span,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_cb, stride_cc, stride_ch, stride_cw,
     stride_pb, stride_pk,
     stride_gb, stride_gk, stride_gc, stride_gj, stride_gi,
+    stride_wb, stride_wc, stride_wj, stride_wi,
+    stride_qb, stride_qk,
+    stride_nb, stride_nc, stride_nh, stride_nw,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     COL_TILES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, HAS_CANVAS: tl.constexpr, STORE_GRAD_X: tl.constexpr,
     STORE_GRAD_CANVAS: tl.constexpr, CONTRACT: tl.constexpr,
+    HAS_WRITE: tl.constexpr, NW: tl.constexpr, BLOCK_NW: tl.constexpr, CONTRACT_W: tl.constexpr,
 ):
     # Program (b, c) owns dx[b, c], dcanvas[b, c] (contiguous [B, C, H, W]) and the partial
     # parameter gradient of channel c, grad_params[b, c, :] (contiguous [B, C, 5]).
@@ -404,6 +476,12 @@ def _attention_read_backward_kernel(
     # block is then a sum over tiles, and the moments linear in dF_Y (r, sum dF F (a-mu), sum dF F t)
     # add up over tiles too; F_Y's own moments (sum F (a-mu), sum F t) are taken from the first tile only.
     #   dlog gamma = sum G * read = sum_{i,w} dF_X F_X = sum_i r_X[i]  (read is linear in F_X)
+    # HAS_WRITE = True is the backward of a write followed by this read (the forward's HAS_WRITE):
+    # canvas_ptr is then the written canvas c_t, grad_new_canvas its gradient from outside the op, and
+    # the program also owns dpatch[b, c] (contiguous [B, C, NW, NW]) and the write parameters' partial
+    # gradient grad_write_params[b, c, :]. With D = dL/dc_t = grad_new_canvas - d img_1 * sigmoid'(c_t):
+    #   dcanvas = D (stored, when STORE_GRAD_CANVAS), and the write's backward on D (see
+    #   _attention_write_backward_kernel), accumulated in the same row loop.
     pid_b = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)  # grid rows i (or j); rows >= N are masked inside the helpers
@@ -415,6 +493,17 @@ def _attention_read_backward_kernel(
     offs_w, mask_w, f_x = _column_tile(0, mu_x, sigma2, z_x, offs_n, width, N, BLOCK_W, COMPUTE_DTYPE)
     sum_y = _row_sums(mu_y, sigma2, offs_n, height, N, BLOCK_N, BLOCK_H, COMPUTE_DTYPE)
     z_y = tl.maximum(sum_y, _FLOOR)
+    if HAS_WRITE:  # the write's grid, patch and moments (as in _attention_write_backward_kernel)
+        offs_nw = tl.arange(0, BLOCK_NW)
+        mu_xw, mu_yw, grid_w, delta_w, sum_xw, z_xw, sum_yw, z_yw, sigma2_w, gamma_w, w = _write_setup(
+            patch_ptr, write_params_ptr, stride_wb, stride_wc, stride_wj, stride_wi, stride_qb, stride_qk,
+            pid_b, pid_c, offs_nw, height, width, grid_span, NW, BLOCK_NW, BLOCK_H, BLOCK_W, COL_TILES, COMPUTE_DTYPE)
+        inv_gamma_w = 1 / gamma_w
+        _offs_w, _mask_w, f_xw = _column_tile(0, mu_xw, sigma2_w, z_xw, offs_nw, width, NW, BLOCK_W, COMPUTE_DTYPE)
+        r_yw, dfo_yw, fo_yw, dfe_yw, fe_yw = _zero_moments(BLOCK_NW, COMPUTE_DTYPE)
+        r_xw, dfo_xw, fo_xw, dfe_xw, fe_xw = _zero_moments(BLOCK_NW, COMPUTE_DTYPE)
+        d_w = tl.zeros([BLOCK_NW, BLOCK_NW], dtype=COMPUTE_DTYPE)  # (F_Y,w D) F_X,w^T, summed over tiles
+        n_base = grad_new_canvas_ptr + pid_b * stride_nb + pid_c * stride_nc
 
     g_mask = (offs_n < N)[:, None] & (offs_n < N)[None, :]  # padded [BLOCK_N, BLOCK_N] tile
     g_base = (grad_out_ptr + pid_b * stride_gb + pid_c * stride_gc
@@ -431,6 +520,8 @@ def _attention_read_backward_kernel(
     for tile in range(0, COL_TILES):
         fy_x = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y x      [j, w]
         fy_err = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y x_hat  [j, w]
+        if HAS_WRITE:
+            fy_d = tl.zeros([BLOCK_NW, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y,w D  [j, w]
         for row_start in range(0, height, BLOCK_H):
             offs_h, mask, f_y, offset_y, exponent_y = _row_block(row_start, mask_w, mu_y, sigma2, z_y, offs_n, height,
                                                                  N, BLOCK_H, COMPUTE_DTYPE)
@@ -449,9 +540,19 @@ def _attention_read_backward_kernel(
                 if HAS_CANVAS:
                     d_x += d_err  # dx = d img_0 + d img_1
                 tl.store(grad_x_ptr + grad_offs, _cast_for_store(d_x, grad_x_ptr), mask=mask)
-            if STORE_GRAD_CANVAS:  # (only with HAS_CANVAS)
+            if STORE_GRAD_CANVAS or HAS_WRITE:  # (only with HAS_CANVAS)
                 d_logits = -d_err * sig * (1 - sig)  # d x_hat / d canvas = -sigmoid'(canvas)
-                tl.store(grad_canvas_ptr + grad_offs, _cast_for_store(d_logits, grad_canvas_ptr), mask=mask)
+                if HAS_WRITE:  # D = dL/dc_t, and the write's backward on it
+                    d_logits += tl.load(n_base + offs_h[:, None] * stride_nh + offs_w[None, :] * stride_nw,
+                                        mask=mask, other=0.0).to(COMPUTE_DTYPE)
+                    _offs_h, _mask, f_yw, offset_yw, exponent_yw = _row_block(
+                        row_start, mask_w, mu_yw, sigma2_w, z_yw, offs_nw, height, NW, BLOCK_H, COMPUTE_DTYPE)
+                    df_yw = inv_gamma_w * _mm_nt(w, _mm_nt(d_logits, f_xw, CONTRACT_W), CONTRACT_W)  # [BLOCK_NW, BLOCK_H]
+                    r_yw, dfo_yw, fo_yw, dfe_yw, fe_yw = _add_row_moments(
+                        r_yw, dfo_yw, fo_yw, dfe_yw, fe_yw, df_yw, f_yw, offset_yw, exponent_yw, tile == 0)
+                    fy_d += _mm(f_yw, d_logits, CONTRACT_W)
+                if STORE_GRAD_CANVAS:
+                    tl.store(grad_canvas_ptr + grad_offs, _cast_for_store(d_logits, grad_canvas_ptr), mask=mask)
 
             # dF_Y for these rows (this tile's share): [BLOCK_N(j), BLOCK_H]
             x_fx = _mm_nt(x, f_x, CONTRACT)  # [BLOCK_H, BLOCK_N(i)]
@@ -477,14 +578,27 @@ def _attention_read_backward_kernel(
         _gauss_x, offset_x, exponent_x = _gaussian_terms(mu_x, sigma2, offs_n, offs_w, width, N, COMPUTE_DTYPE)
         r_x, dfo_x, fo_x, dfe_x, fe_x = _add_row_moments(r_x, dfo_x, fo_x, dfe_x, fe_x, df_x, f_x, offset_x,
                                                          exponent_x, True)  # the tile's columns: all its own
+        if HAS_WRITE:
+            df_xw = inv_gamma_w * _mm_tn(w, fy_d, CONTRACT_W)  # [BLOCK_NW(i), BLOCK_W]
+            _gauss_xw, offset_xw, exponent_xw = _gaussian_terms(mu_xw, sigma2_w, offs_nw, offs_w, width, NW,
+                                                                COMPUTE_DTYPE)
+            r_xw, dfo_xw, fo_xw, dfe_xw, fe_xw = _add_row_moments(r_xw, dfo_xw, fo_xw, dfe_xw, fe_xw, df_xw, f_xw,
+                                                                  offset_xw, exponent_xw, True)
+            d_w += _mm_nt(fy_d, f_xw, CONTRACT_W)
+            _offs_w, _mask_w, f_xw = _column_tile(tile + 1, mu_xw, sigma2_w, z_xw, offs_nw, width, NW, BLOCK_W,
+                                                  COMPUTE_DTYPE)
         offs_w, mask_w, f_x = _column_tile(tile + 1, mu_x, sigma2, z_x, offs_n, width, N, BLOCK_W, COMPUTE_DTYPE)
 
     dgx, ddelta_x, dls_x = _axis_gradients(r_x, dfo_x, fo_x, dfe_x, fe_x, sum_x >= _FLOOR, sigma2, grid)
     dgy, ddelta_y, dls_y = _axis_gradients(r_y, dfo_y, fo_y, dfe_y, fe_y, sum_y >= _FLOOR, sigma2, grid)
     dlog_gamma = tl.sum(r_x, axis=0)
-    dparams_ptr = grad_params_ptr + (pid_b * tl.num_programs(1) + pid_c) * 5
-    _store_param_grads(dparams_ptr, dgx, dgy, dls_x + dls_y, ddelta_x + ddelta_y, dlog_gamma, delta,
-                       height, width)
+    program = pid_b * tl.num_programs(1) + pid_c
+    _store_param_grads(grad_params_ptr + program * 5, dgx, dgy, dls_x + dls_y, ddelta_x + ddelta_y, dlog_gamma,
+                       delta, height, width)
+    if HAS_WRITE:
+        _store_write_grads(grad_write_params_ptr, grad_patch_ptr, program, r_xw, dfo_xw, fo_xw, dfe_xw, fe_xw,
+                           r_yw, dfo_yw, fo_yw, dfe_yw, fe_yw, sum_xw, sum_yw, sigma2_w, grid_w, delta_w, d_w,
+                           inv_gamma_w, offs_nw, height, width, NW)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,10 +632,8 @@ def _attention_write_forward_kernel(
     offs_w, mask_w, f_x = _column_tile(0, mu_x, sigma2, z_x, offs_n, width, N, BLOCK_W, COMPUTE_DTYPE)
     z_y = tl.maximum(_row_sums(mu_y, sigma2, offs_n, height, N, BLOCK_N, BLOCK_H, COMPUTE_DTYPE), _FLOOR)
 
-    w_mask = (offs_n < N)[:, None] & (offs_n < N)[None, :]  # padded [BLOCK_N, BLOCK_N] tile
-    w = tl.load(patch_ptr + pid_b * stride_wb + pid_c * stride_wc
-                + offs_n[:, None] * stride_wj + offs_n[None, :] * stride_wi,
-                mask=w_mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_N(j), BLOCK_N(i)]
+    w = _load_patch(patch_ptr, stride_wb, stride_wc, stride_wj, stride_wi, pid_b, pid_c, offs_n, N,
+                            COMPUTE_DTYPE)  # [BLOCK_N(j), BLOCK_N(i)]
 
     c_base = canvas_ptr + pid_b * stride_cb + pid_c * stride_cc
     out_base = out_ptr + (pid_b * tl.num_programs(1) + pid_c) * height * width
@@ -573,10 +685,8 @@ def _attention_write_backward_kernel(
     sum_y = _row_sums(mu_y, sigma2, offs_n, height, N, BLOCK_N, BLOCK_H, COMPUTE_DTYPE)
     z_y = tl.maximum(sum_y, _FLOOR)
 
-    w_mask = (offs_n < N)[:, None] & (offs_n < N)[None, :]  # padded [BLOCK_N, BLOCK_N] tile
-    w = tl.load(patch_ptr + pid_b * stride_wb + pid_c * stride_wc
-                + offs_n[:, None] * stride_wj + offs_n[None, :] * stride_wi,
-                mask=w_mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_N(j), BLOCK_N(i)]
+    w = _load_patch(patch_ptr, stride_wb, stride_wc, stride_wj, stride_wi, pid_b, pid_c, offs_n, N,
+                            COMPUTE_DTYPE)  # [BLOCK_N(j), BLOCK_N(i)]
 
     g_base = grad_out_ptr + pid_b * stride_gb + pid_c * stride_gc
     r_y, dfo_y, fo_y, dfe_y, fe_y = _zero_moments(BLOCK_N, COMPUTE_DTYPE)  # _add_row_moments, per axis
@@ -603,16 +713,9 @@ def _attention_write_backward_kernel(
         d_w += _mm_nt(fy_g, f_x, CONTRACT)
         offs_w, mask_w, f_x = _column_tile(tile + 1, mu_x, sigma2, z_x, offs_n, width, N, BLOCK_W, COMPUTE_DTYPE)
 
-    dgx, ddelta_x, dls_x = _axis_gradients(r_x, dfo_x, fo_x, dfe_x, fe_x, sum_x >= _FLOOR, sigma2, grid)
-    dgy, ddelta_y, dls_y = _axis_gradients(r_y, dfo_y, fo_y, dfe_y, fe_y, sum_y >= _FLOOR, sigma2, grid)
-    dlog_gamma = -tl.sum(r_x, axis=0)
-    program = pid_b * tl.num_programs(1) + pid_c
-    _store_param_grads(grad_params_ptr + program * 5, dgx, dgy, dls_x + dls_y, ddelta_x + ddelta_y,
-                       dlog_gamma, delta, height, width)
-
-    # dpatch = (1 / gamma) (F_Y G) F_X^T: [BLOCK_N(j), BLOCK_N(i)]
-    tl.store(grad_patch_ptr + program * N * N + offs_n[:, None] * N + offs_n[None, :],
-             _cast_for_store(inv_gamma * d_w, grad_patch_ptr), mask=w_mask)
+    _store_write_grads(grad_params_ptr, grad_patch_ptr, pid_b * tl.num_programs(1) + pid_c,
+                       r_x, dfo_x, fo_x, dfe_x, fe_x, r_y, dfo_y, fo_y, dfe_y, fe_y, sum_x, sum_y, sigma2, grid,
+                       delta, d_w, inv_gamma, offs_n, height, width, N)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -735,35 +838,58 @@ def _sum_channels(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return grad_params.to(dtype)
 
 
-def attention_read_forward(x: torch.Tensor, canvas: torch.Tensor | None, params: torch.Tensor, n: int):
-    """Launch the read forward kernel. x, canvas [B, C, H, W]; params [B, 5] -> [B, 2, C, n, n].
+def _read_config(n: int, height: int, width: int, backward: bool, compute_dtype: torch.dtype,
+                 write_n: int | None = None) -> dict:
+    """The read kernels' launch settings (_launch_config), and their HAS_WRITE constexprs: a write with a
+    write_n-grid made in the same launch, or none. With a write, one block of rows and columns serves
+    both ops: the smaller of the two ops' own, and at least _DOT_MIN if either contracts with tl.dot; the
+    warps are the read's. ptxas, sm_90 (bench/kernel_report.py --kernels write-read --num-warps 2,4,8):
+    at 28x28 (write N 5 "dot", read N 2 "sum") backward, 4 warps (the read's) issue 20.6 warp instructions
+    per pixel against 28.0 with 8 (the write's), both without spills; at 3x54x54, N 12 / 12 (both "dot"),
+    8 warps spill least (256 B in fp32, 8 B in bf16; 4 warps: 1,456 and 32 B), and column tiles of 32 or
+    16 do not help."""
+    config = _launch_config(n, height, width, backward, compute_dtype)
+    if write_n is None:
+        return {**config, "HAS_WRITE": False, "NW": 1, "BLOCK_NW": 2, "CONTRACT_W": "sum"}
+    write = _launch_config(write_n, height, width, backward, compute_dtype)
+    floor = _DOT_MIN if "dot" in (config["CONTRACT"], write["CONTRACT"]) else 1
+    block_h = max(min(config["BLOCK_H"], write["BLOCK_H"]), floor)
+    block_w = max(min(config["BLOCK_W"], write["BLOCK_W"]), floor)
+    return {**config, "BLOCK_H": block_h, "BLOCK_W": block_w, "COL_TILES": triton.cdiv(width, block_w),
+            "HAS_WRITE": True, "NW": write_n, "BLOCK_NW": write["BLOCK_N"], "CONTRACT_W": write["CONTRACT"]}
 
-    canvas None: the glimpse of x alone, [B, C, n, n].
-    """
+
+def _launch_read_forward(x, canvas, params, n: int, write=None):
+    """Launch the read forward kernel: (glimpses, new canvas). write = (patch, write_params) writes into
+    canvas first and reads the result (HAS_WRITE), which is returned as the new canvas; else None."""
     batch, channels, height, width = x.shape
     has_canvas = canvas is not None
     out = torch.empty(_read_shape(x, has_canvas, n), device=x.device, dtype=x.dtype)
+    new_canvas = None if write is None else torch.empty(canvas.shape, device=canvas.device, dtype=canvas.dtype)
     if out.numel() == 0:
-        return out
+        return out, new_canvas
     if height * width == 0:
-        return out.zero_()
+        return out.zero_(), new_canvas
     canvas = canvas if has_canvas else x  # never read without a canvas; any valid pointer will do
-    compute_torch, compute = _compute_dtypes(x, canvas, params)
+    patch, write_params = write if write is not None else (x, params)  # never read without a write
+    compute_torch, compute = _compute_dtypes(x, canvas, params, *(write or ()))
     with _device_guard(x):
         _attention_read_forward_kernel[(batch, channels)](
-            x, canvas, params, out,
+            x, canvas, params, out, patch, write_params, x if new_canvas is None else new_canvas,
             height, width, max(height, width) - 1,
             *x.stride(), *canvas.stride(), *params.stride(), *_read_strides(out, has_canvas),
+            *patch.stride(), *write_params.stride(),
             COMPUTE_DTYPE=compute, HAS_CANVAS=has_canvas,
-            **_launch_config(n, height, width, backward=False, compute_dtype=compute_torch),
+            **_read_config(n, height, width, False, compute_torch, None if write is None else patch.shape[-1]),
         )
-    return out
+    return out, new_canvas
 
 
-def attention_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: bool,
-                            canvas_needs_grad: bool):
-    """Launch the read backward kernel. Returns (dx, dcanvas, dparams); dx / dcanvas are empty [0]
-    tensors when not needed. canvas None: the glimpse's backward (grad_out [B, C, n, n], no dcanvas)."""
+def _launch_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: bool, canvas_needs_grad: bool, write=None):
+    """Launch the read backward kernel: (dx, dcanvas, dparams), dx / dcanvas empty [0] tensors when not
+    needed; canvas None: the glimpse's backward (grad_out [B, C, n, n], no dcanvas). write = (patch,
+    write_params, grad_new_canvas): the backward of _launch_read_forward's write-then-read, canvas the new canvas
+    (HAS_WRITE); dcanvas is then the gradient of the canvas written into, and (dpatch, dwrite_params) follow."""
     batch, channels, height, width = x.shape
     has_canvas = canvas is not None
     canvas_needs_grad = canvas_needs_grad and has_canvas
@@ -771,23 +897,68 @@ def attention_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: b
     grad_x = torch.empty(x.shape if x_needs_grad else (0,), device=x.device, dtype=x.dtype)
     grad_canvas = torch.empty(canvas.shape if canvas_needs_grad else (0,), device=x.device,
                               dtype=canvas.dtype)
-    acc_dtype, compute = _compute_dtypes(x, canvas, params)
+    acc_dtype, compute = _compute_dtypes(x, canvas, params, *(write or ()))
     partials = _param_partials(batch, channels, acc_dtype, params)  # all written
+    if write is not None:
+        patch, write_params, grad_new = write
+        grad_patch = torch.empty(patch.shape, device=patch.device, dtype=patch.dtype)
+        write_partials = _param_partials(batch, channels, acc_dtype, write_params)
+    else:
+        patch, write_params, grad_new = x, params, x  # never read without a write
+        grad_patch, write_partials = partials, partials  # never written without a write
     if x.numel() > 0:
         with _device_guard(x):
             _attention_read_backward_kernel[(batch, channels)](
                 x, canvas, params, grad_out, grad_x, grad_canvas, partials,
+                patch, write_params, grad_new, grad_patch, write_partials,
                 height, width, max(height, width) - 1,
                 *x.stride(), *canvas.stride(), *params.stride(), *_read_strides(grad_out, has_canvas),
+                *patch.stride(), *write_params.stride(), *grad_new.stride(),
                 COMPUTE_DTYPE=compute, HAS_CANVAS=has_canvas, STORE_GRAD_X=x_needs_grad,
                 STORE_GRAD_CANVAS=canvas_needs_grad,
-                **_launch_config(n, height, width, backward=True, compute_dtype=acc_dtype),
+                **_read_config(n, height, width, True, acc_dtype, None if write is None else patch.shape[-1]),
             )
     else:
-        grad_x.zero_()  # empty images (H * W = 0): every gradient is 0
-        grad_canvas.zero_()
-        partials.zero_()
-    return grad_x, grad_canvas, _sum_channels(partials, params.dtype)
+        for t in (grad_x, grad_canvas, partials, grad_patch, write_partials):
+            t.zero_()  # empty images (H * W = 0): every gradient is 0
+    grads = (grad_x, grad_canvas, _sum_channels(partials, params.dtype))
+    if write is None:
+        return grads
+    return (*grads, grad_patch, _sum_channels(write_partials, write_params.dtype))
+
+
+def attention_read_forward(x: torch.Tensor, canvas: torch.Tensor | None, params: torch.Tensor, n: int):
+    """Launch the read forward kernel. x, canvas [B, C, H, W]; params [B, 5] -> [B, 2, C, n, n].
+
+    canvas None: the glimpse of x alone, [B, C, n, n].
+    """
+    return _launch_read_forward(x, canvas, params, n)[0]
+
+
+def attention_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: bool,
+                            canvas_needs_grad: bool):
+    """Launch the read backward kernel. Returns (dx, dcanvas, dparams); dx / dcanvas are empty [0]
+    tensors when not needed. canvas None: the glimpse's backward (grad_out [B, C, n, n], no dcanvas)."""
+    return _launch_read_backward(grad_out, x, canvas, params, n, x_needs_grad, canvas_needs_grad)
+
+
+def attention_write_read_forward(patch, write_params, canvas, x, read_params, n: int):
+    """Launch the read forward kernel with its write: c_t = canvas + (1 / gamma) F_Y^T w F_X (Eq. 29) and
+    the read of x and c_t (Eq. 27) in one pass. patch [B, C, n^, n^]; canvas, x [B, C, H, W]; params [B, 5].
+    Returns (c_t [B, C, H, W] in the canvas's dtype, glimpses [B, 2, C, n, n] in x's dtype)."""
+    glimpses, new_canvas = _launch_read_forward(x, canvas, read_params, n, (patch, write_params))
+    return new_canvas, glimpses
+
+
+def attention_write_read_backward(grad_new_canvas, grad_glimpses, patch, write_params, new_canvas, x, read_params,
+                                  n: int, x_needs_grad: bool, canvas_needs_grad: bool):
+    """Launch the read backward kernel with its write's (attention_write_read_forward's backward).
+    new_canvas is the forward's c_t. Returns (dpatch, dwrite_params, dcanvas, dx, dread_params); dcanvas
+    and dx are empty [0] tensors when not needed."""
+    grad_x, grad_canvas, grad_read_params, grad_patch, grad_write_params = _launch_read_backward(
+        grad_glimpses, x, new_canvas, read_params, n, x_needs_grad, canvas_needs_grad,
+        (patch, write_params, grad_new_canvas))
+    return grad_patch, grad_write_params, grad_canvas, grad_x, grad_read_params
 
 
 def attention_write_forward(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor):
@@ -997,6 +1168,28 @@ class _WriteFunction(torch.autograd.Function):
         return _write_gradients(ctx, grad_out, functools.partial(_backward, attention_write_backward))
 
 
+class _WriteReadFunction(torch.autograd.Function):
+    """write then read in one launch each way. Under torch.compile, write_read calls the write and read
+    custom ops instead (a pair the compiler treats as two opaque calls)."""
+
+    @staticmethod
+    def forward(ctx, patch, write_params, canvas, x, read_params, n):
+        new_canvas, glimpses = attention_write_read_forward(patch, write_params, canvas, x, read_params, n)
+        ctx.save_for_backward(patch, write_params, new_canvas, x, read_params)
+        ctx.n = n
+        return new_canvas, glimpses
+
+    @staticmethod
+    def backward(ctx, grad_new_canvas, grad_glimpses):
+        patch, write_params, new_canvas, x, read_params = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:5]  # patch, write_params, canvas, x, read_params
+        grads = _backward(attention_write_read_backward, grad_new_canvas, grad_glimpses, patch, write_params,
+                          new_canvas, x, read_params, ctx.n, needs[3], needs[2])
+        grad_patch, grad_write_params, grad_canvas, grad_x, grad_read_params = grads
+        ordered = (grad_patch, grad_write_params, grad_canvas, grad_x, grad_read_params)
+        return (*(g if need else None for g, need in zip(ordered, needs)), None)
+
+
 def _use_custom_ops() -> bool:
     """True while torch.compile traces (see above)."""
     return torch.compiler.is_compiling()
@@ -1054,3 +1247,25 @@ def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> to
     if _use_custom_ops():
         return _write_op(patch, params, canvas)
     return _WriteFunction.apply(patch, params, canvas)
+
+
+def write_read(patch: torch.Tensor, write_params: torch.Tensor, canvas: torch.Tensor, x: torch.Tensor,
+               read_params: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused write, then read of the new canvas: c_t = canvas + (1 / gamma_w) F_Y^T w F_X (Eqs. 8, 29), and
+    gamma_r * [F_Y x F_X^T, F_Y (x - sigmoid(c_t)) F_X^T] (Eqs. 3, 27) with the read's own filterbanks.
+
+    One launch forward (the canvas streamed once: read, written, and read back from registers) and one
+    backward (the canvas gradient from outside the op and through the error image summed in registers).
+
+    Args:
+        patch: [B, C, n^, n^] write patch w_t; write_params: [B, 5] raw write parameters.
+        canvas: [B, C, H, W] canvas logits c_{t-1}.
+        x: [B, C, H, W] images; read_params: [B, 5] raw read parameters; n: read grid size N >= 1.
+    Returns:
+        (c_t [B, C, H, W] in the canvas's dtype, [B, 2, C, n, n] glimpses in x's dtype): write(patch,
+        write_params, canvas) and read(x, c_t, read_params, n).
+    """
+    if _use_custom_ops():
+        new_canvas = _write_op(patch, write_params, canvas)
+        return new_canvas, _read_op(x, new_canvas, read_params, n)
+    return _WriteReadFunction.apply(patch, write_params, canvas, x, read_params, n)

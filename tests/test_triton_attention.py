@@ -80,6 +80,12 @@ def write_op(patch, params, canvas, *, backend):
     return kernels.write(patch, params, canvas, backend=backend)
 
 
+def write_read_op(patch, write_params, canvas, x, read_params, *, n, backend):
+    """kernels.write_read's two outputs as one tensor, [B, C*H*W + 2*C*n*n], in the canvas's dtype."""
+    new_canvas, glimpses = kernels.write_read(patch, write_params, canvas, x, read_params, n, backend=backend)
+    return torch.cat([new_canvas.flatten(1), glimpses.flatten(1).to(new_canvas.dtype)], dim=1)
+
+
 def check_against_reference(op, leaves, *, rel=None, atol=F64_ATOL, needs_grad=None,
                             out_dtype=None, strided_upstream=False, seed=1, name="op", baseline=False):
     """op(*leaves, backend="triton") vs op(float64 copies, backend="reference"): output and gradients.
@@ -147,6 +153,19 @@ def check_write(patch, params, canvas, **kw):
     return check_against_reference(write_op, [patch, params, canvas], name=f"write n={patch.shape[-1]}", **kw)
 
 
+def check_write_read(patch, params, canvas, x, n, **kw):
+    """write_read with the write's params and, for the read, the same rows rolled by one image (so an
+    image whose write params are degenerate reads with another's)."""
+    kw.setdefault("out_dtype", canvas.dtype)
+
+    def op(patch, write_params, canvas, x, read_params, *, backend):
+        return write_read_op(patch, write_params, canvas, x, read_params, n=n, backend=backend)
+
+    read_params = params.roll(1, 0).clone()
+    return check_against_reference(op, [patch, params, canvas, x, read_params],
+                                   name=f"write-read n={patch.shape[-1]}/{n}", **kw)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward and every gradient, float64, odd shapes
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +186,7 @@ def test_matches_reference_float64(batch, channels, height, width, read_n, write
     check_read(x, canvas, params, read_n)
     check_glimpse(x, params, read_n)
     check_write(patch, params, canvas)
+    check_write_read(patch, params, canvas, x, read_n)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -233,6 +253,7 @@ def test_gpu_row_tiling(monkeypatch):
     check_read(x, canvas, params, 12)
     check_glimpse(x, params, 12)
     check_write(patch, params, canvas)
+    check_write_read(patch, params, canvas, x, 12)
 
 
 def test_blocks_of_16_rows_and_16_columns(monkeypatch):
@@ -268,6 +289,7 @@ def test_column_tiles(monkeypatch, gpu_rows):
         check_read(x, canvas, params, read_n)
         check_glimpse(x, params, read_n)
         check_write(patch, params, canvas)
+        check_write_read(patch, params, canvas, x, read_n)
 
 
 @pytest.mark.parametrize("contract", ["sum", "dot"])
@@ -306,6 +328,7 @@ def test_256x256_in_column_tiles(monkeypatch):
     check_read(x, canvas, params, 16, rel=1e-5, baseline=True)
     check_glimpse(x, params, 16, rel=1e-5, baseline=True)
     check_write(patch, params, canvas, rel=1e-5, baseline=True)
+    check_write_read(patch, params, canvas, x, 16, rel=1e-5, baseline=True)
 
 
 def test_column_tile_sizes(monkeypatch):
@@ -333,6 +356,10 @@ def test_read_without_x_or_canvas_grad():
     check_read(x, canvas, params, 3, needs_grad=[False, False, True])
     check_glimpse(x, params, 3, needs_grad=[False, True])
     check_glimpse(x, params, 3, needs_grad=[True, False])
+    patch = make_inputs(2, 1, 9, 10, 4)[3]
+    check_write_read(patch, params, canvas, x, 3, needs_grad=[True, True, False, False, True])  # DRAW's case
+    check_write_read(patch, params, canvas, x, 3, needs_grad=[False, False, True, True, False])
+    check_write_read(patch, params, canvas, x, 3, needs_grad=[True, False, False, False, False])
 
 
 def test_non_contiguous_inputs_and_gradients():
@@ -359,12 +386,20 @@ def test_non_contiguous_inputs_and_gradients():
     check_glimpse(x_t, params_s, n, strided_upstream=True)
     check_against_reference(write_broadcast, [patch_t, params_s, canvas0], strided_upstream=True, name="write")
 
+    def write_read_broadcast(patch, write_params, canvas0, x, read_params, *, backend):
+        return write_read_op(patch, write_params, canvas0.expand(batch, -1, -1, -1), x, read_params, n=n,
+                             backend=backend)
+
+    check_against_reference(write_read_broadcast, [patch_t, params_s, canvas0, x_t, params_s.flip(0)],
+                            strided_upstream=True, name="write-read")
+
 
 def test_empty_batch():
     x, canvas, params, patch = make_inputs(0, 2, 5, 6, 3)
     check_read(x, canvas, params, 2)
     check_glimpse(x, params, 2)
     check_write(patch, params, canvas)
+    check_write_read(patch, params, canvas, x, 2)
 
 
 def test_backward_is_deterministic():
@@ -375,7 +410,9 @@ def test_backward_is_deterministic():
         r = kernels.read(*leaves[:3], 3, backend="triton")
         c = kernels.write(leaves[3], leaves[2], leaves[1], backend="triton")
         g = kernels.glimpse(leaves[0], leaves[2], 5, backend="triton")
-        runs.append(torch.autograd.grad((r.square().sum() + c.sin().sum() + g.cos().sum()), leaves))
+        c2, r2 = kernels.write_read(leaves[3], leaves[2], leaves[1], leaves[0], leaves[2].flip(0), 2, backend="triton")
+        loss = r.square().sum() + c.sin().sum() + g.cos().sum() + c2.sin().sum() + r2.square().sum()
+        runs.append(torch.autograd.grad(loss, leaves))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -391,6 +428,11 @@ def test_gradcheck_float64():
     )
     assert torch.autograd.gradcheck(
         lambda x, p: kernels.glimpse(x, p, 3, backend="triton"), (leaves[0], leaves[2]), fast_mode=True
+    )
+    read_params = leaves[2].detach().flip(0).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda w, p, c, x, q: kernels.write_read(w, p, c, x, q, 2, backend="triton"),
+        (leaves[3], leaves[2], leaves[1], leaves[0], read_params), fast_mode=True
     )
 
 
@@ -410,12 +452,14 @@ def test_degenerate_parameters(case):
     check_read(x, canvas, params, 3)
     check_glimpse(x, params, 3)
     check_write(patch, params, canvas)
+    check_write_read(patch, params, canvas, x, 3)
     # float32 kernels against the float64 reference: finite, and within 1e-5 of the largest value
     x32, canvas32, params32, patch32 = (t.float() for t in (x, canvas, params, patch))
     # (atol 1e-30: float64 values below fp32's range, e.g. row sums ~1e-47, are 0 in fp32)
     check_read(x32, canvas32, params32, 3, rel=1e-5, atol=1e-30)
     check_glimpse(x32, params32, 3, rel=1e-5, atol=1e-30)
     check_write(patch32, params32, canvas32, rel=1e-5, atol=1e-30)
+    check_write_read(patch32, params32, canvas32, x32, 3, rel=1e-5, atol=1e-30)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,6 +489,7 @@ def test_each_contraction_float32(monkeypatch, contract, gpu_tiles, batch, chann
     check_read(x, canvas, params, read_n, rel=1e-5)
     check_glimpse(x, params, read_n, rel=1e-5)
     check_write(patch, params, canvas, rel=1e-5)
+    check_write_read(patch, params, canvas, x, read_n, rel=1e-5)
 
 
 def test_contraction_choice(monkeypatch):
@@ -476,6 +521,7 @@ def test_float32_relative_error_below_1e5():
     check_read(x, canvas, params, 4, rel=1e-5)
     check_glimpse(x, params, 7, rel=1e-5)
     check_write(patch, params, canvas, rel=1e-5)
+    check_write_read(patch, params, canvas, x, 4, rel=1e-5)
 
 
 def test_float32_large_image_within_fp32s_own_error():
@@ -504,6 +550,7 @@ def test_half_precision(dtype):
     check_read(x, canvas, params, 4, rel=2e-2)
     check_glimpse(x, params, 4, rel=2e-2)
     check_write(patch, params, canvas, rel=2e-2)
+    check_write_read(patch, params, canvas, x, 4, rel=2e-2)
 
 
 def test_mixed_input_dtypes():
@@ -512,6 +559,7 @@ def test_mixed_input_dtypes():
     check_read(x.float(), canvas, params.bfloat16(), 3, rel=1e-2, out_dtype=f32)
     check_glimpse(x.bfloat16(), params.float(), 3, rel=2e-2)
     check_write(patch, params.float(), canvas.bfloat16(), rel=2e-2, out_dtype=torch.bfloat16)
+    check_write_read(patch.float(), params, canvas.float(), x.bfloat16(), 3, rel=2e-2, out_dtype=f32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,6 +576,8 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
         kernels.write(patch, params, canvas, backend="triton")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         kernels.glimpse(x, params, 2, backend="triton")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        kernels.write_read(patch, params, canvas, x, params, 2, backend="triton")
 
 
 @pytest.mark.parametrize(
@@ -562,6 +612,21 @@ def test_validation_errors_match_reference(bad):
     assert errors[0] == errors[1]
 
 
+def test_write_read_validation():
+    """write_read checks the write's inputs as write does and the read's as read does, and that x matches
+    the canvas, before choosing a backend."""
+    x, canvas, params, patch = make_inputs(2, 1, 6, 6, 3)
+    for backend in ("reference", "triton"):
+        with pytest.raises(ValueError, match=r"x must have the canvas's shape \[2, 1, 6, 6\], got \[2, 1, 6, 5\]"):
+            kernels.write_read(patch, params, canvas, x[..., :5], params, 2, backend=backend)
+        with pytest.raises(ValueError, match="patch must be"):
+            kernels.write_read(patch[..., :2], params, canvas, x, params, 2, backend=backend)
+        with pytest.raises(ValueError, match=r"params must be \[B, 5\]"):
+            kernels.write_read(patch, params, canvas, x, params[:1], 2, backend=backend)
+        with pytest.raises(ValueError, match="n must be an int >= 1"):
+            kernels.write_read(patch, params, canvas, x, params, 0, backend=backend)
+
+
 def test_eager_calls_take_the_autograd_function():
     """Outside torch.compile the ops run through torch.autograd.Function (less host time per call than
     the custom ops, which test_torch_compile_fullgraph shows torch.compile still gets)."""
@@ -570,12 +635,16 @@ def test_eager_calls_take_the_autograd_function():
     assert type(kernels.read(x, canvas, params, 2, backend="triton").grad_fn).__name__ == "_ReadFunctionBackward"
     assert type(kernels.glimpse(x, params, 2, backend="triton").grad_fn).__name__ == "_ReadFunctionBackward"
     assert type(kernels.write(patch, params, canvas, backend="triton").grad_fn).__name__ == "_WriteFunctionBackward"
+    new_canvas, glimpses = kernels.write_read(patch, params, canvas, x, params, 2, backend="triton")
+    assert type(new_canvas.grad_fn).__name__ == type(glimpses.grad_fn).__name__ == "_WriteReadFunctionBackward"
 
 
 def test_double_backward_raises_clearly():
-    x, canvas, params, _ = make_inputs(1, 1, 5, 5, 2)
+    x, canvas, params, patch = make_inputs(1, 1, 5, 5, 2)
     params.requires_grad_()
-    for out in (kernels.read(x, canvas, params, 2, backend="triton"), kernels.glimpse(x, params, 2, backend="triton")):
+    _, write_read_glimpses = kernels.write_read(patch, params, canvas, x, params, 2, backend="triton")
+    for out in (kernels.read(x, canvas, params, 2, backend="triton"), kernels.glimpse(x, params, 2, backend="triton"),
+                write_read_glimpses):
         (grad,) = torch.autograd.grad(out.sum(), params, create_graph=True)
         with pytest.raises(RuntimeError, match="double backward"):
             grad.sum().backward()
@@ -609,9 +678,21 @@ def test_kernels_compile_for_sm90():
     """Every kernel variant (read, glimpse and write, forward and backward, with and without dx), as the
     launchers launch it, in both contractions for fp32 and bf16 and in fp64, through
     bench/kernel_report.py: no spills at 28x28."""
-    result = run_kernel_report("--sizes", "mnist", "--n", "5", "--dtypes", "fp32,bf16,fp64")
+    single = "read fwd,read bwd,read bwd +dx,glimpse fwd,glimpse bwd,glimpse bwd +dx,write fwd,write bwd"
+    result = run_kernel_report("--sizes", "mnist", "--n", "5", "--dtypes", "fp32,bf16,fp64", "--kernels", single)
     assert "0 of 40 kernels spill: none" in result.stdout, result.stdout[-4000:]
     assert "launched (auto)" in result.stdout  # the sum-against-dot table
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ON_CUDA, reason="with CUDA every kernel is compiled and run by the tests above")
+def test_write_read_compiles_for_sm90_without_spills():
+    """The fused write-then-read, forward and backward, as DRAW launches it at 28x28 (write N 5 with
+    tl.dot, read N 2 summed; bench/kernel_report.py): no spills in fp32 or bf16."""
+    result = run_kernel_report("--sizes", "mnist", "--dtypes", "fp32,bf16", "--contractions", "auto",
+                               "--kernels", "write-read fwd,write-read bwd")
+    assert "0 of 4 kernels spill: none" in result.stdout, result.stdout[-4000:]
+    assert "sum/dot" in result.stdout  # each op in its own contraction
 
 
 @pytest.mark.slow
@@ -683,7 +764,10 @@ def test_torch_compile_fullgraph():
         glimpse = kernels.read(x, canvas, read_params, 3, backend="triton")  # [B, 2, C, 3, 3]
         new_canvas = kernels.write(patch * glimpse.mean(), write_params, canvas, backend="triton")
         x_glimpse = kernels.glimpse(torch.sigmoid(new_canvas), read_params * 0.5, 5, backend="triton")
-        return torch.sigmoid(new_canvas).sum() + glimpse.square().sum() + x_glimpse.square().sum()
+        last_canvas, next_glimpse = kernels.write_read(patch.flip(0), write_params, new_canvas, x, read_params, 3,
+                                                       backend="triton")
+        return (torch.sigmoid(last_canvas).sum() + glimpse.square().sum() + x_glimpse.square().sum()
+                + next_glimpse.square().sum())
 
     leaves = [canvas, params, params.flip(0).contiguous(), patch]
     eager = [t.clone().requires_grad_() for t in leaves]
@@ -714,6 +798,7 @@ def test_cuda_matches_reference(batch, channels, height, width, read_n, write_n,
     check_read(x, canvas, params, read_n, rel=rel, baseline=True)
     check_glimpse(x, params, read_n, rel=rel, baseline=True)
     check_write(patch, params, canvas, rel=rel, baseline=True)
+    check_write_read(patch, params, canvas, x, read_n, rel=rel, baseline=True)
 
 
 @pytest.mark.cuda
@@ -725,6 +810,7 @@ def test_cuda_batch_65536_mnist():
     check_read(x, canvas, params, 2, rel=1e-5, needs_grad=[False, True, True], baseline=True)
     check_glimpse(x, params, 12, rel=1e-5, needs_grad=[False, True], baseline=True)
     check_write(patch, params, canvas, rel=1e-5, baseline=True)
+    check_write_read(patch, params, canvas, x, 2, rel=1e-5, needs_grad=[True, True, True, False, True], baseline=True)
 
 
 @pytest.mark.cuda
@@ -735,6 +821,7 @@ def test_cuda_256x256():
     check_read(x, canvas, params, 16, rel=1e-5, baseline=True)
     check_glimpse(x, params, 16, rel=1e-5, baseline=True)
     check_write(patch, params, canvas, rel=1e-5, baseline=True)
+    check_write_read(patch, params, canvas, x, 16, rel=1e-5, baseline=True)
 
 
 @pytest.mark.cuda
@@ -746,7 +833,8 @@ def test_cuda_graph_capture_forward_and_backward():
     def step(x, canvas, params, patch):
         glimpse = kernels.read(x, canvas, params, 2, backend="triton")
         new_canvas = kernels.write(patch, params, canvas, backend="triton")
-        loss = glimpse.square().sum() + torch.sigmoid(new_canvas).sum()
+        last_canvas, next_glimpse = kernels.write_read(patch, params, new_canvas, x, params.flip(0), 2, backend="triton")
+        loss = glimpse.square().sum() + torch.sigmoid(last_canvas).sum() + next_glimpse.square().sum()
         return (loss, *torch.autograd.grad(loss, (canvas, params, patch)))
 
     side = torch.cuda.Stream()

@@ -38,10 +38,12 @@ def test_quick_sweep_passes_and_json_holds_every_row(tmp_path, capsys):
     cases = verify.build_sweep("quick", ["fp32"], cuda=False)
     assert payload["passed"] is True and payload["metadata"]["triton_interpreter"] is True
     rows = payload["rows"]
-    # each output and the gradient of every input, for every case: read 4, glimpse 3, write 4, latent 5 rows
+    # each output and the gradient of every input, for every case: read 4, glimpse 3, write 4, write-read 7,
+    # latent 5 rows
     outputs = {op: verify.OP_OUTPUTS.get(op, ("output",)) for op in verify.OP_INPUTS}
     assert len(rows) == sum(len(outputs[case.op]) + len(verify.OP_INPUTS[case.op]) for case in cases)
-    assert [row["case"] for row in rows if row["quantity"] in ("output", "z")] == [case.name for case in cases]
+    firsts = [row["case"] for row in rows if row["quantity"] in ("output", "z", "canvas")]  # each case's first row
+    assert firsts == [case.name for case in cases]
     quantities = {(row["op"], row["quantity"]) for row in rows}
     for op, names in verify.OP_INPUTS.items():
         assert {(op, out) for out in outputs[op]} | {(op, f"grad {name}") for name in names} <= quantities
@@ -53,7 +55,7 @@ def test_quick_sweep_passes_and_json_holds_every_row(tmp_path, capsys):
     assert printed.count(" ok") == len(rows) and "all passed" in printed
 
 
-@pytest.mark.parametrize("where", ["forward", "gradient", "latent"])
+@pytest.mark.parametrize("where", ["forward", "gradient", "latent", "write-read"])
 def test_a_wrong_kernel_fails(where, monkeypatch, tmp_path, capsys):
     from draw.kernels import triton_attention, triton_latent
 
@@ -67,6 +69,16 @@ def test_a_wrong_kernel_fails(where, monkeypatch, tmp_path, capsys):
 
         monkeypatch.setattr(triton_latent, "latent_sample_backward", wrong_latent_backward)
         only = "latent 37x100 fp32"
+    elif where == "write-read":
+        write_read_backward = triton_attention.attention_write_read_backward
+
+        def wrong_canvas_gradient(*args):
+            grads = list(write_read_backward(*args))
+            grads[2] = grads[2] * (1 + 1e-4)  # the canvas's: the sum of its two gradients
+            return tuple(grads)
+
+        monkeypatch.setattr(triton_attention, "attention_write_read_backward", wrong_canvas_gradient)
+        only = "write-read 2x1x13x13"
     elif where == "forward":
         glimpse = triton_attention.glimpse
 
@@ -87,7 +99,8 @@ def test_a_wrong_kernel_fails(where, monkeypatch, tmp_path, capsys):
     assert verify.run(parse("--device", "cpu", "--only", only, "--json", str(path))) == 1
     rows = json.loads(path.read_text())["rows"]
     failed = {row["quantity"] for row in rows if not row["passed"]}
-    assert failed == {"forward": {"output"}, "gradient": {"grad params"}, "latent": {"grad log_sigma"}}[where]
+    assert failed == {"forward": {"output"}, "gradient": {"grad params"}, "latent": {"grad log_sigma"},
+                      "write-read": {"grad canvas"}}[where]
     assert "FAIL" in capsys.readouterr().err
 
 
