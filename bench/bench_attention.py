@@ -1,11 +1,15 @@
 """Benchmark DRAW's attention read and write (Eqs. 27 and 29): GB/s per provider, as in the Triton tutorials.
 
+Ops: read, write, and write-read (kernels.write_read: a write, then a read of the new canvas, as DRAW
+makes them from one step to the next; the read's grid is the size's read N, the write's its write N).
 Providers, all measured in one run on the same inputs:
-    eager     kernels.read / kernels.write with backend="reference" (batched PyTorch)
+    eager     kernels.read / kernels.write / kernels.write_read with backend="reference" (batched PyTorch)
     compiled  torch.compile(dynamic=False) of a function calling the reference backend
     triton    backend="triton", the fused kernels; CUDA only (skipped with a message otherwise)
     triton-sum  the same kernels forced to contract by broadcast-and-sum (DRAW_TRITON_CONTRACTION=sum),
               where "triton" takes tl.dot from N >= 5 (kernels/triton_attention.py): the two forms side by side
+    triton-pair  write-read only: the fused write and the fused read as two ops (two launches each way and
+              autograd's add of the canvas's two gradients), what write_read replaces
 Modes: "fwd" (forward alone) and "fwd+bwd" (forward, then torch.autograd.grad with a fixed random grad_out).
 
 GB/s = the fewest bytes the op must move (read_bytes / write_bytes below) / the median time; the run also
@@ -26,10 +30,11 @@ import torch
 import common
 from draw import kernels
 
-OPS = ("read", "write")
+OPS = ("read", "write", "write-read")
 MODES = ("fwd", "fwd+bwd")
-PROVIDERS = ("eager", "compiled", "triton", "triton-sum")
-TRITON_PROVIDERS = ("triton", "triton-sum")
+PROVIDERS = ("eager", "compiled", "triton", "triton-sum", "triton-pair")
+TRITON_PROVIDERS = ("triton", "triton-sum", "triton-pair")
+ONLY_FOR = {"triton-pair": "write-read"}  # providers that run one op alone
 REL_ERR_WARN = 1e-3  # a provider whose forward differs from eager by more than this (relative) is flagged
 
 
@@ -48,7 +53,8 @@ class Size:
         return f"{self.batch}x{self.channels}x{self.height}x{self.width}"
 
     def n(self, op: str) -> int:
-        return self.read_n if op == "read" else self.write_n
+        """The op's grid (write-read: the read's; its write takes write_n)."""
+        return self.write_n if op == "write" else self.read_n
 
 
 SIZES = (
@@ -113,7 +119,24 @@ def write_bytes(size: Size, mode: str, element_size: int = 4) -> int:
     return element_size * (fwd if mode == "fwd" else fwd + bwd)
 
 
-BYTES = {"read": read_bytes, "write": write_bytes}
+def write_read_bytes(size: Size, mode: str, element_size: int = 4) -> int:
+    """Fewest bytes the write, then read, moves as one op: each input read once, each output written once.
+
+    With I = B*C*H*W image elements, P = B*C*N^*N^ patch and G = B*2*C*N*N glimpse elements:
+        fwd  in:  canvas (I), x (I), patch (P), both params (10B)       out: new canvas (I), glimpses (G)
+        bwd  in:  grad of the new canvas (I), grad_glimpses (G), x (I), the new canvas (I), patch (P),
+                  both params (10B)                    out: grad_canvas (I), grad_patch (P), grad params (10B)
+        fwd+bwd = 7I + 3P + 2G + 30B elements (the pair of ops as DRAW ran them: 12I, counting the add).
+    """
+    b, c, h, w = size.batch, size.channels, size.height, size.width
+    image, patch, params = b * c * h * w, b * c * size.write_n ** 2, b * 5
+    glimpse = b * 2 * c * size.read_n ** 2
+    fwd = 3 * image + patch + glimpse + 2 * params
+    bwd = 4 * image + glimpse + 2 * patch + 4 * params
+    return element_size * (fwd if mode == "fwd" else fwd + bwd)
+
+
+BYTES = {"read": read_bytes, "write": write_bytes, "write-read": write_read_bytes}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +163,12 @@ def make_inputs(op: str, size: Size, mode: str, device: torch.device, seed: int 
         tensors = {"x": x, "canvas": canvas, "params": params}
         grad_names = ("canvas", "params")
         out_shape = (b, 2, c, n, n)
+    elif op == "write-read":
+        x = torch.randint(0, 2, (b, c, h, w), generator=gen).float().to(device)
+        tensors = {"patch": randn(b, c, size.write_n, size.write_n), "write_params": params, "canvas": canvas,
+                   "x": x, "read_params": 0.5 * randn(b, 5)}
+        grad_names = ("patch", "write_params", "canvas", "read_params")
+        out_shape = (b, c * h * w + 2 * c * n * n)  # forward_fn's flattened (new canvas, glimpses)
     else:
         tensors = {"patch": randn(b, c, n, n), "params": params, "canvas": canvas}
         grad_names = ("patch", "params", "canvas")
@@ -160,6 +189,15 @@ def _write_reference(patch, params, canvas):
     return kernels.write(patch, params, canvas, backend="reference")
 
 
+def _write_read_reference(patch, write_params, canvas, x, read_params, n):
+    return kernels.write_read(patch, write_params, canvas, x, read_params, n, backend="reference")
+
+
+def _flat(new_canvas: torch.Tensor, glimpses: torch.Tensor) -> torch.Tensor:
+    """write-read's two outputs as one [B, C*H*W + 2*C*N*N] tensor (one relative error, one grad_out)."""
+    return torch.cat([new_canvas.flatten(1), glimpses.flatten(1)], dim=1)
+
+
 def forward_fn(provider: str, case: dict):
     """A zero-argument callable running the forward of `case` with `provider`."""
     t = case["tensors"]
@@ -167,6 +205,7 @@ def forward_fn(provider: str, case: dict):
         torch.compiler.reset()  # a fresh, shape-specialised compile per case (no recompile limit hit)
         read_op = torch.compile(_read_reference, dynamic=False)
         write_op = torch.compile(_write_reference, dynamic=False)
+        write_read_op = torch.compile(_write_read_reference, dynamic=False)
     else:
         backend = "reference" if provider == "eager" else "triton"
 
@@ -176,8 +215,17 @@ def forward_fn(provider: str, case: dict):
         def write_op(patch, params, canvas):
             return kernels.write(patch, params, canvas, backend=backend)
 
+        def write_read_op(patch, write_params, canvas, x, read_params, n):
+            if provider == "triton-pair":  # the two fused ops, as DRAW ran them before write_read
+                new_canvas = write_op(patch, write_params, canvas)
+                return new_canvas, read_op(x, new_canvas, read_params, n)
+            return kernels.write_read(patch, write_params, canvas, x, read_params, n, backend=backend)
+
     if case["op"] == "read":
         return lambda: read_op(t["x"], t["canvas"], t["params"], case["n"])
+    if case["op"] == "write-read":
+        names = ("patch", "write_params", "canvas", "x", "read_params")
+        return lambda: _flat(*write_read_op(*(t[name] for name in names), case["n"]))
     return lambda: write_op(t["patch"], t["params"], t["canvas"])
 
 
@@ -239,6 +287,8 @@ def run_case(op, mode, size, providers, device, args, copy_gbps, triton_reason, 
     with torch.no_grad():
         reference_out = forward_fn("eager", case)()
     for provider in providers:
+        if ONLY_FOR.get(provider, op) != op:
+            continue
         where = f"{op} {mode} {size.group} {size.name} {provider}"
         if provider in TRITON_PROVIDERS and triton_reason:
             skipped.append({"op": op, "mode": mode, "size": size.name, "provider": provider, "reason": triton_reason})
@@ -282,11 +332,12 @@ def run_case(op, mode, size, providers, device, args, copy_gbps, triton_reason, 
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """vs_eager / vs_compiled: that provider's time over this row's, same op, mode, size and timer."""
+    """vs_eager / vs_compiled / vs_pair (write-read: the two fused ops apart): that provider's time over
+    this row's, same op, mode, size and timer."""
     by_key = {(r["op"], r["mode"], r["size"], r["timer"], r["provider"]): r["ms"] for r in rows}
     for r in rows:
-        for baseline in ("eager", "compiled"):
-            ms = by_key.get((r["op"], r["mode"], r["size"], r["timer"], baseline))
+        for baseline in ("eager", "compiled", "pair"):
+            ms = by_key.get((r["op"], r["mode"], r["size"], r["timer"], "triton-pair" if baseline == "pair" else baseline))
             r[f"vs_{baseline}"] = ms / r["ms"] if ms else None
 
 
@@ -303,6 +354,7 @@ COLUMNS = (
     ("pct_copy", "% copy"),
     ("vs_eager", "x eager"),
     ("vs_compiled", "x compiled"),
+    ("vs_pair", "x pair"),
 )
 
 
@@ -314,6 +366,8 @@ def plot(rows: list[dict], copy_gbps: float, path: str) -> None:
         panel = [r for r in rows if r["op"] == op and r["mode"] == mode]
         sizes = sorted({r["size"] for r in panel}, key=lambda s: next(r["bytes"] for r in panel if r["size"] == s))
         for provider in PROVIDERS:
+            if ONLY_FOR.get(provider, op) != op:
+                continue
             for timer in ("perf_counter", "do_bench", "cudagraph"):
                 line = {r["size"]: r["gbps"] for r in panel if r["provider"] == provider and r["timer"] == timer}
                 if line:
@@ -332,10 +386,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default=None, help="comma-separated groups (small, launch, middle, bandwidth) or sizes "
                    "like 1024x1x28x28; default: small on CPU, launch,middle,bandwidth on CUDA")
-    p.add_argument("--ops", type=common.split_list, default=list(OPS), help="comma-separated ops: read,write")
+    p.add_argument("--ops", type=common.split_list, default=list(OPS), help="comma-separated ops: read,write,write-read")
     p.add_argument("--modes", type=common.split_list, default=list(MODES), help="comma-separated modes: fwd,fwd+bwd")
     p.add_argument("--providers", type=common.split_list, default=list(PROVIDERS),
-                   help="comma-separated providers: eager,compiled,triton,triton-sum (the triton ones: CUDA only, "
+                   help="comma-separated providers: eager,compiled,triton,triton-sum,triton-pair (the triton ones: CUDA only, "
                    "skipped otherwise)")
     p.add_argument("--copy-mib", type=int, default=None,
                    help="size of the copy-bandwidth buffer in MiB; default 1024 on CUDA, 64 on CPU")

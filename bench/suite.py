@@ -14,10 +14,12 @@ side, since they time nothing and mostly compile; every timing part runs alone. 
                 tests/test_model.py (the model's fused CUDA LSTM cell), 8 workers where pytest-xdist is
                 installed (skipped by --quick and on CPU)
     attention   bench_attention.py at the launch-bound sizes (eager, compiled, and the fused kernels as
-                launched and forced to broadcast-and-sum: triton, triton-sum)
+                launched and forced to broadcast-and-sum: triton, triton-sum; write-read also as the
+                two fused ops apart: triton-pair)
     attention-2warps  the fused kernels at the launch-bound sizes with 2 warps per program
                 (DRAW_TRITON_NUM_WARPS=2), against the launched warps in the summary
-    attention-large  bench_attention.py at the middle and bandwidth-bound sizes (compiled, triton, triton-sum)
+    attention-large  bench_attention.py at the middle and bandwidth-bound sizes (compiled, triton, triton-sum,
+                triton-pair)
     train       bench_train.py: mnist-paper at batch 100, 1024, 4096 as one CUDA graph, fp32 and bf16
     train-eager the eager reference and eager triton at batch 1024 (a few steps: each takes 0.2-0.6 s)
     train-compiled  the compiled step at batch 1024 (about 2 minutes of compiling)
@@ -72,11 +74,11 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
                          f"--junitxml={out / 'cuda-tests.xml'}"], 240, {})],
         [("attention", attention + ["--sizes", "launch", "--rep-ms", "50", "--json", str(out / "attention.json"),
                                     "--markdown", str(out / "attention.md"), "--plot", str(out / "attention.png")],
-          150, {})],
+          200, {})],
         [("attention-2warps", attention + ["--sizes", "launch", "--providers", "triton", "--rep-ms", "50",
                                            "--json", str(out / "attention-2warps.json")], 60,
           {"DRAW_TRITON_NUM_WARPS": "2"})],
-        [("attention-large", attention + ["--sizes", "middle,bandwidth", "--providers", "compiled,triton,triton-sum",
+        [("attention-large", attention + ["--sizes", "middle,bandwidth", "--providers", "compiled,triton,triton-sum,triton-pair",
                                           "--rep-ms", "30", "--json", str(out / "attention-large.json"),
                                           "--markdown", str(out / "attention-large.md")], 240, {})],
         [("train", train + ["--batch-sizes", "100,1024,4096", "--modes", "triton-graph", "--amp", "fp32,bf16",
@@ -154,9 +156,10 @@ def headline(out: pathlib.Path) -> list[str]:
     for r in attention:
         if r.get("provider") == "triton":
             vs_sum = sum_ms.get((r["op"], r["mode"], r["size"], r["timer"]), float("nan")) / r["ms"]
+            vs_pair = f", {r['vs_pair']:.2f}x triton-pair" if r.get("vs_pair") else ""  # write-read: fused against apart
             lines.append(f"attention {r['op']} {r['mode']} {r['size']}: triton {r.get('gbps', float('nan')):.0f} GB/s "
                          f"({r.get('pct_copy', float('nan')):.0f}% of copy), {r.get('vs_compiled') or float('nan'):.2f}x compiled, "
-                         f"{vs_sum:.2f}x triton-sum ({r['timer']})")
+                         f"{vs_sum:.2f}x triton-sum{vs_pair} ({r['timer']})")
     launched_ms = {(r["op"], r["mode"], r["size"], r["timer"]): r["ms"] for r in attention if r.get("provider") == "triton"}
     for r in _rows(out / "attention-2warps.json"):
         if r.get("provider") == "triton" and r.get("ms"):

@@ -13,6 +13,9 @@ What is fused: one launch per op and direction. Each program decodes the five ra
 batch item, builds the filterbank rows in registers (F_X and F_Y never touch global memory), forms
 x_hat = x - sigmoid(canvas) on the fly, and streams its image once, in blocks of rows. The glimpse is
 the read kernels with the constexpr HAS_CANVAS = False: the canvas and error-image work is compiled out.
+write_read (a write, then the read of the new canvas: one DRAW step's write and the next step's read)
+is the read kernels with HAS_WRITE = True: the write's work is compiled in, and each canvas block is
+written and read in one pass (forward), its two gradients summed in registers (backward).
 
 Minimal bytes per op (B images, C channels, H x W pixels, read grid N, write grid N^, s = bytes per
 element; every input read once, every output written once) -- what these kernels move:
@@ -27,6 +30,11 @@ element; every input read once, every output written once) -- what these kernels
     write backward: s * (B*C*H*W    + 2*B*C*N^*N^ + 10*B)    dcanvas_new, patch, params in; dpatch,
                                                              dparams out; dcanvas = dcanvas_new is
                                                              passed through without a copy
+    write-read fwd: s * (3*B*C*H*W  + B*C*N^*N^ + 2*B*C*N*N + 10*B)   canvas, x, patch, both params in;
+                                                             new canvas, glimpses out
+    write-read bwd: s * (4*B*C*H*W  + 2*B*C*N^*N^ + 2*B*C*N*N + 20*B) dnew_canvas, dglimpses, x, new
+                                                             canvas, patch, both params in; dcanvas,
+                                                             dpatch, both dparams out (dx: 5*B*C*H*W)
 With C > 1 the backward kernels also write and re-read per-channel parameter partials [B, C, 5]
 (fp32/fp64), reduced over C by one small torch sum: deterministic, no atomics. With one channel they
 write the parameter gradient itself, in the parameters' dtype: no sum, no cast, no launch after.
@@ -111,6 +119,9 @@ _DOT_FORWARD_TILE = 1024
 # past 256 columns. A test shrinks both to tile small images.
 _WHOLE_WIDTH = {"sum": 256, "dot": 128}
 _COLUMN_TILE = {("sum", False): 256, ("sum", True): 256, ("dot", False): 128, ("dot", True): 64}
+# The write-then-read backward (read backward with HAS_WRITE) keeps both ops' tiles live: its column tile
+# (_read_config); a test shrinks it too.
+_WRITE_READ_BACKWARD_WIDTH = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -847,14 +858,16 @@ def _read_config(n: int, height: int, width: int, backward: bool, compute_dtype:
     at 28x28 (write N 5 "dot", read N 2 "sum") backward, 4 warps (the read's) issue 20.6 warp instructions
     per pixel against 28.0 with 8 (the write's), both without spills; at 3x54x54, N 12 / 12 (both "dot"),
     8 warps spill least (256 B in fp32, 8 B in bf16; 4 warps: 1,456 and 32 B), and column tiles of 32 or
-    16 do not help."""
+    16 do not help. The backward takes at most _WRITE_READ_BACKWARD_WIDTH columns at a time: at 100x100
+    over the whole (128-column) width it spilled 8,076 B per thread in fp32, in 64-column tiles 492 B."""
     config = _launch_config(n, height, width, backward, compute_dtype)
     if write_n is None:
         return {**config, "HAS_WRITE": False, "NW": 1, "BLOCK_NW": 2, "CONTRACT_W": "sum"}
     write = _launch_config(write_n, height, width, backward, compute_dtype)
     floor = _DOT_MIN if "dot" in (config["CONTRACT"], write["CONTRACT"]) else 1
     block_h = max(min(config["BLOCK_H"], write["BLOCK_H"]), floor)
-    block_w = max(min(config["BLOCK_W"], write["BLOCK_W"]), floor)
+    block_w = min(config["BLOCK_W"], write["BLOCK_W"])
+    block_w = max(min(block_w, _WRITE_READ_BACKWARD_WIDTH) if backward else block_w, floor)
     return {**config, "BLOCK_H": block_h, "BLOCK_W": block_w, "COL_TILES": triton.cdiv(width, block_w),
             "HAS_WRITE": True, "NW": write_n, "BLOCK_NW": write["BLOCK_N"], "CONTRACT_W": write["CONTRACT"]}
 

@@ -348,6 +348,20 @@ def test_column_tile_sizes(monkeypatch):
     assert config(12, 50, 100, True, f64)["BLOCK_W"] == 128  # fp64 sums
 
 
+def test_write_read_block_sizes(monkeypatch):
+    """One block serves both ops of a write-read: the smaller of their rows and columns, at least 16 where
+    either contracts with tl.dot, the read's warps, and at most 64 columns at a time backward."""
+    monkeypatch.delenv("DRAW_TRITON_CONTRACTION", raising=False)
+    monkeypatch.setattr(triton_attention, "_INTERPRETER_TILE", 0)  # the GPU's row blocks
+    config = triton_attention._read_config
+    mnist = config(2, 28, 28, True, f32, write_n=5)  # read "sum" (8 rows), write "dot" (16 rows)
+    assert (mnist["CONTRACT"], mnist["CONTRACT_W"], mnist["BLOCK_N"], mnist["BLOCK_NW"]) == ("sum", "dot", 2, 16)
+    assert (mnist["BLOCK_H"], mnist["BLOCK_W"], mnist["num_warps"]) == (16, 32, config(2, 28, 28, True, f32)["num_warps"])
+    assert config(12, 100, 100, False, f32, write_n=12)["COL_TILES"] == 1  # forward: the whole width
+    assert config(12, 100, 100, True, f32, write_n=12)["COL_TILES"] == 2  # backward: tiles of 64
+    assert config(2, 28, 28, True, f32)["HAS_WRITE"] is False
+
+
 def test_read_without_x_or_canvas_grad():
     """The model's case: x is data (no dx is computed or stored); also canvas without grad."""
     x, canvas, params, _ = make_inputs(2, 1, 9, 10, 1)
