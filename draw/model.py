@@ -162,12 +162,12 @@ class DRAW(nn.Module):
 
     # --- read and write ---------------------------------------------------------------------
 
-    def read(self, x, canvas, params):
-        """r_t, Eq. 4: [B, 2*C*N*N] with attention (27; params [B, 5] from h_dec_{t-1}, Eq. 21), else
-        [B, 2*C*H*W] (17; params None)."""
+    def read(self, x, canvas, params, dtype=None):
+        """r_t, Eq. 4: [B, 2*C*N*N] with attention (27; params [B, 5] from h_dec_{t-1}, Eq. 21; glimpses in
+        `dtype`, default x's), else [B, 2*C*H*W] (17; params None)."""
         cfg = self.config
         if cfg.read_attn:
-            glimpse = kernels.read(x, canvas, params, cfg.read_n, backend=self.backend)  # [B, 2, C, N, N]
+            glimpse = kernels.read(x, canvas, params, cfg.read_n, backend=self.backend, dtype=dtype)  # [B, 2, C, N, N]
             return glimpse.flatten(1)
         x_hat = x - torch.sigmoid(canvas)  # (3)
         return torch.cat([x.flatten(1), x_hat.flatten(1)], dim=1)
@@ -181,19 +181,20 @@ class DRAW(nn.Module):
             return kernels.write(patch, params, canvas, backend=self.backend)
         return canvas + patch.view_as(canvas)
 
-    def write_and_read(self, x, canvas, patch, params, read_params, *, read_next: bool):
-        """c_t = write(h_dec_t) (Eq. 8) and, when read_next, the next step's r_{t+1} = read(x, c_t) (3, 4),
-        else None. With attentive read and write, one op (kernels.write_read: one launch each way on the
-        GPU, the canvas streamed once and its two gradients summed in the kernel)."""
+    def write_and_read(self, x, canvas, patch, params, read_params, *, read_next: bool, dtype=None):
+        """c_t = write(h_dec_t) (Eq. 8) and, when read_next, the next step's r_{t+1} = read(x, c_t) (3, 4)
+        in `dtype` (see read), else None. With attentive read and write, one op (kernels.write_read: one
+        launch each way on the GPU, the canvas streamed once and its two gradients summed in the kernel)."""
         cfg = self.config
         if not read_next:
             return self.write(canvas, patch, params), None
         if cfg.read_attn and cfg.write_attn:
             patch = patch.view(-1, cfg.channels, cfg.write_n, cfg.write_n)  # [B, C, N^, N^]
-            canvas, glimpse = kernels.write_read(patch, params, canvas, x, read_params, cfg.read_n, backend=self.backend)
+            canvas, glimpse = kernels.write_read(patch, params, canvas, x, read_params, cfg.read_n, backend=self.backend,
+                                                 dtype=dtype)
             return canvas, glimpse.flatten(1)  # [B, 2*C*N*N]
         canvas = self.write(canvas, patch, params)
-        return canvas, self.read(x, canvas, read_params)
+        return canvas, self.read(x, canvas, read_params, dtype)
 
     def _initial_state(self, batch: int, dtype: torch.dtype):
         def expand(p, *shape):
@@ -233,7 +234,10 @@ class DRAW(nn.Module):
         enc_hidden = from_enc(h_enc).split(proj.enc_sizes, dim=1)[2]  # from h_enc_0
         latent_terms = []  # per step [B, 2]: KL(Q(Z_t | h_enc_t) || N(0, I)) and log N(z_t; 0, I) - log Q(z_t)
         canvases, write_params = [], []
-        r = self.read(x, canvas, read_params)  # r_1 from c_0 and h_dec_0  (3, 4)
+        # glimpses in the dtype the encoder's input weights compute in (autocast's, under autocast): the
+        # kernels round once on store, where the map would cast r at every step
+        glimpse_dtype = proj.read_weight.dtype
+        r = self.read(x, canvas, read_params, glimpse_dtype)  # r_1 from c_0 and h_dec_0  (3, 4)
         for t in range(cfg.T):
             enc_input = from_read(r, add=enc_from_dec)  # W_ih [r, h_dec_{t-1}] + b_ih  (5)
             h_enc, c_enc = lstm_cell(enc_input, enc_hidden, c_enc)  # (5)
@@ -241,7 +245,8 @@ class DRAW(nn.Module):
             z, terms = kernels.latent_sample(mu, log_sigma, noise[t], backend=self.backend)  # z_t ~ Q(Z_t | h_enc_t)  (6, 11)
             h_dec, c_dec = lstm_cell(from_z(z), dec_hidden, c_dec)  # (7)
             patch, params, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, from_dec(h_dec))
-            canvas, r = self.write_and_read(x, canvas, patch, params, read_params, read_next=t + 1 < cfg.T)  # (8); (3, 4)
+            canvas, r = self.write_and_read(x, canvas, patch, params, read_params, read_next=t + 1 < cfg.T,
+                                            dtype=glimpse_dtype)  # (8); (3, 4)
             latent_terms.append(terms)
             if return_sequence:
                 canvases.append(canvas)

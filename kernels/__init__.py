@@ -114,13 +114,16 @@ def filterbank(params: torch.Tensor, n: int, height: int, width: int):
     return reference.filterbank(params, n, height, width)
 
 
-def _check_read_inputs(x, params, n) -> None:
+def _check_read_inputs(x, params, n, dtype) -> None:
     _check_tensor("x", x, 4, "[B, C, H, W]")
     _check_params(params, x.shape[0])
     _check_grid_size("n", n)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
 
 
-def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int, *, backend: str = "auto"):
+def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int, *, backend: str = "auto",
+         dtype: torch.dtype | None = None):
     """Attention read, Eqs. 3 and 27: gamma * [F_Y x F_X^T, F_Y x_hat F_X^T], x_hat = x - sigmoid(canvas).
 
     Args:
@@ -129,23 +132,26 @@ def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int, *,
         params: [B, 5] raw read parameters.
         n: read grid size N >= 1.
         backend: "auto", "reference" or "triton".
+        dtype: the glimpses' dtype (default x's): under autocast, the dtype the next layer computes in,
+            so that the kernels round once on store instead of a cast after them.
     Returns:
-        [B, 2, C, n, n] glimpses of x (index 0) and of the error image (index 1), in x's dtype.
+        [B, 2, C, n, n] glimpses of x (index 0) and of the error image (index 1), in `dtype`.
     """
     _check_tensor("x", x, 4, "[B, C, H, W]")
     _check_tensor("canvas", canvas, 4, "[B, C, H, W]")
     if canvas.shape != x.shape:
         raise ValueError(f"canvas must have x's shape {list(x.shape)}, got {list(canvas.shape)}")
-    _check_read_inputs(x, params, n)
+    _check_read_inputs(x, params, n, dtype)
     device = _check_same_device(x=x, canvas=canvas, params=params)
     if resolve_backend(backend, device) == "triton":
         from draw.kernels import triton_attention
 
-        return triton_attention.read(x, canvas, params, n)
-    return reference.read(x, canvas, params, n)
+        return triton_attention.read(x, canvas, params, n, dtype)
+    return reference.read(x, canvas, params, n, dtype)
 
 
-def glimpse(x: torch.Tensor, params: torch.Tensor, n: int, *, backend: str = "auto"):
+def glimpse(x: torch.Tensor, params: torch.Tensor, n: int, *, backend: str = "auto",
+            dtype: torch.dtype | None = None):
     """Attention glimpse of x alone, Eq. 27's first half: gamma * F_Y x F_X^T (no canvas, no error image).
 
     The read of the cluttered-MNIST classifier ("differentiable RAM", Sec. 4.1). It equals
@@ -156,16 +162,17 @@ def glimpse(x: torch.Tensor, params: torch.Tensor, n: int, *, backend: str = "au
         params: [B, 5] raw attention parameters.
         n: grid size N >= 1.
         backend: "auto", "reference" or "triton".
+        dtype: the glimpses' dtype (default x's; see read).
     Returns:
-        [B, C, n, n] glimpses, in x's dtype.
+        [B, C, n, n] glimpses, in `dtype`.
     """
-    _check_read_inputs(x, params, n)
+    _check_read_inputs(x, params, n, dtype)
     device = _check_same_device(x=x, params=params)
     if resolve_backend(backend, device) == "triton":
         from draw.kernels import triton_attention
 
-        return triton_attention.glimpse(x, params, n)
-    return reference.glimpse(x, params, n)
+        return triton_attention.glimpse(x, params, n, dtype)
+    return reference.glimpse(x, params, n, dtype)
 
 
 def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor, *, backend: str = "auto"):
@@ -202,7 +209,7 @@ def _check_write_inputs(patch, params, canvas) -> None:
 
 
 def write_read(patch: torch.Tensor, write_params: torch.Tensor, canvas: torch.Tensor, x: torch.Tensor,
-               read_params: torch.Tensor, n: int, *, backend: str = "auto"):
+               read_params: torch.Tensor, n: int, *, backend: str = "auto", dtype: torch.dtype | None = None):
     """write, then read the new canvas (Eqs. 8 and 29, then 3 and 27): one step's write and the next
     step's read, which DRAW makes back to back. The same as
 
@@ -216,20 +223,21 @@ def write_read(patch: torch.Tensor, write_params: torch.Tensor, canvas: torch.Te
         canvas: [B, C, H, W] canvas logits c_{t-1}.
         x: [B, C, H, W] images; read_params: [B, 5] raw read parameters; n: read grid size N >= 1.
         backend: "auto", "reference" or "triton".
+        dtype: the glimpses' dtype (default x's; see read).
     Returns:
-        (c_t [B, C, H, W] in the canvas's dtype, [B, 2, C, n, n] glimpses in x's dtype).
+        (c_t [B, C, H, W] in the canvas's dtype, [B, 2, C, n, n] glimpses in `dtype`).
     """
     _check_write_inputs(patch, write_params, canvas)
     _check_tensor("x", x, 4, "[B, C, H, W]")
     if x.shape != canvas.shape:
         raise ValueError(f"x must have the canvas's shape {list(canvas.shape)}, got {list(x.shape)}")
-    _check_read_inputs(x, read_params, n)
+    _check_read_inputs(x, read_params, n, dtype)
     device = _check_same_device(patch=patch, write_params=write_params, canvas=canvas, x=x, read_params=read_params)
     if resolve_backend(backend, device) == "triton":
         from draw.kernels import triton_attention
 
-        return triton_attention.write_read(patch, write_params, canvas, x, read_params, n)
-    return reference.write_read(patch, write_params, canvas, x, read_params, n)
+        return triton_attention.write_read(patch, write_params, canvas, x, read_params, n, dtype)
+    return reference.write_read(patch, write_params, canvas, x, read_params, n, dtype)
 
 
 def latent_sample(mu: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor, *, backend: str = "auto"):

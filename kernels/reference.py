@@ -77,7 +77,8 @@ def _filter_images(images: torch.Tensor, fx: torch.Tensor, fy: torch.Tensor, gam
     return gamma.view(-1, *extra, 1, 1) * (fy @ rows)  # [B, ..., n, n]: gamma F_Y img F_X^T  (27)
 
 
-def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int) -> torch.Tensor:
+def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int,
+         dtype: torch.dtype | None = None) -> torch.Tensor:
     """Attention read, Eqs. 3 and 27: gamma * [F_Y x F_X^T, F_Y x_hat F_X^T], x_hat = x - sigmoid(canvas).
 
     Args:
@@ -85,29 +86,31 @@ def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int) ->
         canvas: [B, C, H, W] canvas logits c_{t-1}.
         params: [B, 5] raw read parameters.
         n: read grid size N.
+        dtype: the glimpses' dtype (default x's).
     Returns:
-        [B, 2, C, n, n] glimpses (index 0: of x, index 1: of the error image), in x's dtype.
+        [B, 2, C, n, n] glimpses (index 0: of x, index 1: of the error image), in `dtype`.
     """
     height, width = x.shape[-2:]
     fx, fy, gamma = filterbank(params, n, height, width)
     compute = fx.dtype
     x_hat = x.to(compute) - torch.sigmoid(canvas.to(compute))  # (3)
     images = torch.stack([x.to(compute), x_hat], dim=1)  # [B, 2, C, H, W]
-    return _filter_images(images, fx, fy, gamma).to(x.dtype)
+    return _filter_images(images, fx, fy, gamma).to(dtype or x.dtype)
 
 
-def glimpse(x: torch.Tensor, params: torch.Tensor, n: int) -> torch.Tensor:
+def glimpse(x: torch.Tensor, params: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Glimpse of x alone, Eq. 27's first half: gamma * F_Y x F_X^T (no canvas, no error image).
 
     Args:
         x: [B, C, H, W] images.
         params: [B, 5] raw attention parameters.
         n: grid size N.
+        dtype: the glimpses' dtype (default x's).
     Returns:
-        [B, C, n, n] glimpses, in x's dtype: read(x, canvas, params, n)[:, 0] for any canvas.
+        [B, C, n, n] glimpses, in `dtype`: read(x, canvas, params, n)[:, 0] for any canvas.
     """
     fx, fy, gamma = filterbank(params, n, *x.shape[-2:])
-    return _filter_images(x.to(fx.dtype), fx, fy, gamma).to(x.dtype)
+    return _filter_images(x.to(fx.dtype), fx, fy, gamma).to(dtype or x.dtype)
 
 
 def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
@@ -128,11 +131,11 @@ def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> to
 
 
 def write_read(patch: torch.Tensor, write_params: torch.Tensor, canvas: torch.Tensor, x: torch.Tensor,
-               read_params: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """write, then read the new canvas: (c_t, read(x, c_t, read_params, n)), c_t = write(patch,
+               read_params: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """write, then read the new canvas: (c_t, read(x, c_t, read_params, n, dtype)), c_t = write(patch,
     write_params, canvas) (Eqs. 8, 29, then 3, 27). The definition of the fused op of the same name."""
     new_canvas = write(patch, write_params, canvas)
-    return new_canvas, read(x, new_canvas, read_params, n)
+    return new_canvas, read(x, new_canvas, read_params, n, dtype)
 
 
 def latent_sample(mu: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor):

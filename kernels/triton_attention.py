@@ -872,12 +872,13 @@ def _read_config(n: int, height: int, width: int, backward: bool, compute_dtype:
             "HAS_WRITE": True, "NW": write_n, "BLOCK_NW": write["BLOCK_N"], "CONTRACT_W": write["CONTRACT"]}
 
 
-def _launch_read_forward(x, canvas, params, n: int, write=None):
-    """Launch the read forward kernel: (glimpses, new canvas). write = (patch, write_params) writes into
-    canvas first and reads the result (HAS_WRITE), which is returned as the new canvas; else None."""
+def _launch_read_forward(x, canvas, params, n: int, write=None, dtype: torch.dtype | None = None):
+    """Launch the read forward kernel: (glimpses in `dtype`, default x's; new canvas). write = (patch,
+    write_params) writes into canvas first and reads the result (HAS_WRITE), which is returned as the
+    new canvas; else None."""
     batch, channels, height, width = x.shape
     has_canvas = canvas is not None
-    out = torch.empty(_read_shape(x, has_canvas, n), device=x.device, dtype=x.dtype)
+    out = torch.empty(_read_shape(x, has_canvas, n), device=x.device, dtype=dtype or x.dtype)
     new_canvas = None if write is None else torch.empty(canvas.shape, device=canvas.device, dtype=canvas.dtype)
     if out.numel() == 0:
         return out, new_canvas
@@ -940,12 +941,14 @@ def _launch_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: boo
     return (*grads, grad_patch, _sum_channels(write_partials, write_params.dtype))
 
 
-def attention_read_forward(x: torch.Tensor, canvas: torch.Tensor | None, params: torch.Tensor, n: int):
-    """Launch the read forward kernel. x, canvas [B, C, H, W]; params [B, 5] -> [B, 2, C, n, n].
+def attention_read_forward(x: torch.Tensor, canvas: torch.Tensor | None, params: torch.Tensor, n: int,
+                           dtype: torch.dtype | None = None):
+    """Launch the read forward kernel. x, canvas [B, C, H, W]; params [B, 5] -> [B, 2, C, n, n] in `dtype`
+    (default x's).
 
     canvas None: the glimpse of x alone, [B, C, n, n].
     """
-    return _launch_read_forward(x, canvas, params, n)[0]
+    return _launch_read_forward(x, canvas, params, n, None, dtype)[0]
 
 
 def attention_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: bool,
@@ -955,11 +958,11 @@ def attention_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: b
     return _launch_read_backward(grad_out, x, canvas, params, n, x_needs_grad, canvas_needs_grad)
 
 
-def attention_write_read_forward(patch, write_params, canvas, x, read_params, n: int):
+def attention_write_read_forward(patch, write_params, canvas, x, read_params, n: int, dtype: torch.dtype | None = None):
     """Launch the read forward kernel with its write: c_t = canvas + (1 / gamma) F_Y^T w F_X (Eq. 29) and
     the read of x and c_t (Eq. 27) in one pass. patch [B, C, n^, n^]; canvas, x [B, C, H, W]; params [B, 5].
-    Returns (c_t [B, C, H, W] in the canvas's dtype, glimpses [B, 2, C, n, n] in x's dtype)."""
-    glimpses, new_canvas = _launch_read_forward(x, canvas, read_params, n, (patch, write_params))
+    Returns (c_t [B, C, H, W] in the canvas's dtype, glimpses [B, 2, C, n, n] in `dtype`, default x's)."""
+    glimpses, new_canvas = _launch_read_forward(x, canvas, read_params, n, (patch, write_params), dtype)
     return new_canvas, glimpses
 
 
@@ -1161,13 +1164,13 @@ def _backward(launcher, *args):
 
 class _ReadFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, canvas, params, n):
+    def forward(ctx, x, canvas, params, n, dtype):
         _read_setup_context(ctx, (x, canvas, params, n), None)
-        return attention_read_forward(x, canvas, params, n)
+        return attention_read_forward(x, canvas, params, n, dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _read_gradients(ctx, grad_out, functools.partial(_backward, attention_read_backward))
+        return *_read_gradients(ctx, grad_out, functools.partial(_backward, attention_read_backward)), None
 
 
 class _WriteFunction(torch.autograd.Function):
@@ -1186,8 +1189,8 @@ class _WriteReadFunction(torch.autograd.Function):
     custom ops instead (a pair the compiler treats as two opaque calls)."""
 
     @staticmethod
-    def forward(ctx, patch, write_params, canvas, x, read_params, n):
-        new_canvas, glimpses = attention_write_read_forward(patch, write_params, canvas, x, read_params, n)
+    def forward(ctx, patch, write_params, canvas, x, read_params, n, dtype):
+        new_canvas, glimpses = attention_write_read_forward(patch, write_params, canvas, x, read_params, n, dtype)
         ctx.save_for_backward(patch, write_params, new_canvas, x, read_params)
         ctx.n = n
         return new_canvas, glimpses
@@ -1200,7 +1203,7 @@ class _WriteReadFunction(torch.autograd.Function):
                           new_canvas, x, read_params, ctx.n, needs[3], needs[2])
         grad_patch, grad_write_params, grad_canvas, grad_x, grad_read_params = grads
         ordered = (grad_patch, grad_write_params, grad_canvas, grad_x, grad_read_params)
-        return (*(g if need else None for g, need in zip(ordered, needs)), None)
+        return (*(g if need else None for g, need in zip(ordered, needs)), None, None)
 
 
 def _use_custom_ops() -> bool:
@@ -1208,11 +1211,13 @@ def _use_custom_ops() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _read_autograd(x, canvas, params, n):
-    """The custom op under torch.compile, the Function otherwise (see above)."""
+def _read_autograd(x, canvas, params, n, dtype):
+    """The custom op under torch.compile (its output cast to dtype after it: a cast the compiler fuses),
+    the Function otherwise (see above)."""
     if _use_custom_ops():
-        return _read_op(x, canvas, params, n)
-    return _ReadFunction.apply(x, canvas, params, n)
+        out = _read_op(x, canvas, params, n)
+        return out if dtype is None else out.to(dtype)
+    return _ReadFunction.apply(x, canvas, params, n, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1220,7 +1225,8 @@ def _read_autograd(x, canvas, params, n):
 # ---------------------------------------------------------------------------------------------
 
 
-def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int) -> torch.Tensor:
+def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int,
+         dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fused attention read, Eqs. 3 and 27: gamma * [F_Y x F_X^T, F_Y x_hat F_X^T].
 
     Args:
@@ -1228,23 +1234,25 @@ def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int) ->
         canvas: [B, C, H, W] canvas logits c_{t-1}; x_hat = x - sigmoid(canvas).
         params: [B, 5] raw (gx~, gy~, log sigma^2, log delta~, log gamma).
         n: read grid size N >= 1.
+        dtype: the glimpses' dtype (default x's), rounded to once, on store.
     Returns:
-        [B, 2, C, n, n] glimpses of x (index 0) and of the error image (index 1), in x's dtype.
+        [B, 2, C, n, n] glimpses of x (index 0) and of the error image (index 1), in `dtype`.
     """
-    return _read_autograd(x, canvas, params, n)
+    return _read_autograd(x, canvas, params, n, dtype)
 
 
-def glimpse(x: torch.Tensor, params: torch.Tensor, n: int) -> torch.Tensor:
+def glimpse(x: torch.Tensor, params: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fused glimpse of x alone, the first half of Eq. 27: gamma * F_Y x F_X^T (no canvas, no error image).
 
     Args:
         x: [B, C, H, W] images.
         params: [B, 5] raw (gx~, gy~, log sigma^2, log delta~, log gamma).
         n: grid size N >= 1.
+        dtype: the glimpses' dtype (default x's).
     Returns:
-        [B, C, n, n] glimpses, in x's dtype; equal to read(x, canvas, params, n)[:, 0] for any canvas.
+        [B, C, n, n] glimpses, in `dtype`; equal to read(x, canvas, params, n)[:, 0] for any canvas.
     """
-    return _read_autograd(x, None, params, n)
+    return _read_autograd(x, None, params, n, dtype)
 
 
 def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
@@ -1263,7 +1271,7 @@ def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> to
 
 
 def write_read(patch: torch.Tensor, write_params: torch.Tensor, canvas: torch.Tensor, x: torch.Tensor,
-               read_params: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+               read_params: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused write, then read of the new canvas: c_t = canvas + (1 / gamma_w) F_Y^T w F_X (Eqs. 8, 29), and
     gamma_r * [F_Y x F_X^T, F_Y (x - sigmoid(c_t)) F_X^T] (Eqs. 3, 27) with the read's own filterbanks.
 
@@ -1274,11 +1282,12 @@ def write_read(patch: torch.Tensor, write_params: torch.Tensor, canvas: torch.Te
         patch: [B, C, n^, n^] write patch w_t; write_params: [B, 5] raw write parameters.
         canvas: [B, C, H, W] canvas logits c_{t-1}.
         x: [B, C, H, W] images; read_params: [B, 5] raw read parameters; n: read grid size N >= 1.
+        dtype: the glimpses' dtype (default x's).
     Returns:
-        (c_t [B, C, H, W] in the canvas's dtype, [B, 2, C, n, n] glimpses in x's dtype): write(patch,
-        write_params, canvas) and read(x, c_t, read_params, n).
+        (c_t [B, C, H, W] in the canvas's dtype, [B, 2, C, n, n] glimpses in `dtype`): write(patch,
+        write_params, canvas) and read(x, c_t, read_params, n, dtype).
     """
     if _use_custom_ops():
         new_canvas = _write_op(patch, write_params, canvas)
-        return new_canvas, _read_op(x, new_canvas, read_params, n)
-    return _WriteReadFunction.apply(patch, write_params, canvas, x, read_params, n)
+        return new_canvas, _read_autograd(x, new_canvas, read_params, n, dtype)
+    return _WriteReadFunction.apply(patch, write_params, canvas, x, read_params, n, dtype)

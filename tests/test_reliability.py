@@ -162,7 +162,10 @@ def test_timeouts_double_sigterm_still_stops_with_a_checkpoint(tmp_path):
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
     output = "".join(lines) + rest
-    assert run.returncode == 143, output[-2000:]
+    # 143 = exit(128 + SIGTERM); when the step and the checkpoint take under 50 ms, the second signal can
+    # come after the run has saved and restored the default handlers, and end the process itself: the
+    # same outcome (a shell or `timeout` reports both as 143), the checkpoint already written
+    assert run.returncode in (143, -signal.SIGTERM), output[-2000:]
     step = load_checkpoint(out)["step"]
     assert step >= 2 and f"stopped at step {step} (SIGTERM)" in output
 

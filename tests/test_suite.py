@@ -183,3 +183,7 @@ def test_the_launch_count_sees_each_fused_kernel_and_one_weight_gradient_per_map
     # the maps from h_dec and h_enc run T + 1 times (once on the initial states), those from r and z T times
     assert backward["mm"] == 2 * (T + 1) + 2 * T + 4
     assert any(op.startswith("_foreach_") for op in counts["optimizer"])  # Adam as on CUDA
+    # under bf16 autocast the glimpses come out of the kernels in bf16: no cast per step either way
+    count_launches.main(["--preset", "mnist-quick", "--batch", "3", "--amp", "bf16", "--json", str(out)])
+    bf16 = json.loads(out.read_text())["counts"]
+    assert bf16["forward"].get("_to_copy", 0) < T and bf16["backward"].get("_to_copy", 0) < T

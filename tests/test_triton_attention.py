@@ -567,6 +567,36 @@ def test_half_precision(dtype):
     check_write_read(patch, params, canvas, x, 4, rel=2e-2)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_glimpses_in_another_dtype(backend):
+    """dtype= asks for the glimpses in another dtype (DRAW asks for autocast's): the same values as the
+    glimpses in x's dtype cast after the op, each gradient in its input's own dtype and equal to that
+    cast's, for read, glimpse and write-read; and nothing but a floating dtype is taken."""
+    bf16 = torch.bfloat16
+    x, canvas, params, patch = make_inputs(2, 1, 9, 12, 3, dtype=f32, seed=4)
+    ops = {
+        "read": lambda x, c, p, w, **kw: kernels.read(x, c, p, 3, backend=backend, **kw),
+        "glimpse": lambda x, c, p, w, **kw: kernels.glimpse(x, p, 5, backend=backend, **kw),
+        "write-read": lambda x, c, p, w, **kw: kernels.write_read(w, p.flip(0), c, x, p, 2, backend=backend, **kw)[1],
+    }
+    for name, op in ops.items():
+        results = []
+        for asked in (True, False):
+            leaves = [t.clone().requires_grad_() for t in (x, canvas, params, patch)]
+            out = op(*leaves, dtype=bf16) if asked else op(*leaves).to(bf16)
+            upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.device, bf16)
+            grads = torch.autograd.grad(out, leaves, upstream, allow_unused=True)
+            results.append([out, *(g for g in grads if g is not None)])
+        asked, cast = results
+        assert asked[0].dtype == bf16, name
+        assert_relative_close(asked[0].float(), cast[0].float(), 1e-2, f"{name} glimpses")  # one rounding each
+        for a, b in zip(asked[1:], cast[1:]):
+            assert a.dtype == f32, name
+            assert_relative_close(a, b, 1e-6, f"{name} gradient")
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype or None"):
+        kernels.read(x, canvas, params, 3, backend=backend, dtype=torch.int32)
+
+
 def test_mixed_input_dtypes():
     """Output in x's (read) or the canvas's (write) dtype, each gradient in its own input's dtype."""
     x, canvas, params, patch = make_inputs(2, 1, 9, 12, 3, seed=9)
