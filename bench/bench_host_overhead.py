@@ -31,7 +31,10 @@ MODES = ("fwd", "fwd+bwd")
 def stand_ins(path: str):
     """Patches: launchers that launch nothing (the custom ops' fake implementations, which allocate the
     outputs), CPU tensors accepted, and the autograd path chosen."""
-    return [mock.patch.object(ta, "attention_read_forward", ta._read_fake),
+    def read_fake(x, canvas, params, n, dtype=None):  # the glimpses in x's dtype: none is asked for here
+        return ta._read_fake(x, canvas, params, n)
+
+    return [mock.patch.object(ta, "attention_read_forward", read_fake),
             mock.patch.object(ta, "attention_read_backward", ta._read_backward_fake),
             mock.patch.object(ta, "attention_write_forward", ta._write_fake),
             mock.patch.object(ta, "attention_write_backward", ta._write_backward_fake),

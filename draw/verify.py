@@ -22,11 +22,12 @@ it), so the sweep holds both forms to the reference.
 Sweeps (cases the device cannot run are left out):
     quick  every grid size N = 1..16 for every attention op on small odd shapes (C = 1 and 3 in
            turn), the degenerate parameters, and the latent step on odd B x Z, in fp32; on CUDA also
-           the paper's sizes in every dtype and a 65536 batch. The default: 119 cases on CUDA, each
-           compiling its own kernels (76 on CPU).
+           the paper's sizes in every dtype and a 65536 batch. The default: 155 cases on CUDA, each
+           compiling its own kernels (99 on CPU).
     full   quick, plus N = 1..16 in every dtype with C = 1 and 3 each (and the latent step's odd
-           shapes), more paper-sized cases and 256x256 images: 426 cases on CUDA; before the latent
-           cases it ran over 200 s on an H100 (bench/RESULTS.md), minutes on CPU.
+           shapes), more paper-sized cases and 256x256 images: 561 cases on CUDA; with fewer cases
+           (before the latent and write-read ones) it ran over 200 s on an H100 (bench/RESULTS.md),
+           minutes on CPU.
 
 On CPU the kernels run in Triton's interpreter, which must be chosen (TRITON_INTERPRET=1) before triton
 is imported: run() sets it when triton is not imported yet, and otherwise re-runs itself in a fresh

@@ -82,8 +82,8 @@ def test_a_wrong_kernel_fails(where, monkeypatch, tmp_path, capsys):
     elif where == "forward":
         glimpse = triton_attention.glimpse
 
-        def wrong_glimpse(x, params, n):
-            out = glimpse(x, params, n)
+        def wrong_glimpse(x, params, n, dtype=None):
+            out = glimpse(x, params, n, dtype)
             return out + 1e-4 * out.detach()  # the output 1e-4 off, its gradients untouched
 
         monkeypatch.setattr(triton_attention, "glimpse", wrong_glimpse)
@@ -156,3 +156,22 @@ def test_fresh_process_on_cpu(import_triton_first):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "all passed: 3 checks in 1 cases" in result.stdout
     assert ("re-running in a fresh process" in result.stderr) == import_triton_first
+
+
+def test_the_documented_case_counts_are_the_sweeps():
+    """The module docstring's and the README's case counts are those build_sweep makes (CUDA: every dtype;
+    CPU: fp32), so they cannot go stale when cases are added."""
+    import pathlib
+    import re
+
+    def count(sweep, cuda):
+        return len(verify.build_sweep(sweep, list(verify.DTYPES) if cuda else ["fp32"], cuda))
+
+    doc = " ".join(verify.__doc__.split())
+    assert f"The default: {count('quick', True)} cases on CUDA" in doc
+    assert f"({count('quick', False)} on CPU)" in doc
+    assert f"256x256 images: {count('full', True)} cases on CUDA" in doc
+    readme = " ".join((pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert re.search(rf"\({count('quick', False)} cases, 2-core EPYC\)", readme)
+    assert f"the default sweep has {count('quick', True)} cases" in readme
+    assert f"(now {count('full', True)} cases" in readme
