@@ -131,7 +131,8 @@ def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> to
 
 
 def write_read(patch: torch.Tensor, write_params: torch.Tensor, canvas: torch.Tensor, x: torch.Tensor,
-               read_params: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               read_params: torch.Tensor, n: int,
+               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """write, then read the new canvas: (c_t, read(x, c_t, read_params, n, dtype)), c_t = write(patch,
     write_params, canvas) (Eqs. 8, 29, then 3, 27). The definition of the fused op of the same name."""
     new_canvas = write(patch, write_params, canvas)

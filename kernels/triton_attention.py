@@ -119,8 +119,8 @@ _DOT_FORWARD_TILE = 1024
 # past 256 columns. A test shrinks both to tile small images.
 _WHOLE_WIDTH = {"sum": 256, "dot": 128}
 _COLUMN_TILE = {("sum", False): 256, ("sum", True): 256, ("dot", False): 128, ("dot", True): 64}
-# The write-then-read backward (read backward with HAS_WRITE) keeps both ops' tiles live: its column tile
-# (_read_config); a test shrinks it too.
+# The write-then-read backward (read backward with HAS_WRITE) keeps both ops' tiles live: at most this many
+# columns at a time (_read_config).
 _WRITE_READ_BACKWARD_WIDTH = 64
 
 
@@ -246,8 +246,9 @@ def _load_patch(patch_ptr, stride_wb, stride_wc, stride_wj, stride_wi, pid_b, pi
                 COMPUTE_DTYPE: tl.constexpr):
     """The write patch w[b, c] as [BLOCK_N(j), BLOCK_N(i)], zero past N."""
     w_mask = (offs_n < N)[:, None] & (offs_n < N)[None, :]  # the padded tile's N x N entries
-    return tl.load(patch_ptr + pid_b * stride_wb + pid_c * stride_wc
-                   + offs_n[:, None] * stride_wj + offs_n[None, :] * stride_wi, mask=w_mask, other=0.0).to(COMPUTE_DTYPE)
+    w = tl.load(patch_ptr + pid_b * stride_wb + pid_c * stride_wc
+                + offs_n[:, None] * stride_wj + offs_n[None, :] * stride_wi, mask=w_mask, other=0.0)
+    return w.to(COMPUTE_DTYPE)
 
 
 @triton.jit
@@ -261,8 +262,7 @@ def _write_setup(patch_ptr, params_ptr, stride_wb, stride_wc, stride_wj, stride_
         params_ptr, stride_pb, stride_pk, pid_b, offs_n, height, width, grid_span, N, COMPUTE_DTYPE)
     sum_x = _column_sums(mu_x, sigma2, offs_n, width, N, BLOCK_N, BLOCK_W, COL_TILES, COMPUTE_DTYPE)
     sum_y = _row_sums(mu_y, sigma2, offs_n, height, N, BLOCK_N, BLOCK_H, COMPUTE_DTYPE)
-    w = _load_patch(patch_ptr, stride_wb, stride_wc, stride_wj, stride_wi, pid_b, pid_c, offs_n, N,
-                             COMPUTE_DTYPE)
+    w = _load_patch(patch_ptr, stride_wb, stride_wc, stride_wj, stride_wi, pid_b, pid_c, offs_n, N, COMPUTE_DTYPE)
     return (mu_x, mu_y, grid, delta, sum_x, tl.maximum(sum_x, _FLOOR), sum_y, tl.maximum(sum_y, _FLOOR), sigma2,
             gamma, w)
 
@@ -558,7 +558,8 @@ def _attention_read_backward_kernel(
                                         mask=mask, other=0.0).to(COMPUTE_DTYPE)
                     _offs_h, _mask, f_yw, offset_yw, exponent_yw = _row_block(
                         row_start, mask_w, mu_yw, sigma2_w, z_yw, offs_nw, height, NW, BLOCK_H, COMPUTE_DTYPE)
-                    df_yw = inv_gamma_w * _mm_nt(w, _mm_nt(d_logits, f_xw, CONTRACT_W), CONTRACT_W)  # [BLOCK_NW, BLOCK_H]
+                    d_fxw = _mm_nt(d_logits, f_xw, CONTRACT_W)  # D F_X,w^T: [BLOCK_H, BLOCK_NW(i)]
+                    df_yw = inv_gamma_w * _mm_nt(w, d_fxw, CONTRACT_W)  # [BLOCK_NW(j), BLOCK_H]
                     r_yw, dfo_yw, fo_yw, dfe_yw, fe_yw = _add_row_moments(
                         r_yw, dfo_yw, fo_yw, dfe_yw, fe_yw, df_yw, f_yw, offset_yw, exponent_yw, tile == 0)
                     fy_d += _mm(f_yw, d_logits, CONTRACT_W)
@@ -644,7 +645,7 @@ def _attention_write_forward_kernel(
     z_y = tl.maximum(_row_sums(mu_y, sigma2, offs_n, height, N, BLOCK_N, BLOCK_H, COMPUTE_DTYPE), _FLOOR)
 
     w = _load_patch(patch_ptr, stride_wb, stride_wc, stride_wj, stride_wi, pid_b, pid_c, offs_n, N,
-                            COMPUTE_DTYPE)  # [BLOCK_N(j), BLOCK_N(i)]
+                    COMPUTE_DTYPE)  # [BLOCK_N(j), BLOCK_N(i)]
 
     c_base = canvas_ptr + pid_b * stride_cb + pid_c * stride_cc
     out_base = out_ptr + (pid_b * tl.num_programs(1) + pid_c) * height * width
@@ -697,7 +698,7 @@ def _attention_write_backward_kernel(
     z_y = tl.maximum(sum_y, _FLOOR)
 
     w = _load_patch(patch_ptr, stride_wb, stride_wc, stride_wj, stride_wi, pid_b, pid_c, offs_n, N,
-                            COMPUTE_DTYPE)  # [BLOCK_N(j), BLOCK_N(i)]
+                    COMPUTE_DTYPE)  # [BLOCK_N(j), BLOCK_N(i)]
 
     g_base = grad_out_ptr + pid_b * stride_gb + pid_c * stride_gc
     r_y, dfo_y, fo_y, dfe_y, fe_y = _zero_moments(BLOCK_N, COMPUTE_DTYPE)  # _add_row_moments, per axis
@@ -1271,7 +1272,8 @@ def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> to
 
 
 def write_read(patch: torch.Tensor, write_params: torch.Tensor, canvas: torch.Tensor, x: torch.Tensor,
-               read_params: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               read_params: torch.Tensor, n: int,
+               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused write, then read of the new canvas: c_t = canvas + (1 / gamma_w) F_Y^T w F_X (Eqs. 8, 29), and
     gamma_r * [F_Y x F_X^T, F_Y (x - sigmoid(c_t)) F_X^T] (Eqs. 3, 27) with the read's own filterbanks.
 
