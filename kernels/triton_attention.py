@@ -1135,6 +1135,60 @@ _write_op.register_autograd(_write_backward, setup_context=_write_setup_context)
 _write_backward_op.register_autograd(_no_double_backward, setup_context=_no_double_backward_setup)
 
 
+@torch.library.custom_op("draw_attention::write_read", mutates_args=())
+def _write_read_op(patch: torch.Tensor, write_params: torch.Tensor, canvas: torch.Tensor, x: torch.Tensor,
+                   read_params: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_write_read_forward(patch, write_params, canvas, x, read_params, n)
+
+
+@_write_read_op.register_fake
+def _write_read_fake(patch, write_params, canvas, x, read_params, n):
+    return canvas.new_empty(canvas.shape), x.new_empty(_read_shape(x, True, n))
+
+
+@torch.library.custom_op("draw_attention::write_read_backward", mutates_args=())
+def _write_read_backward_op(grad_new_canvas: torch.Tensor, grad_glimpses: torch.Tensor, patch: torch.Tensor,
+                            write_params: torch.Tensor, new_canvas: torch.Tensor, x: torch.Tensor,
+                            read_params: torch.Tensor, n: int, x_needs_grad: bool, canvas_needs_grad: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_write_read_backward(grad_new_canvas, grad_glimpses, patch, write_params, new_canvas, x,
+                                         read_params, n, x_needs_grad, canvas_needs_grad)
+
+
+@_write_read_backward_op.register_fake
+def _write_read_backward_fake(grad_new_canvas, grad_glimpses, patch, write_params, new_canvas, x, read_params, n,
+                              x_needs_grad, canvas_needs_grad):
+    return (patch.new_empty(patch.shape), write_params.new_empty(write_params.shape),
+            new_canvas.new_empty(new_canvas.shape if canvas_needs_grad else (0,)),
+            x.new_empty(x.shape if x_needs_grad else (0,)), read_params.new_empty(read_params.shape))
+
+
+def _write_read_setup_context(ctx, inputs, output):
+    patch, write_params, _canvas, x, read_params, n = inputs[:6]
+    ctx.save_for_backward(patch, write_params, output[0], x, read_params)  # output[0]: the new canvas
+    ctx.n = n
+
+
+def _write_read_gradients(ctx, grad_new_canvas, grad_glimpses, launch):
+    """(dpatch, dwrite_params, dcanvas, dx, dread_params) of write_read, None where not needed; launch is
+    the backward custom op or the launcher (same arguments). A missing output gradient counts as zeros."""
+    patch, write_params, new_canvas, x, read_params = ctx.saved_tensors
+    grad_new_canvas = torch.zeros_like(new_canvas) if grad_new_canvas is None else grad_new_canvas
+    grad_glimpses = torch.zeros(_read_shape(x, True, ctx.n), device=x.device) if grad_glimpses is None else grad_glimpses
+    needs = ctx.needs_input_grad[:5]  # patch, write_params, canvas, x, read_params
+    grads = launch(grad_new_canvas, grad_glimpses, patch, write_params, new_canvas, x, read_params, ctx.n, needs[3],
+                   needs[2])
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _write_read_backward(ctx, grad_new_canvas, grad_glimpses):
+    return (*_write_read_gradients(ctx, grad_new_canvas, grad_glimpses, _write_read_backward_op), None)
+
+
+_write_read_op.register_autograd(_write_read_backward, setup_context=_write_read_setup_context)
+_write_read_backward_op.register_autograd(_no_double_backward, setup_context=_no_double_backward_setup)
+
+
 # ---------------------------------------------------------------------------------------------
 # Eager autograd: the same launchers through torch.autograd.Function
 # ---------------------------------------------------------------------------------------------
@@ -1186,25 +1240,16 @@ class _WriteFunction(torch.autograd.Function):
 
 
 class _WriteReadFunction(torch.autograd.Function):
-    """write then read in one launch each way. Under torch.compile, write_read calls the write and read
-    custom ops instead (a pair the compiler treats as two opaque calls)."""
-
     @staticmethod
     def forward(ctx, patch, write_params, canvas, x, read_params, n, dtype):
         new_canvas, glimpses = attention_write_read_forward(patch, write_params, canvas, x, read_params, n, dtype)
-        ctx.save_for_backward(patch, write_params, new_canvas, x, read_params)
-        ctx.n = n
+        _write_read_setup_context(ctx, (patch, write_params, canvas, x, read_params, n), (new_canvas, glimpses))
         return new_canvas, glimpses
 
     @staticmethod
     def backward(ctx, grad_new_canvas, grad_glimpses):
-        patch, write_params, new_canvas, x, read_params = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:5]  # patch, write_params, canvas, x, read_params
-        grads = _backward(attention_write_read_backward, grad_new_canvas, grad_glimpses, patch, write_params,
-                          new_canvas, x, read_params, ctx.n, needs[3], needs[2])
-        grad_patch, grad_write_params, grad_canvas, grad_x, grad_read_params = grads
-        ordered = (grad_patch, grad_write_params, grad_canvas, grad_x, grad_read_params)
-        return (*(g if need else None for g, need in zip(ordered, needs)), None, None)
+        launch = functools.partial(_backward, attention_write_read_backward)
+        return (*_write_read_gradients(ctx, grad_new_canvas, grad_glimpses, launch), None, None)
 
 
 def _use_custom_ops() -> bool:
@@ -1289,7 +1334,7 @@ def write_read(patch: torch.Tensor, write_params: torch.Tensor, canvas: torch.Te
         (c_t [B, C, H, W] in the canvas's dtype, [B, 2, C, n, n] glimpses in `dtype`): write(patch,
         write_params, canvas) and read(x, c_t, read_params, n, dtype).
     """
-    if _use_custom_ops():
-        new_canvas = _write_op(patch, write_params, canvas)
-        return new_canvas, _read_autograd(x, new_canvas, read_params, n, dtype)
+    if _use_custom_ops():  # the glimpses cast after the op, a cast the compiler fuses
+        new_canvas, glimpses = _write_read_op(patch, write_params, canvas, x, read_params, n)
+        return new_canvas, glimpses if dtype is None else glimpses.to(dtype)
     return _WriteReadFunction.apply(patch, write_params, canvas, x, read_params, n, dtype)

@@ -801,7 +801,9 @@ def test_kernel_report_pairs_the_contractions_at_equal_warps(capsys):
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(monkeypatch):
+    """Every op traced whole (fullgraph) as its custom op: the same loss and gradients as eager, and the
+    fused write-read launched as one op each way (not as a write and a read)."""
     x, canvas, params, patch = make_inputs(2, 1, 9, 10, 4, dtype=f32, seed=11)
 
     def step(x, canvas, read_params, write_params, patch):
@@ -809,19 +811,26 @@ def test_torch_compile_fullgraph():
         new_canvas = kernels.write(patch * glimpse.mean(), write_params, canvas, backend="triton")
         x_glimpse = kernels.glimpse(torch.sigmoid(new_canvas), read_params * 0.5, 5, backend="triton")
         last_canvas, next_glimpse = kernels.write_read(patch.flip(0), write_params, new_canvas, x, read_params, 3,
-                                                       backend="triton")
+                                                       backend="triton", dtype=torch.float64)
         return (torch.sigmoid(last_canvas).sum() + glimpse.square().sum() + x_glimpse.square().sum()
                 + next_glimpse.square().sum())
 
+    launches = []
+    for name in ("attention_write_read_forward", "attention_write_read_backward"):
+        launcher = getattr(triton_attention, name)
+        monkeypatch.setattr(triton_attention, name,
+                            lambda *args, _launcher=launcher, _name=name: launches.append(_name) or _launcher(*args))
     leaves = [canvas, params, params.flip(0).contiguous(), patch]
     eager = [t.clone().requires_grad_() for t in leaves]
     compiled = [t.clone().requires_grad_() for t in leaves]
     loss = step(x, *eager)
+    launches.clear()
     loss_c = torch.compile(step, fullgraph=True)(x, *compiled)
     assert_close(loss_c, loss, 1e-6, 1e-6, "compiled loss")
     for a, b, label in zip(torch.autograd.grad(loss_c, compiled), torch.autograd.grad(loss, eager),
                            ["canvas", "read params", "write params", "patch"]):
         assert_close(a, b, 1e-5, 1e-6, f"compiled grad {label}")
+    assert "attention_write_read_forward" in launches and "attention_write_read_backward" in launches
 
 
 # ---------------------------------------------------------------------------------------------
