@@ -1,14 +1,16 @@
 """Host time per fused attention call, with the GPU work left out: what eager training on a GPU waits for.
 
-Eager DRAW training on a GPU is host-bound: every one of the T steps calls read and write, forward and
-backward, each through kernels.read / kernels.write (validation), autograd and a kernel launch. This
-benchmark times that host path on the CPU with the four launchers of kernels/triton_attention.py
+Eager DRAW training on a GPU is host-bound: every one of the T steps calls its attention, forward and
+backward, through kernels.read / kernels.write / kernels.write_read (validation), autograd and a kernel
+launch. This benchmark times that host path on the CPU with the launchers of kernels/triton_attention.py
 replaced by stand-ins that allocate the outputs and launch nothing, for both autograd paths:
     function   torch.autograd.Function, what eager code runs
     custom-op  the torch.library custom ops, what torch.compile traces (forced here in eager)
 Not included: Triton's own launch (argument binding, the driver call), which needs a GPU.
 Times are medians over blocks of --calls calls, in microseconds per call; "fwd+bwd" is the forward
-with grad, out.sum() and torch.autograd.grad. The per-step line multiplies read and write fwd+bwd by T.
+with grad, out.sum() and torch.autograd.grad. "write-read" is one kernels.write_read call (DRAW's step),
+"write+read" the same maths as a write and then a read (what it replaces); both sum their two outputs
+in either mode. The per-step lines multiply read and write fwd+bwd, and write-read fwd+bwd, by T.
 
     python bench/bench_host_overhead.py --json bench/results/host-overhead-cpu.json --markdown bench/results/host-overhead-cpu.md
 """
@@ -25,6 +27,7 @@ from draw.config import PRESETS
 from draw.kernels import triton_attention as ta
 
 PATHS = ("function", "custom-op")
+OPS = ("read", "glimpse", "write", "write-read", "write+read")
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -34,7 +37,12 @@ def stand_ins(path: str):
     def read_fake(x, canvas, params, n, dtype=None):  # the glimpses in x's dtype: none is asked for here
         return ta._read_fake(x, canvas, params, n)
 
+    def write_read_fake(patch, write_params, canvas, x, read_params, n, dtype=None):
+        return ta._write_read_fake(patch, write_params, canvas, x, read_params, n)
+
     return [mock.patch.object(ta, "attention_read_forward", read_fake),
+            mock.patch.object(ta, "attention_write_read_forward", write_read_fake),
+            mock.patch.object(ta, "attention_write_read_backward", ta._write_read_backward_fake),
             mock.patch.object(ta, "attention_read_backward", ta._read_backward_fake),
             mock.patch.object(ta, "attention_write_forward", ta._write_fake),
             mock.patch.object(ta, "attention_write_backward", ta._write_backward_fake),
@@ -53,6 +61,16 @@ def calls(op: str, mode: str, tensors: dict, read_n: int):
         def forward():
             return kernels.glimpse(x, params, read_n, backend="triton")
         leaves = [params]
+    elif op == "write-read":
+        def forward():
+            new_canvas, glimpses = kernels.write_read(patch, params, canvas, x, params, read_n, backend="triton")
+            return new_canvas.sum() + glimpses.sum()
+        leaves = [patch, params, canvas]
+    elif op == "write+read":
+        def forward():
+            new_canvas = kernels.write(patch, params, canvas, backend="triton")
+            return new_canvas.sum() + kernels.read(x, new_canvas, params, read_n, backend="triton").sum()
+        leaves = [patch, params, canvas]
     else:
         def forward():
             return kernels.write(patch, params, canvas, backend="triton")
@@ -85,7 +103,7 @@ def main(argv=None) -> int:
         for patch in patches:
             patch.start()
         try:
-            for op in ("read", "glimpse", "write"):
+            for op in OPS:
                 for mode in MODES:
                     fn = calls(op, mode, tensors, model.read_n)
 
@@ -99,16 +117,21 @@ def main(argv=None) -> int:
         finally:
             for patch in patches:
                 patch.stop()
-    per_step = {path: model.T * sum(r["us_per_call"] for r in rows if r["path"] == path and r["mode"] == "fwd+bwd"
-                                    and r["op"] in ("read", "write")) / 1e3 for path in PATHS}
-    summary = (f"{args.preset} (T = {model.T}): attention host time per training step, read and write fwd+bwd: "
-               + ", ".join(f"{path} {ms:.2f} ms" for path, ms in per_step.items()))
+    def per_step_ms(ops):
+        return {path: model.T * sum(r["us_per_call"] for r in rows if r["path"] == path and r["mode"] == "fwd+bwd"
+                                    and r["op"] in ops) / 1e3 for path in PATHS}
+
+    per_step, fused_step = per_step_ms(("read", "write")), per_step_ms(("write-read",))
+    summary = "\n".join(
+        f"{args.preset} (T = {model.T}): attention host time per training step, {what}: "
+        + ", ".join(f"{path} {ms:.2f} ms" for path, ms in step.items())
+        for what, step in (("read and write fwd+bwd", per_step), ("write-read fwd+bwd", fused_step)))
     columns = [("op", "op"), ("mode", "mode"), ("path", "autograd path"), ("us_per_call", "us per call")]
     print(common.text_table(rows, columns))
     print(summary)
     meta = common.metadata(torch.device("cpu"), preset=args.preset, batch=args.batch, threads=1)
     if args.json:
-        common.write_json(args.json, meta, rows, per_step_ms=per_step)
+        common.write_json(args.json, meta, rows, per_step_ms=per_step, write_read_per_step_ms=fused_step)
     if args.markdown:
         common.write_markdown(args.markdown, "Host time per fused attention call (launches stubbed out)", meta,
                               [("Calls", common.markdown_table(rows, columns))], [summary])

@@ -44,18 +44,24 @@ def test_the_recipe_benchmark_names_the_default_it_measured():
 
 def test_the_host_overhead_benchmark_times_both_autograd_paths(tmp_path):
     """bench/bench_host_overhead.py: a row for every op, mode and autograd path, with the launches stubbed
-    (no kernel runs, even in Triton's interpreter), and the per-step total of read and write."""
+    (no kernel runs, even in Triton's interpreter), and the per-step totals of read and write, and of the
+    fused write-read."""
     bench_host_overhead = import_bench("bench_host_overhead")
     out = tmp_path / "host.json"
     assert bench_host_overhead.main(["--calls", "2", "--reps", "1", "--batch", "3", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = result["results"]
     assert {(r["op"], r["mode"], r["path"]) for r in rows} == {
-        (op, mode, path) for op in ("read", "glimpse", "write") for mode in ("fwd", "fwd+bwd") for path in ("function", "custom-op")}
+        (op, mode, path) for op in ("read", "glimpse", "write", "write-read", "write+read") for mode in ("fwd", "fwd+bwd")
+        for path in ("function", "custom-op")}
     assert all(r["us_per_call"] > 0 for r in rows)
-    expected = {path: 64 * sum(r["us_per_call"] for r in rows if r["path"] == path and r["mode"] == "fwd+bwd"
-                               and r["op"] != "glimpse") / 1e3 for path in ("function", "custom-op")}
-    assert result["per_step_ms"] == pytest.approx(expected)
+
+    def expected(ops):
+        return {path: 64 * sum(r["us_per_call"] for r in rows if r["path"] == path and r["mode"] == "fwd+bwd"
+                               and r["op"] in ops) / 1e3 for path in ("function", "custom-op")}
+
+    assert result["per_step_ms"] == pytest.approx(expected(("read", "write")))
+    assert result["write_read_per_step_ms"] == pytest.approx(expected(("write-read",)))
 
 
 def test_table_cells_keep_their_precision_without_trailing_zeros():
