@@ -727,8 +727,9 @@ def test_double_backward_raises_clearly():
 # ---------------------------------------------------------------------------------------------
 
 
-def run_kernel_report(*args):
-    """bench/kernel_report.py --no-write in a process without Triton's interpreter (it compiles for sm_90)."""
+def run_kernel_report(*args, write: bool = False):
+    """bench/kernel_report.py in a process without Triton's interpreter (it compiles for sm_90): --no-write
+    unless write (then args name the --json and --markdown paths)."""
     import pathlib
     import subprocess
     import sys
@@ -737,7 +738,8 @@ def run_kernel_report(*args):
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "bench/kernel_report.py", *args, "--no-write"], cwd=root, env=env,
+    result = subprocess.run([sys.executable, "bench/kernel_report.py", *args, *([] if write else ["--no-write"])],
+                            cwd=root, env=env,
                             capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -757,13 +759,22 @@ def test_kernels_compile_for_sm90():
 
 @pytest.mark.slow
 @pytest.mark.skipif(ON_CUDA, reason="with CUDA every kernel is compiled and run by the tests above")
-def test_write_read_compiles_for_sm90_without_spills():
+def test_write_read_compiles_for_sm90_without_spills(tmp_path):
     """The fused write-then-read, forward and backward, as DRAW launches it at 28x28 (write N 5 with
-    tl.dot, read N 2 summed; bench/kernel_report.py): no spills in fp32 or bf16."""
+    tl.dot, read N 2 summed; bench/kernel_report.py): no spills in fp32 or bf16, and only the write's
+    tl.dots in the compiled code (2 forward, 5 backward): no summed product of the read's part turned into
+    a dot (triton 3.6 rewrote such products into TF32 dots, which gave wrong gradients on an H100)."""
+    import json
+
+    path = tmp_path / "report.json"
     result = run_kernel_report("--sizes", "mnist", "--dtypes", "fp32,bf16", "--contractions", "auto",
-                               "--kernels", "write-read fwd,write-read bwd")
+                               "--kernels", "write-read fwd,write-read bwd", "--json", str(path),
+                               "--markdown", str(tmp_path / "report.md"), write=True)
     assert "0 of 4 kernels spill: none" in result.stdout, result.stdout[-4000:]
-    assert "sum/dot" in result.stdout  # each op in its own contraction
+    rows = json.loads(path.read_text())["results"]
+    assert {row["contract"] for row in rows} == {"sum/dot"}  # each op in its own contraction
+    assert sorted((row["kernel"].split()[1], row["ttgir_dots"]) for row in rows) == [
+        ("bwd", 5), ("bwd", 5), ("fwd", 2), ("fwd", 2)]
 
 
 @pytest.mark.slow
