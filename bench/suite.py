@@ -24,7 +24,9 @@ side, since they time nothing and mostly compile; every timing part runs alone. 
     train-eager the eager reference and eager triton at batch 1024 (a few steps: each takes 0.2-0.6 s)
     train-compiled  the compiled step at batch 1024 (about 2 minutes of compiling)
 Run with --out DIR again (say with --only), a part's results replace that part's earlier ones in
-DIR/suite.json, and the summary covers every part recorded there.
+DIR/suite.json, and the summary covers every part recorded there. DIR/suite.json is rewritten after
+every stage; SIGTERM or SIGINT stops the running parts (their process groups), records them and exits
+128 + the signal number.
 Exit code: non-zero when a part failed (the summary says which).
 """
 
@@ -97,31 +99,59 @@ def parts(quick: bool, out: pathlib.Path) -> list[Part]:
     return [part for stage in stages(quick, out) for part in stage]
 
 
+class SuiteStopped(Exception):
+    """SIGTERM or SIGINT reached the suite (an outer `timeout`, Ctrl-C): the parts still running are
+    stopped with their process groups, and `results` holds every part of the stage, finished or not."""
+
+    def __init__(self, signum: int, results: list[dict] | None = None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.results = signum, results or []
+
+
+def _stop_on_signal(signum, frame):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # the first signal stops the suite; more would cut its cleanup
+        signal.signal(sig, signal.SIG_IGN)
+    raise SuiteStopped(signum)
+
+
 def run_stage(stage: list[Part], out: pathlib.Path) -> list[dict]:
-    """Start the stage's parts together; each is stopped (its whole process group) at its time limit."""
-    running = []
-    for name, command, limit_s, env in stage:
-        common.log(f"[suite] {name}: {' '.join(command)}")
-        log_path = out / f"{name}.log"
-        log = open(log_path, "w")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **env})
-        running.append((name, limit_s, process, log, log_path, time.perf_counter()))
+    """Start the stage's parts together; each is stopped (its whole process group) at its time limit.
+    A SuiteStopped raised while they run (main's signal handler) stops them all and carries their results."""
+    running, stopped = [], None
+    try:
+        for name, command, limit_s, env in stage:
+            common.log(f"[suite] {name}: {' '.join(command)}")
+            log_path = out / f"{name}.log"
+            log = open(log_path, "w")
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                       env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **env})
+            running.append((name, limit_s, process, log, log_path, time.perf_counter()))
+    except SuiteStopped as reason:  # the parts started so far are stopped below
+        stopped = reason
     results = []
     for name, limit_s, process, log, log_path, start in running:
         try:
+            if stopped is not None:
+                raise stopped
             code = process.wait(timeout=max(limit_s - (time.perf_counter() - start), 0))
             status = "ok" if code == 0 else f"failed (exit {code})"
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, SuiteStopped) as reason:
             os.killpg(process.pid, signal.SIGKILL)  # the part and its workers
             process.wait()
-            status = f"timed out after {limit_s} s"
+            seconds = time.perf_counter() - start
+            if isinstance(reason, SuiteStopped):
+                stopped = reason
+                status = f"stopped by {signal.Signals(reason.signum).name} after {seconds:.0f} s"
+            else:
+                status = f"timed out after {limit_s} s"
         log.close()
         seconds = time.perf_counter() - start
         tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
         common.log(f"[suite] {name}: {status} in {seconds:.0f} s")
         results.append({"part": name, "status": status, "seconds": round(seconds, 1), "last_line": tail[0][:200],
                         "log": log_path.name})
+    if stopped is not None:
+        raise SuiteStopped(stopped.signum, results)
     return results
 
 
@@ -192,25 +222,45 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     started = time.perf_counter()
-    results = []
-    for stage in stages(args.quick, args.out):
-        chosen = [part for part in stage if part[0] not in args.skip and (args.only is None or part[0] in args.only)]
-        if chosen:
-            results += run_stage(chosen, args.out)
-    meta = common.metadata(device, command=" ".join([sys.executable, *sys.argv]), quick=args.quick,
-                           wall_s=round(time.perf_counter() - started, 1))
+    results, stopped = [], None
+    handlers = {sig: signal.signal(sig, _stop_on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     previous_path = args.out / "suite.json"
     previous = json.loads(previous_path.read_text()).get("results", []) if previous_path.is_file() else []
+    try:
+        for stage in stages(args.quick, args.out):
+            chosen = [part for part in stage if part[0] not in args.skip and (args.only is None or part[0] in args.only)]
+            if chosen:
+                try:
+                    results += run_stage(chosen, args.out)
+                finally:  # recorded after every stage: a run cut short keeps what it measured
+                    record(args, device, started, merge(previous, results, order))
+    except SuiteStopped as stop:
+        results += stop.results
+        stopped = stop.signum
+        common.log(f"[suite] stopped by {signal.Signals(stop.signum).name}: the running parts were stopped")
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     recorded = merge(previous, results, order)
-    summary = headline(args.out)
-    common.write_json(str(previous_path), meta, recorded, headline=summary)
-    table = common.markdown_table(recorded, [("part", "part"), ("status", "status"), ("seconds", "s"), ("last_line", "last line")])
-    common.write_markdown(str(args.out / "suite.md"), "Benchmark suite", meta, [("Parts", table)], summary)
+    meta, summary = record(args, device, started, recorded)
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']} | {meta['wall_s']} s")
     print(common.text_table(recorded, [("part", "part"), ("status", "status"), ("seconds", "s")]))
     for line in summary:
         print(line)
+    if stopped is not None:
+        return 128 + stopped
     return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+def record(args, device, started: float, recorded: list[dict]):
+    """Write DIR/suite.json and DIR/suite.md for the parts recorded so far; returns (metadata, headline)."""
+    meta = common.metadata(device, command=" ".join([sys.executable, *sys.argv]), quick=args.quick,
+                           wall_s=round(time.perf_counter() - started, 1))
+    summary = headline(args.out)
+    common.write_json(str(args.out / "suite.json"), meta, recorded, headline=summary)
+    table = common.markdown_table(recorded, [("part", "part"), ("status", "status"), ("seconds", "s"), ("last_line", "last line")])
+    common.write_markdown(str(args.out / "suite.md"), "Benchmark suite", meta, [("Parts", table)], summary)
+    return meta, summary
 
 
 if __name__ == "__main__":

@@ -129,6 +129,60 @@ def test_the_suite_stops_a_part_and_its_children_at_the_time_limit(tmp_path):
     assert results[1]["last_line"] == "done" and (tmp_path / "slow.log").read_text().startswith("started")
 
 
+def test_a_signal_stops_the_suite_its_parts_and_keeps_the_record(tmp_path, monkeypatch):
+    """SIGTERM to the suite (an outer `timeout`): the running part and its children are killed (they run in
+    sessions of their own, which the signal does not reach), the finished stages and the stopped part are
+    recorded in DIR/suite.json, and the suite exits 143 with its own handlers put back."""
+    import signal
+    import threading
+
+    suite = import_bench("suite")
+    child_pid = tmp_path / "child.pid"
+    sleeper = [sys.executable, "-c", "import subprocess, sys, time; "
+               "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+               f"open({str(child_pid)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(60)"]
+    quick = [sys.executable, "-c", "print('done')"]
+    monkeypatch.setattr(suite, "stages", lambda quick_, out: [[("first", quick, 30, {})], [("slow", sleeper, 60, {})],
+                                                              [("never", quick, 30, {})]])
+    monkeypatch.setattr(suite, "parts", lambda quick_, out: [("first",), ("slow",), ("never",)])
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminate_once_started():
+        deadline = time.time() + 30
+        while not child_pid.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_started, daemon=True).start()
+    start = time.perf_counter()
+    assert suite.main(["--out", str(tmp_path)]) == 128 + signal.SIGTERM
+    assert time.perf_counter() - start < 30
+    assert signal.getsignal(signal.SIGTERM) is before
+    recorded = {r["part"]: r["status"] for r in json.loads((tmp_path / "suite.json").read_text())["results"]}
+    assert recorded["first"] == "ok" and recorded["slow"].startswith("stopped by SIGTERM") and "never" not in recorded
+    pid = int(child_pid.read_text())
+
+    def running(pid):  # a zombie (killed, not yet reaped by whoever adopted it) no longer runs
+        try:
+            return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+        except OSError:  # no /proc: whether the pid exists at all
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            return True
+
+    for _ in range(100):  # the grandchild was killed with its process group
+        if not running(pid):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the part's child {pid} outlived the suite")
+
+
 def test_the_suite_summary_counts_the_cuda_tests(tmp_path):
     suite = import_bench("suite")
     (tmp_path / "cuda-tests.xml").write_text(
