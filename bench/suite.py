@@ -109,8 +109,11 @@ class SuiteStopped(Exception):
         self.signum, self.results = signum, results or []
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def _stop_on_signal(signum, frame):
-    for sig in (signal.SIGTERM, signal.SIGINT):  # the first signal stops the suite; more would cut its cleanup
+    for sig in STOP_SIGNALS:  # the first signal stops the suite; more would cut its cleanup
         signal.signal(sig, signal.SIG_IGN)
     raise SuiteStopped(signum)
 
@@ -224,7 +227,9 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     started = time.perf_counter()
     results, stopped = [], None
-    handlers = {sig: signal.signal(sig, _stop_on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # a signal inherited as ignored (SIGINT in a background job) stays ignored, as in draw train
+    handlers = {sig: signal.signal(sig, _stop_on_signal) for sig in STOP_SIGNALS
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     previous_path = args.out / "suite.json"
     previous = json.loads(previous_path.read_text()).get("results", []) if previous_path.is_file() else []
     try:

@@ -132,7 +132,8 @@ def test_the_suite_stops_a_part_and_its_children_at_the_time_limit(tmp_path):
 def test_a_signal_stops_the_suite_its_parts_and_keeps_the_record(tmp_path, monkeypatch):
     """SIGTERM to the suite (an outer `timeout`): the running part and its children are killed (they run in
     sessions of their own, which the signal does not reach), the finished stages and the stopped part are
-    recorded in DIR/suite.json, and the suite exits 143 with its own handlers put back."""
+    recorded in DIR/suite.json, and the suite exits 143 with its own handlers put back. A SIGINT inherited
+    as ignored (a background job) stays ignored while it runs."""
     import signal
     import threading
 
@@ -146,17 +147,24 @@ def test_a_signal_stops_the_suite_its_parts_and_keeps_the_record(tmp_path, monke
                                                               [("never", quick, 30, {})]])
     monkeypatch.setattr(suite, "parts", lambda quick_, out: [("first",), ("slow",), ("never",)])
     before = signal.getsignal(signal.SIGTERM)
+    sigint_while_running = []
 
     def terminate_once_started():
         deadline = time.time() + 30
         while not child_pid.exists() and time.time() < deadline:
             time.sleep(0.05)
         time.sleep(0.2)
+        sigint_while_running.append(signal.getsignal(signal.SIGINT))
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=terminate_once_started, daemon=True).start()
     start = time.perf_counter()
-    assert suite.main(["--out", str(tmp_path)]) == 128 + signal.SIGTERM
+    sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert suite.main(["--out", str(tmp_path)]) == 128 + signal.SIGTERM
+        assert sigint_while_running == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, sigint)
     assert time.perf_counter() - start < 30
     assert signal.getsignal(signal.SIGTERM) is before
     recorded = {r["part"]: r["status"] for r in json.loads((tmp_path / "suite.json").read_text())["results"]}
