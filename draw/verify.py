@@ -100,7 +100,7 @@ NUMPY_BREAKING_INTERPRETER = (2, 4)
 
 @dataclass(frozen=True)
 class Case:
-    op: str  # "read", "glimpse", "write" or "latent" (B x Z: batch, width = Z; channels, height 1, n 0)
+    op: str  # "read", "glimpse", "write", "write-read" or "latent" (B x Z: batch, width = Z; channels, height 1, n 0)
     batch: int
     channels: int
     height: int
@@ -224,13 +224,12 @@ def make_inputs(case: Case, device: torch.device) -> dict:
         "params": 0.5 * torch.randn(b, 5, generator=g, device=device, dtype=f64),
         "patch": torch.randn(b, c, patch_n, patch_n, generator=g, device=device, dtype=f64),
     }
-    for column, value in DEGENERATE_PARAMS.get(case.degenerate, {}).items():
-        inputs["params"][:, column] = value
-    if case.op == "write-read":  # the write's params as above, the read's drawn after (degenerate alike)
+    if case.op == "write-read":  # the write's params as above, the read's drawn after them
         inputs["write_params"] = inputs.pop("params")
         inputs["read_params"] = 0.5 * torch.randn(b, 5, generator=g, device=device, dtype=f64)
-        for column, value in DEGENERATE_PARAMS.get(case.degenerate, {}).items():
-            inputs["read_params"][:, column] = value
+    for params in (inputs[name] for name in ("params", "write_params", "read_params") if name in inputs):
+        for column, value in DEGENERATE_PARAMS.get(case.degenerate, {}).items():  # in every set the op has
+            params[:, column] = value
     return {name: t.to(DTYPES[case.dtype]) for name, t in inputs.items()}
 
 
