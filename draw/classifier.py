@@ -76,11 +76,15 @@ class DRAM(nn.Module):
         h = self.h0.to(x.dtype).expand(batch, -1)
         c = self.c0.to(x.dtype).expand(batch, -1)
         params_seq = []
+        # under autocast, glimpses in the dtype the LSTM computes in: the kernels round once on store,
+        # where autocast would cast each glimpse again at every step
+        device = x.device.type
+        glimpse_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         for _ in range(cfg.glimpses):
             params = self.to_read_params(h)  # [B, 5] from the previous hidden state  (21)
             if self.attention_grad_clip is not None and params.requires_grad:
                 params = ClipPerImageGradient.apply(params, self.attention_grad_clip)
-            glimpse = kernels.glimpse(x, params, cfg.read_n, backend=self.backend)  # [B, C, N, N]  (27)
+            glimpse = kernels.glimpse(x, params, cfg.read_n, backend=self.backend, dtype=glimpse_dtype)  # [B, C, N, N]  (27)
             h, c = self.lstm(glimpse.flatten(1), (h, c))
             if return_glimpses:
                 params_seq.append(params)
