@@ -24,6 +24,9 @@ Sweeps (cases the device cannot run are left out):
            turn), the degenerate parameters, and the latent step on odd B x Z, in fp32; on CUDA also
            the paper's sizes in every dtype and a 65536 batch. The default: 155 cases on CUDA, each
            compiling its own kernels (99 on CPU).
+
+Compiling is most of a case's time on CUDA, so there the cases run in up to 8 worker processes (--jobs),
+their kernels compiling side by side; the table keeps the cases' order.
     full   quick, plus N = 1..16 in every dtype with C = 1 and 3 each (and the latent step's odd
            shapes), more paper-sized cases and 256x256 images: 561 cases on CUDA; with fewer cases
            (before the latent and write-read ones) it ran over 200 s on an H100 (bench/RESULTS.md),
@@ -43,6 +46,7 @@ import datetime
 import importlib.metadata
 import json
 import math
+import multiprocessing
 import os
 import pathlib
 import platform
@@ -50,7 +54,10 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
 
 import torch
 
@@ -292,6 +299,53 @@ def check_case(case: Case, device: torch.device) -> list[dict]:
     return rows
 
 
+def checked_rows(case: Case, device: torch.device) -> list[dict]:
+    """check_case, with a kernel that fails to compile or launch turned into a failed row, not a crash."""
+    try:
+        return check_case(case, device)
+    except Exception as error:
+        message = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+        return [_row(case, "error", math.nan, math.nan, TOLERANCES[case.dtype], False, error=message)]
+
+
+def _start_worker() -> None:
+    torch.set_num_threads(1)  # the workers share the machine's cores
+
+
+def checked_cases(cases: list[Case], device: torch.device, jobs: int = 1,
+                  check: Callable[[Case, torch.device], list[dict]] = checked_rows) -> Iterator[tuple[Case, list[dict]]]:
+    """(case, its rows) for every case, in order, each as soon as it and the cases before it are done.
+
+    jobs > 1 checks the cases in that many worker processes (started afresh: CUDA cannot be forked), so
+    the kernels of different cases compile side by side. A worker that dies (a crash in a kernel, say)
+    fails every case not finished by then, with a row that says so.
+    """
+    if jobs <= 1:
+        for case in cases:
+            yield case, check(case, device)
+        return
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(cases)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_worker)
+    try:
+        futures = [pool.submit(check, case, device) for case in cases]
+        for case, future in zip(cases, futures):
+            try:
+                rows = future.result()
+            except BrokenProcessPool as error:
+                message = (f"a verify worker process died before this case finished ({error}); "
+                           "run with --jobs 1 to see which case kills it")
+                rows = [_row(case, "error", math.nan, math.nan, TOLERANCES[case.dtype], False, error=message)]
+            yield case, rows
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def default_jobs(device: torch.device) -> int:
+    """Worker processes by default: on CUDA up to 8 (compiling is most of a case's time), on CPU one (the
+    interpreter uses the cores already)."""
+    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 1
+
+
 def _contraction(case: Case) -> str:
     """How the fused kernels contract in this case: "sum" or "dot" (kernels/triton_attention.py; every
     verified dtype computes in fp32). Imports triton, so only once the interpreter question is settled."""
@@ -366,6 +420,7 @@ def _rerun_with_interpreter(args) -> int:
     argv += ["--dtypes", ",".join(args.dtypes)] if args.dtypes else []
     argv += ["--only", args.only] if args.only else []
     argv += ["--json", str(args.json)] if args.json else []
+    argv += ["--jobs", str(args.jobs)] if getattr(args, "jobs", None) else []
     return subprocess.run([sys.executable, "-m", "draw.verify", *argv], env=env, check=False).returncode
 
 
@@ -380,6 +435,12 @@ def _dtype_list(text: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown dtypes {unknown}; choose from {list(DTYPES)}")
     return names
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -400,6 +461,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run only the cases whose name contains TEXT, e.g. glimpse, 'n=12' or fp16")
     parser.add_argument("--json", type=pathlib.Path, default=None, metavar="PATH",
                         help="also write every row, the tolerances and the versions to PATH as JSON")
+    parser.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
+                        help="check the cases in N worker processes, their kernels compiling side by side "
+                        "(default: up to 8 on cuda, 1 on cpu); the table keeps the cases' order")
     parser.set_defaults(sweep=None)
 
 
@@ -480,12 +544,14 @@ def run(args) -> int:
 
     sweep = sweep or "quick"
     dtypes = dtypes or (list(DTYPES) if device.type == "cuda" else ["fp32"])
+    jobs = getattr(args, "jobs", None) or default_jobs(device)
     cases = [case for case in build_sweep(sweep, dtypes, device.type == "cuda") if not only or only in case.name]
     if not cases:
         print(f"draw verify: no case matches --only {only!r}", file=sys.stderr)
         return 2
     where = "CUDA" if device.type == "cuda" else "CPU, Triton's interpreter"
-    print(f"draw verify: {len(cases)} cases ({sweep} sweep, {','.join(dtypes)}) on {device} ({where})\n"
+    workers = f", {jobs} worker processes" if jobs > 1 else ""
+    print(f"draw verify: {len(cases)} cases ({sweep} sweep, {','.join(dtypes)}) on {device} ({where}{workers})\n"
           f"  rel err = max|fused - float64 reference| / max|reference|; ref err = the same for the reference "
           f"run in the case's dtype;\n  tol = max({', '.join(f'{v:g} {k}' for k, v in TOLERANCES.items())}, "
           f"{BASELINE_FACTOR:g} x ref err); absolute errors <= {ABS_FLOOR:g} pass too", flush=True)
@@ -496,12 +562,7 @@ def run(args) -> int:
           flush=True)
     started = time.perf_counter()
     rows = []
-    for case in cases:
-        try:
-            case_rows = check_case(case, device)
-        except Exception as error:  # a kernel that fails to compile or launch is a failed check, not a crash
-            message = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
-            case_rows = [_row(case, "error", math.nan, math.nan, TOLERANCES[case.dtype], False, error=message)]
+    for _case, case_rows in checked_cases(cases, device, jobs):
         for row in case_rows:
             print(_format_row(row, width) + (f"  {row['error']}" if "error" in row else ""), flush=True)
         rows += case_rows

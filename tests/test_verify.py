@@ -158,6 +158,37 @@ def test_fresh_process_on_cpu(import_triton_first):
     assert ("re-running in a fresh process" in result.stderr) == import_triton_first
 
 
+def test_worker_processes_give_the_same_table(tmp_path, capsys):
+    """--jobs 2 checks the cases in two worker processes: the same rows, to the bit, in the cases' order."""
+    tables = []
+    for jobs in ("1", "2"):
+        path = tmp_path / f"verify-{jobs}.json"
+        assert verify.run(parse("--device", "cpu", "--only", "n=3 fp32", "--jobs", jobs, "--json", str(path))) == 0
+        tables.append(json.loads(path.read_text())["rows"])
+    assert "2 worker processes" in capsys.readouterr().out
+    assert len(tables[0]) >= 20 and tables[0] == tables[1]
+    with pytest.raises(SystemExit):
+        parse("--jobs", "0")
+
+
+def test_a_worker_that_dies_fails_its_cases_and_nothing_hangs():
+    """A worker process that dies (here: exits at the first glimpse case) fails every case not finished
+    by then, with a row that says so; the other cases keep their rows and the run returns."""
+    from helpers import verify_rows_or_die
+
+    cases = [case for case in verify.build_sweep("quick", ["fp32"], cuda=False) if case.op in ("read", "glimpse")][:40]
+    first_glimpse = next(i for i, case in enumerate(cases) if case.op == "glimpse")
+    results = list(verify.checked_cases(cases, torch.device("cpu"), jobs=2, check=verify_rows_or_die))
+    assert [case for case, _ in results] == cases
+    died = [i for i, (_, rows) in enumerate(results) if "worker process died" in rows[0].get("error", "")]
+    assert first_glimpse in died
+    for i, (case, rows) in enumerate(results):
+        if i in died:
+            assert rows == [dict(rows[0], passed=False)] and rows[0]["quantity"] == "error"
+        else:
+            assert case.op == "read" and all(row["passed"] for row in rows)
+
+
 def test_the_documented_case_counts_are_the_sweeps():
     """The module docstring's and the README's case counts are those build_sweep makes (CUDA: every dtype;
     CPU: fp32), so they cannot go stale when cases are added."""
