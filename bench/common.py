@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from draw import device as draw_device
+from draw.atomic import atomic_write_text
 
 BENCH_DIR = Path(__file__).resolve().parent
 GIB = 1 << 30
@@ -221,6 +222,8 @@ def metadata(device: torch.device, **extra) -> dict:
         "triton_contraction": os.environ.get("DRAW_TRITON_CONTRACTION", "auto"),
         # the warps of every launch (DRAW_TRITON_NUM_WARPS), "auto" (the launchers' own) unless the run set it
         "triton_num_warps": os.environ.get("DRAW_TRITON_NUM_WARPS") or "auto",
+        # launch settings replacing the launchers' own (DRAW_TRITON_LAUNCH), "auto" unless the run set them
+        "triton_launch": os.environ.get("DRAW_TRITON_LAUNCH") or "auto",
     }
     meta.update(extra)
     return meta
@@ -269,9 +272,10 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> 
 
 
 def write_json(path: str, meta: dict, rows: Sequence[dict], **extra) -> None:
+    """{"metadata", **extra, "results"} as JSON, written atomically (a stopped run leaves the last whole file)."""
     payload = {"metadata": meta, **extra, "results": list(rows)}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n", durable=False)
     print(f"wrote {path}")
 
 
@@ -285,7 +289,7 @@ def write_markdown(path: str, title: str, meta: dict, tables: Sequence[tuple[str
     for heading, table in tables:
         lines += [f"## {heading}", "", table, ""]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines), durable=False)
     print(f"wrote {path}")
 
 
@@ -313,8 +317,9 @@ def save_panels(fig, axes, path: str) -> None:
     print(f"wrote {path}")
 
 
-def add_run_arguments(parser, *, seed_help: str, plot_help: str) -> None:
-    """The flags every benchmark script shares: device, threads, seed and the output files."""
+def add_run_arguments(parser, *, seed_help: str, plot_help: str | None) -> None:
+    """The flags every benchmark script shares: device, threads, seed and the output files (no --plot
+    where plot_help is None)."""
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads(THREADS); default 1 on CPU (steady on a shared machine; "
@@ -322,7 +327,8 @@ def add_run_arguments(parser, *, seed_help: str, plot_help: str) -> None:
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument("--json", default=None, metavar="PATH", help="write results and metadata as JSON to PATH")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="write results and metadata as a markdown table to PATH")
-    parser.add_argument("--plot", default=None, metavar="PATH", help=plot_help)
+    if plot_help is not None:
+        parser.add_argument("--plot", default=None, metavar="PATH", help=plot_help)
 
 
 def check_choices(parser, flag: str, values, allowed) -> None:

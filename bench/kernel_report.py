@@ -133,6 +133,7 @@ def specialise(kernel, args, kwargs):
     """signature, constexprs and attrs for ASTSource, as Triton's JIT specialises a launch on a GPU."""
     kwargs = dict(kwargs)
     num_warps = kwargs.pop("num_warps")
+    kwargs.pop("num_stages", None)  # a launch option, as num_warps (DRAW_TRITON_LAUNCH may set it)
     signature, constexprs, attrs = {}, dict(kwargs), {}
     for index, (name, value) in enumerate(zip(kernel.arg_names, args)):
         if isinstance(value, torch.Tensor):
@@ -157,15 +158,16 @@ def _tool(name: str) -> str:
     return get_ptxas(ARCH).path if name == "ptxas" else getattr(triton.knobs.nvidia, name).path
 
 
-def compile_with_ptxas_log(source: ASTSource, num_warps: int):
+def compile_with_ptxas_log(source: ASTSource, num_warps: int, num_stages: int | None = None):
     """triton.compile for sm_ARCH, and the log of triton's own ptxas -v run (always compiled afresh)."""
+    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
     knobs = triton.knobs
     saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
     knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(source, target=GPUTarget("cuda", ARCH, 32), options={"num_warps": num_warps})
+            compiled = triton.compile(source, target=GPUTarget("cuda", ARCH, 32), options=options)
     finally:
         knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
     return compiled, log.getvalue()
@@ -258,7 +260,7 @@ def report_one(variant: str, size: Size, n: int, dtype_name: str, num_warps: int
     signature, constexprs, attrs, launched_warps = specialise(kernel, args, kwargs)
     forced, num_warps = num_warps is not None, num_warps or launched_warps
     compiled, log = compile_with_ptxas_log(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
-                                           num_warps)
+                                           num_warps, kwargs.get("num_stages"))
     row = {"kernel": variant if write_n is None else f"{variant} (write n {write_n})",
            "size": f"{size.channels}x{size.height}x{size.width}", "n": n, "dtype": dtype_name,
            "contract": contraction_label(kwargs), "num_warps": num_warps, "warps_forced": forced,
@@ -378,6 +380,8 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "ptxas": ptxas_version(), "commit": common.git_commit(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        # launch settings replacing the launchers' own (kernels/triton_attention.py), "auto" unless set
+        "triton_launch": os.environ.get("DRAW_TRITON_LAUNCH") or "auto",
     }
     print(common.text_table(rows, COLUMNS))
     compared = compare_contractions(rows)

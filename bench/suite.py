@@ -23,6 +23,8 @@ side, since they time nothing and mostly compile; every timing part runs alone. 
     train       bench_train.py: mnist-paper at batch 100, 1024, 4096 as one CUDA graph, fp32 and bf16
     train-eager the eager reference and eager triton at batch 1024 (a few steps: each takes 0.2-0.6 s)
     train-compiled  the compiled step at batch 1024 (about 2 minutes of compiling)
+    tune        (only when --only names it) tune_attention.py: each kernel's launch settings searched at
+                1024x1x28x28 and 16384x3x54x54, every candidate checked against the reference, 60 s a target
 Run with --out DIR again (say with --only), a part's results replace that part's earlier ones in
 DIR/suite.json, and the summary covers every part recorded there. DIR/suite.json is rewritten after
 every stage; SIGTERM or SIGINT stops the running parts (their process groups), records them and exits
@@ -92,7 +94,14 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
         [("train-compiled", train + ["--batch-sizes", "1024", "--modes", "triton-compiled", "--amp", "fp32",
                                      "--warmup", "3", "--steps", "50", "--json", str(out / "train-compiled.json")],
           240, {})],
+        # opt-in (OPT_IN): the launch-settings search at mnist-paper's batch and the SVHN size, 60 s per target
+        [("tune", [py, str(BENCH / "tune_attention.py"), "--sizes", "1024x1x28x28,16384x3x54x54",
+                   "--target-budget", "60", "--json", str(out / "tune.json"), "--markdown", str(out / "tune.md")],
+          570, {})],
     ]
+
+
+OPT_IN = ("tune",)  # parts that run only when --only names them
 
 
 def parts(quick: bool, out: pathlib.Path) -> list[Part]:
@@ -199,6 +208,11 @@ def headline(out: pathlib.Path) -> list[str]:
         if r.get("provider") == "triton" and r.get("ms"):
             vs = launched_ms.get((r["op"], r["mode"], r["size"], r["timer"]), float("nan")) / r["ms"]
             lines.append(f"attention {r['op']} {r['mode']} {r['size']}: 2 warps {vs:.2f}x the launched warps ({r['timer']})")
+    tune = out / "tune.json"
+    for t in json.loads(tune.read_text()).get("summary", []) if tune.is_file() else []:
+        speedup = f"{t['speedup']:.2f}x" if t.get("speedup") else "untimed"
+        lines.append(f"tune {t['target']}: {t['best_settings']} ({speedup} the launchers' {t['launchers_settings']}; "
+                     f"{t['tried']} tried, {t['wrong']} wrong)")
     for r in _rows(out / "train.json") + _rows(out / "train-eager.json") + _rows(out / "train-compiled.json"):
         lines.append(f"train {r['preset']} batch {r['batch']} {r['mode']} {r['dtype']}: {r['images_per_s']:,.0f} images/s")
     return lines
@@ -234,7 +248,8 @@ def main(argv=None) -> int:
     previous = json.loads(previous_path.read_text()).get("results", []) if previous_path.is_file() else []
     try:
         for stage in stages(args.quick, args.out):
-            chosen = [part for part in stage if part[0] not in args.skip and (args.only is None or part[0] in args.only)]
+            chosen = [part for part in stage if part[0] not in args.skip
+                      and (part[0] in args.only if args.only is not None else part[0] not in OPT_IN)]
             if chosen:
                 try:
                     results += run_stage(chosen, args.out)

@@ -52,6 +52,8 @@ FMAs, no TF32) on blocks padded to 16, which needs no cross-lane reductions. The
 launch (contraction(); DRAW_TRITON_CONTRACTION=auto|sum|dot overrides it): "dot" from N >= 5, where the
 sm_90 code runs 1.4-8x fewer warp instructions per pixel (bench/kernel_report.py).
 The program layout above is the "sum" one; "dot" takes rows in blocks of at least 16 (_dot_launch_config).
+The launchers choose the blocks, the warps and one pipeline stage (_NUM_STAGES); DRAW_TRITON_LAUNCH
+replaces any of them for measuring (launch_overrides; bench/tune_attention.py searches them).
 
 Autograd: in eager code the ops are torch.autograd.Functions calling the launchers (the least host time
 per call); under torch.compile they are torch.library custom ops, opaque to the compiler.
@@ -122,6 +124,13 @@ _COLUMN_TILE = {("sum", False): 256, ("sum", True): 256, ("dot", False): 128, ("
 # The write-then-read backward (read backward with HAS_WRITE) keeps both ops' tiles live: at most this many
 # columns at a time (_read_config).
 _WRITE_READ_BACKWARD_WIDTH = 64
+# Software-pipeline stages of every launch (Triton's default is 3). A program's row loop runs 2-7 times, too
+# few for a pipeline to fill, and the stages' prefetched tiles cost registers: for sm_90 (bench/kernel_report.py,
+# bench/results/kernel-report-sm90-*stages*.md), one stage takes fewer registers and up to 28 % fewer instructions
+# per pixel in the "dot" kernels (triton 3.6, fp32: read forward at 3x54x54, N 12, 128 -> 116 registers; read
+# backward 254 -> 194; the 28x28 write-read backward 255 with 20 B of spills -> 207, none; 100x100 read
+# backward 248 B of spills -> none); "sum" kernels compile the same. Measured on a GPU: not yet.
+_NUM_STAGES = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -777,14 +786,73 @@ def num_warps_override() -> int | None:
     return int(value)
 
 
-def _launch_config(n: int, height: int, width: int, backward: bool, compute_dtype: torch.dtype) -> dict:
-    """Block sizes (powers of two), warps and contraction for an n-grid over H x W images."""
-    if contraction(compute_dtype, n, width) == "dot":
-        config = _dot_launch_config(n, height, width, backward)
-    else:
-        config = _sum_launch_config(n, height, width, backward)
-    config["num_warps"] = num_warps_override() or config["num_warps"]
+# DRAW_TRITON_LAUNCH's settings and the values each may take (BLOCK_W: a column tile, so any power of two)
+LAUNCH_SETTINGS = {
+    "BLOCK_H": (1, 2, 4, 8, 16, 32, 64, 128, 256),
+    "BLOCK_W": (2, 4, 8, 16, 32, 64, 128, 256, 512),
+    "num_warps": (1, 2, 4, 8, 16),
+    "num_stages": (1, 2, 3, 4, 5),
+}
+
+
+def launch_overrides(backward: bool) -> dict:
+    """DRAW_TRITON_LAUNCH: launch settings that replace the launchers' choice, for measuring them
+    (bench/tune_attention.py); unset or empty, none.
+
+    "KEY=VALUE,KEY=VALUE,..." with KEY one of LAUNCH_SETTINGS, optionally prefixed "fwd." or "bwd." to
+    set the forward or the backward kernels alone: "BLOCK_H=32,bwd.num_warps=4". A bad entry is refused
+    with the entry named. DRAW_TRITON_NUM_WARPS=K is num_warps=K for both (DRAW_TRITON_LAUNCH wins).
+    """
+    warps = num_warps_override()
+    overrides = {} if warps is None else {"num_warps": warps}
+    for direction, name, value in parse_launch_settings(os.environ.get("DRAW_TRITON_LAUNCH", "")):
+        if direction in ("", "bwd" if backward else "fwd"):
+            overrides[name] = value
+    return overrides
+
+
+def parse_launch_settings(spec: str, source: str = "DRAW_TRITON_LAUNCH") -> list[tuple[str, str, int]]:
+    """[(direction: "", "fwd" or "bwd"; setting; value)] from "[fwd.|bwd.]KEY=VALUE,..."; a ValueError
+    names the first bad entry and what `source` accepts."""
+    settings = []
+    for entry in filter(None, (part.strip() for part in spec.split(","))):
+        key, _, value = entry.partition("=")
+        direction, _, name = key.strip().rpartition(".")
+        allowed = LAUNCH_SETTINGS.get(name)
+        if direction not in ("", "fwd", "bwd") or allowed is None or not value.strip().isdigit() \
+                or int(value) not in allowed:
+            raise ValueError(
+                f"{source} entry {entry!r}: expected [fwd.|bwd.]KEY=VALUE with "
+                + "; ".join(f"{k} in {', '.join(map(str, v))}" for k, v in LAUNCH_SETTINGS.items()))
+        settings.append((direction, name, int(value)))
+    return settings
+
+
+def _with_overrides(config: dict, width: int, backward: bool) -> dict:
+    """config with launch_overrides() applied (COL_TILES follows BLOCK_W); tl.dot needs blocks of 16."""
+    overrides = launch_overrides(backward)
+    if not overrides:
+        return config
+    config = {**config, **overrides}
+    config["COL_TILES"] = triton.cdiv(width, config["BLOCK_W"])
+    dot = "dot" in (config["CONTRACT"], config.get("CONTRACT_W"))
+    if dot and min(config["BLOCK_H"], config["BLOCK_W"]) < _DOT_MIN:
+        raise ValueError(f"DRAW_TRITON_LAUNCH: BLOCK_H={config['BLOCK_H']}, BLOCK_W={config['BLOCK_W']}, but the "
+                         f"tl.dot contraction needs both >= {_DOT_MIN} (or DRAW_TRITON_CONTRACTION=sum)")
     return config
+
+
+def _launch_config(n: int, height: int, width: int, backward: bool, compute_dtype: torch.dtype) -> dict:
+    """Block sizes (powers of two), warps and contraction for an n-grid over H x W images, with the
+    launch_overrides() applied."""
+    return _with_overrides(_chosen_config(n, height, width, backward, compute_dtype), width, backward)
+
+
+def _chosen_config(n: int, height: int, width: int, backward: bool, compute_dtype: torch.dtype) -> dict:
+    """The launchers' own block sizes, warps and contraction (see _sum_launch_config, _dot_launch_config)."""
+    if contraction(compute_dtype, n, width) == "dot":
+        return _dot_launch_config(n, height, width, backward)
+    return _sum_launch_config(n, height, width, backward)
 
 
 def _sum_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
@@ -800,7 +868,8 @@ def _sum_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
     # spills, little of it inside the row loop (see _WHOLE_WIDTH)
     num_warps = 4 if row_elements <= (256 if backward else 2048) else 8
     return {"N": n, "BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_W": block_w,
-            "COL_TILES": triton.cdiv(width, block_w), "num_warps": num_warps, "CONTRACT": "sum"}
+            "COL_TILES": triton.cdiv(width, block_w), "num_warps": num_warps, "num_stages": _NUM_STAGES,
+            "CONTRACT": "sum"}
 
 
 def _dot_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
@@ -818,7 +887,8 @@ def _dot_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
     block_h = min(max(tile // block_w, _DOT_MIN), max(triton.next_power_of_2(height), _DOT_MIN))
     num_warps = 4 if block_w <= 32 and not backward else 8
     return {"N": n, "BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_W": block_w,
-            "COL_TILES": triton.cdiv(width, block_w), "num_warps": num_warps, "CONTRACT": "dot"}
+            "COL_TILES": triton.cdiv(width, block_w), "num_warps": num_warps, "num_stages": _NUM_STAGES,
+            "CONTRACT": "dot"}
 
 
 def _device_guard(t: torch.Tensor):
@@ -852,25 +922,27 @@ def _sum_channels(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _read_config(n: int, height: int, width: int, backward: bool, compute_dtype: torch.dtype,
                  write_n: int | None = None) -> dict:
-    """The read kernels' launch settings (_launch_config), and their HAS_WRITE constexprs: a write with a
-    write_n-grid made in the same launch, or none. With a write, one block of rows and columns serves
-    both ops: the smaller of the two ops' own, and at least _DOT_MIN if either contracts with tl.dot; the
-    warps are the read's. ptxas, sm_90 (bench/kernel_report.py --kernels write-read --num-warps 2,4,8):
+    """The read kernels' launch settings (_launch_config; launch_overrides() applied last), and their
+    HAS_WRITE constexprs: a write with a write_n-grid made in the same launch, or none. With a write, one
+    block of rows and columns serves both ops: the smaller of the two ops' own, and at least _DOT_MIN if
+    either contracts with tl.dot; the warps are the read's. ptxas, sm_90 (bench/kernel_report.py --kernels write-read --num-warps 2,4,8):
     at 28x28 (write N 5 "dot", read N 2 "sum") backward, 4 warps (the read's) issue 20.6 warp instructions
     per pixel against 28.0 with 8 (the write's), both without spills; at 3x54x54, N 12 / 12 (both "dot"),
     8 warps spill least (256 B in fp32, 8 B in bf16; 4 warps: 1,456 and 32 B), and column tiles of 32 or
     16 do not help. The backward takes at most _WRITE_READ_BACKWARD_WIDTH columns at a time: at 100x100
     over the whole (128-column) width it spilled 8,076 B per thread in fp32, in 64-column tiles 492 B."""
-    config = _launch_config(n, height, width, backward, compute_dtype)
+    config = _chosen_config(n, height, width, backward, compute_dtype)
     if write_n is None:
-        return {**config, "HAS_WRITE": False, "NW": 1, "BLOCK_NW": 2, "CONTRACT_W": "sum"}
-    write = _launch_config(write_n, height, width, backward, compute_dtype)
+        config = {**config, "HAS_WRITE": False, "NW": 1, "BLOCK_NW": 2, "CONTRACT_W": "sum"}
+        return _with_overrides(config, width, backward)
+    write = _chosen_config(write_n, height, width, backward, compute_dtype)
     floor = _DOT_MIN if "dot" in (config["CONTRACT"], write["CONTRACT"]) else 1
     block_h = max(min(config["BLOCK_H"], write["BLOCK_H"]), floor)
     block_w = min(config["BLOCK_W"], write["BLOCK_W"])
     block_w = max(min(block_w, _WRITE_READ_BACKWARD_WIDTH) if backward else block_w, floor)
-    return {**config, "BLOCK_H": block_h, "BLOCK_W": block_w, "COL_TILES": triton.cdiv(width, block_w),
-            "HAS_WRITE": True, "NW": write_n, "BLOCK_NW": write["BLOCK_N"], "CONTRACT_W": write["CONTRACT"]}
+    config = {**config, "BLOCK_H": block_h, "BLOCK_W": block_w, "COL_TILES": triton.cdiv(width, block_w),
+              "HAS_WRITE": True, "NW": write_n, "BLOCK_NW": write["BLOCK_N"], "CONTRACT_W": write["CONTRACT"]}
+    return _with_overrides(config, width, backward)
 
 
 def _launch_read_forward(x, canvas, params, n: int, write=None, dtype: torch.dtype | None = None):

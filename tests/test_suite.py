@@ -92,6 +92,38 @@ def test_the_suite_runs_correctness_side_by_side_and_timing_alone(tmp_path):
     assert stages[0] == ["verify", "cuda-tests"]
     assert all(len(stage) == 1 for stage in stages[1:])
     assert [name for stage in stages for name in stage] == [name for name, *_ in suite.parts(False, tmp_path)]
+    assert set(suite.OPT_IN) <= {name for stage in stages for name in stage}
+
+
+def test_the_gpu_suites_benchmark_commands_parse(tmp_path):
+    """Every bench/ script the GPU suite runs accepts the flags the suite gives it (the GPU parts never run
+    in CI: a renamed flag would otherwise first show on a GPU)."""
+    suite = import_bench("suite")
+    checked = 0
+    for name, command, _limit, _env in suite.parts(False, tmp_path):
+        script = pathlib.Path(command[1])
+        if script.parent == suite.BENCH:
+            module = import_bench(script.stem)
+            module.parse_args(command[2:])
+            checked += 1
+    assert checked >= 6
+
+
+def test_the_tune_part_runs_only_when_named(tmp_path, monkeypatch):
+    """The opt-in parts stay out of a plain run and of --skip's, and run when --only names them."""
+    suite = import_bench("suite")
+    ran = []
+    monkeypatch.setattr(suite, "run_stage", lambda stage, out: [ran.extend(p[0] for p in stage)] and [])
+    suite.main(["--out", str(tmp_path), "--skip", "cuda-tests"])
+    assert "tune" not in ran and "verify" in ran and "cuda-tests" not in ran
+    ran.clear()
+    suite.main(["--out", str(tmp_path), "--only", "tune,train"])
+    assert ran == ["train", "tune"]
+    (tmp_path / "tune.json").write_text(json.dumps({"summary": [
+        {"target": "read fwd 16384x3x54x54 N 12 (auto)", "best_settings": "BLOCK_H=32", "speedup": 1.5,
+         "launchers_settings": "BLOCK_H=16", "tried": 14, "wrong": 0}]}))
+    assert "tune read fwd 16384x3x54x54 N 12 (auto): BLOCK_H=32 (1.50x the launchers' BLOCK_H=16; 14 tried, 0 wrong)" \
+        in suite.headline(tmp_path)
 
 
 def test_the_suite_merges_a_second_half_into_the_same_directory(tmp_path):
@@ -255,3 +287,75 @@ def test_the_launch_count_sees_each_fused_kernel_and_one_weight_gradient_per_map
     count_launches.main(["--preset", "mnist-quick", "--batch", "3", "--amp", "bf16", "--json", str(out)])
     bf16 = json.loads(out.read_text())["counts"]
     assert bf16["forward"].get("_to_copy", 0) < T and bf16["backward"].get("_to_copy", 0) < T
+
+
+def test_the_tuner_checks_every_neighbour_on_cpu(tmp_path):
+    """bench/tune_attention.py --quick: every op and kernel, the launchers' settings and each single change
+    of rows or columns, checked against the reference in Triton's interpreter (untimed on a CPU)."""
+    tune = import_bench("tune_attention")
+    out = tmp_path / "tune.json"
+    interpreter_tile = tune.ta._INTERPRETER_TILE
+    assert tune.main(["--quick", "--device", "cpu", "--json", str(out), "--markdown", str(tmp_path / "tune.md")]) == 0
+    assert tune.ta._INTERPRETER_TILE == interpreter_tile  # the GPU's row blocks for the search only
+    result = json.loads(out.read_text())
+    summary, rows = result["summary"], result["results"]
+    assert [(s["op"], s["kernel"]) for s in summary] == [(op, k) for op in ("read", "write", "write-read")
+                                                         for k in ("fwd", "bwd")]
+    assert all(s["tried"] >= 3 and s["wrong"] == s["failed"] == 0 for s in summary)
+    assert sum(s["tried"] for s in summary) == len(rows)
+    assert all(r["status"] == "ok" and r["rel_err"] <= 1e-4 and r["ms"] is None for r in rows)
+    assert sum(r["launchers"] for r in rows) == len(summary)
+    assert (tmp_path / "tune.md").read_text().startswith("# Attention launch settings")
+
+
+def test_the_tuner_reports_wrong_results(tmp_path):
+    """A candidate further from the reference than --tolerance is "wrong", never timed, and fails the run."""
+    tune = import_bench("tune_attention")
+    out = tmp_path / "tune.json"
+    argv = ["--quick", "--device", "cpu", "--ops", "write", "--kernels", "fwd", "--tolerance", "1e-12", "--json", str(out)]
+    assert tune.main(argv) == 1
+    rows = json.loads(out.read_text())["results"]
+    assert rows and all(r["status"] == "wrong" and r["ms"] is None and r["rel_err"] > 1e-12 for r in rows)
+
+
+def test_the_tuner_descends_to_the_fastest_settings(monkeypatch):
+    """The search moves to the fastest neighbour while it gains more than --min-gain, never to a wrong or
+    failed candidate, and stops at a local optimum (times from a stand-in for the GPU)."""
+    tune = import_bench("tune_attention")
+    best = {"BLOCK_H": 32, "BLOCK_W": 32, "num_warps": 4, "num_stages": 2}
+    faulty = {**best, "BLOCK_H": 64}  # a neighbour of the best: would time fastest, but gives wrong results
+
+    def fake_evaluate(target, settings, case, reference, args, device, copy_gbps):
+        current = settings or tune.start_settings(target.launcher_config())
+        # each step away from `best` (a power of two in a block or the warps, one pipeline stage) costs 10 %
+        steps = abs(current["num_stages"] - best["num_stages"]) + sum(
+            abs(current[k].bit_length() - best[k].bit_length()) for k in ("BLOCK_H", "BLOCK_W", "num_warps"))
+        wrong = current == faulty
+        return {"op": target.op, "size": target.size.name, "kernel": target.kernel, "contraction": target.contraction,
+                "settings": "launchers'" if settings is None else tune.settings_text(settings),
+                "status": "wrong" if wrong else "ok", "ms": 0.5 if wrong else 1 + 0.1 * steps,
+                "pct_copy": None, "rel_err": 0.0}
+
+    monkeypatch.setattr(tune, "evaluate", fake_evaluate)
+    monkeypatch.setattr(tune, "outputs", lambda provider, case: [])
+    monkeypatch.setenv("DRAW_TRITON_CONTRACTION", "auto")
+    args = tune.parse_args(["--device", "cpu", "--rounds", "10"])
+    size = tune.ba.Size("test", 2, 1, 54, 54, 12, 12)  # launchers at 3x54x54 fwd: BLOCK_H 16, 64 columns, 8 warps
+    target = tune.Target("read", size, "fwd", "auto")
+    start = tune.start_settings(target.launcher_config())
+    assert start != best
+    rows = []
+    summary = tune.tune(target, args, torch.device("cpu"), 1.0, rows)
+    assert summary["best_settings"] == tune.settings_text(best)
+    assert summary["best_ms"] == 1.0 and summary["speedup"] == pytest.approx(summary["launchers_ms"])
+    assert [r["status"] for r in rows if r["settings"] == tune.settings_text(faulty)] == ["wrong"]
+    assert len({r["settings"] for r in rows}) == len(rows)  # no candidate twice
+
+    args = tune.parse_args(["--device", "cpu", "--rounds", "1"])
+    one = tune.tune(target, args, torch.device("cpu"), 1.0, [])
+    assert one["best_settings"] != tune.settings_text(best) and one["best_ms"] < one["launchers_ms"]
+    backward = {**summary, "kernel": "bwd", "best_settings": "num_warps=2"}
+    unchanged = {**summary, "size": "1x1x28x28", "best_settings": "launchers'"}
+    assert tune.launch_lines([summary, backward, unchanged]) == [
+        "read 2x1x54x54 (auto): DRAW_TRITON_LAUNCH=fwd.BLOCK_H=32,fwd.BLOCK_W=32,fwd.num_warps=4,fwd.num_stages=2,"
+        "bwd.num_warps=2"]
