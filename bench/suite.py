@@ -10,6 +10,7 @@ Each part runs as its own process (so one failure or crash does not stop the oth
 limit, and its output is kept in DIR/PART.log. The correctness parts (verify, cuda-tests) run side by
 side, since they time nothing and mostly compile; every timing part runs alone. The parts:
     verify      `draw verify --quick`: the fused kernels against the reference, forward and every gradient
+                (its cases in up to 8 worker processes)
     cuda-tests  tests/test_triton_attention.py and tests/test_latent_sample.py compiled on the GPU, and
                 tests/test_model.py (the model's fused CUDA LSTM cell), 8 workers where pytest-xdist is
                 installed (skipped by --quick and on CPU)
