@@ -24,8 +24,9 @@ side, since they time nothing and mostly compile; every timing part runs alone. 
     train       bench_train.py: mnist-paper at batch 100, 1024, 4096 as one CUDA graph, fp32 and bf16
     train-eager the eager reference and eager triton at batch 1024 (a few steps: each takes 0.2-0.6 s)
     train-compiled  the compiled step at batch 1024 (about 2 minutes of compiling)
-    tune        (only when --only names it) tune_attention.py: each kernel's launch settings searched at
-                1024x1x28x28 and 16384x3x54x54, every candidate checked against the reference, 60 s a target
+    tune        (only when --only names it) tune_attention.py: the read and write-read kernels' launch
+                settings searched at 1024x1x28x28 and 16384x3x54x54, every candidate checked against the
+                reference, 60 s a target
 Run with --out DIR again (say with --only), a part's results replace that part's earlier ones in
 DIR/suite.json, and the summary covers every part recorded there. DIR/suite.json is rewritten after
 every stage; SIGTERM or SIGINT stops the running parts (their process groups), records them and exits
@@ -97,8 +98,8 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
           240, {})],
         # opt-in (OPT_IN): the launch-settings search at mnist-paper's batch and the SVHN size, 60 s per target
         [("tune", [py, str(BENCH / "tune_attention.py"), "--sizes", "1024x1x28x28,16384x3x54x54",
-                   "--target-budget", "60", "--json", str(out / "tune.json"), "--markdown", str(out / "tune.md")],
-          570, {})],
+                   "--ops", "read,write-read", "--target-budget", "60", "--json", str(out / "tune.json"),
+                   "--markdown", str(out / "tune.md")], 570, {})],
     ]
 
 
