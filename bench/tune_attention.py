@@ -24,6 +24,7 @@ DRAW_TRITON_LAUNCH="bwd.BLOCK_H=32,bwd.num_warps=4" sets the backward kernels' r
 
 import argparse
 import itertools
+import json
 import os
 import sys
 import time
@@ -266,6 +267,8 @@ def parse_args(argv=None):
     p.add_argument("--once", action="store_true", help="check each setting once, no timing (for a profiler); "
                    "without --settings: every neighbour of the launchers' settings. Always so on a CPU")
     p.add_argument("--quick", action="store_true", help="one round on a tiny odd shape (for the CPU: checks the script)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the targets already in --json and search only the others (a run split in parts)")
     p.add_argument("--rounds", type=int, default=3, help="at most this many moves from the launchers' settings")
     p.add_argument("--min-gain", type=float, default=0.02, help="move only to a neighbour faster by more than this fraction")
     p.add_argument("--target-budget", type=float, default=120.0, help="seconds of searching per target")
@@ -282,9 +285,20 @@ def parse_args(argv=None):
                                   ("--contractions", args.contractions, ta.CONTRACTIONS)):
         common.check_choices(p, flag, values, allowed)
     args.settings = [parse_settings(text, p) for text in args.settings] if args.settings else None
+    if args.resume and not args.json:
+        p.error("--resume needs --json (the file that holds the targets searched so far)")
     if args.quick:
         args.rounds = 1
     return args
+
+
+def earlier_results(path: str) -> tuple[list[dict], list[dict]]:
+    """(rows, summaries) of an earlier run's --json, for --resume; none when it has not been written yet."""
+    if not os.path.isfile(path):
+        return [], []
+    with open(path) as f:
+        earlier = json.load(f)
+    return earlier["results"], earlier["summary"]
 
 
 def is_timed(device: torch.device) -> bool:
@@ -312,10 +326,16 @@ def main(argv=None) -> int:
     meta = common.metadata(device, copy_bandwidth_gbps=round(copy_gbps, 2), dtype="float32",
                            tolerance=args.tolerance, min_gain=args.min_gain)
     rows, summaries = [], []
+    if args.resume:
+        rows, summaries = earlier_results(args.json)
     for size, op, kernel, contraction in itertools.product(sizes, args.ops, args.kernels, args.contractions):
+        target = Target(op, size, kernel, contraction)
+        if any(t["target"] == target.name for t in summaries):
+            common.log(f"{target.name}: in {args.json} already (--resume)")
+            continue
         # in Triton's interpreter too, start from the row blocks a GPU launches, not the interpreter's larger ones
         with mock.patch.object(ta, "_INTERPRETER_TILE", 0):
-            summaries.append(tune(Target(op, size, kernel, contraction), args, device, copy_gbps, rows))
+            summaries.append(tune(target, args, device, copy_gbps, rows))
         if args.json:
             common.write_json(args.json, meta, rows, summary=summaries)
         if args.markdown:

@@ -308,6 +308,23 @@ def test_the_tuner_checks_every_neighbour_on_cpu(tmp_path):
     assert (tmp_path / "tune.md").read_text().startswith("# Attention launch settings")
 
 
+def test_the_tuner_resumes_a_run_split_in_parts(tmp_path, capsys):
+    """--resume keeps the targets already in --json and searches only the others."""
+    tune = import_bench("tune_attention")
+    out = tmp_path / "tune.json"
+    argv = ["--quick", "--device", "cpu", "--ops", "write", "--json", str(out)]
+    assert tune.main(argv + ["--kernels", "fwd"]) == 0
+    first = json.loads(out.read_text())
+    assert tune.main(argv + ["--resume"]) == 0  # fwd is there: only bwd is searched
+    second = json.loads(out.read_text())
+    assert [t["target"] for t in second["summary"]] == [first["summary"][0]["target"],
+                                                        first["summary"][0]["target"].replace(" fwd ", " bwd ")]
+    assert second["results"][:len(first["results"])] == first["results"]
+    assert "in " + str(out) + " already (--resume)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tune.parse_args(["--resume"])
+
+
 def test_the_tuner_reports_wrong_results(tmp_path):
     """A candidate further from the reference than --tolerance is "wrong", never timed, and fails the run."""
     tune = import_bench("tune_attention")
