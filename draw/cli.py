@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(t, backend_help="attention backend (default auto: the Triton kernels on CUDA, the reference elsewhere)")
     t.add_argument("--step", choices=STEP_MODES, dest="step_mode",
                    help="how the training step runs: eager, compile (torch.compile; eager if it fails), cuda-graph (the "
-                        "whole step as one CUDA graph, not under torchrun); auto: cuda-graph on CUDA (eager under torchrun), "
+                        "whole step as one CUDA graph; under torchrun with its gradient all-reduce inside the graph); auto: "
+                        "cuda-graph on CUDA (eager under torchrun), "
                         "eager on CPU. Default: the preset's (mnist-quick: compile), or for --resume the mode that ran the run")
     t.add_argument("--compile", action="store_const", const="compile", dest="step_mode", help="same as --step compile")
     t.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help="torch.compile mode with --step compile")

@@ -9,7 +9,9 @@ What the ranks share, and how (draw/step.py and draw/train.py call these):
     batches     every rank draws the whole global batch, its binarization and crops (the same generator
                 states everywhere) and trains on its own contiguous part, `World.part`; the latent noise
                 is drawn the same way (TrainStep). Any world size sees the same images and the same noise.
-    gradients   DistributedDataParallel averages them across ranks (`data_parallel`).
+    gradients   DistributedDataParallel averages them across ranks (`data_parallel`); the CUDA-graph step
+                instead averages them with one all-reduce after the backward pass, inside the graph
+                (`average_gradients`, the parameters first made rank 0's by `broadcast_parameters`).
     the run     rank 0 alone reads and writes the run directory (lock, checkpoint, metrics, figures) and
                 logs; `from_main` hands what it read to the others.
     stopping    a signal is acted on when every rank agrees, at a step boundary (`agree_on_stop`).
@@ -114,6 +116,24 @@ def check_global_batch(batch_size: int, world_size: int, accumulate: int) -> Non
         nearest = f"{below} or {above}" if below else f"{above}"
         raise ValueError(f"--batch-size {batch_size} is the global batch: it must divide by the world size {world_size} "
                          f"x --accumulate {accumulate} = {parts} (try {nearest})")
+
+
+def broadcast_parameters(model: torch.nn.Module, world: World) -> None:
+    """Every rank's parameters and buffers made rank 0's, as DistributedDataParallel does when it wraps a
+    model (for the steps that average gradients without it, `average_gradients`)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor.data, src=0)
+
+
+def average_gradients(parameters: list[torch.Tensor]) -> None:
+    """The parameters' gradients averaged over the ranks, in place: one all-reduce of one flat buffer after
+    the backward pass, where DistributedDataParallel runs bucketed all-reduces from hooks during it. As plain
+    tensor operations, with no host sync, it can be captured in a CUDA graph (NCCL collectives can be)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])  # [sum of numel]
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(dist.get_world_size())
+    torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
 def data_parallel(model: torch.nn.Module, world: World, device: torch.device):

@@ -15,10 +15,11 @@ classifier: loss, error rate), then GRADIENT_STATISTICS (the global gradient nor
 1.0 where the clip scaled the gradient down, else 0.0). With `accumulate` N it runs N micro-batches, each
 backward on its micro-batch's mean loss (so that a per-image gradient clip, draw/classifier.py, sees the
 same per-image gradients at any N), sums their gradients and divides by N before the one clip and Adam
-step; under torchrun (a `World` of several ranks) each rank computes its part of the batch in
-DistributedDataParallel, which averages the gradients (draw/distributed.py). The latent noise of the
-global batch is drawn alike on every rank and sliced, as the images are, so that neither the world
-size nor N changes what a step computes, only its float rounding. CUDA graphs do not run under DDP.
+step; under torchrun (a `World` of several ranks) each rank computes its part of the batch and the
+gradients are averaged across ranks (GRADIENT_SYNCS; draw/distributed.py): by DistributedDataParallel
+during the backward pass, or, in the CUDA-graph step, by one all-reduce after it, captured in the graph.
+The latent noise of the global batch is drawn alike on every rank and sliced, as the images are, so that
+neither the world size nor N changes what a step computes, only its float rounding.
 """
 
 import contextlib
@@ -27,10 +28,14 @@ import logging
 import torch
 import torch.nn as nn
 
-from draw.distributed import SINGLE, World, check_global_batch, data_parallel
+from draw.distributed import SINGLE, World, average_gradients, broadcast_parameters, check_global_batch, data_parallel
 from draw.model import DRAW
 
 STEP_MODES = ("auto", "eager", "compile", "cuda-graph")
+# How several ranks average their gradients: "ddp" (DistributedDataParallel, all-reduces overlapped with
+# the backward pass), "all-reduce" (one all-reduce after it: the CUDA-graph step's, since DDP's hooks run
+# from the host), or "auto": all-reduce in the CUDA-graph step, DDP otherwise; nothing for one process.
+GRADIENT_SYNCS = ("auto", "ddp", "all-reduce")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 WARMUP_STEPS = 3
 GRADIENT_STATISTICS = ("grad_norm", "clipped")
@@ -44,16 +49,26 @@ def step_statistics(model: nn.Module) -> tuple[str, ...]:
 
 
 def resolve_step_mode(mode: str, device: torch.device, *, under_ddp: bool = False) -> str:
-    """The concrete mode of `mode` on `device`: "auto" is a CUDA graph on CUDA (eager under DDP) and eager elsewhere."""
+    """The concrete mode of `mode` on `device`: "auto" is a CUDA graph on CUDA and eager elsewhere; under
+    torchrun eager (a CUDA graph across GPUs has not been measured yet: `--step cuda-graph` asks for it)."""
     if mode not in STEP_MODES:
         raise ValueError(f"step mode must be one of {STEP_MODES}, got {mode!r}")
     if mode == "auto":
         return "cuda-graph" if device.type == "cuda" and not under_ddp else "eager"
     if mode == "cuda-graph" and device.type != "cuda":
         raise ValueError(f"--step cuda-graph needs a CUDA device, got {device}")
-    if mode == "cuda-graph" and under_ddp:  # DDP's gradient all-reduce is driven from the host, step by step
-        raise ValueError("--step cuda-graph does not run under torchrun (DDP): use --step compile or eager")
     return mode
+
+
+def resolve_gradient_sync(sync: str, mode: str, world: World) -> str | None:
+    """How this step averages gradients across ranks (GRADIENT_SYNCS), or None for one process."""
+    if sync not in GRADIENT_SYNCS:
+        raise ValueError(f"gradient sync must be one of {GRADIENT_SYNCS}, got {sync!r}")
+    if mode == "cuda-graph" and sync == "ddp":  # DDP's all-reduces are launched from hooks on the host
+        raise ValueError("the CUDA-graph step averages gradients with one all-reduce inside the graph, not DDP")
+    if sync == "auto":
+        return None if world.size == 1 else ("all-reduce" if mode == "cuda-graph" else "ddp")
+    return sync
 
 
 def autocast(amp: str, device: torch.device, *, cache_enabled: bool = True):
@@ -72,7 +87,7 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, *, lr: float, grad_clip: float, amp: str = "none", tf32: bool = False,
                  mode: str = "eager", compile_mode: str = "default", device: torch.device | None = None,
-                 accumulate: int = 1, world: World = SINGLE):
+                 accumulate: int = 1, world: World = SINGLE, gradient_sync: str = "auto"):
         self.model = model
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.mode = resolve_step_mode(mode, self.device, under_ddp=world.size > 1)
@@ -89,7 +104,11 @@ class TrainStep:
         lr_value = torch.tensor(lr, device=self.device) if self.graphed else lr
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr_value, capturable=self.graphed)
         self.latent = isinstance(model, DRAW)  # DRAW draws latent noise; the classifier draws none
-        self.ddp = data_parallel(model, world, self.device)  # None on a single process
+        # "all-reduce" with one process is a 1-rank all-reduce (a process group is needed): for tests
+        self.gradient_sync = resolve_gradient_sync(gradient_sync, self.mode, world)
+        self.ddp = data_parallel(model, world, self.device) if self.gradient_sync == "ddp" else None
+        if self.gradient_sync == "all-reduce":
+            broadcast_parameters(model, world)  # what DDP does when it wraps the model
         self.eager_forward = self.ddp or model
         # fallback_random: any noise the compiled model drew would come from torch's generator, as in the
         # eager step, so both compute the same losses (and a resume is exact in either mode)
@@ -152,6 +171,8 @@ class TrainStep:
             for p in self.model.parameters():
                 if p.grad is not None:
                     p.grad.div_(self.accumulate)
+        if self.gradient_sync == "all-reduce":
+            average_gradients(list(self.model.parameters()))  # over the ranks, as DDP would have
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)  # before clipping
         self.optimizer.step()
         model_stats = self.world.average(torch.stack(stats).float().mean(0))  # [N, k] -> [k], over the global batch

@@ -304,6 +304,10 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
     total_steps = config.total_steps(sampler.per_epoch)
     step = TrainStep(model, lr=config.lr, grad_clip=config.grad_clip, amp=config.amp, tf32=config.tf32, mode=step_mode,
                      compile_mode=compile_mode, device=device, accumulate=config.accumulate, world=world)
+    if step.gradient_sync is not None:
+        how = ("by DistributedDataParallel in the backward pass" if step.gradient_sync == "ddp"
+               else "by one all-reduce after the backward pass")
+        log.info(f"{step.mode} step: the gradients averaged across the {world.size} ranks {how}")
     sums, count = torch.zeros(len(step_statistics(model)), device=device), 0
     if resume:
         step.load_optimizer_state(payload["optimizer"])

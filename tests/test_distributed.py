@@ -36,7 +36,7 @@ from draw.cli import main
 from draw.distributed import World, check_global_batch
 from draw.evaluate import evaluate_bound
 from draw.rundir import read_metrics
-from draw.step import TrainStep, resolve_step_mode
+from draw.step import TrainStep, resolve_gradient_sync, resolve_step_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT_S = 120
@@ -66,6 +66,12 @@ def faulty_batch(self, step):  # the fault arrives as step fault_step + 1 begins
             os.kill(os.getpid(), signal.SIGTERM)
     return batch(self, step)
 train_module.BatchSampler.batch = faulty_batch
+if os.environ.get("TEST_GRADIENT_SYNC"):  # average the gradients as the CUDA-graph step does, here eagerly
+    from draw import step as step_module
+    init = step_module.TrainStep.__init__
+    def sync_init(self, *args, **kwargs):
+        init(self, *args, **{{**kwargs, "gradient_sync": os.environ["TEST_GRADIENT_SYNC"]}})
+    step_module.TrainStep.__init__ = sync_init
 from draw.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -84,7 +90,7 @@ def free_port() -> int:
 
 
 def launch(tmp_path: Path, args: list[str], world_size: int = 2, *, fault: str = "", fault_step: int = -1,
-           wait_for: tuple[int, ...] | None = None) -> list[Rank]:
+           wait_for: tuple[int, ...] | None = None, gradient_sync: str = "") -> list[Rank]:
     """Run `draw train args` as world_size gloo ranks; wait for the ranks in wait_for (default all) at most
     LAUNCH_TIMEOUT_S, then kill whatever still runs. A rank killed that way has returncode None."""
     port = free_port()
@@ -92,7 +98,8 @@ def launch(tmp_path: Path, args: list[str], world_size: int = 2, *, fault: str =
     for rank in range(world_size):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "GLOO_SOCKET_IFNAME": "lo",
-               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TEST_FAULT": fault, "TEST_FAULT_STEP": str(fault_step)}
+               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TEST_FAULT": fault, "TEST_FAULT_STEP": str(fault_step),
+               "TEST_GRADIENT_SYNC": gradient_sync}
         logs.append(open(tmp_path / f"rank{rank}-{port}.log", "w+"))
         procs.append(subprocess.Popen([sys.executable, "-c", WORKER, *args], env=env, cwd=ROOT,
                                       stdout=logs[-1], stderr=subprocess.STDOUT))
@@ -186,6 +193,7 @@ def test_two_ranks_with_accumulation_compute_what_one_process_computes(tmp_path,
     assert_same_run(tmp_path / "two", tmp_path / "one", exact=False)
     assert torchrun.stderr.count("step 6/6") == 1 and torchrun.stderr.count("training tiny") == 1
     assert "each step: 2 rank(s) x 2 micro-batch(es) of 4 images = the batch of 16" in torchrun.stderr
+    assert "eager step: the gradients averaged across the 2 ranks by DistributedDataParallel" in torchrun.stderr
     payload = load_checkpoint(tmp_path / "two")
     assert payload["world_size"] == 2 and payload["train_config"]["accumulate"] == 2
 
@@ -264,11 +272,62 @@ def test_a_global_batch_that_the_ranks_cannot_share_is_refused(tmp_path, one_pro
     assert not (tmp_path / "run").exists()
 
 
-def test_cuda_graphs_are_refused_under_ddp_and_auto_steps_eagerly():
-    with pytest.raises(ValueError, match="--step cuda-graph does not run under torchrun"):
-        resolve_step_mode("cuda-graph", torch.device("cuda"), under_ddp=True)
+def test_the_graph_steps_all_reduce_computes_what_one_process_computes(tmp_path, one_process):
+    """Two gloo ranks averaging their gradients with one all-reduce after the backward pass (what the
+    CUDA-graph step captures; here eager, with 2 micro-batches each) against one process: the same losses,
+    bounds and weights to float rounding."""
+    assert one_process(train_args(tmp_path / "one")) == 0
+    ranks = launch(tmp_path, train_args(tmp_path / "two", "--accumulate", "2"), gradient_sync="all-reduce")
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr + ranks[1].stderr
+    assert "eager step: the gradients averaged across the 2 ranks by one all-reduce after the backward pass" \
+        in ranks[0].stderr
+    assert_same_run(tmp_path / "two", tmp_path / "one", exact=False)
+
+
+def test_how_the_steps_average_gradients_across_ranks():
+    """The CUDA-graph step averages with one all-reduce (DDP's hooks run from the host), the others with
+    DDP; one process needs neither. "auto" steps eagerly under torchrun."""
+    two, one = World(rank=0, size=2), World()
+    assert resolve_gradient_sync("auto", "cuda-graph", two) == "all-reduce"
+    assert resolve_gradient_sync("auto", "eager", two) == resolve_gradient_sync("auto", "compile", two) == "ddp"
+    assert resolve_gradient_sync("auto", "cuda-graph", one) is None
+    assert resolve_gradient_sync("all-reduce", "eager", two) == "all-reduce"
+    with pytest.raises(ValueError, match="inside the graph, not DDP"):
+        resolve_gradient_sync("ddp", "cuda-graph", two)
+    with pytest.raises(ValueError, match="gradient sync must be one of"):
+        resolve_gradient_sync("nccl", "eager", two)
+    assert resolve_step_mode("cuda-graph", torch.device("cuda"), under_ddp=True) == "cuda-graph"
     assert resolve_step_mode("auto", torch.device("cuda"), under_ddp=True) == "eager"
     assert resolve_step_mode("auto", torch.device("cuda")) == "cuda-graph"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_gradient_all_reduce_is_captured_in_the_cuda_graph(tmp_path):
+    """One NCCL rank: the CUDA-graph step with its gradient all-reduce inside the graph gives the losses
+    and weights of the CUDA-graph step without it (a 1-rank all-reduce changes nothing but is captured)."""
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    x = torch.bernoulli(torch.full((16, 1, 28, 28), 0.3, device=device),
+                        generator=torch.Generator(device=device).manual_seed(0))
+    results = {}
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            device_id=device)
+    try:
+        for sync in ("auto", "all-reduce"):
+            torch.manual_seed(0)
+            model = DRAW(TINY).to(device)
+            step = TrainStep(model, lr=1e-2, grad_clip=10.0, mode="cuda-graph", device=device,
+                             world=World(collective_device="cuda"), gradient_sync=sync)
+            losses = [float(step(x, 1e-2)[0]) for _ in range(6)]  # 3 warm-up steps, a capture, replays
+            assert step._graph is not None
+            results[sync] = losses, [p.detach().clone() for p in model.parameters()]
+    finally:
+        dist.destroy_process_group()
+    assert results["all-reduce"][0] == pytest.approx(results["auto"][0], rel=1e-6)
+    for a, b in zip(results["all-reduce"][1], results["auto"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 # --- sharded evaluation -----------------------------------------------------------------------------
