@@ -187,7 +187,7 @@ def tune(target: Target, args, device, copy_gbps, rows: list) -> dict:
     if args.settings:  # exactly the settings asked for
         for settings in args.settings:
             best = faster(best, attempt(settings, 1), 0.0)
-    else:  # untimed (--once, or the interpreter): every neighbour of the launchers' settings checked, no moves
+    else:  # the search; untimed (--once, or on a CPU) it checks every neighbour of the launchers' settings once
         space = search_space(config, target.size.height, target.size.width, timed=not args.once)
         max_area = args.max_area_factor * config["BLOCK_H"] * config["BLOCK_W"]
         deadline = time.perf_counter() + args.target_budget
