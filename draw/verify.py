@@ -512,7 +512,8 @@ def _json_safe(value):
 
 def run(args) -> int:
     """Run the sweep that args select (see add_arguments); print the table. Returns the exit code:
-    0 every check passed, 1 some check failed, 2 nothing could be checked here (the reason is printed)."""
+    0 every check passed, 1 some check failed, 2 nothing could be checked here (the reason is printed),
+    130 interrupted (Ctrl-C)."""
     sweep, dtypes = getattr(args, "sweep", None), getattr(args, "dtypes", None)
     only, json_path = getattr(args, "only", None), getattr(args, "json", None)
     try:
@@ -561,11 +562,17 @@ def run(args) -> int:
     print(f"{'case':<{width}}  {'contract':<8}  {'quantity':<17}  {'max abs':>9}  {'rel err':>9}  {'ref err':>9}  {'tol':>8}  pass",
           flush=True)
     started = time.perf_counter()
-    rows = []
-    for _case, case_rows in checked_cases(cases, device, jobs):
-        for row in case_rows:
-            print(_format_row(row, width) + (f"  {row['error']}" if "error" in row else ""), flush=True)
-        rows += case_rows
+    rows, done = [], 0
+    try:
+        for _case, case_rows in checked_cases(cases, device, jobs):
+            for row in case_rows:
+                print(_format_row(row, width) + (f"  {row['error']}" if "error" in row else ""), flush=True)
+            rows += case_rows
+            done += 1
+    except KeyboardInterrupt:
+        print(f"draw verify: interrupted after {done} of {len(cases)} cases ({len(rows)} checks, "
+              f"{sum(not row['passed'] for row in rows)} failed)", file=sys.stderr)
+        return 130
     seconds = time.perf_counter() - started
     failed = [row for row in rows if not row["passed"]]
     if json_path:

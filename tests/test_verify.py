@@ -189,6 +189,45 @@ def test_a_worker_that_dies_fails_its_cases_and_nothing_hangs():
             assert case.op == "read" and all(row["passed"] for row in rows)
 
 
+@pytest.mark.skipif(ON_CUDA, reason="the interpreter path is the CPU machine's")
+def test_ctrl_c_stops_the_workers_and_says_how_far_it_got(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) during a run with worker processes:
+    exit 130 with one line saying how far it got, no traceback, and no worker left running."""
+    import signal
+    import time
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    out = tmp_path / "out.log"
+    with open(out, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "draw", "verify", "--jobs", "2"], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.monotonic() + 120
+        while " ok" not in out.read_text() and time.monotonic() < deadline:  # the workers are checking cases
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "draw verify: interrupted after" in stderr and "Traceback" not in stderr
+
+    def running_in_group(pgid: int) -> list[int]:  # zombies waiting to be reaped do not count
+        found = []
+        for entry in pathlib.Path("/proc").iterdir():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":  # state, ppid, pgrp, ...
+                found.append(int(entry.name))
+        return found
+
+    deadline = time.monotonic() + 10
+    while running_in_group(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running_in_group(proc.pid) == []
+
+
 def test_the_documented_case_counts_are_the_sweeps():
     """The module docstring's and the README's case counts are those build_sweep makes (CUDA: every dtype;
     CPU: fp32), so they cannot go stale when cases are added."""
