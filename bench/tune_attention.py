@@ -81,8 +81,7 @@ def search_space(config: dict, height: int, width: int, timed: bool = True) -> d
     """Values tried per setting: rows and columns from 16 (tl.dot; 4 rows for "sum") to the padded image,
     at least an eighth of its width; warps 1-8 and stages 1-4 only when timed (the code's results do not
     depend on them, and Triton's interpreter ignores them)."""
-    dot = "dot" in (config["CONTRACT"], config.get("CONTRACT_W"))
-    low = ta._DOT_MIN if dot else 4
+    low = max(ta.min_block(config), 4)
     rows = max(triton.next_power_of_2(height), low)
     cols = max(triton.next_power_of_2(width), low)
     return {"BLOCK_H": [v for v in ta.LAUNCH_SETTINGS["BLOCK_H"] if low <= v <= rows],

@@ -118,7 +118,7 @@ def check_global_batch(batch_size: int, world_size: int, accumulate: int) -> Non
                          f"x --accumulate {accumulate} = {parts} (try {nearest})")
 
 
-def broadcast_parameters(model: torch.nn.Module, world: World) -> None:
+def broadcast_parameters(model: torch.nn.Module) -> None:
     """Every rank's parameters and buffers made rank 0's, as DistributedDataParallel does when it wraps a
     model (for the steps that average gradients without it, `average_gradients`)."""
     for tensor in [*model.parameters(), *model.buffers()]:

@@ -108,7 +108,7 @@ class TrainStep:
         self.gradient_sync = resolve_gradient_sync(gradient_sync, self.mode, world)
         self.ddp = data_parallel(model, world, self.device) if self.gradient_sync == "ddp" else None
         if self.gradient_sync == "all-reduce":
-            broadcast_parameters(model, world)  # what DDP does when it wraps the model
+            broadcast_parameters(model)  # what DDP does when it wraps the model
         self.eager_forward = self.ddp or model
         # fallback_random: any noise the compiled model drew would come from torch's generator, as in the
         # eager step, so both compute the same losses (and a resume is exact in either mode)

@@ -24,13 +24,12 @@ Sweeps (cases the device cannot run are left out):
            turn), the degenerate parameters, and the latent step on odd B x Z, in fp32; on CUDA also
            the paper's sizes in every dtype and a 65536 batch. The default: 155 cases on CUDA, each
            compiling its own kernels (99 on CPU).
-
-Compiling is most of a case's time on CUDA, so there the cases run in up to 8 worker processes (--jobs),
-their kernels compiling side by side; the table keeps the cases' order.
     full   quick, plus N = 1..16 in every dtype with C = 1 and 3 each (and the latent step's odd
            shapes), more paper-sized cases and 256x256 images: 561 cases on CUDA; with fewer cases
            (before the latent and write-read ones) it ran over 200 s on an H100 (bench/RESULTS.md),
            minutes on CPU.
+Compiling is most of a case's time on CUDA, so there the cases run in up to 8 worker processes (--jobs),
+their kernels compiling side by side; the table keeps the cases' order.
 
 On CPU the kernels run in Triton's interpreter, which must be chosen (TRITON_INTERPRET=1) before triton
 is imported: run() sets it when triton is not imported yet, and otherwise re-runs itself in a fresh
@@ -304,8 +303,7 @@ def checked_rows(case: Case, device: torch.device) -> list[dict]:
     try:
         return check_case(case, device)
     except Exception as error:
-        message = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
-        return [_row(case, "error", math.nan, math.nan, TOLERANCES[case.dtype], False, error=message)]
+        return [_error_row(case, f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}")]
 
 
 def _start_worker() -> None:
@@ -332,9 +330,8 @@ def checked_cases(cases: list[Case], device: torch.device, jobs: int = 1,
             try:
                 rows = future.result()
             except BrokenProcessPool as error:
-                message = (f"a verify worker process died before this case finished ({error}); "
-                           "run with --jobs 1 to see which case kills it")
-                rows = [_row(case, "error", math.nan, math.nan, TOLERANCES[case.dtype], False, error=message)]
+                rows = [_error_row(case, f"a verify worker process died before this case finished ({error}); "
+                                         "run with --jobs 1 to see which case kills it")]
             yield case, rows
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -359,6 +356,11 @@ def _contraction(case: Case) -> str:
     except ValueError:  # a bad DRAW_TRITON_CONTRACTION: the case's own error row says so
         return "?"
     return read if read == write else f"{read}/{write}"  # write-read: each op its own
+
+
+def _error_row(case: Case, message: str) -> dict:
+    """The one failed row of a case that could not be checked, saying why."""
+    return _row(case, "error", math.nan, math.nan, TOLERANCES[case.dtype], False, error=message)
 
 
 def _row(case: Case, quantity: str, max_abs: float, rel: float, tolerance: float, passed: bool,

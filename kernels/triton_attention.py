@@ -828,6 +828,12 @@ def parse_launch_settings(spec: str, source: str = "DRAW_TRITON_LAUNCH") -> list
     return settings
 
 
+def min_block(config: dict) -> int:
+    """The fewest rows and columns a launch's blocks may have: _DOT_MIN where either op contracts with
+    tl.dot, else 1."""
+    return _DOT_MIN if "dot" in (config["CONTRACT"], config.get("CONTRACT_W")) else 1
+
+
 def _with_overrides(config: dict, width: int, backward: bool) -> dict:
     """config with launch_overrides() applied (COL_TILES follows BLOCK_W); tl.dot needs blocks of 16."""
     overrides = launch_overrides(backward)
@@ -835,8 +841,7 @@ def _with_overrides(config: dict, width: int, backward: bool) -> dict:
         return config
     config = {**config, **overrides}
     config["COL_TILES"] = triton.cdiv(width, config["BLOCK_W"])
-    dot = "dot" in (config["CONTRACT"], config.get("CONTRACT_W"))
-    if dot and min(config["BLOCK_H"], config["BLOCK_W"]) < _DOT_MIN:
+    if min(config["BLOCK_H"], config["BLOCK_W"]) < min_block(config):
         raise ValueError(f"DRAW_TRITON_LAUNCH: BLOCK_H={config['BLOCK_H']}, BLOCK_W={config['BLOCK_W']}, but the "
                          f"tl.dot contraction needs both >= {_DOT_MIN} (or DRAW_TRITON_CONTRACTION=sum)")
     return config
