@@ -63,14 +63,14 @@ class Target:
         launch = "" if settings is None else ",".join(f"{self.kernel}.{k}={v}" for k, v in settings.items())
         return {"DRAW_TRITON_CONTRACTION": self.contraction, "DRAW_TRITON_LAUNCH": launch, "DRAW_TRITON_NUM_WARPS": ""}
 
-    def launcher_config(self) -> dict:
-        """The launchers' settings for this target's kernel (the contraction as the target sets it)."""
-        s, backward = self.size, self.kernel == "bwd"
+    def launcher_config(self, device: torch.device) -> dict:
+        """The launchers' settings for this target's kernel on `device` (the contraction as the target sets it)."""
+        s, backward, programs = self.size, self.kernel == "bwd", self.size.batch * self.size.channels
         with mock.patch.dict(os.environ, self.environment(None)):
             if self.op == "write":
-                return ta._launch_config(s.write_n, s.height, s.width, backward, torch.float32)
+                return ta._launch_config(s.write_n, s.height, s.width, backward, torch.float32, device, programs)
             return ta._read_config(s.read_n, s.height, s.width, backward, torch.float32,
-                                   s.write_n if self.op == "write-read" else None)
+                                   s.write_n if self.op == "write-read" else None, device, programs)
 
 
 def start_settings(config: dict) -> dict:
@@ -170,7 +170,7 @@ def tune(target: Target, args, device, copy_gbps, rows: list) -> dict:
     mode = "fwd" if target.kernel == "fwd" else "fwd+bwd"
     case = ba.make_inputs(target.op, target.size, mode, device, seed=args.seed)
     reference = outputs("eager", case)
-    config = target.launcher_config()
+    config = target.launcher_config(device)
     current = start_settings(config)
     own = []  # this target's rows
 

@@ -52,8 +52,9 @@ FMAs, no TF32) on blocks padded to 16, which needs no cross-lane reductions. The
 launch (contraction(); DRAW_TRITON_CONTRACTION=auto|sum|dot overrides it): "dot" from N >= 5, where the
 sm_90 code runs 1.4-8x fewer warp instructions per pixel (bench/kernel_report.py).
 The program layout above is the "sum" one; "dot" takes rows in blocks of at least 16 (_dot_launch_config).
-The launchers choose the blocks, the warps and one pipeline stage (_NUM_STAGES); DRAW_TRITON_LAUNCH
-replaces any of them for measuring (launch_overrides; bench/tune_attention.py searches them).
+The launchers choose the blocks, the warps (fewer where a batch of small images fills the GPU:
+_batch_warps) and one pipeline stage (_NUM_STAGES); DRAW_TRITON_LAUNCH replaces any of them for
+measuring (launch_overrides; bench/tune_attention.py searches them).
 
 Autograd: in eager code the ops are torch.autograd.Functions calling the launchers (the least host time
 per call); under torch.compile they are torch.library custom ops, opaque to the compiler.
@@ -129,8 +130,25 @@ _WRITE_READ_BACKWARD_WIDTH = 64
 # bench/results/kernel-report-sm90-*stages*.md), one stage takes fewer registers and up to 28 % fewer instructions
 # per pixel in the "dot" kernels (triton 3.6, fp32: read forward at 3x54x54, N 12, 128 -> 116 registers; read
 # backward 254 -> 194; the 28x28 write-read backward 255 with 20 B of spills -> 207, none; 100x100 read
-# backward 248 B of spills -> none); "sum" kernels compile the same. Measured on a GPU: not yet.
+# backward 248 B of spills -> none); "sum" kernels compile the same. On one H100 (bench/RESULTS.md,
+# 2026-11-23, bench/tune_attention.py) 2-4 stages ran as fast or up to 1.23x slower at 28x28 and 1.1-2.1x
+# slower at 3x54x54, N 12.
 _NUM_STAGES = 1
+# Warps where the batch fills the GPU. A program owns one (image, channel); on one H100 (bench/RESULTS.md,
+# 2026-11-23) with 1,024 28x28 images, one warp per program ran every fused kernel 1.2-2.3x faster than
+# the launchers' 4 or 8 (the mnist-paper CUDA-graph step: 52,379 -> 60,435 images/s), and with 100
+# images slower (14,363 -> 12,248). So images within _SMALL_IMAGE rows and columns take the fewest warps
+# (a power of two, down to 1) that keep _WARPS_PER_SM warps per multiprocessor busy: on 132 SMs 1 warp
+# from 1,056 programs, 4 at 256, the launchers' own at 100 (_batch_warps).
+_SMALL_IMAGE = 32
+_WARPS_PER_SM = 8
+# tl.dot reads of images _DOT_FOUR_WARPS_WIDTHS columns wide take 4 warps instead of 8: at 16384x3x54x54,
+# N 12 on one H100 (bench/RESULTS.md, 2026-11-23) read forward ran 4.87 -> 2.88 ms, read backward 13.93 ->
+# 11.45, write-read forward 6.08 -> 3.97, write-read backward 22.57 -> 16.18; for sm_90 (triton 3.6, one
+# stage, bench/results/kernel-report-sm90-triton36-svhn-warps.md) 4 warps issue 9-13 % fewer warp
+# instructions per pixel there. Narrower and wider images, and the write kernels, keep theirs (not
+# measured; at 28x28 4 warps would spill 32 B in the read backward with dx).
+_DOT_FOUR_WARPS_WIDTHS = range(33, 65)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -847,10 +865,27 @@ def _with_overrides(config: dict, width: int, backward: bool) -> dict:
     return config
 
 
-def _launch_config(n: int, height: int, width: int, backward: bool, compute_dtype: torch.dtype) -> dict:
-    """Block sizes (powers of two), warps and contraction for an n-grid over H x W images, with the
-    launch_overrides() applied."""
-    return _with_overrides(_chosen_config(n, height, width, backward, compute_dtype), width, backward)
+def _launch_config(n: int, height: int, width: int, backward: bool, compute_dtype: torch.dtype,
+                   device: torch.device | None = None, programs: int = 0) -> dict:
+    """Block sizes (powers of two), warps and contraction for an n-grid over H x W images, `programs`
+    of them launched on `device` (_batch_warps), with the launch_overrides() applied."""
+    config = _batch_warps(_chosen_config(n, height, width, backward, compute_dtype), height, width, device, programs)
+    return _with_overrides(config, width, backward)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _batch_warps(config: dict, height: int, width: int, device: torch.device | None, programs: int) -> dict:
+    """config with fewer warps where `programs` programs of a small image fill a CUDA device (see
+    _SMALL_IMAGE); unchanged elsewhere, on other devices, and in Triton's interpreter."""
+    if device is None or device.type != "cuda" or _interpreted() or max(height, width) > _SMALL_IMAGE:
+        return config
+    enough = _WARPS_PER_SM * _multiprocessors(device) // max(programs, 1)
+    warps = 1 << (max(enough, 1).bit_length() - 1)  # a power of two, at most `enough`
+    return {**config, "num_warps": min(config["num_warps"], warps)}
 
 
 def _chosen_config(n: int, height: int, width: int, backward: bool, compute_dtype: torch.dtype) -> dict:
@@ -926,17 +961,21 @@ def _sum_channels(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _read_config(n: int, height: int, width: int, backward: bool, compute_dtype: torch.dtype,
-                 write_n: int | None = None) -> dict:
-    """The read kernels' launch settings (_launch_config; launch_overrides() applied last), and their
+                 write_n: int | None = None, device: torch.device | None = None, programs: int = 0) -> dict:
+    """The read kernels' launch settings (_launch_config: `programs` of them on `device`, tl.dot reads of
+    images _DOT_FOUR_WARPS_WIDTHS columns wide in 4 warps, launch_overrides() applied last), and their
     HAS_WRITE constexprs: a write with a write_n-grid made in the same launch, or none. With a write, one
     block of rows and columns serves both ops: the smaller of the two ops' own, and at least _DOT_MIN if
     either contracts with tl.dot; the warps are the read's. ptxas, sm_90 (bench/kernel_report.py --kernels write-read --num-warps 2,4,8):
     at 28x28 (write N 5 "dot", read N 2 "sum") backward, 4 warps (the read's) issue 20.6 warp instructions
     per pixel against 28.0 with 8 (the write's), both without spills; at 3x54x54, N 12 / 12 (both "dot"),
-    8 warps spill least (256 B in fp32, 8 B in bf16; 4 warps: 1,456 and 32 B), and column tiles of 32 or
-    16 do not help. The backward takes at most _WRITE_READ_BACKWARD_WIDTH columns at a time: at 100x100
+    in one pipeline stage (triton 3.6), 4 warps spill 8 B in fp32 and 48 B in bf16, 8 warps 28 and 76 B
+    (in three stages 8 warps had spilled least), and column tiles of 32 or 16 do not help. The backward takes at most _WRITE_READ_BACKWARD_WIDTH columns at a time: at 100x100
     over the whole (128-column) width it spilled 8,076 B per thread in fp32, in 64-column tiles 492 B."""
     config = _chosen_config(n, height, width, backward, compute_dtype)
+    if config["CONTRACT"] == "dot" and width in _DOT_FOUR_WARPS_WIDTHS:
+        config["num_warps"] = 4
+    config = _batch_warps(config, height, width, device, programs)
     if write_n is None:
         config = {**config, "HAS_WRITE": False, "NW": 1, "BLOCK_NW": 2, "CONTRACT_W": "sum"}
         return _with_overrides(config, width, backward)
@@ -972,7 +1011,8 @@ def _launch_read_forward(x, canvas, params, n: int, write=None, dtype: torch.dty
             *x.stride(), *canvas.stride(), *params.stride(), *_read_strides(out, has_canvas),
             *patch.stride(), *write_params.stride(),
             COMPUTE_DTYPE=compute, HAS_CANVAS=has_canvas,
-            **_read_config(n, height, width, False, compute_torch, None if write is None else patch.shape[-1]),
+            **_read_config(n, height, width, False, compute_torch, None if write is None else patch.shape[-1],
+                           x.device, batch * channels),
         )
     return out, new_canvas
 
@@ -1008,7 +1048,8 @@ def _launch_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: boo
                 *patch.stride(), *write_params.stride(), *grad_new.stride(),
                 COMPUTE_DTYPE=compute, HAS_CANVAS=has_canvas, STORE_GRAD_X=x_needs_grad,
                 STORE_GRAD_CANVAS=canvas_needs_grad,
-                **_read_config(n, height, width, True, acc_dtype, None if write is None else patch.shape[-1]),
+                **_read_config(n, height, width, True, acc_dtype, None if write is None else patch.shape[-1],
+                               x.device, batch * channels),
             )
     else:
         for t in (grad_x, grad_canvas, partials, grad_patch, write_partials):
@@ -1069,7 +1110,8 @@ def attention_write_forward(patch: torch.Tensor, params: torch.Tensor, canvas: t
             height, width, max(height, width) - 1,
             *patch.stride(), *params.stride(), *canvas.stride(),
             COMPUTE_DTYPE=compute,
-            **_launch_config(n, height, width, backward=False, compute_dtype=compute_torch),
+            **_launch_config(n, height, width, backward=False, compute_dtype=compute_torch,
+                             device=canvas.device, programs=batch * channels),
         )
     return out
 
@@ -1091,7 +1133,8 @@ def attention_write_backward(grad_out, patch, params):
                 height, width, max(height, width) - 1,
                 *patch.stride(), *params.stride(), *grad_out.stride(),
                 COMPUTE_DTYPE=compute,
-                **_launch_config(n, height, width, backward=True, compute_dtype=acc_dtype),
+                **_launch_config(n, height, width, backward=True, compute_dtype=acc_dtype,
+                                 device=patch.device, programs=batch * channels),
             )
     else:
         grad_patch.zero_()

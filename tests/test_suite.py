@@ -109,20 +109,26 @@ def test_the_gpu_suites_benchmark_commands_parse(tmp_path):
     assert checked >= 6
 
 
-def test_the_tune_part_runs_only_when_named(tmp_path, monkeypatch):
-    """The opt-in parts stay out of a plain run and of --skip's, and run when --only names them."""
+def test_the_opt_in_parts_run_only_when_named(tmp_path, monkeypatch):
+    """The opt-in parts (tune, convergence) stay out of a plain run and of --skip's, run when --only names
+    them, and their results reach the summary."""
     suite = import_bench("suite")
     ran = []
     monkeypatch.setattr(suite, "run_stage", lambda stage, out: [ran.extend(p[0] for p in stage)] and [])
     suite.main(["--out", str(tmp_path), "--skip", "cuda-tests"])
-    assert "tune" not in ran and "verify" in ran and "cuda-tests" not in ran
+    assert not set(suite.OPT_IN) & set(ran) and "verify" in ran and "cuda-tests" not in ran
     ran.clear()
-    suite.main(["--out", str(tmp_path), "--only", "tune,train"])
-    assert ran == ["train", "tune"]
+    suite.main(["--out", str(tmp_path), "--only", "tune,train,convergence"])
+    assert ran == ["train", "convergence", "tune"]
     (tmp_path / "tune.json").write_text(json.dumps({"summary": [
         {"target": "read fwd 16384x3x54x54 N 12 (auto)", "best_settings": "BLOCK_H=32", "speedup": 1.5,
          "launchers_settings": "BLOCK_H=16", "tried": 14, "wrong": 0}]}))
     assert "tune read fwd 16384x3x54x54 N 12 (auto): BLOCK_H=32 (1.50x the launchers' BLOCK_H=16; 14 tried, 0 wrong)" \
+        in suite.headline(tmp_path)
+    (tmp_path / "convergence.json").write_text(json.dumps({"results": [
+        {"train_config": {"batch_size": 1024, "amp": "bf16"}, "step_mode": "cuda-graph", "test_bound_nats": 91.234,
+         "epochs": 20.0, "wall_s": 31.4}]}))
+    assert "convergence batch 1024 (cuda-graph, bf16): test bound 91.23 nats after 20.0 epochs in 31 s" \
         in suite.headline(tmp_path)
 
 
@@ -343,7 +349,7 @@ def test_the_tuner_descends_to_the_fastest_settings(monkeypatch):
     faulty = {**best, "BLOCK_H": 64}  # a neighbour of the best: would time fastest, but gives wrong results
 
     def fake_evaluate(target, settings, case, reference, args, device, copy_gbps):
-        current = settings or tune.start_settings(target.launcher_config())
+        current = settings or tune.start_settings(target.launcher_config(device))
         # each step away from `best` (a power of two in a block or the warps, one pipeline stage) costs 10 %
         steps = abs(current["num_stages"] - best["num_stages"]) + sum(
             abs(current[k].bit_length() - best[k].bit_length()) for k in ("BLOCK_H", "BLOCK_W", "num_warps"))
@@ -357,9 +363,9 @@ def test_the_tuner_descends_to_the_fastest_settings(monkeypatch):
     monkeypatch.setattr(tune, "outputs", lambda provider, case: [])
     monkeypatch.setenv("DRAW_TRITON_CONTRACTION", "auto")
     args = tune.parse_args(["--device", "cpu", "--rounds", "10"])
-    size = tune.ba.Size("test", 2, 1, 54, 54, 12, 12)  # launchers at 3x54x54 fwd: BLOCK_H 16, 64 columns, 8 warps
+    size = tune.ba.Size("test", 2, 1, 54, 54, 12, 12)  # launchers at 3x54x54 fwd: BLOCK_H 16, 64 columns, 4 warps
     target = tune.Target("read", size, "fwd", "auto")
-    start = tune.start_settings(target.launcher_config())
+    start = tune.start_settings(target.launcher_config(torch.device("cpu")))
     assert start != best
     rows = []
     summary = tune.tune(target, args, torch.device("cpu"), 1.0, rows)

@@ -11,6 +11,7 @@ glimpse (x alone, no canvas) is the read kernels with the canvas compiled out; i
 way, and against read(x, canvas, ...)[:, 0].
 """
 
+import itertools
 import os
 
 import pytest
@@ -296,6 +297,37 @@ def test_blocks_of_16_rows_and_16_columns(monkeypatch):
         check_read(x, canvas, params, n, rel=1e-5)
         check_glimpse(x, params, n, rel=1e-5)
 
+
+
+def test_warps_follow_the_batch_on_a_gpu(monkeypatch):
+    """The launchers' warps on a 132-SM GPU (what an H100 measured, kernels/triton_attention.py): at 28x28
+    one warp per program from 1,056 programs, 4 (or fewer, as launched) at 256, the launchers' own at 100;
+    tl.dot reads at 54x54 in 4 warps whatever the batch, the write there as launched; nothing changes on
+    a CPU, and DRAW_TRITON_LAUNCH still wins."""
+    monkeypatch.setattr(triton_attention, "_interpreted", lambda: False)
+    monkeypatch.setattr(triton_attention, "_multiprocessors", lambda device: 132)
+    for name in ("DRAW_TRITON_CONTRACTION", "DRAW_TRITON_LAUNCH", "DRAW_TRITON_NUM_WARPS"):
+        monkeypatch.delenv(name, raising=False)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def warps(op, backward, height, width, programs, device=gpu, n=2, write_n=5):
+        if op == "write":
+            return triton_attention._launch_config(write_n, height, width, backward, f32, device, programs)["num_warps"]
+        return triton_attention._read_config(n, height, width, backward, f32, write_n if op == "write-read" else None,
+                                             device, programs)["num_warps"]
+
+    for op, backward in itertools.product(("read", "write", "write-read"), (False, True)):
+        own = warps(op, backward, 28, 28, 1)  # what the launchers take where programs are few
+        assert warps(op, backward, 28, 28, 100) == own >= 4
+        assert warps(op, backward, 28, 28, 256) == 4
+        assert warps(op, backward, 28, 28, 512) == 2
+        assert warps(op, backward, 28, 28, 1024) == warps(op, backward, 32, 32, 4096) == 1
+        assert warps(op, backward, 28, 28, 1024, cpu) == own
+        assert warps(op, backward, 54, 54, 49152, n=12, write_n=12) == (8 if op == "write" else 4)
+    assert warps("read", False, 33, 28, 4096) == 4  # past 32 rows: as launched
+    assert warps("read", True, 28, 28, 1, n=12) == warps("read", True, 100, 100, 1, n=12) == 8  # dot, not 33-64 columns
+    monkeypatch.setenv("DRAW_TRITON_LAUNCH", "bwd.num_warps=8")
+    assert warps("read", True, 28, 28, 1024) == 8 and warps("read", False, 28, 28, 1024) == 1
 
 def shrink_column_tiles(monkeypatch):
     """Column tiles of 16 (the GPU's start past 128 or 256 columns; see _WHOLE_WIDTH)."""
