@@ -51,10 +51,12 @@ def lstm_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, c: torch.Te
     """nn.LSTMCell's update from its two pre-activation halves (biases included): gates [B, 4H] in
     nn.LSTMCell's order (input, forget, cell, output). Returns (h, c), each [B, H].
 
-    On CUDA one fused kernel forward and one backward (the one nn.LSTMCell uses there).
+    On CUDA one fused kernel forward and one backward (the one nn.LSTMCell uses there), except under
+    torch.compile: that kernel's shape check for tracing (torch 2.11's meta function) fails on the
+    absent biases, and the compiler fuses the pointwise update below into one kernel anyway.
     """
     c = c.to(input_gates.dtype)  # as nn.LSTMCell under autocast
-    if input_gates.is_cuda:
+    if input_gates.is_cuda and not torch.compiler.is_compiling():
         h, c, _ = torch.ops.aten._thnn_fused_lstm_cell(input_gates, hidden_gates, c)
         return h, c
     i, f, g, o = (input_gates + hidden_gates).chunk(4, dim=1)

@@ -162,6 +162,22 @@ def test_lstm_cell_is_nn_lstm_cell(device):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+
+def test_lstm_cell_traces_on_cuda_under_torch_compile(monkeypatch):
+    """What torch.compile sees on CUDA: lstm_cell on fake CUDA tensors (no GPU needed) while compiling.
+    The fused CUDA kernel's tracing check fails on the absent biases (torch.compile of the training
+    step fell back to eager on an H100); under compile lstm_cell takes the pointwise update, with
+    the shapes and dtype of the fused kernel's outputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from draw.model import lstm_cell
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with FakeTensorMode():
+        gates = [torch.empty(3, 28, device="cuda") for _ in range(2)]
+        h, c = lstm_cell(*gates, torch.empty(3, 7, device="cuda", dtype=torch.float64))
+        assert h.shape == c.shape == (3, 7) and h.dtype == c.dtype == torch.float32 and h.is_cuda
+
 def graph_and_eager(step, inputs, new_inputs):
     """step(*inputs) captured as one CUDA graph (after a warm-up on a side stream), replayed on new_inputs
     copied into the static ones; returns (replayed outputs, step(*new_inputs) run eagerly)."""
