@@ -1,13 +1,15 @@
 """Does the fast large-batch path still converge like the default? Train both, plot their loss curves.
 
-Two runs of one preset on the same data: the baseline (the preset's batch size, reference attention,
-fp32, eager) and the fast one (a large batch with the square-root learning-rate rule of `draw train`,
-plus any of --backend triton, --step compile or cuda-graph, --amp bf16, --warmup-steps). Both train for the same number of epochs and
-are plotted against epochs (images seen) and against wall-clock seconds.
+Two runs of one preset on the same data: the baseline (the preset's batch size and learning rate, fp32,
+run as `draw train` runs it on this device unless --baseline-backend / --baseline-step say otherwise: on
+a CPU reference attention and the eager step, on CUDA the fused kernels and one CUDA graph per step) and
+the fast one (a large batch with the square-root learning-rate rule of `draw train`, plus any of
+--backend, --step, --amp bf16, --warmup-steps). Both train for the same number of epochs and are
+plotted against epochs (images seen) and against wall-clock seconds.
 
-    python bench/bench_convergence.py                                   # CPU: mnist-quick, 64 vs 512, 1 epoch
+    python bench/bench_convergence.py                                   # CPU: mnist-quick, its batch vs 512, 1 epoch
     python bench/bench_convergence.py --preset mnist-paper --fast-batch 1024 --epochs 20 \\
-        --backend triton --step cuda-graph --amp bf16 --warmup-steps 200   # GPU: the fast path
+        --amp bf16 --warmup-steps 200                                   # GPU: the fast path
     torchrun --standalone --nproc_per_node=4 bench/bench_convergence.py --preset mnist-paper \\
         --fast-batch 8192 --epochs 20 --backend triton --step compile --amp bf16 --warmup-steps 500   # 4 GPUs, DDP
 
@@ -25,6 +27,7 @@ from pathlib import Path
 import common
 
 from draw import figures
+from draw.cli import BACKENDS, STEP_MODES
 from draw.config import get_preset
 from draw.data import load_dataset
 from draw.distributed import process_group_from_environment
@@ -55,13 +58,15 @@ def run(out: Path, preset_name: str, batch: int, epochs: float, device, *, backe
     return summary
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="mnist-quick", help="preset to train (default mnist-quick)")
     parser.add_argument("--fast-batch", type=int, default=512, help="batch size of the fast run (default 512)")
     parser.add_argument("--epochs", type=float, default=1.0, help="epochs each run trains for (default 1)")
-    parser.add_argument("--backend", default="reference", choices=("reference", "triton", "auto"), help="fast run's attention backend")
-    parser.add_argument("--step", default="eager", choices=("eager", "compile", "cuda-graph"), help="fast run: how the step runs")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="fast run's attention backend (default auto: draw train's)")
+    parser.add_argument("--step", default="auto", choices=STEP_MODES, help="fast run: how the step runs (default auto: draw train's)")
+    parser.add_argument("--baseline-backend", default="auto", choices=BACKENDS, help="baseline's attention backend (default auto)")
+    parser.add_argument("--baseline-step", default="auto", choices=STEP_MODES, help="baseline: how the step runs (default auto)")
     parser.add_argument("--warmup-steps", type=int, default=0, help="fast run: linear learning-rate warm-up steps")
     parser.add_argument("--amp", default="none", choices=("none", "bf16"), help="fast run: bf16 autocast")
     parser.add_argument("--evals", type=int, default=4, help="test-bound evaluations per run (default 4)")
@@ -70,8 +75,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of both runs")
     parser.add_argument("--out", type=Path, default=Path("runs/convergence"), help="directory of both runs and the plots")
     parser.add_argument("--json", help="write both summaries and metadata as JSON to this path")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     device = common.pick_device(args.device)
     common.set_cpu_threads(args.threads, device)
     with process_group_from_environment(device) as (world, device):  # under torchrun: one rank of each run
@@ -83,7 +91,8 @@ def compare(args, device, world) -> int:
     if world.from_main(lambda: args.out.exists() and any(args.out.iterdir())):
         raise SystemExit(f"{args.out} is not empty: choose another --out")
     runs = {
-        f"batch {preset.train.batch_size}, reference, fp32": (preset.train.batch_size, "reference", "eager", "none", 0),
+        f"batch {preset.train.batch_size}, {args.baseline_backend}, {args.baseline_step}, fp32":
+            (preset.train.batch_size, args.baseline_backend, args.baseline_step, "none", 0),
         f"batch {args.fast_batch}, {args.backend}, {args.step}, {'bf16' if args.amp == 'bf16' else 'fp32'}"
         f"{f', warm-up {args.warmup_steps}' if args.warmup_steps else ''}": (args.fast_batch, args.backend, args.step, args.amp, args.warmup_steps),
     }

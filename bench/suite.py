@@ -20,11 +20,13 @@ side, since they time nothing and mostly compile; every timing part runs alone. 
                 two fused ops apart: triton-pair)
     attention-2warps  the fused kernels at the launch-bound sizes with 2 warps per program
                 (DRAW_TRITON_NUM_WARPS=2), against the launched warps in the summary
-    attention-large  bench_attention.py at the middle and bandwidth-bound sizes (compiled, triton, triton-sum,
-                triton-pair)
+    attention-large  bench_attention.py at the middle and bandwidth-bound sizes (compiled, triton, triton-pair)
     train       bench_train.py: mnist-paper at batch 100, 1024, 4096 as one CUDA graph, fp32 and bf16
     train-eager the eager reference and eager triton at batch 1024 (a few steps: each takes 0.2-0.6 s)
     train-compiled  the compiled step at batch 1024 (about 2 minutes of compiling)
+    convergence (only when --only names it) bench_convergence.py: mnist-paper at its batch of 100 and at
+                1024 (bf16, 300 warm-up steps), 20 epochs each, as draw train runs them (MNIST must be on
+                the machine: DRAW_DATA_DIR)
     tune        (only when --only names it) tune_attention.py: the read and write-read kernels' launch
                 settings searched at 1024x1x28x28 and 16384x3x54x54, every candidate checked against the
                 reference, 60 s a target
@@ -73,8 +75,8 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
     attention = [py, str(BENCH / "bench_attention.py")]
     train = [py, str(BENCH / "bench_train.py"), "--presets", "mnist-paper"]
     # limits from one H100 (bench/RESULTS.md, 2026-11-22 and -23): the full verify sweep passed 200 s, the
-    # quick one ran about 1.3 s a case (155 cases now), the CUDA tests took 53 s with 8 workers, compiling
-    # the step 118 s
+    # quick one (155 cases, 8 workers) 42 s, the CUDA tests 156 s with 8 workers, compiling the step 118 s;
+    # attention-large with triton-sum too passed 240 s (its bandwidth-size rows take 50-90 ms a call)
     return [
         [("verify", [py, "-m", "draw", "verify", "--quick", "--json", str(out / "verify.json")], 300, {}),
          ("cuda-tests", [py, "-m", "pytest", "-q", "-rfs", *workers, str(ROOT / "tests" / "test_triton_attention.py"),
@@ -87,7 +89,7 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
         [("attention-2warps", attention + ["--sizes", "launch", "--providers", "triton", "--rep-ms", "50",
                                            "--json", str(out / "attention-2warps.json")], 60,
           {"DRAW_TRITON_NUM_WARPS": "2"})],
-        [("attention-large", attention + ["--sizes", "middle,bandwidth", "--providers", "compiled,triton,triton-sum,triton-pair",
+        [("attention-large", attention + ["--sizes", "middle,bandwidth", "--providers", "compiled,triton,triton-pair",
                                           "--rep-ms", "30", "--json", str(out / "attention-large.json"),
                                           "--markdown", str(out / "attention-large.md")], 240, {})],
         [("train", train + ["--batch-sizes", "100,1024,4096", "--modes", "triton-graph", "--amp", "fp32,bf16",
@@ -98,6 +100,11 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
         [("train-compiled", train + ["--batch-sizes", "1024", "--modes", "triton-compiled", "--amp", "fp32",
                                      "--warmup", "3", "--steps", "50", "--json", str(out / "train-compiled.json")],
           240, {})],
+        # opt-in (OPT_IN): mnist-paper at its batch of 100 against 1024 (bf16, warm-up), 20 epochs each; needs
+        # MNIST on the machine (DRAW_DATA_DIR where it has no network)
+        [("convergence", [py, str(BENCH / "bench_convergence.py"), "--preset", "mnist-paper", "--fast-batch", "1024",
+                          "--epochs", "20", "--amp", "bf16", "--warmup-steps", "300", "--out", str(out / "convergence"),
+                          "--json", str(out / "convergence.json")], 420, {})],
         # opt-in (OPT_IN): the launch-settings search at mnist-paper's batch and the SVHN size, 60 s per target
         [("tune", [py, str(BENCH / "tune_attention.py"), "--sizes", "1024x1x28x28,16384x3x54x54",
                    "--ops", "read,write-read", "--target-budget", "60", "--json", str(out / "tune.json"),
@@ -105,7 +112,7 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
     ]
 
 
-OPT_IN = ("tune",)  # parts that run only when --only names them
+OPT_IN = ("convergence", "tune")  # parts that run only when --only names them
 
 
 def parts(quick: bool, out: pathlib.Path) -> list[Part]:
@@ -219,6 +226,10 @@ def headline(out: pathlib.Path) -> list[str]:
                      f"{t['tried']} tried, {t['wrong']} wrong)")
     for r in _rows(out / "train.json") + _rows(out / "train-eager.json") + _rows(out / "train-compiled.json"):
         lines.append(f"train {r['preset']} batch {r['batch']} {r['mode']} {r['dtype']}: {r['images_per_s']:,.0f} images/s")
+    for r in _rows(out / "convergence.json"):
+        config = r["train_config"]
+        lines.append(f"convergence batch {config['batch_size']} ({r['step_mode']}, {config['amp']}): test bound "
+                     f"{r['test_bound_nats']:.2f} nats after {r['epochs']:.1f} epochs in {r['wall_s']:.0f} s")
     return lines
 
 
