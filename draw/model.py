@@ -152,11 +152,11 @@ class DRAW(nn.Module):
             proj = proj._replace(**{name: t.to(dtype) for name, t in proj._asdict().items() if isinstance(t, torch.Tensor)})
         return proj
 
-    def _split_dec(self, proj: Projections, p: torch.Tensor):
+    def _split_dec(self, proj: Projections, from_dec: RecurrentLinear, h_dec: torch.Tensor):
         """P_t = W_dec h_dec_t + b_dec [B, sum(dec_sizes)] split into (w_t, write params or None, read
         params or None, encoder input gates from h_dec, decoder hidden gates); one backward for all of
-        them (a cat)."""
-        parts = list(p.split(proj.dec_sizes, dim=1))
+        them (their gradients side by side, in the map's rows: draw/recurrent_linear.py)."""
+        parts = list(from_dec(h_dec, split=proj.dec_sizes))
         patch = parts.pop(0)
         write_params = parts.pop(0) if self.config.write_attn else None
         read_params = parts.pop(0) if self.config.read_attn else None
@@ -232,8 +232,8 @@ class DRAW(nn.Module):
         if noise is None:  # all T steps' draws at once (one kernel), in fp32 or wider as TrainStep draws them
             noise = torch.randn(cfg.T, batch, cfg.z_size, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
         noise = noise.to(proj.enc_weight.dtype)  # in the latents' dtype (autocast's, under autocast), cast once
-        _, _, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, from_dec(h_dec))  # from h_dec_0
-        enc_hidden = from_enc(h_enc).split(proj.enc_sizes, dim=1)[2]  # from h_enc_0
+        _, _, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, from_dec, h_dec)  # from h_dec_0
+        enc_hidden = from_enc(h_enc, split=proj.enc_sizes)[2]  # from h_enc_0
         latent_terms = []  # per step [B, 2]: KL(Q(Z_t | h_enc_t) || N(0, I)) and log N(z_t; 0, I) - log Q(z_t)
         canvases, write_params = [], []
         # glimpses in the dtype the encoder's input weights compute in (autocast's, under autocast): the
@@ -243,10 +243,10 @@ class DRAW(nn.Module):
         for t in range(cfg.T):
             enc_input = from_read(r, add=enc_from_dec)  # W_ih [r, h_dec_{t-1}] + b_ih  (5)
             h_enc, c_enc = lstm_cell(enc_input, enc_hidden, c_enc)  # (5)
-            mu, log_sigma, enc_hidden = from_enc(h_enc).split(proj.enc_sizes, dim=1)  # [B, z], [B, z]  (1, 2)
+            mu, log_sigma, enc_hidden = from_enc(h_enc, split=proj.enc_sizes)  # [B, z], [B, z]  (1, 2)
             z, terms = kernels.latent_sample(mu, log_sigma, noise[t], backend=self.backend)  # z_t ~ Q(Z_t | h_enc_t)  (6, 11)
             h_dec, c_dec = lstm_cell(from_z(z), dec_hidden, c_dec)  # (7)
-            patch, params, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, from_dec(h_dec))
+            patch, params, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, from_dec, h_dec)
             canvas, r = self.write_and_read(x, canvas, patch, params, read_params, read_next=t + 1 < cfg.T,
                                             dtype=glimpse_dtype)  # (8); (3, 4)
             latent_terms.append(terms)
@@ -285,12 +285,12 @@ class DRAW(nn.Module):
         canvas, _, (h_dec, c_dec) = self._initial_state(n, self.canvas0.dtype)
         proj = self.projections()
         from_dec, _, _, from_z = proj.maps()
-        dec_hidden = self._split_dec(proj, from_dec(h_dec))[4]
+        dec_hidden = self._split_dec(proj, from_dec, h_dec)[4]
         canvases, write_params = [], []
         for _ in range(cfg.T):
             z = torch.randn(n, cfg.z_size, device=device, dtype=self.canvas0.dtype, generator=generator)  # (13)
             h_dec, c_dec = lstm_cell(from_z(z), dec_hidden, c_dec)  # (14)
-            patch, params, _, _, dec_hidden = self._split_dec(proj, from_dec(h_dec))
+            patch, params, _, _, dec_hidden = self._split_dec(proj, from_dec, h_dec)
             canvas = self.write(canvas, patch, params)  # (15)
             canvases.append(canvas)
             write_params.append(params)

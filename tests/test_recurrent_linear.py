@@ -133,3 +133,86 @@ def test_repeated_and_partial_backward_passes():
     for a, c, e in zip(first, again, expected):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(c, e, rtol=1e-12, atol=1e-12)
+
+
+SPLIT = [H, H, 2]  # a stacked map's parts, as DRAW's from_dec and from_enc
+
+
+def split_recurrence(h0, weight, bias, batches, linear):
+    """h_t = tanh(a) * sigmoid(b) + c.sum() with (a, b, c) the parts of W h_{t-1} + b: c reaches the loss
+    only at even steps, and the last step's parts not at all; rows of h_0 taken `batches[t]` at a time
+    (a step with fewer rows than the last)."""
+    stacked = linear(weight, bias)
+    h, total = h0, 0
+    for t, rows in enumerate(batches):
+        a, b, c = stacked(h[:rows], split=SPLIT)
+        if t + 1 < len(batches):
+            h = torch.tanh(a) * torch.sigmoid(b) + (c.sum(1, keepdim=True) if t % 2 == 0 else 0)
+            total = total + h.sum() * (t + 1)
+    return total
+
+
+def split_plain(weight, bias):
+    return lambda x, split: F.linear(x, weight, bias).split(split, dim=1)
+
+
+def split_tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, H), (sum(SPLIT), H), (sum(SPLIT),)]  # h0, W, b
+    return [torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
+
+
+@pytest.mark.parametrize("batches", [[B] * T, [B, B, B - 1, B - 1, 1]])
+def test_split_steps_give_autograds_values_and_gradients(batches):
+    """Steps whose output is split (some parts, and a whole step, reaching no loss; fewer rows in later
+    steps) give the values and every gradient of F.linear and split, and pass gradcheck."""
+    h0, w, b = split_tensors()
+    ours, theirs = (split_recurrence(h0, w, b, batches, linear) for linear in (RecurrentLinear, split_plain))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    for a, c in zip(torch.autograd.grad(ours, (h0, w, b)), torch.autograd.grad(theirs, (h0, w, b))):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *t: split_recurrence(*t, batches, RecurrentLinear), (h0, w, b))
+
+
+def test_split_steps_write_their_gradients_once():
+    """A split step's backward puts its parts' gradients side by side straight into the pass's buffer, so the
+    weight gradient reads G where it lies: T + 1 cats in all (one per step, one of the inputs), where a split
+    after the map costs T + 2 (one per step, then G and the inputs again)."""
+
+    class Cats(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.cats = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.cats += func.overloadpacket.__name__ == "cat"
+            return func(*args, **(kwargs or {}))
+
+    def cats(split_inside: bool):
+        h0, w, b = split_tensors()
+        stacked = RecurrentLinear(w, b)
+        h, total = h0, 0
+        for t in range(T):
+            a, c, _ = stacked(h, split=SPLIT) if split_inside else stacked(h).split(SPLIT, dim=1)
+            h = torch.tanh(a) * torch.sigmoid(c)
+            total = total + h.sum()
+        with Cats() as counter:
+            total.backward()
+        return counter.cats
+
+    assert cats(split_inside=True) == T + 1
+    assert cats(split_inside=False) == T + 2
+
+
+def test_split_steps_over_repeated_and_partial_backward_passes():
+    """With retain_graph, each pass has its own buffer: a second pass gives the same gradients again, and
+    a pass that asked only for h_0's gradient adds nothing to the next."""
+    h0, w, b = split_tensors()
+    out = split_recurrence(h0, w, b, [B] * T, RecurrentLinear)
+    expected = torch.autograd.grad(split_recurrence(h0, w, b, [B] * T, split_plain), (w, b))
+    first = torch.autograd.grad(out, (w, b), retain_graph=True)
+    torch.autograd.grad(out, (h0,), retain_graph=True)
+    again = torch.autograd.grad(out, (w, b))
+    for a, c, e in zip(first, again, expected):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(c, e, rtol=1e-12, atol=1e-12)
