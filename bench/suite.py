@@ -20,7 +20,8 @@ side, since they time nothing and mostly compile; every timing part runs alone. 
                 two fused ops apart: triton-pair)
     attention-2warps  the fused kernels at the launch-bound sizes with 2 warps per program
                 (DRAW_TRITON_NUM_WARPS=2), against the launched warps in the summary
-    attention-large  bench_attention.py at the middle and bandwidth-bound sizes (compiled, triton, triton-pair)
+    attention-large  bench_attention.py at the middle and bandwidth-bound sizes, 16,384 images (compiled, triton,
+                triton-pair)
     train       bench_train.py: mnist-paper at batch 100, 1024, 4096 as one CUDA graph, fp32 and bf16
     train-eager the eager reference and eager triton at batch 1024 (a few steps: each takes 0.2-0.6 s)
     train-compiled  the compiled step at batch 1024 (about 2 minutes of compiling)
@@ -89,7 +90,7 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
         [("attention-2warps", attention + ["--sizes", "launch", "--providers", "triton", "--rep-ms", "50",
                                            "--json", str(out / "attention-2warps.json")], 60,
           {"DRAW_TRITON_NUM_WARPS": "2"})],
-        [("attention-large", attention + ["--sizes", "middle,bandwidth", "--providers", "compiled,triton,triton-pair",
+        [("attention-large", attention + ["--sizes", LARGE_SIZES, "--providers", "compiled,triton,triton-pair",
                                           "--rep-ms", "30", "--json", str(out / "attention-large.json"),
                                           "--markdown", str(out / "attention-large.md")], 240, {})],
         [("train", train + ["--batch-sizes", "100,1024,4096", "--modes", "triton-graph", "--amp", "fp32,bf16",
@@ -113,6 +114,9 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
 
 
 OPT_IN = ("convergence", "tune")  # parts that run only when --only names them
+# attention-large's sizes: the middle one and the bandwidth-bound ones at 16,384 images (at 65,536 the same
+# kernels ran 3.9-4.1x as long on an H100, bench/RESULTS.md: the same GB/s for four times the suite's time)
+LARGE_SIZES = "middle,16384x3x54x54,16384x1x100x100"
 
 
 def parts(quick: bool, out: pathlib.Path) -> list[Part]:

@@ -107,6 +107,8 @@ def test_the_gpu_suites_benchmark_commands_parse(tmp_path):
             module.parse_args(command[2:])
             checked += 1
     assert checked >= 6
+    sizes = import_bench("bench_attention").select_sizes(suite.LARGE_SIZES, torch.device("cpu"))
+    assert [s.name for s in sizes] == ["4096x3x32x32", "16384x3x54x54", "16384x1x100x100"]
 
 
 def test_the_opt_in_parts_run_only_when_named(tmp_path, monkeypatch):
