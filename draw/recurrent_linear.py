@@ -65,8 +65,8 @@ class _WeightGradients(torch.autograd.Function):
         state.buffers.clear()
         if not steps:  # no step's output reached the loss
             return None, None, None
-        if buffer is not None and sum(g.shape[0] for _, _, g in steps) == buffer.shape[0] \
-                and all(g.data_ptr() == buffer[row].data_ptr() for row, _, g in steps):
+        if buffer is not None and all(g._base is buffer for _, _, g in steps) \
+                and sum(g.shape[0] for _, _, g in steps) == buffer.shape[0]:
             grads = buffer  # every step wrote its rows there: G as it stands
         else:
             grads = torch.cat([g for _, _, g in steps])  # G [rows, out]

@@ -162,10 +162,10 @@ def split_tensors(seed=0):
     return [torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
 
 
-@pytest.mark.parametrize("batches", [[B] * T, [B, B, B - 1, B - 1, 1]])
+@pytest.mark.parametrize("batches", [[B] * T, [B, B, B - 1, B - 1, 1], [0] * T])
 def test_split_steps_give_autograds_values_and_gradients(batches):
     """Steps whose output is split (some parts, and a whole step, reaching no loss; fewer rows in later
-    steps) give the values and every gradient of F.linear and split, and pass gradcheck."""
+    steps; no rows at all) give the values and every gradient of F.linear and split, and pass gradcheck."""
     h0, w, b = split_tensors()
     ours, theirs = (split_recurrence(h0, w, b, batches, linear) for linear in (RecurrentLinear, split_plain))
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
