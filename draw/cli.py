@@ -330,6 +330,22 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("draw").setLevel(logging.INFO)
 
+    commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "presets": cmd_presets}
+    code = _run(commands[args.command], args)
+    if _is_torchrun_rank(args):
+        from draw.distributed import leave_rank
+
+        leave_rank(code)  # does not return
+    return code
+
+
+def _is_torchrun_rank(args) -> bool:
+    """`draw train` as one rank of several that torchrun started."""
+    return args.command == "train" and "RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") != "1"
+
+
+def _run(command, args) -> int:
+    """The command's exit code: 0, or a known failure turned into one line and its code."""
     from torch.distributed import DistError  # a rendezvous that failed, a rank that never came
 
     from draw.checkpoint import CheckpointError
@@ -338,13 +354,11 @@ def main(argv=None) -> int:
     from draw.rundir import MetricsError, RunDirectoryBusy
     from draw.train import TIME_LIMIT, TrainingDiverged, TrainingStopped
 
-    commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "presets": cmd_presets}
     try:
-        return commands[args.command](args)
+        return command(args)
     except (CheckpointError, DataUnavailableError, MetricsError, RunDirectoryBusy, TrainingDiverged, AnotherRankFailed,
             DistError, FileExistsError, ValueError, OSError) as e:
-        ranks = args.command == "train" and "RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") != "1"
-        rank = f"rank {os.environ['RANK']}: " if ranks else ""  # which torchrun rank says it
+        rank = f"rank {os.environ['RANK']}: " if _is_torchrun_rank(args) else ""  # which torchrun rank says it
         print(f"draw {args.command}: error: {rank}{_error_line(e)}", file=sys.stderr)
         return 2
     except TrainingStopped as e:

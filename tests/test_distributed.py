@@ -15,6 +15,7 @@ update can magnify a relative difference where a gradient is near zero, hence th
 the same world size repeats the same operations, so it is exact (torch.equal).
 """
 
+import io
 import math
 import os
 import shutil
@@ -240,6 +241,41 @@ def test_a_signal_to_one_rank_stops_both_and_a_resume_at_any_world_size_continue
     assert one_process(train_args(tmp_path / "to-one", "--resume")) == 0
     assert "resuming at world size 1 a run checkpointed at world size 2" in caplog.text
     assert_same_run(tmp_path / "to-one", full, exact=False)
+
+
+# --- leaving ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outcome, code", [("finished", 0), ("stopped", 128 + signal.SIGTERM), ("failed", 2)])
+def test_a_torchrun_rank_leaves_through_os_exit_with_its_exit_code_and_its_output_written(monkeypatch, outcome, code):
+    """A rank of several ends with os._exit (draw.distributed.leave_rank says why) after its output is
+    flushed, with the code main() gives; a process of its own (WORLD_SIZE 1 or unset) returns from main()."""
+    from draw import cli, distributed
+    from draw.train import TrainingStopped
+
+    written = io.BytesIO()  # what reached the file behind stdout; the wrapper holds writes until a flush
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(written, encoding="utf-8", write_through=False))
+
+    def train(args):
+        sys.stdout.write("the run's last line")  # no newline: still buffered when the rank leaves
+        if outcome == "stopped":
+            raise TrainingStopped(signal.SIGTERM)
+        if outcome == "failed":
+            raise ValueError("a bad flag")
+        return 0
+
+    def leave(status):
+        assert b"the run's last line" in written.getvalue()  # on its file before the process ends
+        raise SystemExit(f"os._exit({status})")
+
+    monkeypatch.setattr(cli, "cmd_train", train)
+    monkeypatch.setattr(distributed.os, "_exit", leave)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match=rf"^os\._exit\({code}\)$"):
+        main(["train"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["train"]) == code
 
 
 # --- errors -----------------------------------------------------------------------------------------
