@@ -224,9 +224,9 @@ def leave_rank(code: int) -> None:
     aborts ("terminate called without an active exception", SIGABRT), turning a finished run's 0 or a
     stopped run's 143 into -6. We saw it in about 2 % of two-rank CPU runs, always at finalization.
     """
-    for stream in (*(getattr(h, "stream", None) for h in logging.getLogger().handlers), sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
+    for output in (*logging.getLogger().handlers, sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed stream: nothing left to write
+            output.flush()
     os._exit(code)
 
 
