@@ -16,6 +16,23 @@ from draw.config import DRAWConfig
 from draw.recurrent_linear import RecurrentLinear
 
 
+STACK_ALIGN = 8  # columns: 16 bytes in bf16, 32 in fp32
+
+
+def _stack(layers: list[tuple[torch.Tensor, torch.Tensor, list[int]]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Layers [(weight [out_k, in], bias [out_k], the parts' sizes along out_k)] stacked into one (weight,
+    bias) and all the parts' sizes, with zero rows after the last part (a part of its own, never read) up to
+    a multiple of STACK_ALIGN."""
+    weights, biases = [w for w, _, _ in layers], [b for _, b, _ in layers]
+    sizes = [size for _, _, parts in layers for size in parts]
+    pad = -sum(sizes) % STACK_ALIGN
+    if pad:
+        weights.append(weights[0].new_zeros(pad, weights[0].shape[1]))
+        biases.append(biases[0].new_zeros(pad))
+        sizes.append(pad)
+    return torch.cat(weights), torch.cat(biases), sizes
+
+
 class DRAWOutput(NamedTuple):
     loss: torch.Tensor  # scalar: mean over the batch of L_x + beta * L_z
     l_x: torch.Tensor  # [B] reconstruction loss -log D(x | c_T), nats  (9)
@@ -28,14 +45,19 @@ class DRAWOutput(NamedTuple):
 class Projections(NamedTuple):
     """The linear layers of a step, grouped by input: every layer that reads h_dec, and every one that
     reads h_enc, stacked into one map each, so that a step multiplies each hidden state once
-    (DRAW.projections); under autocast, already in its dtype."""
+    (DRAW.projections); under autocast, already in its dtype.
+
+    Each map's output starts with its LSTM gates and is padded with zero rows to a multiple of
+    STACK_ALIGN columns: the gate parts (which the next matrix products read) start on aligned columns
+    and every row of the output, and of its gradient, starts 16-byte aligned (cuBLAS takes slower,
+    unaligned kernels for a leading dimension of 2,083 floats, mnist-paper's unpadded h_dec map)."""
 
     dec_weight: torch.Tensor  # [sum(dec_sizes), dec_size]
     dec_bias: torch.Tensor  # [sum(dec_sizes)]
-    dec_sizes: list[int]  # write patch (w_t), write params, read params, encoder gates, decoder gates
-    enc_weight: torch.Tensor  # [2 z + 4 enc_size, enc_size]
+    dec_sizes: list[int]  # encoder gates, decoder gates, write patch (w_t), write params, read params, padding
+    enc_weight: torch.Tensor  # [sum(enc_sizes), enc_size]
     enc_bias: torch.Tensor
-    enc_sizes: list[int]  # mu, log sigma, encoder hidden gates
+    enc_sizes: list[int]  # encoder hidden gates, mu, log sigma, padding
     read_weight: torch.Tensor  # [4 enc_size, read size] the encoder's input weights on r_t  (5)
     z_weight: torch.Tensor  # [4 dec_size, z_size] the decoder's input weights on z_t  (7)
     z_bias: torch.Tensor
@@ -131,21 +153,16 @@ class DRAW(nn.Module):
 
         Under autocast every matrix is cast here, once per forward: autocast caches its casts of
         parameters only, and not at all while a CUDA graph is captured, so each step would cast again."""
-        cfg = self.config
-        read_size = self.encoder.weight_ih.shape[1] - cfg.dec_size
-        dec_layers = [(self.to_write.weight, self.to_write.bias)]
-        for layer in (self.to_write_params, self.to_read_params):
-            if layer is not None:
-                dec_layers.append((layer.weight, layer.bias))
-        dec_layers.append((self.encoder.weight_ih[:, read_size:], self.encoder.bias_ih))  # (5): [r, h_dec]
-        dec_layers.append((self.decoder.weight_hh, self.decoder.bias_hh))  # (7)
-        enc_layers = [(self.to_latent.weight, self.to_latent.bias), (self.encoder.weight_hh, self.encoder.bias_hh)]
-        proj = Projections(
-            torch.cat([w for w, _ in dec_layers]), torch.cat([b for _, b in dec_layers]), [w.shape[0] for w, _ in dec_layers],
-            torch.cat([w for w, _ in enc_layers]), torch.cat([b for _, b in enc_layers]),
-            [cfg.z_size, cfg.z_size, self.encoder.weight_hh.shape[0]],  # one split, so one cat in backward
-            self.encoder.weight_ih[:, :read_size], self.decoder.weight_ih, self.decoder.bias_ih,
-        )
+        read_size = self.encoder.weight_ih.shape[1] - self.config.dec_size
+        dec_layers = [(self.encoder.weight_ih[:, read_size:], self.encoder.bias_ih),  # (5): [r, h_dec]
+                      (self.decoder.weight_hh, self.decoder.bias_hh),  # (7)
+                      (self.to_write.weight, self.to_write.bias)]
+        dec_layers += [(layer.weight, layer.bias) for layer in (self.to_write_params, self.to_read_params) if layer is not None]
+        z = self.config.z_size
+        enc_layers = [(self.encoder.weight_hh, self.encoder.bias_hh, [4 * self.config.enc_size]),
+                      (self.to_latent.weight, self.to_latent.bias, [z, z])]  # mu, log sigma: one split, one cat in backward
+        proj = Projections(*_stack([(w, b, [w.shape[0]]) for w, b in dec_layers]), *_stack(enc_layers),
+                           self.encoder.weight_ih[:, :read_size], self.decoder.weight_ih, self.decoder.bias_ih)
         device = self.canvas0.device.type
         if torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
@@ -156,11 +173,15 @@ class DRAW(nn.Module):
         """P_t = W_dec h_dec_t + b_dec [B, sum(dec_sizes)] split into (w_t, write params or None, read
         params or None, encoder input gates from h_dec, decoder hidden gates); one backward for all of
         them (their gradients side by side, in the map's rows: draw/recurrent_linear.py)."""
-        parts = list(from_dec(h_dec, split=proj.dec_sizes))
-        patch = parts.pop(0)
+        enc_from_dec, dec_hidden, patch, *parts = from_dec(h_dec, split=proj.dec_sizes)
         write_params = parts.pop(0) if self.config.write_attn else None
         read_params = parts.pop(0) if self.config.read_attn else None
-        return patch, write_params, read_params, parts[0], parts[1]
+        return patch, write_params, read_params, enc_from_dec, dec_hidden
+
+    def _split_enc(self, proj: Projections, from_enc: RecurrentLinear, h_enc: torch.Tensor):
+        """Q_t = W_enc h_enc_t + b_enc split into (mu, log sigma, encoder hidden gates)."""
+        enc_hidden, mu, log_sigma = from_enc(h_enc, split=proj.enc_sizes)[:3]
+        return mu, log_sigma, enc_hidden
 
     # --- read and write ---------------------------------------------------------------------
 
@@ -233,7 +254,7 @@ class DRAW(nn.Module):
             noise = torch.randn(cfg.T, batch, cfg.z_size, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
         noise = noise.to(proj.enc_weight.dtype)  # in the latents' dtype (autocast's, under autocast), cast once
         _, _, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, from_dec, h_dec)  # from h_dec_0
-        enc_hidden = from_enc(h_enc, split=proj.enc_sizes)[2]  # from h_enc_0
+        enc_hidden = self._split_enc(proj, from_enc, h_enc)[2]  # from h_enc_0
         latent_terms = []  # per step [B, 2]: KL(Q(Z_t | h_enc_t) || N(0, I)) and log N(z_t; 0, I) - log Q(z_t)
         canvases, write_params = [], []
         # glimpses in the dtype the encoder's input weights compute in (autocast's, under autocast): the
@@ -243,7 +264,7 @@ class DRAW(nn.Module):
         for t in range(cfg.T):
             enc_input = from_read(r, add=enc_from_dec)  # W_ih [r, h_dec_{t-1}] + b_ih  (5)
             h_enc, c_enc = lstm_cell(enc_input, enc_hidden, c_enc)  # (5)
-            mu, log_sigma, enc_hidden = from_enc(h_enc, split=proj.enc_sizes)  # [B, z], [B, z]  (1, 2)
+            mu, log_sigma, enc_hidden = self._split_enc(proj, from_enc, h_enc)  # [B, z], [B, z]  (1, 2)
             z, terms = kernels.latent_sample(mu, log_sigma, noise[t], backend=self.backend)  # z_t ~ Q(Z_t | h_enc_t)  (6, 11)
             h_dec, c_dec = lstm_cell(from_z(z), dec_hidden, c_dec)  # (7)
             patch, params, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, from_dec, h_dec)

@@ -30,16 +30,18 @@ import torch.nn.functional as F
 class _Pass:
     """What one RecurrentLinear keeps between its steps' backward calls and the collector's: per step
     (graph task, first row, X_t, G_t), appended by each step's backward, and per graph task the buffer of
-    the split steps' G rows (rows: every step's rows, in the order of the forward calls)."""
+    the split steps' G rows (rows: every step's rows, in the order of the forward calls) and a zero."""
 
     def __init__(self):
         self.steps, self.buffers, self.rows = [], {}, 0
 
     def buffer(self, like: torch.Tensor, width: int) -> torch.Tensor:
-        """This backward pass's G buffer [rows, width] in like's dtype and device, made on first use."""
+        """This backward pass's G buffer [rows, width] in like's dtype and device, made on first use, and
+        beside it a zero, which the steps expand as the gradient of a part no loss reached (one fill per
+        pass, not one per step)."""
         task = torch._C._current_graph_task_id()
         if task not in self.buffers:
-            self.buffers[task] = like.new_empty(self.rows, width)
+            self.buffers[task] = like.new_empty(self.rows, width), like.new_zeros(())
         return self.buffers[task]
 
 
@@ -60,7 +62,7 @@ class _WeightGradients(torch.autograd.Function):
         # inputs, with retain_graph) left its own, which must not count here
         state, this_pass = ctx.state, torch._C._current_graph_task_id()
         steps = sorted(((row, x, g) for task, row, x, g in state.steps if task == this_pass), key=lambda s: s[0])
-        buffer = state.buffers.get(this_pass)
+        buffer, _ = state.buffers.get(this_pass, (None, None))
         state.steps.clear()
         state.buffers.clear()
         if not steps:  # no step's output reached the loss
@@ -101,9 +103,9 @@ class _Step(torch.autograd.Function):
             grad = grads[0]
         else:  # the parts' gradients side by side, in this step's rows of the pass's buffer (unused parts: 0)
             like = next(g for g in grads if g is not None)
-            parts = [g if g is not None else like.new_zeros(()).expand(like.shape[0], size)
-                     for g, size in zip(grads, ctx.split)]
-            rows = ctx.state.buffer(like, sum(ctx.split))[ctx.row: ctx.row + like.shape[0]]
+            buffer, zero = ctx.state.buffer(like, sum(ctx.split))
+            parts = [g if g is not None else zero.expand(like.shape[0], size) for g, size in zip(grads, ctx.split)]
+            rows = buffer[ctx.row: ctx.row + like.shape[0]]
             grad = torch.cat(parts, dim=1, out=rows)
         ctx.state.steps.append((torch._C._current_graph_task_id(), ctx.row, x, grad))
         grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None

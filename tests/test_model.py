@@ -1,5 +1,6 @@
 """The DRAW model, its training loop, checkpoints and command line, on small synthetic data."""
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,9 @@ import torch.nn.functional as F
 
 from draw import DRAW, DRAWConfig, importance_weighted_bound, kernels
 from draw.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from draw.config import PRESETS
 from draw.data import load_dataset
+from draw.model import STACK_ALIGN
 
 SMALL = DRAWConfig(height=12, width=10, channels=1, T=4, enc_size=24, dec_size=24, z_size=6, read_n=2, write_n=3)
 
@@ -117,6 +120,34 @@ def test_the_stacked_layers_are_the_papers_recurrence(changes):
         assert (a is None) == (b is None), name
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("preset", [name for name, p in PRESETS.items() if isinstance(p.model, DRAWConfig)])
+def test_the_stacked_maps_give_aligned_rows_and_gates(preset, monkeypatch):
+    """Each stacked map is a multiple of STACK_ALIGN columns wide and starts with its LSTM gates, so the
+    GEMMs that write P_t and Q_t, add the encoder's gates from h_dec and multiply their gradients see
+    16-byte aligned rows (mnist-paper's h_dec map was 2,083 columns wide: cuBLAS's unaligned kernels);
+    the padding rows are zero. Checked on the gate slices each LSTM cell receives."""
+    import draw.model
+
+    config = dataclasses.replace(PRESETS[preset].model, T=2)
+    model = DRAW(config, backend="reference")
+    proj = model.projections()
+    assert proj.dec_sizes[:2] == [4 * config.enc_size, 4 * config.dec_size]  # the gates first
+    assert proj.enc_sizes[:3] == [4 * config.enc_size, config.z_size, config.z_size]
+    for weight, bias, sizes, layers in ((proj.dec_weight, proj.dec_bias, proj.dec_sizes, 5 - (not config.read_attn) - (not config.write_attn)),
+                                         (proj.enc_weight, proj.enc_bias, proj.enc_sizes, 3)):
+        assert weight.shape[0] == bias.shape[0] == sum(sizes) and sum(sizes) % STACK_ALIGN == 0
+        assert len(sizes) - layers == (sum(sizes[:layers]) % STACK_ALIGN != 0)  # a padding part only where needed
+        assert not weight[sum(sizes[:layers]):].any() and not bias[sum(sizes[:layers]):].any()
+
+    hidden_gates = []
+    cell = draw.model.lstm_cell
+    monkeypatch.setattr(draw.model, "lstm_cell", lambda i, h, c: hidden_gates.append(h) or cell(i, h, c))
+    model(binary_images(2, config))
+    assert len(hidden_gates) == 2 * config.T
+    for gates in hidden_gates:  # slices of P_t and Q_t
+        assert gates.stride(0) % STACK_ALIGN == 0 and gates.storage_offset() % STACK_ALIGN == 0, (gates.stride(), gates.storage_offset())
 
 
 def test_generation_is_the_papers_recurrence():
