@@ -5,10 +5,9 @@ of its time is the fixed cost of each kernel, so the number of kernels sets the 
 "Where a CUDA-graph step's time goes"). This script counts them without a GPU: it runs one step of the
 model with the fused attention ("triton" backend) on CPU tensors and counts every operation the step
 dispatches that would launch a kernel on CUDA:
-    - each Triton kernel launch (kernels/triton_*.py) counts once; here the kernels are stand-ins that
-      launch nothing (no interpreter runs), while their launchers' own operations (allocating, summing
-      per-channel partials, casting) run and are counted;
-    - the LSTM cell counts once forward and once backward (CUDA's fused cell, draw.model.lstm_cell);
+    - each Triton kernel launch (kernels/triton_*.py, the LSTM cell's included) counts once; here the
+      kernels are stand-ins that launch nothing (no interpreter runs), while their launchers' own
+      operations (allocating, summing per-channel partials, casting) run and are counted;
     - views (view, split, t, expand, ...) and empty allocations launch nothing and are not counted;
     - Adam runs in its foreach form, as on CUDA; the forward draws its own latent noise.
 Not seen: kernels that cuBLAS adds inside one product (split-K reductions, often after a product with a
@@ -27,11 +26,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
-import draw.model
 from draw import DRAW, kernels
 from draw.config import PRESETS
 from draw.kernels import triton_attention as ta
 from draw.kernels import triton_latent as tlat
+from draw.kernels import triton_lstm as tlstm
 
 NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "split", "split_with_sizes", "chunk",
              "unbind", "slice", "select", "as_strided", "unsqueeze", "squeeze", "alias", "detach", "unflatten",
@@ -80,40 +79,17 @@ class StandInKernel:
         return launch
 
 
-class FusedLSTMCell(torch.autograd.Function):
-    """draw.model.lstm_cell's CPU maths, counted as CUDA's fused cell: one kernel each way."""
-
-    @staticmethod
-    def forward(ctx, input_gates, hidden_gates, c):
-        with COUNTER.one_kernel("fused LSTM cell") if COUNTER is not None else contextlib.nullcontext():
-            with torch.enable_grad():
-                leaves = [t.detach().requires_grad_() for t in (input_gates, hidden_gates, c)]
-                h, c_new = lstm_cell(*leaves)
-        ctx.graph = (leaves, (h, c_new))
-        return h.detach(), c_new.detach()
-
-    @staticmethod
-    def backward(ctx, grad_h, grad_c):
-        leaves, outputs = ctx.graph
-        with COUNTER.one_kernel("fused LSTM cell backward") if COUNTER is not None else contextlib.nullcontext():
-            return torch.autograd.grad(outputs, leaves, (grad_h, grad_c), allow_unused=True)
-
-
-lstm_cell = draw.model.lstm_cell
-
-
 TRITON_KERNELS = {ta: ("_attention_read_forward_kernel", "_attention_read_backward_kernel",
                        "_attention_write_forward_kernel", "_attention_write_backward_kernel"),
-                  tlat: ("_latent_forward_kernel", "_latent_backward_kernel")}
+                  tlat: ("_latent_forward_kernel", "_latent_backward_kernel"),
+                  tlstm: ("_lstm_forward_kernel", "_lstm_backward_kernel")}
 
 
 def patches():
-    """Every Triton kernel a stand-in that launches nothing; the LSTM cell as CUDA's fused one."""
+    """Every Triton kernel a stand-in that launches nothing."""
     stand_ins = [mock.patch.object(module, name, StandInKernel(name.strip("_").removesuffix("_kernel")))
                  for module, names in TRITON_KERNELS.items() for name in names]
-    return [*stand_ins,
-            mock.patch.object(kernels, "_triton_interpreter", lambda: True),  # the device check passes on CPU
-            mock.patch.object(draw.model, "lstm_cell", lambda i, h, c: FusedLSTMCell.apply(i, h, c.to(i.dtype)))]
+    return [*stand_ins, mock.patch.object(kernels, "_triton_interpreter", lambda: True)]  # the device check passes on CPU
 
 
 def count_step(preset: str, batch: int, amp: str = "fp32") -> dict[str, collections.Counter]:

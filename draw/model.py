@@ -21,15 +21,14 @@ STACK_ALIGN = 8  # columns: 16 bytes in bf16, 32 in fp32
 
 def _stack(layers: list[tuple[torch.Tensor, torch.Tensor, list[int]]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Layers [(weight [out_k, in], bias [out_k], the parts' sizes along out_k)] stacked into one (weight,
-    bias) and all the parts' sizes, with zero rows after the last part (a part of its own, never read) up to
-    a multiple of STACK_ALIGN."""
+    bias), with zero rows after the last part up to a multiple of STACK_ALIGN, and the parts' sizes (the
+    padding is no part: RecurrentLinear's split leaves the columns past the parts unread)."""
     weights, biases = [w for w, _, _ in layers], [b for _, b, _ in layers]
     sizes = [size for _, _, parts in layers for size in parts]
     pad = -sum(sizes) % STACK_ALIGN
     if pad:
         weights.append(weights[0].new_zeros(pad, weights[0].shape[1]))
         biases.append(biases[0].new_zeros(pad))
-        sizes.append(pad)
     return torch.cat(weights), torch.cat(biases), sizes
 
 
@@ -52,12 +51,12 @@ class Projections(NamedTuple):
     and every row of the output, and of its gradient, starts 16-byte aligned (cuBLAS takes slower,
     unaligned kernels for a leading dimension of 2,083 floats, mnist-paper's unpadded h_dec map)."""
 
-    dec_weight: torch.Tensor  # [sum(dec_sizes), dec_size]
-    dec_bias: torch.Tensor  # [sum(dec_sizes)]
-    dec_sizes: list[int]  # encoder gates, decoder gates, write patch (w_t), write params, read params, padding
-    enc_weight: torch.Tensor  # [sum(enc_sizes), enc_size]
+    dec_weight: torch.Tensor  # [sum(dec_sizes) + padding, dec_size]
+    dec_bias: torch.Tensor  # [sum(dec_sizes) + padding]
+    dec_sizes: list[int]  # encoder gates, decoder gates, write patch (w_t), write params, read params
+    enc_weight: torch.Tensor  # [sum(enc_sizes) + padding, enc_size]
     enc_bias: torch.Tensor
-    enc_sizes: list[int]  # encoder hidden gates, mu, log sigma, padding
+    enc_sizes: list[int]  # encoder hidden gates, mu, log sigma
     read_weight: torch.Tensor  # [4 enc_size, read size] the encoder's input weights on r_t  (5)
     z_weight: torch.Tensor  # [4 dec_size, z_size] the decoder's input weights on z_t  (7)
     z_bias: torch.Tensor
@@ -67,23 +66,6 @@ class Projections(NamedTuple):
         gradient is one GEMM over all steps: draw/recurrent_linear.py). Make them once per forward."""
         return (RecurrentLinear(self.dec_weight, self.dec_bias), RecurrentLinear(self.enc_weight, self.enc_bias),
                 RecurrentLinear(self.read_weight), RecurrentLinear(self.z_weight, self.z_bias))
-
-
-def lstm_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, c: torch.Tensor):
-    """nn.LSTMCell's update from its two pre-activation halves (biases included): gates [B, 4H] in
-    nn.LSTMCell's order (input, forget, cell, output). Returns (h, c), each [B, H].
-
-    On CUDA one fused kernel forward and one backward (the one nn.LSTMCell uses there), except under
-    torch.compile: that kernel's shape check for tracing (torch 2.11's meta function) fails on the
-    absent biases, and the compiler fuses the pointwise update below into one kernel anyway.
-    """
-    c = c.to(input_gates.dtype)  # as nn.LSTMCell under autocast
-    if input_gates.is_cuda and not torch.compiler.is_compiling():
-        h, c, _ = torch.ops.aten._thnn_fused_lstm_cell(input_gates, hidden_gates, c)
-        return h, c
-    i, f, g, o = (input_gates + hidden_gates).chunk(4, dim=1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
 
 
 class Generation(NamedTuple):
@@ -170,7 +152,7 @@ class DRAW(nn.Module):
         return proj
 
     def _split_dec(self, proj: Projections, from_dec: RecurrentLinear, h_dec: torch.Tensor):
-        """P_t = W_dec h_dec_t + b_dec [B, sum(dec_sizes)] split into (w_t, write params or None, read
+        """P_t = W_dec h_dec_t + b_dec [B, sum(dec_sizes) + padding] split into (w_t, write params or None, read
         params or None, encoder input gates from h_dec, decoder hidden gates); one backward for all of
         them (their gradients side by side, in the map's rows: draw/recurrent_linear.py)."""
         enc_from_dec, dec_hidden, patch, *parts = from_dec(h_dec, split=proj.dec_sizes)
@@ -180,7 +162,7 @@ class DRAW(nn.Module):
 
     def _split_enc(self, proj: Projections, from_enc: RecurrentLinear, h_enc: torch.Tensor):
         """Q_t = W_enc h_enc_t + b_enc split into (mu, log sigma, encoder hidden gates)."""
-        enc_hidden, mu, log_sigma = from_enc(h_enc, split=proj.enc_sizes)[:3]
+        enc_hidden, mu, log_sigma = from_enc(h_enc, split=proj.enc_sizes)
         return mu, log_sigma, enc_hidden
 
     # --- read and write ---------------------------------------------------------------------
@@ -200,7 +182,7 @@ class DRAW(nn.Module):
         [B, 5] (21) or None. Returns c_t [B, C, H, W]."""
         cfg = self.config
         if cfg.write_attn:
-            patch = patch.view(-1, cfg.channels, cfg.write_n, cfg.write_n)  # [B, C, N^, N^]
+            patch = kernels.share_gradient_destination(patch.view(-1, cfg.channels, cfg.write_n, cfg.write_n), patch)  # [B, C, N^, N^]
             return kernels.write(patch, params, canvas, backend=self.backend)
         return canvas + patch.view_as(canvas)
 
@@ -212,7 +194,7 @@ class DRAW(nn.Module):
         if not read_next:
             return self.write(canvas, patch, params), None
         if cfg.read_attn and cfg.write_attn:
-            patch = patch.view(-1, cfg.channels, cfg.write_n, cfg.write_n)  # [B, C, N^, N^]
+            patch = kernels.share_gradient_destination(patch.view(-1, cfg.channels, cfg.write_n, cfg.write_n), patch)  # [B, C, N^, N^]
             canvas, glimpse = kernels.write_read(patch, params, canvas, x, read_params, cfg.read_n, backend=self.backend,
                                                  dtype=dtype)
             return canvas, glimpse.flatten(1)  # [B, 2*C*N*N]
@@ -263,10 +245,10 @@ class DRAW(nn.Module):
         r = self.read(x, canvas, read_params, glimpse_dtype)  # r_1 from c_0 and h_dec_0  (3, 4)
         for t in range(cfg.T):
             enc_input = from_read(r, add=enc_from_dec)  # W_ih [r, h_dec_{t-1}] + b_ih  (5)
-            h_enc, c_enc = lstm_cell(enc_input, enc_hidden, c_enc)  # (5)
+            h_enc, c_enc = kernels.lstm_cell(enc_input, enc_hidden, c_enc, backend=self.backend)  # (5)
             mu, log_sigma, enc_hidden = self._split_enc(proj, from_enc, h_enc)  # [B, z], [B, z]  (1, 2)
             z, terms = kernels.latent_sample(mu, log_sigma, noise[t], backend=self.backend)  # z_t ~ Q(Z_t | h_enc_t)  (6, 11)
-            h_dec, c_dec = lstm_cell(from_z(z), dec_hidden, c_dec)  # (7)
+            h_dec, c_dec = kernels.lstm_cell(from_z(z), dec_hidden, c_dec, backend=self.backend)  # (7)
             patch, params, read_params, enc_from_dec, dec_hidden = self._split_dec(proj, from_dec, h_dec)
             canvas, r = self.write_and_read(x, canvas, patch, params, read_params, read_next=t + 1 < cfg.T,
                                             dtype=glimpse_dtype)  # (8); (3, 4)
@@ -310,7 +292,7 @@ class DRAW(nn.Module):
         canvases, write_params = [], []
         for _ in range(cfg.T):
             z = torch.randn(n, cfg.z_size, device=device, dtype=self.canvas0.dtype, generator=generator)  # (13)
-            h_dec, c_dec = lstm_cell(from_z(z), dec_hidden, c_dec)  # (14)
+            h_dec, c_dec = kernels.lstm_cell(from_z(z), dec_hidden, c_dec, backend=self.backend)  # (14)
             patch, params, _, _, dec_hidden = self._split_dec(proj, from_dec, h_dec)
             canvas = self.write(canvas, patch, params)  # (15)
             canvases.append(canvas)

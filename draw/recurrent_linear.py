@@ -15,9 +15,12 @@ reduction give dW and db. The maths is the same; only float rounding differs (th
 one GEMM instead of across T adds, so it is if anything more exact in bf16).
 
 A step whose output is split into parts (`split=`, DRAW's stacked layers) writes its G_t, the parts'
-gradients side by side, straight into its rows of one buffer for the whole pass: the cat that the split's
-backward needs anyway puts them there, and G needs no second copy (at mnist-paper's batch 1024 in fp32,
-the stacked maps' G is 0.9 GB, which a cat would read and write again).
+gradients side by side, straight into its rows of one buffer for the whole pass, and G needs no second
+copy (at mnist-paper's batch 1024 in fp32, the stacked maps' G is 0.9 GB). Better still, each part is
+marked with its place in that buffer (kernels.mark_gradient_destination): the fused kernels that consume
+the parts (triton backend) write their gradients there, and a step whose parts all arrive in place copies
+nothing; parts that arrive elsewhere are copied in (all of them in one cat when none arrived in place).
+Columns past the parts (padding to an aligned width) are never read, and their gradient is zero.
 
 Under torch.compile, without grad, or when neither weight nor bias needs a gradient, it is plain
 `F.linear` / `torch.addmm`.
@@ -26,23 +29,45 @@ Under torch.compile, without grad, or when neither weight nor bias needs a gradi
 import torch
 import torch.nn.functional as F
 
+from draw import kernels
+
 
 class _Pass:
     """What one RecurrentLinear keeps between its steps' backward calls and the collector's: per step
     (graph task, first row, X_t, G_t), appended by each step's backward, and per graph task the buffer of
-    the split steps' G rows (rows: every step's rows, in the order of the forward calls) and a zero."""
+    the split steps' G rows (rows: every step's rows, in the order of the forward calls), a zero, and the
+    places handed out in it."""
 
-    def __init__(self):
-        self.steps, self.buffers, self.rows = [], {}, 0
+    def __init__(self, width: int):
+        self.steps, self.buffers, self.taken, self.rows, self.width = [], {}, {}, 0, width
 
-    def buffer(self, like: torch.Tensor, width: int) -> torch.Tensor:
-        """This backward pass's G buffer [rows, width] in like's dtype and device, made on first use, and
-        beside it a zero, which the steps expand as the gradient of a part no loss reached (one fill per
-        pass, not one per step)."""
+    def buffer(self, dtype: torch.dtype, device: torch.device, used: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This backward pass's G buffer [rows, width] and a zero, in dtype on device, made on first use;
+        the columns past the `used` ones (padding) zeroed then, once per pass."""
         task = torch._C._current_graph_task_id()
         if task not in self.buffers:
-            self.buffers[task] = like.new_empty(self.rows, width), like.new_zeros(())
+            buffer = torch.empty(self.rows, self.width, dtype=dtype, device=device)
+            if used < self.width:
+                buffer[:, used:].zero_()
+            self.buffers[task] = buffer, torch.zeros((), dtype=dtype, device=device)
         return self.buffers[task]
+
+    def place(self, row: int, col: int, size: int, used: int, dtype: torch.dtype, device: torch.device):
+        """The gradient destination of a step's part (kernels.mark_gradient_destination): its columns
+        [col, col + size) of the rows from `row`, in this pass's buffer, handed out once per pass."""
+        def take(shape: torch.Size) -> torch.Tensor | None:
+            taken = self.taken.setdefault(torch._C._current_graph_task_id(), set())
+            if (row, col) in taken:
+                return None
+            taken.add((row, col))
+            buffer, _ = self.buffer(dtype, device, used)
+            return buffer[row: row + shape[0], col: col + size].view(shape)
+        return take
+
+    def end(self):
+        self.steps.clear()
+        self.buffers.clear()
+        self.taken.clear()
 
 
 class _WeightGradients(torch.autograd.Function):
@@ -63,8 +88,7 @@ class _WeightGradients(torch.autograd.Function):
         state, this_pass = ctx.state, torch._C._current_graph_task_id()
         steps = sorted(((row, x, g) for task, row, x, g in state.steps if task == this_pass), key=lambda s: s[0])
         buffer, _ = state.buffers.get(this_pass, (None, None))
-        state.steps.clear()
-        state.buffers.clear()
+        state.end()
         if not steps:  # no step's output reached the loss
             return None, None, None
         if buffer is not None and all(g._base is buffer for _, _, g in steps) \
@@ -78,9 +102,14 @@ class _WeightGradients(torch.autograd.Function):
         return None, grad_weight, grad_bias
 
 
+def _in_place(grad: torch.Tensor | None, place: torch.Tensor) -> bool:
+    """True if grad is the tensor at `place` (its consumer wrote it there)."""
+    return grad is not None and grad.data_ptr() == place.data_ptr() and grad.stride() == place.stride()
+
+
 class _Step(torch.autograd.Function):
     """y = addend + x W^T, addend a tensor [B, out] (its gradient passes through) or the bias [out];
-    with `split` sizes, y's parts along its columns (one output each)."""
+    with `split` sizes, y's parts along its first sum(split) columns (one output each)."""
 
     @staticmethod
     def forward(ctx, x, weight, addend, token, state: _Pass, addend_is_bias: bool, split):
@@ -92,7 +121,9 @@ class _Step(torch.autograd.Function):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         ctx.save_for_backward(x, weight)
         y = x @ weight.t() if addend is None else torch.addmm(addend, x, weight.t())
-        return y if split is None else y.split(split, dim=1)
+        if split is None:
+            return y
+        return y.split([*split, y.shape[1] - sum(split)], dim=1)[:len(split)]
 
     @staticmethod
     def backward(ctx, *grads):
@@ -103,10 +134,19 @@ class _Step(torch.autograd.Function):
             grad = grads[0]
         else:  # the parts' gradients side by side, in this step's rows of the pass's buffer (unused parts: 0)
             like = next(g for g in grads if g is not None)
-            buffer, zero = ctx.state.buffer(like, sum(ctx.split))
-            parts = [g if g is not None else zero.expand(like.shape[0], size) for g, size in zip(grads, ctx.split)]
-            rows = buffer[ctx.row: ctx.row + like.shape[0]]
-            grad = torch.cat(parts, dim=1, out=rows)
+            used = sum(ctx.split)
+            buffer, zero = ctx.state.buffer(like.dtype, like.device, used)
+            grad = buffer[ctx.row: ctx.row + like.shape[0]]
+            places = grad[:, :used].split(ctx.split, dim=1)
+            pending = [(g, place) for g, place in zip(grads, places) if not _in_place(g, place)]
+            if len(pending) == len(places):  # none written in place: one cat, the padding's zeros included
+                parts = [g if g is not None else zero.expand(like.shape[0], size) for g, size in zip(grads, ctx.split)]
+                if used < grad.shape[1]:
+                    parts.append(zero.expand(like.shape[0], grad.shape[1] - used))
+                torch.cat(parts, dim=1, out=grad)
+            else:
+                for g, place in pending:
+                    place.zero_() if g is None else place.copy_(g)
         ctx.state.steps.append((torch._C._current_graph_task_id(), ctx.row, x, grad))
         grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
         grad_addend = grad if ctx.needs_input_grad[2] and not ctx.addend_is_bias else None
@@ -131,15 +171,27 @@ class RecurrentLinear:
         needs_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
         self.batched = needs_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if self.batched:
-            self._state = _Pass()
+            self._state = _Pass(weight.shape[0])
             self._token = _WeightGradients.apply(self._state, weight, bias)
 
     def __call__(self, x: torch.Tensor, *, add: torch.Tensor | None = None, split: list[int] | None = None):
         """x [B, in] -> [B, out]: x W^T + b, or x W^T + add; with `split`, its parts [B, size] along the
-        columns (a tuple)."""
+        first sum(split) columns (a tuple; the columns past them are left out: padding). Batched, each
+        part is marked with its gradient's place (kernels.mark_gradient_destination), and x W^T + add
+        as add is."""
+        if split is not None and sum(split) > self.weight.shape[0]:
+            raise ValueError(f"split {list(split)} covers {sum(split)} columns, more than the map's {self.weight.shape[0]}")
         if not self.batched:
             y = F.linear(x, self.weight, self.bias) if add is None else torch.addmm(add, x, self.weight.t())
-            return y if split is None else y.split(split, dim=1)
+            return y if split is None else y.split([*split, y.shape[1] - sum(split)], dim=1)[:len(split)]
         addend = self.bias if add is None else add
-        return _Step.apply(x, self.weight, addend, self._token, self._state, add is None,
-                           None if split is None else list(split))
+        row = self._state.rows
+        y = _Step.apply(x, self.weight, addend, self._token, self._state, add is None,
+                        None if split is None else list(split))
+        if split is None:
+            return y if add is None else kernels.share_gradient_destination(y, add)
+        used, col = sum(split), 0
+        for part, size in zip(y, split):
+            kernels.mark_gradient_destination(part, self._state.place(row, col, size, used, part.dtype, part.device))
+            col += size
+        return y

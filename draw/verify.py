@@ -1,6 +1,7 @@
 """`draw verify`: check the fused Triton kernels against the float64 reference, on this machine.
 
-Every case runs one op (read, glimpse, write or latent) with backend="triton" on the current device and
+Every case runs one op (read, glimpse, write, write-read, latent or lstm) with backend="triton" on the
+current device and
 with backend="reference" on float64 copies of the same inputs, then compares the outputs and the
 gradient of every input under one random upstream gradient:
     read    x, canvas, params        (Eqs. 3, 27)
@@ -9,6 +10,7 @@ gradient of every input under one random upstream gradient:
     write-read  patch, write_params, canvas, x, read_params  (write, then read the new canvas: both
             outputs, the new canvas and the glimpses; a case's n is the read's, write_n the write's)
     latent  mu, log_sigma, eps       (Eqs. 6, 11: z and the per-image terms; a case's width is Z)
+    lstm    input_gates, hidden_gates, c  (nn.LSTMCell's update, Eqs. 5, 7: h and c'; a case's width is H)
 
 The error of a compared tensor is max|fused - reference| / max|reference| (0 when both are all zero),
 and a check passes when it is finite and within the tolerance, or when the largest absolute error is
@@ -21,11 +23,11 @@ it), so the sweep holds both forms to the reference.
 
 Sweeps (cases the device cannot run are left out):
     quick  every grid size N = 1..16 for every attention op on small odd shapes (C = 1 and 3 in
-           turn), the degenerate parameters, and the latent step on odd B x Z, in fp32; on CUDA also
-           the paper's sizes in every dtype and a 65536 batch. The default: 155 cases on CUDA, each
-           compiling its own kernels (99 on CPU).
-    full   quick, plus N = 1..16 in every dtype with C = 1 and 3 each (and the latent step's odd
-           shapes), more paper-sized cases and 256x256 images: 561 cases on CUDA; with fewer cases
+           turn), the degenerate parameters, and the latent step and the LSTM cell on odd B x Z and
+           B x H, in fp32; on CUDA also the paper's sizes in every dtype and a 65536 batch. The
+           default: 168 cases on CUDA, each compiling its own kernels (105 on CPU).
+    full   quick, plus N = 1..16 in every dtype with C = 1 and 3 each (and the latent step's and the
+           LSTM cell's odd shapes), more paper-sized cases and 256x256 images: 582 cases on CUDA; with fewer cases
            (before the latent and write-read ones) it ran over 200 s on an H100 (bench/RESULTS.md),
            minutes on CPU.
 Compiling is most of a case's time on CUDA, so there the cases run in up to 8 worker processes (--jobs),
@@ -91,11 +93,15 @@ DEGENERATE_PARAMS = {
 }
 # The latent step's: log sigma for every element (sigma 2e-9 and 3e3).
 DEGENERATE_LOG_SIGMA = {"log_sigma=-20": -20.0, "log_sigma=+8": 8.0}
+# The LSTM cell's: every input gate's pre-activation, saturating each gate (sigmoid 1 - 1e-13 and 9e-14).
+DEGENERATE_GATES = {"gates=+30": 30.0, "gates=-30": -30.0}
 
 OP_INPUTS = {"read": ("x", "canvas", "params"), "glimpse": ("x", "params"), "write": ("patch", "params", "canvas"),
-             "write-read": ("patch", "write_params", "canvas", "x", "read_params"), "latent": ("mu", "log_sigma", "eps")}
+             "write-read": ("patch", "write_params", "canvas", "x", "read_params"), "latent": ("mu", "log_sigma", "eps"),
+             "lstm": ("input_gates", "hidden_gates", "c")}
 ATTENTION_OPS = ("read", "glimpse", "write", "write-read")
-OP_OUTPUTS = {"latent": ("z", "terms"), "write-read": ("canvas", "glimpses")}  # the others: ("output",)
+ROW_OPS = ("latent", "lstm")  # B x width elementwise ops (no image, no grid)
+OP_OUTPUTS = {"latent": ("z", "terms"), "write-read": ("canvas", "glimpses"), "lstm": ("h", "c'")}  # the others: ("output",)
 
 # Triton's interpreter converts one-element arrays with int(), which numpy 2.4 made an error (only
 # 0-d arrays convert); triton 3.7 fixed it. Checked: triton 3.6.0 runs these kernels with numpy 2.3.5
@@ -106,7 +112,7 @@ NUMPY_BREAKING_INTERPRETER = (2, 4)
 
 @dataclass(frozen=True)
 class Case:
-    op: str  # "read", "glimpse", "write", "write-read" or "latent" (B x Z: batch, width = Z; channels, height 1, n 0)
+    op: str  # "read", "glimpse", "write", "write-read", or "latent" / "lstm" (B x Z or B x H: batch, width; channels, height 1, n 0)
     batch: int
     channels: int
     height: int
@@ -119,7 +125,7 @@ class Case:
 
     @property
     def name(self) -> str:
-        if self.op == "latent":
+        if self.op in ROW_OPS:
             return " ".join(filter(None, [self.op, f"{self.batch}x{self.width}", self.dtype, self.degenerate]))
         shape = f"{self.batch}x{self.channels}x{self.height}x{self.width}"
         grid = f"n={self.n}" if self.op != "write-read" else f"n={self.write_n}/{self.n}"
@@ -138,10 +144,16 @@ LARGE = ((4, 3, 256, 256, 16, 16),)
 LARGE_BATCH = (65536, 1, 28, 28, 2, 5)
 LATENT_SHAPES = ((1, 1), (7, 3), (37, 100), (5, 130), (3, 2500))  # (B, Z): odd, and past one tile of Z
 LATENT_PAPER = ((256, 100),)  # mnist-paper's Z
+LSTM_SHAPES = ((1, 1), (7, 3), (37, 100), (5, 600))  # (B, H): odd, and past one tile of H (512)
+LSTM_PAPER = ((256, 256), (100, 800))  # mnist-paper's and svhn-paper's LSTMs
 
 
 def latent_case(batch: int, size: int, dtype: str, degenerate: str = "", cuda_only: bool = False) -> Case:
     return Case("latent", batch, 1, 1, size, 0, dtype, degenerate, cuda_only)
+
+
+def lstm_case(batch: int, hidden: int, dtype: str, degenerate: str = "", cuda_only: bool = False) -> Case:
+    return Case("lstm", batch, 1, 1, hidden, 0, dtype, degenerate, cuda_only)
 
 
 def attention_case(op: str, batch: int, channels: int, height: int, width: int, n: int, dtype: str,
@@ -163,6 +175,9 @@ def build_sweep(sweep: str, dtypes, cuda: bool) -> list[Case]:
     cases += [latent_case(b, z, "fp32") for b, z in LATENT_SHAPES]
     cases += [latent_case(5, 9, "fp32", degenerate) for degenerate in DEGENERATE_LOG_SIGMA]
     cases += [latent_case(b, z, dtype, cuda_only=True) for dtype in dtypes for b, z in LATENT_PAPER]
+    cases += [lstm_case(b, h, "fp32") for b, h in LSTM_SHAPES]
+    cases += [lstm_case(5, 9, "fp32", degenerate) for degenerate in DEGENERATE_GATES]
+    cases += [lstm_case(b, h, dtype, cuda_only=True) for dtype in dtypes for b, h in LSTM_PAPER]
     sizes = PAPER_SIZES if sweep == "quick" else PAPER_SIZES + LARGE
     for dtype in dtypes:
         for b, c, h, w, read_n, write_n in sizes:
@@ -172,6 +187,7 @@ def build_sweep(sweep: str, dtypes, cuda: bool) -> list[Case]:
     if sweep == "full":
         for dtype in dtypes:  # every grid size in every dtype, each with C = 1 and C = 3
             cases += [latent_case(b, z, dtype) for b, z in LATENT_SHAPES]
+            cases += [lstm_case(b, h, dtype) for b, h in LSTM_SHAPES]
             for op in ATTENTION_OPS:
                 for n in range(1, 17):
                     for channels in (1, 3):
@@ -182,6 +198,7 @@ def build_sweep(sweep: str, dtypes, cuda: bool) -> list[Case]:
         cases.append(attention_case(op, b, c, h, w, write_n if op == "write" else read_n, "fp32", cuda_only=True,
                                     write_n=write_n))
     cases.append(latent_case(LARGE_BATCH[0], LATENT_PAPER[0][1], "fp32", cuda_only=True))
+    cases.append(lstm_case(LARGE_BATCH[0], LSTM_PAPER[0][1], "fp32", cuda_only=True))
     cases = [case for case in cases if (case.dtype in dtypes) and (cuda or not case.cuda_only)]
     return list(dict.fromkeys(cases))  # drop repeats, keep the order
 
@@ -213,7 +230,8 @@ def passes(max_abs: float, rel: float, tolerance: float) -> bool:
 
 def make_inputs(case: Case, device: torch.device) -> dict:
     """x in [0, 1], canvas logits, raw params (degenerate columns set), a patch: in the case's dtype.
-    The latent step: mu, log sigma (or a degenerate value) and eps [B, Z]."""
+    The latent step: mu, log sigma (or a degenerate value) and eps [B, Z]. The LSTM cell: both gate
+    halves [B, 4H] (the input half all one degenerate value) and c [B, H]."""
     g = torch.Generator(device=device).manual_seed(case.n * 1000 + case.channels)
     b, c, h, w, n = case.batch, case.channels, case.height, case.width, case.n
     f64 = torch.float64
@@ -222,6 +240,12 @@ def make_inputs(case: Case, device: torch.device) -> dict:
         inputs["log_sigma"] = 0.5 * inputs["log_sigma"]
         if case.degenerate:
             inputs["log_sigma"].fill_(DEGENERATE_LOG_SIGMA[case.degenerate])
+        return {name: t.to(DTYPES[case.dtype]) for name, t in inputs.items()}
+    if case.op == "lstm":
+        inputs = {name: torch.randn(b, 4 * w, generator=g, device=device, dtype=f64) for name in OP_INPUTS["lstm"][:2]}
+        inputs["c"] = torch.randn(b, w, generator=g, device=device, dtype=f64)
+        if case.degenerate:
+            inputs["input_gates"].fill_(DEGENERATE_GATES[case.degenerate])
         return {name: t.to(DTYPES[case.dtype]) for name, t in inputs.items()}
     patch_n = case.write_n or n
     inputs = {
@@ -240,9 +264,11 @@ def make_inputs(case: Case, device: torch.device) -> dict:
 
 
 def apply_op(op: str, inputs: dict, n: int, backend: str) -> tuple[torch.Tensor, ...]:
-    """The op's outputs (OP_OUTPUTS): one tensor, or the latent step's z and terms."""
+    """The op's outputs (OP_OUTPUTS): one tensor, or two (write-read, the latent step, the LSTM cell)."""
     if op == "latent":
         return kernels.latent_sample(inputs["mu"], inputs["log_sigma"], inputs["eps"], backend=backend)
+    if op == "lstm":
+        return kernels.lstm_cell(inputs["input_gates"], inputs["hidden_gates"], inputs["c"], backend=backend)
     if op == "write-read":
         return kernels.write_read(*(inputs[name] for name in OP_INPUTS[op]), n, backend=backend)
     return (_attention(op, inputs, n, backend),)
@@ -260,6 +286,8 @@ def _output_shapes(case: Case) -> list[tuple]:
     b, c, n = case.batch, case.channels, case.n
     if case.op == "latent":
         return [(b, case.width), (b, 2)]
+    if case.op == "lstm":
+        return [(b, case.width), (b, case.width)]
     if case.op == "write-read":
         return [(b, c, case.height, case.width), (b, 2, c, n, n)]
     return [{"read": (b, 2, c, n, n), "glimpse": (b, c, n, n), "write": (b, c, case.height, case.width)}[case.op]]
@@ -348,7 +376,7 @@ def _contraction(case: Case) -> str:
     verified dtype computes in fp32). Imports triton, so only once the interpreter question is settled."""
     from draw.kernels import triton_attention
 
-    if case.op == "latent":
+    if case.op in ROW_OPS:
         return "-"  # elementwise: no contraction
     try:
         read = triton_attention.contraction(torch.float32, case.n, case.width)

@@ -4,11 +4,12 @@ its latent step (Eqs. 6, 11): latent_sample.
 read is the generator's (x and the error image, Eq. 27); glimpse reads x alone, as the cluttered-MNIST
 classifier of Sec. 4.1 does; write adds a patch to the canvas (Eq. 29); write_read writes and then reads
 the new canvas, as DRAW does from one step to the next, in one launch each way on the GPU; latent_sample
-draws z_t and the per-image Gaussian terms of the loss, one launch each way on the GPU.
+draws z_t and the per-image Gaussian terms of the loss, one launch each way on the GPU; lstm_cell is
+nn.LSTMCell's update from its two gate halves, one launch each way on the GPU.
 
 Two backends share one API and one set of conventions (docs/conventions.md):
     "reference"  batched PyTorch (kernels/reference.py), any device, the definition of correctness;
-    "triton"     fused Triton kernels (kernels/triton_attention.py, triton_latent.py), CUDA tensors,
+    "triton"     fused Triton kernels (kernels/triton_attention.py, triton_latent.py, triton_lstm.py), CUDA tensors,
                  or CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set before triton is
                  imported);
     "auto"       Triton for CUDA tensors when Triton imports, else the reference.
@@ -23,8 +24,8 @@ from draw.kernels import reference
 
 BACKENDS = ("auto", "reference", "triton")
 
-__all__ = ["BACKENDS", "filterbank", "glimpse", "latent_sample", "read", "write", "write_read", "resolve_backend",
-           "triton_available"]
+__all__ = ["BACKENDS", "filterbank", "glimpse", "gradient_destination", "latent_sample", "lstm_cell",
+           "mark_gradient_destination", "read", "share_gradient_destination", "write", "write_read", "resolve_backend", "triton_available"]
 
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -88,6 +89,43 @@ def _check_same_device(**tensors) -> torch.device:
         found = ", ".join(f"{name} on {device}" for name, device in devices.items())
         raise ValueError(f"all inputs must be on one device, got {found}")
     return next(iter(devices.values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient destinations: where a tensor's gradient is to be written
+# ---------------------------------------------------------------------------------------------
+# DRAW's recurrent maps keep each step's output gradient in one buffer per backward pass
+# (draw/recurrent_linear.py). A map's output parts are marked with where their gradients belong there;
+# the fused kernels' backward (triton backend) write each input's gradient straight into that place and
+# return it, so that the map finds it in place and copies nothing. A place is handed out once per
+# backward pass: a second consumer of the same tensor gets none and writes a new tensor, which autograd
+# then adds, as it would without marks. The reference backend ignores the marks.
+
+_DESTINATION = "_draw_gradient_destination"
+
+
+def mark_gradient_destination(t: torch.Tensor, place) -> torch.Tensor:
+    """Mark t (and return it): place(shape) gives, once per backward pass, the tensor of that shape (t's
+    numel, t's dtype, on t's device) into which t's gradient is to be written, or None after the first."""
+    setattr(t, _DESTINATION, place)
+    return t
+
+
+def gradient_destination(t: torch.Tensor):
+    """None if t is not marked, else a callable giving (in the backward pass) the tensor of t's shape into
+    which its gradient is to be written, or None if another consumer took it first."""
+    place = getattr(t, _DESTINATION, None)
+    if place is None:
+        return None
+    shape = t.shape
+    return lambda: place(shape)
+
+
+def share_gradient_destination(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """t, marked as source is (if it is): for a view of source, or for a tensor whose gradient is
+    source's, such as x W^T + source."""
+    place = getattr(source, _DESTINATION, None)
+    return t if place is None else mark_gradient_destination(t, place)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +229,7 @@ def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor, *, ba
     if resolve_backend(backend, device) == "triton":
         from draw.kernels import triton_attention
 
-        return triton_attention.write(patch, params, canvas)
+        return triton_attention.write(patch, params, canvas, (gradient_destination(patch), gradient_destination(params)))
     return reference.write(patch, params, canvas)
 
 
@@ -236,7 +274,8 @@ def write_read(patch: torch.Tensor, write_params: torch.Tensor, canvas: torch.Te
     if resolve_backend(backend, device) == "triton":
         from draw.kernels import triton_attention
 
-        return triton_attention.write_read(patch, write_params, canvas, x, read_params, n, dtype)
+        destinations = tuple(gradient_destination(t) for t in (patch, write_params, read_params))
+        return triton_attention.write_read(patch, write_params, canvas, x, read_params, n, dtype, destinations)
     return reference.write_read(patch, write_params, canvas, x, read_params, n, dtype)
 
 
@@ -247,7 +286,8 @@ def latent_sample(mu: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor, 
     Args:
         mu, log_sigma, eps: [B, Z] (any strides), on one device.
         backend: "auto", "reference" or "triton" (under torch.compile always the reference, which the
-            compiler fuses itself).
+            compiler fuses itself). The triton backend writes mu's and log sigma's gradients into their
+            gradient destinations, if they have them (see gradient_destination).
     Returns:
         z [B, Z] in mu's dtype; terms [B, 2] (KL, log ratio) in fp32, or fp64 for fp64 inputs.
     """
@@ -260,5 +300,38 @@ def latent_sample(mu: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor, 
     if resolve_backend(backend, device) == "triton" and not torch.compiler.is_compiling():
         from draw.kernels import triton_latent
 
-        return triton_latent.latent_sample(mu, log_sigma, eps)
+        return triton_latent.latent_sample(mu, log_sigma, eps, (gradient_destination(mu), gradient_destination(log_sigma)))
     return reference.latent_sample(mu, log_sigma, eps)
+
+
+def lstm_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, c: torch.Tensor, *, backend: str = "auto"):
+    """nn.LSTMCell's update from its two pre-activation halves (biases included): gates [B, 4H] in
+    nn.LSTMCell's order (input, forget, cell, output); c [B, H], cast to the gates' dtype as nn.LSTMCell
+    does under autocast. The triton backend reads column slices of wider tensors and broadcast rows as
+    they are.
+
+    Args:
+        input_gates, hidden_gates: [B, 4H] on one device, one dtype.
+        c: [B, H] the cell state.
+        backend: "auto", "reference" or "triton" (under torch.compile always the reference, which the
+            compiler fuses itself). The triton backend writes each half's gradient into its gradient
+            destination, if it has one (see gradient_destination).
+    Returns:
+        h, c' [B, H] in the gates' dtype.
+    """
+    for name, t in (("input_gates", input_gates), ("hidden_gates", hidden_gates)):
+        _check_tensor(name, t, 2, "[B, 4H]")
+    _check_tensor("c", c, 2, "[B, H]")
+    if not input_gates.shape == hidden_gates.shape == (c.shape[0], 4 * c.shape[1]):
+        raise ValueError(f"input_gates and hidden_gates must be [B, 4H] = [{c.shape[0]}, {4 * c.shape[1]}] for c "
+                         f"{list(c.shape)}, got {list(input_gates.shape)} and {list(hidden_gates.shape)}")
+    if hidden_gates.dtype != input_gates.dtype:
+        raise TypeError(f"input_gates and hidden_gates must have one dtype, got {input_gates.dtype} and {hidden_gates.dtype}")
+    device = _check_same_device(input_gates=input_gates, hidden_gates=hidden_gates, c=c)
+    c = c.to(input_gates.dtype)
+    if resolve_backend(backend, device) == "triton" and not torch.compiler.is_compiling():
+        from draw.kernels import triton_lstm
+
+        return triton_lstm.lstm_cell(input_gates, hidden_gates, c,
+                                     (gradient_destination(input_gates), gradient_destination(hidden_gates)))
+    return reference.lstm_cell(input_gates, hidden_gates, c)

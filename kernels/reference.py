@@ -1,4 +1,4 @@
-"""DRAW's selective attention in plain, batched PyTorch: the executable spec.
+"""DRAW's selective attention, latent step and LSTM cell in plain, batched PyTorch: the executable spec.
 
 Gregor et al. 2015, Eqs. 19-29, with the conventions of docs/conventions.md: 1-based pixel coordinates
 a = 1..W, b = 1..H, a 1-based grid index i = 1..N, Z = max(row sum, 1e-8), and N = 1 allowed.
@@ -157,3 +157,19 @@ def latent_sample(mu: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor):
     kl = 0.5 * (mu.square() + sigma.square() - 1) - log_sigma  # (11), per unit
     log_ratio = 0.5 * (eps.square() - z.square()) + log_sigma
     return z.to(out_dtype), torch.stack([kl, log_ratio], dim=1).sum(2)
+
+
+def lstm_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, c: torch.Tensor):
+    """nn.LSTMCell's update from its two pre-activation halves (biases included): gates [B, 4H] in
+    nn.LSTMCell's order (input, forget, cell, output), c [B, H] in their dtype. Returns (h, c'), each [B, H].
+
+    On CUDA one fused kernel forward and one backward (the one nn.LSTMCell uses there), except under
+    torch.compile: that kernel's shape check for tracing (torch 2.11's meta function) fails on the
+    absent biases, and the compiler fuses the pointwise update below into one kernel anyway.
+    """
+    if input_gates.is_cuda and not torch.compiler.is_compiling():
+        h, c, _ = torch.ops.aten._thnn_fused_lstm_cell(input_gates, hidden_gates, c)
+        return h, c
+    i, f, g, o = (input_gates + hidden_gates).chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c

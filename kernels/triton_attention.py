@@ -341,18 +341,19 @@ def _store_param_grads(dparams_ptr, dgx, dgy, dlog_sigma2, ddelta, dlog_gamma, d
 
 
 @triton.jit
-def _store_write_grads(grad_params_ptr, grad_patch_ptr, program, r_x, dfo_x, fo_x, dfe_x, fe_x,
+def _store_write_grads(grad_params_ptr, grad_patch_ptr, r_x, dfo_x, fo_x, dfe_x, fe_x,
                        r_y, dfo_y, fo_y, dfe_y, fe_y, sum_x, sum_y, sigma2, grid, delta, d_w, inv_gamma, offs_n,
                        height, width, N: tl.constexpr):
     """Finish a write's backward from its moments on each axis (_add_row_moments) and d_w = (F_Y G) F_X^T:
     store the parameter gradient (dlog gamma = -sum w * dpatch = -sum_i r_X[i]) and
-    dpatch = (1 / gamma) (F_Y G) F_X^T, both of program (b, c) (contiguous [B, C, 5] and [B, C, N, N])."""
+    dpatch = (1 / gamma) (F_Y G) F_X^T of one program (b, c): 5 values at grad_params_ptr, and [N, N]
+    (row-major) at grad_patch_ptr."""
     dgx, ddelta_x, dls_x = _axis_gradients(r_x, dfo_x, fo_x, dfe_x, fe_x, sum_x >= _FLOOR, sigma2, grid)
     dgy, ddelta_y, dls_y = _axis_gradients(r_y, dfo_y, fo_y, dfe_y, fe_y, sum_y >= _FLOOR, sigma2, grid)
-    _store_param_grads(grad_params_ptr + program * 5, dgx, dgy, dls_x + dls_y, ddelta_x + ddelta_y,
+    _store_param_grads(grad_params_ptr, dgx, dgy, dls_x + dls_y, ddelta_x + ddelta_y,
                        -tl.sum(r_x, axis=0), delta, height, width)
     w_mask = (offs_n < N)[:, None] & (offs_n < N)[None, :]
-    tl.store(grad_patch_ptr + program * N * N + offs_n[:, None] * N + offs_n[None, :],
+    tl.store(grad_patch_ptr + offs_n[:, None] * N + offs_n[None, :],
              _cast_for_store(inv_gamma * d_w, grad_patch_ptr), mask=w_mask)
 
 
@@ -497,13 +498,14 @@ def _attention_read_backward_kernel(
     stride_wb, stride_wc, stride_wj, stride_wi,
     stride_qb, stride_qk,
     stride_nb, stride_nc, stride_nh, stride_nw,
+    stride_db, stride_eb, stride_ob,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     COL_TILES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, HAS_CANVAS: tl.constexpr, STORE_GRAD_X: tl.constexpr,
     STORE_GRAD_CANVAS: tl.constexpr, CONTRACT: tl.constexpr,
     HAS_WRITE: tl.constexpr, NW: tl.constexpr, BLOCK_NW: tl.constexpr, CONTRACT_W: tl.constexpr,
 ):
     # Program (b, c) owns dx[b, c], dcanvas[b, c] (contiguous [B, C, H, W]) and the partial
-    # parameter gradient of channel c, grad_params[b, c, :] (contiguous [B, C, 5]).
+    # parameter gradient of channel c, grad_params[b, c, :] ([B, C, 5], rows strided by stride_db).
     # HAS_CANVAS = False is the glimpse of x alone: only img_0 = x, G is [B, C, N, N] (stride_gk
     # unused), canvas_ptr is never read and there is no dcanvas (STORE_GRAD_CANVAS must be False).
     #   d img_k = gamma F_Y^T G_k F_X                      (img_0 = x, img_1 = x_hat; G = dL/dread)
@@ -516,8 +518,8 @@ def _attention_read_backward_kernel(
     #   dlog gamma = sum G * read = sum_{i,w} dF_X F_X = sum_i r_X[i]  (read is linear in F_X)
     # HAS_WRITE = True is the backward of a write followed by this read (the forward's HAS_WRITE):
     # canvas_ptr is then the written canvas c_t, grad_new_canvas its gradient from outside the op, and
-    # the program also owns dpatch[b, c] (contiguous [B, C, NW, NW]) and the write parameters' partial
-    # gradient grad_write_params[b, c, :]. With D = dL/dc_t = grad_new_canvas - d img_1 * sigmoid'(c_t):
+    # the program also owns dpatch[b, c] ([B, C, NW, NW], rows strided by stride_ob) and the write
+    # parameters' partial gradient grad_write_params[b, c, :] (rows strided by stride_eb). With D = dL/dc_t = grad_new_canvas - d img_1 * sigmoid'(c_t):
     #   dcanvas = D (stored, when STORE_GRAD_CANVAS), and the write's backward on D (see
     #   _attention_write_backward_kernel), accumulated in the same row loop.
     pid_b = tl.program_id(0).to(tl.int64)
@@ -631,11 +633,11 @@ def _attention_read_backward_kernel(
     dgx, ddelta_x, dls_x = _axis_gradients(r_x, dfo_x, fo_x, dfe_x, fe_x, sum_x >= _FLOOR, sigma2, grid)
     dgy, ddelta_y, dls_y = _axis_gradients(r_y, dfo_y, fo_y, dfe_y, fe_y, sum_y >= _FLOOR, sigma2, grid)
     dlog_gamma = tl.sum(r_x, axis=0)
-    program = pid_b * tl.num_programs(1) + pid_c
-    _store_param_grads(grad_params_ptr + program * 5, dgx, dgy, dls_x + dls_y, ddelta_x + ddelta_y, dlog_gamma,
-                       delta, height, width)
+    _store_param_grads(grad_params_ptr + pid_b * stride_db + pid_c * 5, dgx, dgy, dls_x + dls_y, ddelta_x + ddelta_y,
+                       dlog_gamma, delta, height, width)
     if HAS_WRITE:
-        _store_write_grads(grad_write_params_ptr, grad_patch_ptr, program, r_xw, dfo_xw, fo_xw, dfe_xw, fe_xw,
+        _store_write_grads(grad_write_params_ptr + pid_b * stride_eb + pid_c * 5,
+                           grad_patch_ptr + pid_b * stride_ob + pid_c * NW * NW, r_xw, dfo_xw, fo_xw, dfe_xw, fe_xw,
                            r_yw, dfo_yw, fo_yw, dfe_yw, fe_yw, sum_xw, sum_yw, sigma2_w, grid_w, delta_w, d_w,
                            inv_gamma_w, offs_nw, height, width, NW)
 
@@ -699,11 +701,12 @@ def _attention_write_backward_kernel(
     stride_wb, stride_wc, stride_wj, stride_wi,
     stride_pb, stride_pk,
     stride_gb, stride_gc, stride_gh, stride_gw,
+    stride_ob, stride_db,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     COL_TILES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, CONTRACT: tl.constexpr,
 ):
-    # Program (b, c) owns dpatch[b, c] (contiguous [B, C, N, N]) and the partial parameter
-    # gradient of channel c, grad_params[b, c, :] (contiguous [B, C, 5]). With G = dL/dnew_canvas:
+    # Program (b, c) owns dpatch[b, c] ([B, C, N, N], rows strided by stride_ob) and the partial
+    # parameter gradient of channel c, grad_params[b, c, :] ([B, C, 5], rows strided by stride_db). With G = dL/dnew_canvas:
     #   dpatch     = (1 / gamma) F_Y G F_X^T
     #   dF_Y[j, h] = (1 / gamma) sum_i w[j, i] (G F_X^T)[h, i]     complete per row block
     #   dF_X[i, w] = (1 / gamma) sum_j w[j, i] (F_Y G)[j, w]       accumulated over row blocks
@@ -752,7 +755,7 @@ def _attention_write_backward_kernel(
         d_w += _mm_nt(fy_g, f_x, CONTRACT)
         offs_w, mask_w, f_x = _column_tile(tile + 1, mu_x, sigma2, z_x, offs_n, width, N, BLOCK_W, COMPUTE_DTYPE)
 
-    _store_write_grads(grad_params_ptr, grad_patch_ptr, pid_b * tl.num_programs(1) + pid_c,
+    _store_write_grads(grad_params_ptr + pid_b * stride_db + pid_c * 5, grad_patch_ptr + pid_b * stride_ob + pid_c * N * N,
                        r_x, dfo_x, fo_x, dfe_x, fe_x, r_y, dfo_y, fo_y, dfe_y, fe_y, sum_x, sum_y, sigma2, grid,
                        delta, d_w, inv_gamma, offs_n, height, width, N)
 
@@ -947,10 +950,29 @@ def _read_strides(t: torch.Tensor, has_canvas: bool) -> tuple:
     return t.stride() if has_canvas else (t.stride(0), 0, *t.stride()[1:])
 
 
-def _param_partials(batch: int, channels: int, acc_dtype: torch.dtype, params: torch.Tensor) -> torch.Tensor:
+def _param_partials(batch: int, channels: int, acc_dtype: torch.dtype, params: torch.Tensor,
+                    place: torch.Tensor | None = None) -> torch.Tensor:
     """The backward kernels' per-channel parameter gradients [B, C, 5], in the compute dtype to be
-    summed over C; with one channel, already the gradient, in params' dtype (no cast after)."""
+    summed over C; with one channel, already the gradient, in params' dtype (no cast after), written
+    into `place` ([B, 5], the gradient's destination: kernels.gradient_destination) when given."""
+    if channels == 1 and place is not None:
+        return _checked_place(place, params).view(batch, 1, 5)
     return torch.empty((batch, channels, 5), device=params.device, dtype=acc_dtype if channels > 1 else params.dtype)
+
+
+def _checked_place(place: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """place, if it can take like's gradient as the kernels write it: like's shape and dtype, strided rows,
+    each row contiguous."""
+    contiguous_row = torch.empty(like.shape[1:], device="meta").stride()
+    if place.shape != like.shape or place.dtype != like.dtype or place.stride()[1:] != contiguous_row:
+        raise ValueError(f"a gradient's place must be {list(like.shape)} in {like.dtype} with contiguous rows, got "
+                         f"{list(place.shape)} in {place.dtype} with strides {place.stride()}")
+    return place
+
+
+def _gradient_places(ctx_destinations, needs) -> list:
+    """The places (kernels.gradient_destination) of the gradients that are needed, else None."""
+    return [take() if take is not None and need else None for take, need in zip(ctx_destinations, needs)]
 
 
 def _sum_channels(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -1017,11 +1039,14 @@ def _launch_read_forward(x, canvas, params, n: int, write=None, dtype: torch.dty
     return out, new_canvas
 
 
-def _launch_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: bool, canvas_needs_grad: bool, write=None):
+def _launch_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: bool, canvas_needs_grad: bool, write=None,
+                          places=(None, None, None)):
     """Launch the read backward kernel: (dx, dcanvas, dparams), dx / dcanvas empty [0] tensors when not
     needed; canvas None: the glimpse's backward (grad_out [B, C, n, n], no dcanvas). write = (patch,
     write_params, grad_new_canvas): the backward of _launch_read_forward's write-then-read, canvas the new canvas
-    (HAS_WRITE); dcanvas is then the gradient of the canvas written into, and (dpatch, dwrite_params) follow."""
+    (HAS_WRITE); dcanvas is then the gradient of the canvas written into, and (dpatch, dwrite_params) follow.
+    places: where dparams, dpatch and dwrite_params are to be written (None: new tensors); a parameter
+    gradient only with one channel (with more it is a sum over the channels' partials)."""
     batch, channels, height, width = x.shape
     has_canvas = canvas is not None
     canvas_needs_grad = canvas_needs_grad and has_canvas
@@ -1030,11 +1055,13 @@ def _launch_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: boo
     grad_canvas = torch.empty(canvas.shape if canvas_needs_grad else (0,), device=x.device,
                               dtype=canvas.dtype)
     acc_dtype, compute = _compute_dtypes(x, canvas, params, *(write or ()))
-    partials = _param_partials(batch, channels, acc_dtype, params)  # all written
+    params_place, patch_place, write_params_place = places
+    partials = _param_partials(batch, channels, acc_dtype, params, params_place)  # all written
     if write is not None:
         patch, write_params, grad_new = write
-        grad_patch = torch.empty(patch.shape, device=patch.device, dtype=patch.dtype)
-        write_partials = _param_partials(batch, channels, acc_dtype, write_params)
+        grad_patch = (torch.empty(patch.shape, device=patch.device, dtype=patch.dtype) if patch_place is None
+                      else _checked_place(patch_place, patch))
+        write_partials = _param_partials(batch, channels, acc_dtype, write_params, write_params_place)
     else:
         patch, write_params, grad_new = x, params, x  # never read without a write
         grad_patch, write_partials = partials, partials  # never written without a write
@@ -1046,6 +1073,7 @@ def _launch_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: boo
                 height, width, max(height, width) - 1,
                 *x.stride(), *canvas.stride(), *params.stride(), *_read_strides(grad_out, has_canvas),
                 *patch.stride(), *write_params.stride(), *grad_new.stride(),
+                partials.stride(0), write_partials.stride(0), grad_patch.stride(0),
                 COMPUTE_DTYPE=compute, HAS_CANVAS=has_canvas, STORE_GRAD_X=x_needs_grad,
                 STORE_GRAD_CANVAS=canvas_needs_grad,
                 **_read_config(n, height, width, True, acc_dtype, None if write is None else patch.shape[-1],
@@ -1086,13 +1114,15 @@ def attention_write_read_forward(patch, write_params, canvas, x, read_params, n:
 
 
 def attention_write_read_backward(grad_new_canvas, grad_glimpses, patch, write_params, new_canvas, x, read_params,
-                                  n: int, x_needs_grad: bool, canvas_needs_grad: bool):
+                                  n: int, x_needs_grad: bool, canvas_needs_grad: bool, places=(None, None, None)):
     """Launch the read backward kernel with its write's (attention_write_read_forward's backward).
     new_canvas is the forward's c_t. Returns (dpatch, dwrite_params, dcanvas, dx, dread_params); dcanvas
-    and dx are empty [0] tensors when not needed."""
+    and dx are empty [0] tensors when not needed. places: where dpatch, dwrite_params and dread_params
+    are to be written (see _launch_read_backward), None for new tensors."""
+    patch_place, write_params_place, read_params_place = places
     grad_x, grad_canvas, grad_read_params, grad_patch, grad_write_params = _launch_read_backward(
         grad_glimpses, x, new_canvas, read_params, n, x_needs_grad, canvas_needs_grad,
-        (patch, write_params, grad_new_canvas))
+        (patch, write_params, grad_new_canvas), (read_params_place, patch_place, write_params_place))
     return grad_patch, grad_write_params, grad_canvas, grad_x, grad_read_params
 
 
@@ -1116,22 +1146,25 @@ def attention_write_forward(patch: torch.Tensor, params: torch.Tensor, canvas: t
     return out
 
 
-def attention_write_backward(grad_out, patch, params):
-    """Launch the write backward kernel. grad_out [B, C, H, W] (in the canvas's dtype).
+def attention_write_backward(grad_out, patch, params, places=(None, None)):
+    """Launch the write backward kernel. grad_out [B, C, H, W] (in the canvas's dtype); places: where
+    dpatch and dparams are to be written (see _launch_read_backward), None for new tensors.
 
     Returns (dpatch [B, C, n, n], dparams [B, 5]); dcanvas is grad_out itself.
     """
     batch, channels, height, width = grad_out.shape
     n = patch.shape[-1]
-    grad_patch = torch.empty(patch.shape, device=patch.device, dtype=patch.dtype)
+    patch_place, params_place = places
+    grad_patch = (torch.empty(patch.shape, device=patch.device, dtype=patch.dtype) if patch_place is None
+                  else _checked_place(patch_place, patch))
     acc_dtype, compute = _compute_dtypes(grad_out, patch, params)
-    partials = _param_partials(batch, channels, acc_dtype, params)
+    partials = _param_partials(batch, channels, acc_dtype, params, params_place)
     if grad_out.numel() > 0:
         with _device_guard(patch):
             _attention_write_backward_kernel[(batch, channels)](
                 patch, params, grad_out, grad_patch, partials,
                 height, width, max(height, width) - 1,
-                *patch.stride(), *params.stride(), *grad_out.stride(),
+                *patch.stride(), *params.stride(), *grad_out.stride(), grad_patch.stride(0), partials.stride(0),
                 COMPUTE_DTYPE=compute,
                 **_launch_config(n, height, width, backward=True, compute_dtype=acc_dtype,
                                  device=patch.device, programs=batch * channels),
@@ -1240,7 +1273,7 @@ def _write_gradients(ctx, grad_out, launch):
     """(dpatch, dparams, dcanvas) of write, None where not needed; launch is the backward custom op or
     the launcher (same arguments)."""
     patch, params = ctx.saved_tensors
-    patch_needs_grad, params_needs_grad, canvas_needs_grad = ctx.needs_input_grad
+    patch_needs_grad, params_needs_grad, canvas_needs_grad = ctx.needs_input_grad[:3]
     grad_patch, grad_params = launch(grad_out, patch, params)
     # d new_canvas / d canvas = identity; grad_out is already in the canvas's dtype.
     return (grad_patch if patch_needs_grad else None, grad_params if params_needs_grad else None,
@@ -1350,26 +1383,32 @@ class _ReadFunction(torch.autograd.Function):
 
 class _WriteFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, patch, params, canvas):
+    def forward(ctx, patch, params, canvas, destinations):
         _write_setup_context(ctx, (patch, params, canvas), None)
+        ctx.destinations = destinations
         return attention_write_forward(patch, params, canvas)
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _write_gradients(ctx, grad_out, functools.partial(_backward, attention_write_backward))
+        places = _gradient_places(ctx.destinations, ctx.needs_input_grad[:2])  # patch, params
+        launch = functools.partial(_backward, functools.partial(attention_write_backward, places=places))
+        return *_write_gradients(ctx, grad_out, launch), None
 
 
 class _WriteReadFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, patch, write_params, canvas, x, read_params, n, dtype):
+    def forward(ctx, patch, write_params, canvas, x, read_params, n, dtype, destinations):
         new_canvas, glimpses = attention_write_read_forward(patch, write_params, canvas, x, read_params, n, dtype)
         _write_read_setup_context(ctx, (patch, write_params, canvas, x, read_params, n), (new_canvas, glimpses))
+        ctx.destinations = destinations
         return new_canvas, glimpses
 
     @staticmethod
     def backward(ctx, grad_new_canvas, grad_glimpses):
-        launch = functools.partial(_backward, attention_write_read_backward)
-        return (*_write_read_gradients(ctx, grad_new_canvas, grad_glimpses, launch), None, None)
+        needs = ctx.needs_input_grad
+        places = _gradient_places(ctx.destinations, (needs[0], needs[1], needs[4]))  # patch, write and read params
+        launch = functools.partial(_backward, functools.partial(attention_write_read_backward, places=places))
+        return (*_write_read_gradients(ctx, grad_new_canvas, grad_glimpses, launch), None, None, None)
 
 
 def _use_custom_ops() -> bool:
@@ -1421,24 +1460,26 @@ def glimpse(x: torch.Tensor, params: torch.Tensor, n: int, dtype: torch.dtype | 
     return _read_autograd(x, None, params, n, dtype)
 
 
-def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor, destinations=(None, None)) -> torch.Tensor:
     """Fused attention write added to the canvas, Eqs. 8 and 29: canvas + (1 / gamma) F_Y^T w F_X.
 
     Args:
         patch: [B, C, n, n] write patch w_t.
         params: [B, 5] raw write parameters.
         canvas: [B, C, H, W] canvas logits c_{t-1}.
+        destinations: for patch and params, None or a callable giving, once, the tensor the gradient is
+            to be written into (kernels.gradient_destination; params' with one channel only).
     Returns:
         [B, C, H, W] the new canvas c_t, in the canvas's dtype.
     """
     if _use_custom_ops():
         return _write_op(patch, params, canvas)
-    return _WriteFunction.apply(patch, params, canvas)
+    return _WriteFunction.apply(patch, params, canvas, _one_channel(destinations, canvas, (1,)))
 
 
 def write_read(patch: torch.Tensor, write_params: torch.Tensor, canvas: torch.Tensor, x: torch.Tensor,
-               read_params: torch.Tensor, n: int,
-               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               read_params: torch.Tensor, n: int, dtype: torch.dtype | None = None,
+               destinations=(None, None, None)) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused write, then read of the new canvas: c_t = canvas + (1 / gamma_w) F_Y^T w F_X (Eqs. 8, 29), and
     gamma_r * [F_Y x F_X^T, F_Y (x - sigmoid(c_t)) F_X^T] (Eqs. 3, 27) with the read's own filterbanks.
 
@@ -1450,6 +1491,9 @@ def write_read(patch: torch.Tensor, write_params: torch.Tensor, canvas: torch.Te
         canvas: [B, C, H, W] canvas logits c_{t-1}.
         x: [B, C, H, W] images; read_params: [B, 5] raw read parameters; n: read grid size N >= 1.
         dtype: the glimpses' dtype (default x's).
+        destinations: for patch, write_params and read_params, None or a callable giving, once, the
+            tensor the gradient is to be written into (kernels.gradient_destination; the parameters'
+            with one channel only).
     Returns:
         (c_t [B, C, H, W] in the canvas's dtype, [B, 2, C, n, n] glimpses in `dtype`): write(patch,
         write_params, canvas) and read(x, c_t, read_params, n, dtype).
@@ -1457,4 +1501,11 @@ def write_read(patch: torch.Tensor, write_params: torch.Tensor, canvas: torch.Te
     if _use_custom_ops():  # the glimpses cast after the op, a cast the compiler fuses
         new_canvas, glimpses = _write_read_op(patch, write_params, canvas, x, read_params, n)
         return new_canvas, glimpses if dtype is None else glimpses.to(dtype)
-    return _WriteReadFunction.apply(patch, write_params, canvas, x, read_params, n, dtype)
+    return _WriteReadFunction.apply(patch, write_params, canvas, x, read_params, n, dtype,
+                                    _one_channel(destinations, canvas, (1, 2)))
+
+
+def _one_channel(destinations, canvas: torch.Tensor, params_at: tuple) -> tuple:
+    """destinations without the parameters' (at params_at) unless the canvas has one channel: with more,
+    the kernels' parameter gradient is a sum over the channels' partials, made after them."""
+    return tuple(None if k in params_at and canvas.shape[1] > 1 else d for k, d in enumerate(destinations))

@@ -83,11 +83,12 @@ def _latent_backward_kernel(
     mu_ptr, log_sigma_ptr, eps_ptr, grad_z_ptr, grad_terms_ptr, grad_mu_ptr, grad_log_sigma_ptr, grad_eps_ptr,
     batch, size,
     stride_mb, stride_mz, stride_lb, stride_lz, stride_eb, stride_ez, stride_gzb, stride_gzz, stride_gtb, stride_gtk,
+    stride_dmb, stride_dlb,
     HAS_GRAD_Z: tl.constexpr, HAS_GRAD_TERMS: tl.constexpr, STORE_GRAD_EPS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_Z: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
 ):
-    # Program p owns rows [p BLOCK_B, (p + 1) BLOCK_B) of dmu, dlog sigma and (STORE_GRAD_EPS) deps, all
-    # contiguous [B, Z]. A missing gradient (HAS_GRAD_Z, HAS_GRAD_TERMS false: that output reached no
+    # Program p owns rows [p BLOCK_B, (p + 1) BLOCK_B) of dmu, dlog sigma (rows strided by stride_dmb,
+    # stride_dlb: their places may be column slices) and (STORE_GRAD_EPS) deps [B, Z]. A missing gradient (HAS_GRAD_Z, HAS_GRAD_TERMS false: that output reached no
     # loss) is zero, and its pointer is never read.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < batch
@@ -111,12 +112,12 @@ def _latent_backward_kernel(
         a = grad_z - grad_ratio * z  # the gradient reaching z, from z itself and from log_ratio's -z^2 / 2
         grad_mu = a + grad_kl * mu
         grad_log_sigma = a * sigma * eps + grad_kl * (sigma * sigma - 1) + grad_ratio
-        out = rows[:, None] * size + cols[None, :]
-        tl.store(grad_mu_ptr + out, _cast_for_store(grad_mu, grad_mu_ptr), mask=mask)
-        tl.store(grad_log_sigma_ptr + out, _cast_for_store(grad_log_sigma, grad_log_sigma_ptr), mask=mask)
+        tl.store(grad_mu_ptr + rows[:, None] * stride_dmb + cols[None, :], _cast_for_store(grad_mu, grad_mu_ptr), mask=mask)
+        tl.store(grad_log_sigma_ptr + rows[:, None] * stride_dlb + cols[None, :],
+                 _cast_for_store(grad_log_sigma, grad_log_sigma_ptr), mask=mask)
         if STORE_GRAD_EPS:
             grad_eps = a * sigma + grad_ratio * eps
-            tl.store(grad_eps_ptr + out, _cast_for_store(grad_eps, grad_eps_ptr), mask=mask)
+            tl.store(grad_eps_ptr + rows[:, None] * size + cols[None, :], _cast_for_store(grad_eps, grad_eps_ptr), mask=mask)
 
 
 def _blocks(size: int) -> dict:
@@ -141,13 +142,24 @@ def latent_sample_forward(mu: torch.Tensor, log_sigma: torch.Tensor, eps: torch.
     return z, terms
 
 
-def latent_sample_backward(grad_z, grad_terms, mu, log_sigma, eps, eps_needs_grad: bool):
-    """Launch the backward kernel. grad_z [B, Z] and grad_terms [B, 2] may be None (zero). Returns
-    (dmu, dlog_sigma, deps or None), each in its input's dtype."""
+def _place(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Where a gradient of like's shape and dtype goes: `out` (its columns contiguous), else a new tensor."""
+    if out is None:
+        return torch.empty(like.shape, device=like.device, dtype=like.dtype)
+    if out.shape != like.shape or out.dtype != like.dtype or (out.shape[1] > 1 and out.stride(1) != 1):
+        raise ValueError(f"a gradient's place must be {list(like.shape)} in {like.dtype} with contiguous columns, got "
+                         f"{list(out.shape)} in {out.dtype} with strides {out.stride()}")
+    return out
+
+
+def latent_sample_backward(grad_z, grad_terms, mu, log_sigma, eps, eps_needs_grad: bool, out_mu=None, out_log_sigma=None):
+    """Launch the backward kernel. grad_z [B, Z] and grad_terms [B, 2] may be None (zero). dmu and
+    dlog_sigma are written into out_mu and out_log_sigma when given (their places: [B, Z] with contiguous
+    columns, any row stride), else into new tensors. Returns (dmu, dlog_sigma, deps or None), each in its
+    input's dtype."""
     batch, size = mu.shape
     _, compute = _compute_dtypes(mu, log_sigma, eps)
-    grad_mu = torch.empty((batch, size), device=mu.device, dtype=mu.dtype)
-    grad_log_sigma = torch.empty((batch, size), device=mu.device, dtype=log_sigma.dtype)
+    grad_mu, grad_log_sigma = _place(out_mu, mu), _place(out_log_sigma, log_sigma)
     grad_eps = torch.empty((batch, size), device=mu.device, dtype=eps.dtype) if eps_needs_grad else None
     if batch == 0:
         return grad_mu, grad_log_sigma, grad_eps
@@ -159,6 +171,7 @@ def latent_sample_backward(grad_z, grad_terms, mu, log_sigma, eps, eps_needs_gra
             grad_mu, grad_log_sigma, grad_mu if grad_eps is None else grad_eps,
             batch, size, *mu.stride(), *log_sigma.stride(), *eps.stride(),
             *(mu.stride() if grad_z is None else grad_z.stride()), *((0, 0) if grad_terms is None else grad_terms.stride()),
+            grad_mu.stride(0), grad_log_sigma.stride(0),
             HAS_GRAD_Z=grad_z is not None, HAS_GRAD_TERMS=grad_terms is not None, STORE_GRAD_EPS=eps_needs_grad,
             COMPUTE_DTYPE=compute, **blocks)
     return grad_mu, grad_log_sigma, grad_eps
@@ -166,25 +179,30 @@ def latent_sample_backward(grad_z, grad_terms, mu, log_sigma, eps, eps_needs_gra
 
 class _LatentSampleFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, mu, log_sigma, eps):
+    def forward(ctx, mu, log_sigma, eps, destinations):
         ctx.save_for_backward(mu, log_sigma, eps)
+        ctx.destinations = destinations
         ctx.set_materialize_grads(False)
         return latent_sample_forward(mu, log_sigma, eps)
 
     @staticmethod
     def backward(ctx, grad_z, grad_terms):
         if grad_z is None and grad_terms is None:
-            return None, None, None
+            return None, None, None, None
         mu, log_sigma, eps = ctx.saved_tensors
-        return _backward(latent_sample_backward, grad_z, grad_terms, mu, log_sigma, eps, ctx.needs_input_grad[2])
+        places = [take() if take is not None else None for take in ctx.destinations]  # kernels.gradient_destination
+        return (*_backward(latent_sample_backward, grad_z, grad_terms, mu, log_sigma, eps, ctx.needs_input_grad[2],
+                           *places), None)
 
 
-def latent_sample(mu: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor):
+def latent_sample(mu: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor, destinations=(None, None)):
     """Fused latent step, Eqs. 6 and 11 (see the module docstring).
 
     Args:
         mu, log_sigma, eps: [B, Z] (any strides).
+        destinations: for mu and log sigma, None or a callable giving, once, the tensor its gradient is
+            to be written into (kernels.gradient_destination).
     Returns:
         z [B, Z] in mu's dtype; terms [B, 2]: (KL, log_ratio) per image, fp32 (fp64 for fp64 inputs).
     """
-    return _LatentSampleFunction.apply(mu, log_sigma, eps)
+    return _LatentSampleFunction.apply(mu, log_sigma, eps, destinations)

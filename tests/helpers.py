@@ -57,3 +57,26 @@ def verify_rows_or_die(case, device):
     if case.op == "glimpse":
         os._exit(3)
     return verify.checked_rows(case, device)
+
+
+def gradient_places(*shapes, dtype=torch.float64, device="cpu"):
+    """For each shape [B, n], a NaN-filled buffer [B, n + 2] and a gradient destination handing out its
+    middle columns [B, n] once (kernels.mark_gradient_destination's `place`): (buffers, places)."""
+    buffers = [torch.full((shape[0], shape[1] + 2), float("nan"), dtype=dtype, device=device) for shape in shapes]
+    handed = []
+
+    def place(buffer):
+        def take(shape):
+            if any(b is buffer for b in handed):
+                return None
+            handed.append(buffer)
+            return buffer[:, 1:-1].view(shape)
+        return take
+
+    return buffers, [place(b) for b in buffers]
+
+
+def assert_written_in_place(grad: torch.Tensor, buffer: torch.Tensor, name: str = "gradient"):
+    """grad is the middle columns of buffer (gradient_places) and the columns beside them were not written."""
+    assert grad.data_ptr() == buffer[:, 1:].data_ptr(), f"{name} not written in its place"
+    assert torch.isnan(buffer[:, 0]).all() and torch.isnan(buffer[:, -1]).all(), f"{name} written beside its place"

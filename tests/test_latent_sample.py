@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, assert_written_in_place, gradient_places
 from torch.distributions import Normal, kl_divergence
 
 from draw import kernels
@@ -109,6 +109,22 @@ def test_kernel_on_column_slices_without_eps_gradient():
 def test_kernel_half_precision(dtype):
     """Computed in fp32, stored in the inputs' dtype: within that dtype's rounding of the reference."""
     compare(11, 20, dtype, rtol=2e-2, atol=2e-2)
+
+
+@requires_kernels
+def test_kernel_writes_mu_and_log_sigma_gradients_into_their_destinations():
+    """mu and log sigma marked (kernels.mark_gradient_destination): their gradients are written into those
+    places and returned as they are, with the reference's values; unmarked, new tensors."""
+    leaves = latent_inputs(7, 5, device=DEVICE)
+    places, takes = gradient_places((7, 5), (7, 5), device=DEVICE)
+    mu, log_sigma = (kernels.mark_gradient_destination(t.clone(), take) for t, take in zip(leaves[:2], takes))
+    z, terms = kernels.latent_sample(mu, log_sigma, leaves[2], backend="triton")
+    grads = torch.autograd.grad(z.sum() + terms.sum(), (mu, log_sigma))
+    expected = kernels.latent_sample(*leaves, backend="reference")
+    grads_expected = torch.autograd.grad(expected[0].sum() + expected[1].sum(), leaves[:2])
+    for grad, buffer, e, name in zip(grads, places, grads_expected, ("d mu", "d log sigma")):
+        assert_written_in_place(grad, buffer, name)
+        assert_close(grad, e, 1e-12, 1e-12, name)
 
 
 @requires_kernels

@@ -128,22 +128,19 @@ def test_the_stacked_maps_give_aligned_rows_and_gates(preset, monkeypatch):
     GEMMs that write P_t and Q_t, add the encoder's gates from h_dec and multiply their gradients see
     16-byte aligned rows (mnist-paper's h_dec map was 2,083 columns wide: cuBLAS's unaligned kernels);
     the padding rows are zero. Checked on the gate slices each LSTM cell receives."""
-    import draw.model
-
     config = dataclasses.replace(PRESETS[preset].model, T=2)
     model = DRAW(config, backend="reference")
     proj = model.projections()
     assert proj.dec_sizes[:2] == [4 * config.enc_size, 4 * config.dec_size]  # the gates first
     assert proj.enc_sizes[:3] == [4 * config.enc_size, config.z_size, config.z_size]
-    for weight, bias, sizes, layers in ((proj.dec_weight, proj.dec_bias, proj.dec_sizes, 5 - (not config.read_attn) - (not config.write_attn)),
-                                         (proj.enc_weight, proj.enc_bias, proj.enc_sizes, 3)):
-        assert weight.shape[0] == bias.shape[0] == sum(sizes) and sum(sizes) % STACK_ALIGN == 0
-        assert len(sizes) - layers == (sum(sizes[:layers]) % STACK_ALIGN != 0)  # a padding part only where needed
-        assert not weight[sum(sizes[:layers]):].any() and not bias[sum(sizes[:layers]):].any()
+    assert len(proj.dec_sizes) == 5 - (not config.read_attn) - (not config.write_attn)
+    for weight, bias, sizes in ((proj.dec_weight, proj.dec_bias, proj.dec_sizes), (proj.enc_weight, proj.enc_bias, proj.enc_sizes)):
+        assert weight.shape[0] == bias.shape[0] == sum(sizes) + (-sum(sizes) % STACK_ALIGN)  # padded only to the multiple
+        assert not weight[sum(sizes):].any() and not bias[sum(sizes):].any()
 
     hidden_gates = []
-    cell = draw.model.lstm_cell
-    monkeypatch.setattr(draw.model, "lstm_cell", lambda i, h, c: hidden_gates.append(h) or cell(i, h, c))
+    cell = kernels.lstm_cell
+    monkeypatch.setattr(kernels, "lstm_cell", lambda i, h, c, backend: hidden_gates.append(h) or cell(i, h, c, backend=backend))
     model(binary_images(2, config))
     assert len(hidden_gates) == 2 * config.T
     for gates in hidden_gates:  # slices of P_t and Q_t
@@ -169,45 +166,6 @@ def test_generation_is_the_papers_recurrence():
             canvas = kernels.write(patch, model.to_write_params(h_dec), canvas, backend="reference")  # (15)
             torch.testing.assert_close(gen.canvases[t], canvas, rtol=1e-12, atol=1e-12)
 
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
-def test_lstm_cell_is_nn_lstm_cell(device):
-    """lstm_cell from the two gate halves (column slices of wider projections, as DRAW passes them; on
-    CUDA the fused kernel) gives nn.LSTMCell's h, c and gradients, in float64."""
-    from draw.model import lstm_cell
-
-    torch.manual_seed(0)
-    cell = nn.LSTMCell(5, 7).double().to(device)
-    x, h, c = (torch.randn(3, n, dtype=torch.float64, device=device, requires_grad=True) for n in (5, 7, 7))
-    input_gates = F.linear(x, torch.cat([cell.weight_ih, torch.ones(2, 5, dtype=torch.float64, device=device)]),
-                           torch.cat([cell.bias_ih, torch.zeros(2, dtype=torch.float64, device=device)]))[:, :28]
-    hidden_gates = F.linear(h, cell.weight_hh, cell.bias_hh)
-    ours = lstm_cell(input_gates, hidden_gates, c)
-    theirs = cell(x, (h, c))
-    upstream = [torch.randn_like(t) for t in theirs]
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    for a, b in zip(torch.autograd.grad(ours, (x, h, c, *cell.parameters()), upstream),
-                    torch.autograd.grad(theirs, (x, h, c, *cell.parameters()), upstream)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-
-
-
-def test_lstm_cell_traces_on_cuda_under_torch_compile(monkeypatch):
-    """What torch.compile sees on CUDA: lstm_cell on fake CUDA tensors (no GPU needed) while compiling.
-    The fused CUDA kernel's tracing check fails on the absent biases (torch.compile of the training
-    step fell back to eager on an H100); under compile lstm_cell takes the pointwise update, with
-    the shapes and dtype of the fused kernel's outputs."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from draw.model import lstm_cell
-
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    with FakeTensorMode():
-        gates = [torch.empty(3, 28, device="cuda") for _ in range(2)]
-        h, c = lstm_cell(*gates, torch.empty(3, 7, device="cuda", dtype=torch.float64))
-        assert h.shape == c.shape == (3, 7) and h.dtype == c.dtype == torch.float32 and h.is_cuda
 
 def graph_and_eager(step, inputs, new_inputs):
     """step(*inputs) captured as one CUDA graph (after a warm-up on a side stream), replayed on new_inputs

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from draw import kernels
 from draw.recurrent_linear import RecurrentLinear
 
 T, B, H = 5, 3, 4
@@ -216,3 +217,110 @@ def test_split_steps_over_repeated_and_partial_backward_passes():
     for a, c, e in zip(first, again, expected):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(c, e, rtol=1e-12, atol=1e-12)
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the operations dispatched, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _Doubled(torch.autograd.Function):
+    """2 t, whose backward writes its gradient into t's gradient destination when it has one, as the fused
+    kernels do (kernels.gradient_destination), else returns a new tensor."""
+
+    @staticmethod
+    def forward(ctx, t, take):
+        ctx.take = take
+        return 2 * t
+
+    @staticmethod
+    def backward(ctx, grad):
+        place = ctx.take() if ctx.take is not None else None
+        if place is None:
+            return 2 * grad, None
+        torch.mul(grad, 2, out=place)
+        return place, None
+
+
+def doubled(t):
+    return _Doubled.apply(t, kernels.gradient_destination(t))
+
+
+def test_a_split_map_wider_than_its_parts_leaves_the_padding_out():
+    """Columns past the parts (padding to an aligned width) are no output and get a zero gradient: the
+    values and gradients of F.linear on the parts' rows alone, zero for the padding rows of W and b."""
+    h0, w, b = split_tensors()
+    wide_w = torch.cat([w, torch.randn(3, H, dtype=torch.float64)]).detach().requires_grad_()
+    wide_b = torch.cat([b, torch.randn(3, dtype=torch.float64)]).detach().requires_grad_()
+    ours = split_recurrence(h0, wide_w, wide_b, [B] * T, RecurrentLinear)
+    theirs = split_recurrence(h0, w, b, [B] * T, split_plain)
+    torch.testing.assert_close(ours, theirs, rtol=1e-14, atol=0)  # a wider product may round otherwise
+    grads = torch.autograd.grad(ours, (h0, wide_w, wide_b))
+    expected = torch.autograd.grad(theirs, (h0, w, b))
+    torch.testing.assert_close(grads[0], expected[0], rtol=1e-12, atol=1e-12)
+    for grad, e in zip(grads[1:], expected[1:]):
+        torch.testing.assert_close(grad[:sum(SPLIT)], e, rtol=1e-12, atol=1e-12)
+        assert not grad[sum(SPLIT):].any()
+    with pytest.raises(ValueError, match="more than the map's"):
+        RecurrentLinear(w, b)(h0, split=[*SPLIT, 1])
+
+
+@pytest.mark.parametrize("in_place", [(True, True, True), (True, False, True), (False, False, False)],
+                         ids=["all", "some", "none"])
+def test_parts_whose_consumers_write_their_gradients_in_place(in_place):
+    """Each part is marked with its place in the pass's buffer (kernels.gradient_destination); a consumer
+    that writes there leaves the split step nothing to copy: with every part written in place the backward
+    pass runs no cat and no copy but the collector's cat of the inputs, with some, a copy per other part,
+    with none, one cat per step. The gradients are autograd's in every case, the padding's zero."""
+    h0, w, b = split_tensors()
+    wide_w = torch.cat([w, torch.zeros(2, H, dtype=torch.float64)]).detach().requires_grad_()
+    wide_b = torch.cat([b, torch.zeros(2, dtype=torch.float64)]).detach().requires_grad_()
+
+    def run(linear, weight, bias):
+        stacked = linear(weight, bias)
+        h, total = h0, 0
+        for _ in range(T):
+            parts = stacked(h, split=SPLIT)
+            a, c, d = (doubled(p) if chosen else 2 * p for p, chosen in zip(parts, in_place))
+            h = torch.tanh(a) * torch.sigmoid(c) + d.sum(1, keepdim=True)
+            total = total + h.sum()
+        return total
+
+    ours, theirs = run(RecurrentLinear, wide_w, wide_b), run(split_plain, w, b)
+    with _Ops() as ops:
+        grads = torch.autograd.grad(ours, (h0, wide_w, wide_b))
+    expected = torch.autograd.grad(theirs, (h0, w, b))
+    torch.testing.assert_close(grads[0], expected[0], rtol=1e-12, atol=1e-12)
+    for grad, e in zip(grads[1:], expected[1:]):
+        torch.testing.assert_close(grad[:sum(SPLIT)], e, rtol=1e-12, atol=1e-12)
+        assert not grad[sum(SPLIT):].any()
+    pending = in_place.count(False)
+    assert ops.calls["cat"] == 1 + (T if pending == len(SPLIT) else 0)  # the inputs X; per step, when none in place
+    assert ops.calls["copy_"] == (T * pending if 0 < pending < len(SPLIT) else 0)
+
+
+def test_a_place_is_handed_out_once_per_pass():
+    """A part read by two consumers that both ask for its place: the first gets it, the second a new
+    tensor, and autograd's sum of the two reaches the weight gradient right."""
+    h0, w, b = split_tensors()
+
+    def run(linear, twice):
+        stacked = linear(w, b)
+        h, total = h0, 0
+        for _ in range(T):
+            a, c, d = stacked(h, split=SPLIT)
+            first = doubled(a) if twice else 2 * a
+            h = torch.tanh(first) * torch.sigmoid(c) + torch.tanh(doubled(a) if twice else 2 * a)[:, :1] + d.sum(1, keepdim=True)
+            total = total + h.sum()
+        return total
+
+    ours, theirs = run(RecurrentLinear, True), run(split_plain, False)
+    for a, e in zip(torch.autograd.grad(ours, (h0, w, b)), torch.autograd.grad(theirs, (h0, w, b))):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)

@@ -217,6 +217,40 @@ def test_the_model_runs_the_same_on_both_backends():
         assert_f64_close(a, b, name)
 
 
+def test_the_models_backward_copies_no_gradient_into_its_maps():
+    """With the fused kernels, every consumer of the stacked maps' parts (both LSTM cells, the latent step,
+    the write and the write-read) writes its gradient into the part's place in the map's buffer: the
+    backward pass runs as many cats at T = 4 as at T = 2 (the collectors' of the inputs, and of the
+    unsplit maps' G); the reference backend, at least one cat per map and step. (Copies are not counted: Triton's
+    interpreter copies each kernel's outputs back.)"""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from draw import DRAW, DRAWConfig
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    def backward_ops(backend, steps):
+        config = DRAWConfig(height=9, width=11, channels=1, T=steps, enc_size=12, dec_size=10, z_size=4, read_n=3, write_n=4)
+        torch.manual_seed(0)
+        model = DRAW(config, backend=backend).to(DEVICE)
+        out = model(torch.rand(3, 1, 9, 11, generator=torch.Generator().manual_seed(1)).to(DEVICE))
+        with Ops() as ops:
+            out.loss.backward()
+        return ops.calls["cat"]
+
+    assert backward_ops("triton", 2) == backward_ops("triton", 4) == 6
+    assert backward_ops("reference", 4) >= backward_ops("reference", 2) + 2 * 2  # at least the two maps' per step
+
+
 def test_the_model_under_bf16_autocast():
     """Under bf16 autocast (the fused ops take bf16 patches and parameters and give bf16 glimpses, the
     write-read included) the fused model's loss and gradients are as far from fp32 as the reference's
@@ -951,7 +985,7 @@ def test_torch_compile_fullgraph(monkeypatch):
     for name in ("attention_write_read_forward", "attention_write_read_backward"):
         launcher = getattr(triton_attention, name)
         monkeypatch.setattr(triton_attention, name,
-                            lambda *args, _launcher=launcher, _name=name: launches.append(_name) or _launcher(*args))
+                            lambda *args, _launcher=launcher, _name=name, **kw: launches.append(_name) or _launcher(*args, **kw))
     leaves = [canvas, params, params.flip(0).contiguous(), patch]
     eager = [t.clone().requires_grad_() for t in leaves]
     compiled = [t.clone().requires_grad_() for t in leaves]

@@ -39,41 +39,51 @@ def test_quick_sweep_passes_and_json_holds_every_row(tmp_path, capsys):
     assert payload["passed"] is True and payload["metadata"]["triton_interpreter"] is True
     rows = payload["rows"]
     # each output and the gradient of every input, for every case: read 4, glimpse 3, write 4, write-read 7,
-    # latent 5 rows
+    # latent 5, lstm 5 rows
     outputs = {op: verify.OP_OUTPUTS.get(op, ("output",)) for op in verify.OP_INPUTS}
     assert len(rows) == sum(len(outputs[case.op]) + len(verify.OP_INPUTS[case.op]) for case in cases)
-    firsts = [row["case"] for row in rows if row["quantity"] in ("output", "z", "canvas")]  # each case's first row
+    firsts = [row["case"] for row in rows if row["quantity"] in ("output", "z", "canvas", "h")]  # each case's first row
     assert firsts == [case.name for case in cases]
     quantities = {(row["op"], row["quantity"]) for row in rows}
     for op, names in verify.OP_INPUTS.items():
         assert {(op, out) for out in outputs[op]} | {(op, f"grad {name}") for name in names} <= quantities
-    attention = [row for row in rows if row["op"] != "latent"]
+    attention = [row for row in rows if row["op"] not in verify.ROW_OPS]
     assert {row["n"] for row in attention} == set(range(1, 17)) and {row["channels"] for row in attention} == {1, 3}
-    assert {row["degenerate"] for row in rows} >= set(verify.DEGENERATE_PARAMS) | set(verify.DEGENERATE_LOG_SIGMA)
+    assert {row["degenerate"] for row in rows} >= (set(verify.DEGENERATE_PARAMS) | set(verify.DEGENERATE_LOG_SIGMA)
+                                                   | set(verify.DEGENERATE_GATES))
     for row in rows:  # fp32: 1e-5, or 8x the fp32 reference's own error where that is larger
         assert row["passed"] and row["tolerance"] == max(1e-5, verify.BASELINE_FACTOR * row["baseline_relative_error"])
     assert printed.count(" ok") == len(rows) and "all passed" in printed
 
 
-@pytest.mark.parametrize("where", ["forward", "gradient", "latent", "write-read"])
+@pytest.mark.parametrize("where", ["forward", "gradient", "latent", "lstm", "write-read"])
 def test_a_wrong_kernel_fails(where, monkeypatch, tmp_path, capsys):
-    from draw.kernels import triton_attention, triton_latent
+    from draw.kernels import triton_attention, triton_latent, triton_lstm
 
     only = SMALL
     if where == "latent":
         backward = triton_latent.latent_sample_backward
 
-        def wrong_latent_backward(*args):
-            grad_mu, grad_log_sigma, grad_eps = backward(*args)
+        def wrong_latent_backward(*args, **kwargs):
+            grad_mu, grad_log_sigma, grad_eps = backward(*args, **kwargs)
             return grad_mu, grad_log_sigma * (1 + 1e-4), grad_eps
 
         monkeypatch.setattr(triton_latent, "latent_sample_backward", wrong_latent_backward)
         only = "latent 37x100 fp32"
+    elif where == "lstm":
+        lstm_backward = triton_lstm.lstm_cell_backward
+
+        def wrong_cell_gradient(*args):
+            grad_gates, second, grad_c = lstm_backward(*args)
+            return grad_gates, second, grad_c * (1 + 1e-4)
+
+        monkeypatch.setattr(triton_lstm, "lstm_cell_backward", wrong_cell_gradient)
+        only = "lstm 37x100 fp32"
     elif where == "write-read":
         write_read_backward = triton_attention.attention_write_read_backward
 
-        def wrong_canvas_gradient(*args):
-            grads = list(write_read_backward(*args))
+        def wrong_canvas_gradient(*args, **kwargs):
+            grads = list(write_read_backward(*args, **kwargs))
             grads[2] = grads[2] * (1 + 1e-4)  # the canvas's: the sum of its two gradients
             return tuple(grads)
 
@@ -100,7 +110,7 @@ def test_a_wrong_kernel_fails(where, monkeypatch, tmp_path, capsys):
     rows = json.loads(path.read_text())["rows"]
     failed = {row["quantity"] for row in rows if not row["passed"]}
     assert failed == {"forward": {"output"}, "gradient": {"grad params"}, "latent": {"grad log_sigma"},
-                      "write-read": {"grad canvas"}}[where]
+                      "lstm": {"grad c"}, "write-read": {"grad canvas"}}[where]
     assert "FAIL" in capsys.readouterr().err
 
 
