@@ -57,7 +57,7 @@ def profile_mode(preset_name: str, batch: int, mode: str, amp: str, device: torc
             "kernels": [{**r, "ms_per_step": r["ms"] / args.steps} for r in rows]}
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default="mnist-paper", choices=sorted(PRESETS))
@@ -68,7 +68,11 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3, help="profiled steps")
     p.add_argument("--top", type=int, default=15, help="kernels listed per mode")
     p.add_argument("--json", default=None, help="write the results here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     device = torch.device(args.device)
     results = []
     for mode in args.modes:

@@ -3,7 +3,7 @@ the training step, and write everything (JSON, markdown, logs) into one director
 
     python bench/suite.py --out results/h100            # a CUDA machine: the full record
     python bench/suite.py --out results/h100 --only verify,cuda-tests,attention,attention-2warps  # in two halves,
-    python bench/suite.py --out results/h100 --only attention-large,train,train-eager,train-compiled  # same DIR
+    python bench/suite.py --out results/h100 --only attention-large,train,profile-100,profile-1024,train-eager,train-compiled  # same DIR
     python bench/suite.py --quick --out /tmp/suite      # any machine: tiny sizes, the interpreter for the kernels
 
 Each part runs as its own process (so one failure or crash does not stop the others), with a time
@@ -81,7 +81,8 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
     return [
         [("verify", [py, "-m", "draw", "verify", "--quick", "--json", str(out / "verify.json")], 300, {}),
          ("cuda-tests", [py, "-m", "pytest", "-q", "-rfs", *workers, str(ROOT / "tests" / "test_triton_attention.py"),
-                         str(ROOT / "tests" / "test_latent_sample.py"), str(ROOT / "tests" / "test_model.py"),
+                         str(ROOT / "tests" / "test_latent_sample.py"), str(ROOT / "tests" / "test_lstm_cell.py"),
+                         str(ROOT / "tests" / "test_model.py"),
                          str(ROOT / "tests" / "test_distributed.py") + "::test_the_gradient_all_reduce_is_captured_in_the_cuda_graph",
                          f"--junitxml={out / 'cuda-tests.xml'}"], 240, {})],
         [("attention", attention + ["--sizes", "launch", "--rep-ms", "50", "--json", str(out / "attention.json"),
@@ -96,6 +97,9 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
         [("train", train + ["--batch-sizes", "100,1024,4096", "--modes", "triton-graph", "--amp", "fp32,bf16",
                             "--warmup", "5", "--steps", "50", "--json", str(out / "train.json"),
                             "--markdown", str(out / "train.md")], 120, {})],
+        *[[(f"profile-{batch}", [py, str(BENCH / "profile_step.py"), "--batch", str(batch), "--modes", "triton-graph",
+                                  "--top", "25", "--json", str(out / f"profile-{batch}.json")], 90, {})]
+          for batch in (100, 1024)],
         [("train-eager", train + ["--batch-sizes", "1024", "--modes", "reference,triton", "--amp", "fp32",
                                   "--warmup", "2", "--steps", "5", "--json", str(out / "train-eager.json")], 90, {})],
         [("train-compiled", train + ["--batch-sizes", "1024", "--modes", "triton-compiled", "--amp", "fp32",

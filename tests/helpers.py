@@ -1,10 +1,15 @@
 """Test helpers shared across test files."""
 
+import collections
 import importlib
+import json
+import os
 import pathlib
+import subprocess
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parent.parent / "bench"
 
@@ -80,3 +85,64 @@ def assert_written_in_place(grad: torch.Tensor, buffer: torch.Tensor, name: str 
     """grad is the middle columns of buffer (gradient_places) and the columns beside them were not written."""
     assert grad.data_ptr() == buffer[:, 1:].data_ptr(), f"{name} not written in its place"
     assert torch.isnan(buffer[:, 0]).all() and torch.isnan(buffer[:, -1]).all(), f"{name} written beside its place"
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the operations dispatched inside it, by name (`calls`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+_PTXAS_SCRIPT = """
+import json
+import importlib
+from unittest import mock
+import torch
+import kernel_report as kr
+from triton.compiler import ASTSource
+m = importlib.import_module({module!r})
+
+def launch_of(call):
+    calls = []
+    patches = [mock.patch.object(m, name, kr._Recorder(getattr(m, name), calls)) for name in {kernels!r}]
+    for p in patches:
+        p.start()
+    try:
+        call()
+    finally:
+        for p in patches:
+            p.stop()
+    return calls[0]
+
+{cases}
+
+rows = []
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for name, call in calls(dtype).items():
+        kernel, args, kwargs = launch_of(call)
+        signature, constexprs, attrs, warps = kr.specialise(kernel, args, kwargs)
+        _, log = kr.compile_with_ptxas_log(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), warps)
+        rows.append({{"kernel": name, "dtype": str(dtype), **kr.ptxas_usage(log)}})
+print(json.dumps(rows))
+"""
+
+
+def ptxas_usage_on_sm90(module: str, kernels: tuple, cases: str) -> list[dict]:
+    """Compile the Triton kernels `kernels` of `module` for sm_90 as its launchers launch them, with the
+    ptxas triton ships (no GPU needed), in a fresh process without Triton's interpreter: one row per case
+    and dtype (fp32, bf16, fp64) with the registers and spills ptxas reports. `cases` is Python source
+    defining calls(dtype) -> {name: a call of a launcher on meta tensors}, with the module as `m`."""
+    root = BENCH_DIR.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), str(BENCH_DIR), env.get("PYTHONPATH")]))
+    script = _PTXAS_SCRIPT.format(module=module, kernels=tuple(kernels), cases=cases)
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_close, assert_written_in_place, gradient_places
+from helpers import assert_close, assert_written_in_place, gradient_places, ptxas_usage_on_sm90
 from torch.distributions import Normal, kl_divergence
 
 from draw import kernels
@@ -136,42 +136,16 @@ def test_kernel_double_backward_is_refused():
         grad.sum().backward()
 
 
-COMPILE_FOR_SM90 = """
-import json, sys
-from unittest import mock
-import torch
-import kernel_report as kr
-from triton.compiler import ASTSource
-from draw.kernels import triton_latent as tlat
-
-def launch_of(call):
-    calls = []
-    patches = [mock.patch.object(tlat, name, kr._Recorder(getattr(tlat, name), calls))
-               for name in ("_latent_forward_kernel", "_latent_backward_kernel")]
-    for p in patches:
-        p.start()
-    try:
-        call()
-    finally:
-        for p in patches:
-            p.stop()
-    return calls[0]
-
-rows = []
-for dtype in (torch.float32, torch.bfloat16, torch.float64):
+LAUNCHES_FOR_SM90 = """
+def calls(dtype):
     meta = dict(device="meta", dtype=dtype)
-    wide = torch.empty(1024, 1224, **meta)  # mnist-paper's h_enc projection: mu, log sigma, gates
-    mu, log_sigma, eps = wide[:, :100], wide[:, 100:200], torch.empty(1024, 100, **meta)
+    wide = torch.empty(1024, 1224, **meta)  # mnist-paper's h_enc projection: the gates, mu, log sigma
+    mu, log_sigma, eps = wide[:, 1024:1124], wide[:, 1124:1224], torch.empty(1024, 100, **meta)
     grad_z, grad_terms = torch.empty(1024, 100, **meta), torch.empty(1024, 2, device="meta")
-    for name, call in {"fwd": lambda: tlat.latent_sample_forward(mu, log_sigma, eps),
-                       "bwd": lambda: tlat.latent_sample_backward(grad_z, grad_terms, mu, log_sigma, eps, False),
-                       "bwd+eps": lambda: tlat.latent_sample_backward(grad_z, grad_terms, mu, log_sigma, eps, True),
-                       "bwd z only": lambda: tlat.latent_sample_backward(grad_z, None, mu, log_sigma, eps, False)}.items():
-        kernel, args, kwargs = launch_of(call)
-        signature, constexprs, attrs, warps = kr.specialise(kernel, args, kwargs)
-        _, log = kr.compile_with_ptxas_log(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), warps)
-        rows.append({"kernel": name, "dtype": str(dtype), **kr.ptxas_usage(log)})
-print(json.dumps(rows))
+    return {"fwd": lambda: m.latent_sample_forward(mu, log_sigma, eps),
+            "bwd": lambda: m.latent_sample_backward(grad_z, grad_terms, mu, log_sigma, eps, False),
+            "bwd+eps": lambda: m.latent_sample_backward(grad_z, grad_terms, mu, log_sigma, eps, True),
+            "bwd z only": lambda: m.latent_sample_backward(grad_z, None, mu, log_sigma, eps, False)}
 """
 
 
@@ -181,19 +155,9 @@ def test_kernels_compile_for_sm90_without_spills():
     """Both kernels as the launchers launch them (fp32, bf16, fp64; with and without deps and the terms'
     gradient), compiled for sm_90 with the ptxas triton ships: no spills, and few registers for an
     elementwise kernel (tens, not the hundreds a 2,048-element tile took)."""
-    import json
-    import pathlib
-    import subprocess
-    import sys
-
     pytest.importorskip("triton.backends.nvidia.compiler", reason="triton without its NVIDIA backend")
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), str(root / "bench"), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
-    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = ptxas_usage_on_sm90("draw.kernels.triton_latent", ("_latent_forward_kernel", "_latent_backward_kernel"),
+                               LAUNCHES_FOR_SM90)
     assert len(rows) == 12
     for row in rows:
         assert row["spill_stores"] == row["spill_loads"] == 0, row

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import assert_close, assert_written_in_place, gradient_places
+from helpers import assert_close, assert_written_in_place, gradient_places, ptxas_usage_on_sm90
 
 from draw import kernels
 
@@ -171,43 +171,17 @@ def test_kernel_double_backward_is_refused():
         grad.sum().backward()
 
 
-COMPILE_FOR_SM90 = """
-import json
-from unittest import mock
-import torch
-import kernel_report as kr
-from triton.compiler import ASTSource
-from draw.kernels import triton_lstm
-
-def launch_of(call):
-    calls = []
-    patches = [mock.patch.object(triton_lstm, name, kr._Recorder(getattr(triton_lstm, name), calls))
-               for name in ("_lstm_forward_kernel", "_lstm_backward_kernel")]
-    for p in patches:
-        p.start()
-    try:
-        call()
-    finally:
-        for p in patches:
-            p.stop()
-    return calls[0]
-
-rows = []
-for dtype in (torch.float32, torch.bfloat16, torch.float64):
+LAUNCHES_FOR_SM90 = """
+def calls(dtype):
     meta = dict(device="meta", dtype=dtype)
     stacked = torch.empty(1024, 2088, **meta)  # mnist-paper's h_dec map: both gate sets first
     input_gates, hidden_gates, c = torch.empty(1024, 1024, **meta), stacked[:, 1024:2048], torch.empty(1024, 256, **meta)
     h, c_new, gates = (torch.empty(1024, n, **meta) for n in (256, 256, 1024))
-    for name, call in {"fwd": lambda: triton_lstm.lstm_cell_forward(input_gates, hidden_gates, c),
-                       "bwd": lambda: triton_lstm.lstm_cell_backward(h, c_new, gates, c, c_new, True),
-                       "bwd into two places": lambda: triton_lstm.lstm_cell_backward(h, c_new, gates, c, c_new, True,
-                                                                                     stacked[:, :1024], stacked[:, 1024:2048]),
-                       "bwd h only": lambda: triton_lstm.lstm_cell_backward(h, None, gates, c, c_new, False)}.items():
-        kernel, args, kwargs = launch_of(call)
-        signature, constexprs, attrs, warps = kr.specialise(kernel, args, kwargs)
-        _, log = kr.compile_with_ptxas_log(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), warps)
-        rows.append({"kernel": name, "dtype": str(dtype), **kr.ptxas_usage(log)})
-print(json.dumps(rows))
+    return {"fwd": lambda: m.lstm_cell_forward(input_gates, hidden_gates, c),
+            "bwd": lambda: m.lstm_cell_backward(h, c_new, gates, c, c_new, True),
+            "bwd into two places": lambda: m.lstm_cell_backward(h, c_new, gates, c, c_new, True, stacked[:, :1024],
+                                                                stacked[:, 1024:2048]),
+            "bwd h only": lambda: m.lstm_cell_backward(h, None, gates, c, c_new, False)}
 """
 
 
@@ -217,19 +191,9 @@ def test_kernels_compile_for_sm90_without_spills():
     """Both kernels as the launchers launch them at mnist-paper's size (fp32, bf16, fp64; the gradient into
     one place and into two, and without c's), compiled for sm_90 with the ptxas triton ships: no spills,
     and the registers of an elementwise kernel."""
-    import json
-    import pathlib
-    import subprocess
-    import sys
-
     pytest.importorskip("triton.backends.nvidia.compiler", reason="triton without its NVIDIA backend")
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), str(root / "bench"), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
-    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = ptxas_usage_on_sm90("draw.kernels.triton_lstm", ("_lstm_forward_kernel", "_lstm_backward_kernel"),
+                               LAUNCHES_FOR_SM90)
     assert len(rows) == 12
     for row in rows:
         assert row["spill_stores"] == row["spill_loads"] == 0, row

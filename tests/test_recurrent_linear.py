@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import OpCounter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from draw import kernels
@@ -219,16 +220,13 @@ def test_split_steps_over_repeated_and_partial_backward_passes():
         torch.testing.assert_close(c, e, rtol=1e-12, atol=1e-12)
 
 
-class _Ops(TorchDispatchMode):
-    """Counts the operations dispatched, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+def assert_padded_gradients(grads, expected):
+    """(dh0, dW, db) of a map with padding rows against (dh0, dW, db) of the map without them: equal, and
+    zero for the padding."""
+    torch.testing.assert_close(grads[0], expected[0], rtol=1e-12, atol=1e-12)
+    for grad, e in zip(grads[1:], expected[1:]):
+        torch.testing.assert_close(grad[:sum(SPLIT)], e, rtol=1e-12, atol=1e-12)
+        assert not grad[sum(SPLIT):].any()
 
 
 class _Doubled(torch.autograd.Function):
@@ -264,10 +262,7 @@ def test_a_split_map_wider_than_its_parts_leaves_the_padding_out():
     torch.testing.assert_close(ours, theirs, rtol=1e-14, atol=0)  # a wider product may round otherwise
     grads = torch.autograd.grad(ours, (h0, wide_w, wide_b))
     expected = torch.autograd.grad(theirs, (h0, w, b))
-    torch.testing.assert_close(grads[0], expected[0], rtol=1e-12, atol=1e-12)
-    for grad, e in zip(grads[1:], expected[1:]):
-        torch.testing.assert_close(grad[:sum(SPLIT)], e, rtol=1e-12, atol=1e-12)
-        assert not grad[sum(SPLIT):].any()
+    assert_padded_gradients(grads, expected)
     with pytest.raises(ValueError, match="more than the map's"):
         RecurrentLinear(w, b)(h0, split=[*SPLIT, 1])
 
@@ -294,13 +289,10 @@ def test_parts_whose_consumers_write_their_gradients_in_place(in_place):
         return total
 
     ours, theirs = run(RecurrentLinear, wide_w, wide_b), run(split_plain, w, b)
-    with _Ops() as ops:
+    with OpCounter() as ops:
         grads = torch.autograd.grad(ours, (h0, wide_w, wide_b))
     expected = torch.autograd.grad(theirs, (h0, w, b))
-    torch.testing.assert_close(grads[0], expected[0], rtol=1e-12, atol=1e-12)
-    for grad, e in zip(grads[1:], expected[1:]):
-        torch.testing.assert_close(grad[:sum(SPLIT)], e, rtol=1e-12, atol=1e-12)
-        assert not grad[sum(SPLIT):].any()
+    assert_padded_gradients(grads, expected)
     pending = in_place.count(False)
     assert ops.calls["cat"] == 1 + (T if pending == len(SPLIT) else 0)  # the inputs X; per step, when none in place
     assert ops.calls["copy_"] == (T * pending if 0 < pending < len(SPLIT) else 0)

@@ -274,7 +274,7 @@ def test_the_sum_block_probe_changes_one_launch_setting_at_a_time(tmp_path):
 def test_the_launch_count_sees_each_fused_kernel_and_one_weight_gradient_per_map(tmp_path):
     """bench/count_launches.py: one attention launch per time step and way (the first read alone, then
     each write with the next step's read, and the last write alone), the LSTM cells once per step and way,
-    and no add for the canvas's gradient; in backward one product per step and map for the input's
+    no add for the canvas's gradient and no cat of the stacked maps' gradients; in backward one product per step and map for the input's
     gradient and one per map for its weight (RecurrentLinear), not one per step."""
     count_launches = import_bench("count_launches")
     from draw.config import PRESETS
@@ -287,7 +287,8 @@ def test_the_launch_count_sees_each_fused_kernel_and_one_weight_gradient_per_map
     assert forward["attention_read_forward"] == backward["attention_read_backward"] == T
     assert forward["attention_write_forward"] == backward["attention_write_backward"] == 1
     assert backward.get("add", 0) < T  # the canvas's two gradients are summed inside the read backward kernel
-    assert forward["fused LSTM cell"] == backward["fused LSTM cell backward"] == 2 * T
+    assert forward["lstm_forward"] == backward["lstm_backward"] == 2 * T
+    assert backward.get("cat", 0) < T  # each consumer writes its gradient where the maps keep them: no cat per step
     # the maps from h_dec and h_enc run T + 1 times (once on the initial states), those from r and z T times
     assert backward["mm"] == 2 * (T + 1) + 2 * T + 4
     assert any(op.startswith("_foreach_") for op in counts["optimizer"])  # Adam as on CUDA

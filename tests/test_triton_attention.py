@@ -16,7 +16,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_close, import_bench
+from helpers import OpCounter, assert_close, import_bench
 
 from draw import kernels, verify
 
@@ -223,27 +223,14 @@ def test_the_models_backward_copies_no_gradient_into_its_maps():
     backward pass runs as many cats at T = 4 as at T = 2 (the collectors' of the inputs, and of the
     unsplit maps' G); the reference backend, at least one cat per map and step. (Copies are not counted: Triton's
     interpreter copies each kernel's outputs back.)"""
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from draw import DRAW, DRAWConfig
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
 
     def backward_ops(backend, steps):
         config = DRAWConfig(height=9, width=11, channels=1, T=steps, enc_size=12, dec_size=10, z_size=4, read_n=3, write_n=4)
         torch.manual_seed(0)
         model = DRAW(config, backend=backend).to(DEVICE)
         out = model(torch.rand(3, 1, 9, 11, generator=torch.Generator().manual_seed(1)).to(DEVICE))
-        with Ops() as ops:
+        with OpCounter() as ops:
             out.loss.backward()
         return ops.calls["cat"]
 
