@@ -970,6 +970,14 @@ def _checked_place(place: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return place
 
 
+def _gradient_output(place: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Where the kernels write like's gradient: `place` (checked: _checked_place), else a new tensor of
+    like's shape and dtype."""
+    if place is None:
+        return torch.empty(like.shape, device=like.device, dtype=like.dtype)
+    return _checked_place(place, like)
+
+
 def _gradient_places(ctx_destinations, needs) -> list:
     """The places (kernels.gradient_destination) of the gradients that are needed, else None."""
     return [take() if take is not None and need else None for take, need in zip(ctx_destinations, needs)]
@@ -1059,8 +1067,7 @@ def _launch_read_backward(grad_out, x, canvas, params, n: int, x_needs_grad: boo
     partials = _param_partials(batch, channels, acc_dtype, params, params_place)  # all written
     if write is not None:
         patch, write_params, grad_new = write
-        grad_patch = (torch.empty(patch.shape, device=patch.device, dtype=patch.dtype) if patch_place is None
-                      else _checked_place(patch_place, patch))
+        grad_patch = _gradient_output(patch_place, patch)
         write_partials = _param_partials(batch, channels, acc_dtype, write_params, write_params_place)
     else:
         patch, write_params, grad_new = x, params, x  # never read without a write
@@ -1155,8 +1162,7 @@ def attention_write_backward(grad_out, patch, params, places=(None, None)):
     batch, channels, height, width = grad_out.shape
     n = patch.shape[-1]
     patch_place, params_place = places
-    grad_patch = (torch.empty(patch.shape, device=patch.device, dtype=patch.dtype) if patch_place is None
-                  else _checked_place(patch_place, patch))
+    grad_patch = _gradient_output(patch_place, patch)
     acc_dtype, compute = _compute_dtypes(grad_out, patch, params)
     partials = _param_partials(batch, channels, acc_dtype, params, params_place)
     if grad_out.numel() > 0:

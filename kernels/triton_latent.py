@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from draw.kernels.triton_attention import _backward, _cast_for_store, _compute_dtypes, _device_guard
+from draw.kernels.triton_attention import (_backward, _cast_for_store, _compute_dtypes, _device_guard, _gradient_output,
+                                          _gradient_places)
 
 __all__ = ["latent_sample", "latent_sample_backward", "latent_sample_forward"]
 
@@ -142,16 +143,6 @@ def latent_sample_forward(mu: torch.Tensor, log_sigma: torch.Tensor, eps: torch.
     return z, terms
 
 
-def _place(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """Where a gradient of like's shape and dtype goes: `out` (its columns contiguous), else a new tensor."""
-    if out is None:
-        return torch.empty(like.shape, device=like.device, dtype=like.dtype)
-    if out.shape != like.shape or out.dtype != like.dtype or (out.shape[1] > 1 and out.stride(1) != 1):
-        raise ValueError(f"a gradient's place must be {list(like.shape)} in {like.dtype} with contiguous columns, got "
-                         f"{list(out.shape)} in {out.dtype} with strides {out.stride()}")
-    return out
-
-
 def latent_sample_backward(grad_z, grad_terms, mu, log_sigma, eps, eps_needs_grad: bool, out_mu=None, out_log_sigma=None):
     """Launch the backward kernel. grad_z [B, Z] and grad_terms [B, 2] may be None (zero). dmu and
     dlog_sigma are written into out_mu and out_log_sigma when given (their places: [B, Z] with contiguous
@@ -159,7 +150,7 @@ def latent_sample_backward(grad_z, grad_terms, mu, log_sigma, eps, eps_needs_gra
     input's dtype."""
     batch, size = mu.shape
     _, compute = _compute_dtypes(mu, log_sigma, eps)
-    grad_mu, grad_log_sigma = _place(out_mu, mu), _place(out_log_sigma, log_sigma)
+    grad_mu, grad_log_sigma = _gradient_output(out_mu, mu), _gradient_output(out_log_sigma, log_sigma)
     grad_eps = torch.empty((batch, size), device=mu.device, dtype=eps.dtype) if eps_needs_grad else None
     if batch == 0:
         return grad_mu, grad_log_sigma, grad_eps
@@ -190,7 +181,7 @@ class _LatentSampleFunction(torch.autograd.Function):
         if grad_z is None and grad_terms is None:
             return None, None, None, None
         mu, log_sigma, eps = ctx.saved_tensors
-        places = [take() if take is not None else None for take in ctx.destinations]  # kernels.gradient_destination
+        places = _gradient_places(ctx.destinations, ctx.needs_input_grad[:2])  # mu's and log sigma's
         return (*_backward(latent_sample_backward, grad_z, grad_terms, mu, log_sigma, eps, ctx.needs_input_grad[2],
                            *places), None)
 

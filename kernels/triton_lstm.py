@@ -14,8 +14,9 @@ c and c' and takes the activations again. (CUDA's fused cell, the one nn.LSTMCel
 activated gates instead: in bf16 a gate near 1 then rounds to 1, or to 1 - 2^-8, and its derivative
 i (1 - i) to 0 or double; from a rounded a the derivative is right to bf16's relative precision. Under
 bf16 autocast a small DRAW's loss and gradients were 2.8x further from fp32 than the reference's that
-way, 1.8x with a: tests/test_triton_attention.py, test_the_model_under_bf16_autocast.) What this kernel adds to that cell: its inputs may be column slices of wider tensors (DRAW's stacked projections), and the backward
-writes da where its caller asks, into one or two places: where DRAW's recurrent maps keep their output
+way, 1.8x with a: tests/test_triton_attention.py, test_the_model_under_bf16_autocast.) What this kernel
+adds to that cell: its inputs may be column slices of wider tensors (DRAW's stacked projections), and the
+backward writes da where its caller asks, into one or two places: where DRAW's recurrent maps keep their output
 gradients (kernels.gradient_destination, draw/recurrent_linear.py), so that no concatenation copies it
 there afterwards.
 
@@ -31,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from draw.kernels.triton_attention import _backward, _cast_for_store, _compute_dtypes, _device_guard
+from draw.kernels.triton_attention import (_backward, _cast_for_store, _checked_place, _compute_dtypes, _device_guard,
+                                          _gradient_output, _gradient_places)
 
 __all__ = ["lstm_cell", "lstm_cell_backward", "lstm_cell_forward"]
 
@@ -45,6 +47,13 @@ _NUM_WARPS = 4
 def _load_gate(ptr, offsets, k, hidden, mask, COMPUTE_DTYPE: tl.constexpr):
     """Gate k's [BLOCK_B, BLOCK_H] tile of a [B, 4H] tensor (offsets: the tile's offsets of gate 0)."""
     return tl.load(ptr + offsets + k * hidden, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+
+
+@triton.jit
+def _summed_gate(input_ptr, hidden_gates_ptr, at_input, at_hidden, k, hidden, mask, COMPUTE_DTYPE: tl.constexpr):
+    """Gate k's pre-activation a_k: its two halves' [BLOCK_B, BLOCK_H] tiles added."""
+    return (_load_gate(input_ptr, at_input, k, hidden, mask, COMPUTE_DTYPE)
+            + _load_gate(hidden_gates_ptr, at_hidden, k, hidden, mask, COMPUTE_DTYPE))
 
 
 @triton.jit
@@ -81,10 +90,10 @@ def _lstm_forward_kernel(
     cols = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :]
     mask = (rows < batch) & (cols < hidden)
     at_input, at_hidden = rows * stride_ib + cols, rows * stride_gb + cols
-    a_i = _load_gate(input_ptr, at_input, 0, hidden, mask, COMPUTE_DTYPE) + _load_gate(hidden_gates_ptr, at_hidden, 0, hidden, mask, COMPUTE_DTYPE)
-    a_f = _load_gate(input_ptr, at_input, 1, hidden, mask, COMPUTE_DTYPE) + _load_gate(hidden_gates_ptr, at_hidden, 1, hidden, mask, COMPUTE_DTYPE)
-    a_g = _load_gate(input_ptr, at_input, 2, hidden, mask, COMPUTE_DTYPE) + _load_gate(hidden_gates_ptr, at_hidden, 2, hidden, mask, COMPUTE_DTYPE)
-    a_o = _load_gate(input_ptr, at_input, 3, hidden, mask, COMPUTE_DTYPE) + _load_gate(hidden_gates_ptr, at_hidden, 3, hidden, mask, COMPUTE_DTYPE)
+    a_i = _summed_gate(input_ptr, hidden_gates_ptr, at_input, at_hidden, 0, hidden, mask, COMPUTE_DTYPE)
+    a_f = _summed_gate(input_ptr, hidden_gates_ptr, at_input, at_hidden, 1, hidden, mask, COMPUTE_DTYPE)
+    a_g = _summed_gate(input_ptr, hidden_gates_ptr, at_input, at_hidden, 2, hidden, mask, COMPUTE_DTYPE)
+    a_o = _summed_gate(input_ptr, hidden_gates_ptr, at_input, at_hidden, 3, hidden, mask, COMPUTE_DTYPE)
     c = tl.load(c_ptr + rows * stride_cb + cols, mask=mask, other=0.0).to(COMPUTE_DTYPE)
     c_new = tl.sigmoid(a_f) * c + tl.sigmoid(a_i) * _tanh(a_g)
     state = rows * hidden + cols
@@ -169,18 +178,16 @@ def lstm_cell_forward(input_gates: torch.Tensor, hidden_gates: torch.Tensor, c: 
 def lstm_cell_backward(grad_h, grad_c_new, gates, c, c_new, c_needs_grad: bool, out=None, out_2=None):
     """Launch the backward kernel. grad_h, grad_c_new [B, H] may be None (zero); gates, c_new from the
     forward, c as it was given. da [B, 4H] is written into `out` (a new tensor in gates' dtype when None)
-    and into `out_2` too when given (each with contiguous columns, any row stride). Returns (da, the second place or
-    None, dc [B, H] in c's dtype or None)."""
+    and into `out_2` too when given (each gates' shape and dtype, contiguous columns, any row stride).
+    Returns (da, the second place or None, dc [B, H] in c's dtype or None)."""
     batch, hidden = c_new.shape
-    da = torch.empty(gates.shape, device=gates.device, dtype=gates.dtype) if out is None else out
+    da = _gradient_output(out, gates)
+    out_2 = None if out_2 is None else _checked_place(out_2, gates)
     grad_c = torch.empty((batch, hidden), device=c.device, dtype=c.dtype) if c_needs_grad else None
     if c_new.numel() == 0:
         return da, out_2, grad_c
     _, compute = _compute_dtypes(gates, c, c_new)
     grad_h, grad_c_new, c = _columns(grad_h), _columns(grad_c_new), _columns(c)
-    for place in (da, out_2):
-        if place is not None and _columns(place) is not place:
-            raise ValueError(f"a place for the gate gradient must have contiguous columns, got strides {place.stride()}")
     grid, blocks = _blocks(batch, hidden)
     with _device_guard(gates):
         _lstm_backward_kernel[grid](
@@ -211,8 +218,7 @@ class _LSTMCellFunction(torch.autograd.Function):
         needs_input, needs_hidden, needs_c = ctx.needs_input_grad[:3]
         # where each half's gradient is to go (kernels.gradient_destination), asked only for a half that
         # needs one: the same da is written into each place given, else into one new tensor
-        places = [take() if take is not None and needs else None
-                  for take, needs in zip(ctx.destinations, (needs_input, needs_hidden))]
+        places = _gradient_places(ctx.destinations, (needs_input, needs_hidden))
         given = [p for p in places if p is not None]
         da, _, grad_c = _backward(lstm_cell_backward, grad_h, grad_c_new, gates, c, c_new, needs_c,
                                   given[0] if given else None, given[1] if len(given) > 1 else None)
