@@ -45,8 +45,13 @@ def test_reference_traces_on_cuda_under_torch_compile(monkeypatch):
     PyTorch's fused CUDA cell's tracing check fails on the absent biases (torch.compile of the training
     step fell back to eager on an H100); under compile lstm_cell takes the pointwise update, with the
     shapes and dtype of the fused kernel's outputs, whatever the backend asked for."""
+    import torch._dynamo.trace_rules
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    # dynamo maps torch's functions to their tracing rules once per process, on first use (fake tensors
+    # use it too): made while is_compiling is patched, the map would hold the stand-in, and a later
+    # torch.compile would refuse to trace the real is_compiling. So make it now.
+    torch._dynamo.trace_rules.get_torch_obj_rule_map()
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with FakeTensorMode():
         gates = [torch.empty(3, 28, device="cuda") for _ in range(2)]
