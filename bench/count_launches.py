@@ -9,7 +9,8 @@ dispatches that would launch a kernel on CUDA:
       kernels are stand-ins that launch nothing (no interpreter runs), while their launchers' own
       operations (allocating, summing per-channel partials, casting) run and are counted;
     - views (view, split, t, expand, ...) and empty allocations launch nothing and are not counted;
-    - Adam runs in its foreach form, as on CUDA; the forward draws its own latent noise.
+    - Adam runs as the training step runs it on CUDA (draw.step.adam, fused); the forward draws its own
+      latent noise.
 Not seen: kernels that cuBLAS adds inside one product (split-K reductions, often after a product with a
 long inner dimension, such as a weight gradient). Counts are per phase and per time step T.
 
@@ -28,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import common
 from draw import DRAW, kernels
 from draw.config import PRESETS
+from draw.step import adam
 from draw.kernels import triton_attention as ta
 from draw.kernels import triton_latent as tlat
 from draw.kernels import triton_lstm as tlstm
@@ -99,7 +101,7 @@ def count_step(preset: str, batch: int, amp: str = "fp32") -> dict[str, collecti
     config = PRESETS[preset].model
     torch.manual_seed(0)
     model = DRAW(config, backend="triton")
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+    optimizer = adam(model.parameters(), 1e-3, fused=True)  # as TrainStep makes it on CUDA
     x = torch.bernoulli(torch.full((batch, config.channels, config.height, config.width), 0.3))
     phases = {}
 

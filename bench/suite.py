@@ -15,7 +15,7 @@ side, since they time nothing and mostly compile; every timing part runs alone. 
                 tests/test_model.py (the model's fused CUDA LSTM cell) and the CUDA-graph step's captured
                 gradient all-reduce (tests/test_distributed.py), 8 workers where pytest-xdist is installed
                 (skipped by --quick and on CPU)
-    attention   bench_attention.py at the launch-bound sizes (eager, compiled, and the fused kernels as
+    attention   bench_attention.py at the launch-bound sizes (28x28 at batch 100, 256, 1024; eager, compiled, and the fused kernels as
                 launched and forced to broadcast-and-sum: triton, triton-sum; write-read also as the
                 two fused ops apart: triton-pair)
     attention-2warps  the fused kernels at the launch-bound sizes with 2 warps per program
@@ -28,6 +28,8 @@ side, since they time nothing and mostly compile; every timing part runs alone. 
     convergence (only when --only names it) bench_convergence.py: mnist-paper at its batch of 100 and at
                 1024 (bf16, 300 warm-up steps), 20 epochs each, as draw train runs them (MNIST must be on
                 the machine: DRAW_DATA_DIR)
+    tune-100    (only when --only names it) tune_attention.py: the write-read kernels' launch settings
+                searched at 100x1x28x28 (mnist-paper's batch), 60 s a target
     tune        (only when --only names it) tune_attention.py: the read and write-read kernels' launch
                 settings searched at 1024x1x28x28 and 16384x3x54x54, every candidate checked against the
                 reference, 60 s a target
@@ -110,6 +112,11 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
         [("convergence", [py, str(BENCH / "bench_convergence.py"), "--preset", "mnist-paper", "--fast-batch", "1024",
                           "--epochs", "20", "--amp", "bf16", "--warmup-steps", "300", "--out", str(out / "convergence"),
                           "--json", str(out / "convergence.json")], 420, {})],
+        # opt-in (OPT_IN): the write-read kernels' launch settings at the paper's batch of 100, where a step
+        # waits on each kernel's slowest program rather than on the GPU's throughput; 60 s per target
+        [("tune-100", [py, str(BENCH / "tune_attention.py"), "--sizes", "100x1x28x28", "--ops", "write-read",
+                       "--target-budget", "60", "--json", str(out / "tune-100.json"),
+                       "--markdown", str(out / "tune-100.md")], 200, {})],
         # opt-in (OPT_IN): the launch-settings search at mnist-paper's batch and the SVHN size, 60 s per target
         [("tune", [py, str(BENCH / "tune_attention.py"), "--sizes", "1024x1x28x28,16384x3x54x54",
                    "--ops", "read,write-read", "--target-budget", "60", "--json", str(out / "tune.json"),
@@ -117,7 +124,7 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
     ]
 
 
-OPT_IN = ("convergence", "tune")  # parts that run only when --only names them
+OPT_IN = ("convergence", "tune-100", "tune")  # parts that run only when --only names them
 # attention-large's sizes: the middle one and the bandwidth-bound ones at 16,384 images (at 65,536 the same
 # kernels ran 3.9-4.1x as long on an H100, bench/RESULTS.md: the same GB/s for four times the suite's time)
 LARGE_SIZES = "middle,16384x3x54x54,16384x1x100x100"
@@ -227,8 +234,8 @@ def headline(out: pathlib.Path) -> list[str]:
         if r.get("provider") == "triton" and r.get("ms"):
             vs = launched_ms.get((r["op"], r["mode"], r["size"], r["timer"]), float("nan")) / r["ms"]
             lines.append(f"attention {r['op']} {r['mode']} {r['size']}: 2 warps {vs:.2f}x the launched warps ({r['timer']})")
-    tune = out / "tune.json"
-    for t in json.loads(tune.read_text()).get("summary", []) if tune.is_file() else []:
+    tunes = [out / "tune-100.json", out / "tune.json"]
+    for t in [t for tune in tunes if tune.is_file() for t in json.loads(tune.read_text()).get("summary", [])]:
         speedup = f"{t['speedup']:.2f}x" if t.get("speedup") else "untimed"
         lines.append(f"tune {t['target']}: {t['best_settings']} ({speedup} the launchers' {t['launchers_settings']}; "
                      f"{t['tried']} tried, {t['wrong']} wrong)")

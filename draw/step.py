@@ -71,6 +71,14 @@ def resolve_gradient_sync(sync: str, mode: str, world: World) -> str | None:
     return sync
 
 
+def adam(params, lr: float | torch.Tensor, *, fused: bool, capturable: bool = False) -> torch.optim.Adam:
+    """Adam as the step runs it. fused: one kernel updates every parameter of a dtype (the step's choice on
+    CUDA); else torch's default form (foreach on CUDA: about eight kernels, each over all parameters, and
+    as many passes over Adam's state; one parameter at a time on the CPU). The same update either way,
+    up to float rounding (tests/test_train.py)."""
+    return torch.optim.Adam(params, lr=lr, capturable=capturable, fused=fused or None)
+
+
 def autocast(amp: str, device: torch.device, *, cache_enabled: bool = True):
     if amp == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
@@ -80,14 +88,14 @@ def autocast(amp: str, device: torch.device, *, cache_enabled: bool = True):
 class TrainStep:
     """One optimizer step of `model` on a batch: see the module docstring for the modes.
 
-    Owns the Adam optimizer, so that its form (a tensor learning rate, capturable state) always
-    matches the mode; `optimizer_state()` / `load_optimizer_state()` read and write it in a form
-    that any mode can load.
+    Owns the Adam optimizer, so that its form (a tensor learning rate, capturable state, fused or not)
+    always matches the mode and device; `optimizer_state()` / `load_optimizer_state()` read and write it
+    in a form that any mode can load. `fused` (default: on CUDA) takes the fused Adam (see `adam`).
     """
 
     def __init__(self, model: nn.Module, *, lr: float, grad_clip: float, amp: str = "none", tf32: bool = False,
                  mode: str = "eager", compile_mode: str = "default", device: torch.device | None = None,
-                 accumulate: int = 1, world: World = SINGLE, gradient_sync: str = "auto"):
+                 accumulate: int = 1, world: World = SINGLE, gradient_sync: str = "auto", fused: bool | None = None):
         self.model = model
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.mode = resolve_step_mode(mode, self.device, under_ddp=world.size > 1)
@@ -102,7 +110,8 @@ class TrainStep:
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
         lr_value = torch.tensor(lr, device=self.device) if self.graphed else lr
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr_value, capturable=self.graphed)
+        self.fused = self.device.type == "cuda" if fused is None else fused
+        self.optimizer = adam(model.parameters(), lr_value, fused=self.fused, capturable=self.graphed)
         self.latent = isinstance(model, DRAW)  # DRAW draws latent noise; the classifier draws none
         # "all-reduce" with one process is a 1-rank all-reduce (a process group is needed): for tests
         self.gradient_sync = resolve_gradient_sync(gradient_sync, self.mode, world)
@@ -131,17 +140,20 @@ class TrainStep:
                 group["lr"] = lr
 
     def optimizer_state(self) -> dict:
-        """Adam's state dict with a float learning rate and capturable off: loadable by any mode."""
+        """Adam's state dict with a float learning rate, capturable off and no fused choice: loadable by any
+        mode, on any device."""
         state = self.optimizer.state_dict()
         for group in state["param_groups"]:
             group["lr"] = float(group["lr"])
             group["capturable"] = False
+            group["fused"] = None
         return state
 
     def load_optimizer_state(self, state: dict) -> None:
         state = {**state, "param_groups": [dict(g) for g in state["param_groups"]]}
-        for group in state["param_groups"]:
+        for group in state["param_groups"]:  # this step's form (the loaded groups replace the optimizer's)
             group["capturable"] = self.graphed
+            group["fused"] = self.fused or None
             group["lr"] = torch.tensor(float(group["lr"]), device=self.device) if self.graphed else float(group["lr"])
         self.optimizer.load_state_dict(state)
 

@@ -120,8 +120,13 @@ def test_the_opt_in_parts_run_only_when_named(tmp_path, monkeypatch):
     suite.main(["--out", str(tmp_path), "--skip", "cuda-tests"])
     assert not set(suite.OPT_IN) & set(ran) and "verify" in ran and "cuda-tests" not in ran
     ran.clear()
-    suite.main(["--out", str(tmp_path), "--only", "tune,train,convergence"])
-    assert ran == ["train", "convergence", "tune"]
+    suite.main(["--out", str(tmp_path), "--only", "tune,train,convergence,tune-100"])
+    assert ran == ["train", "convergence", "tune-100", "tune"]
+    (tmp_path / "tune-100.json").write_text(json.dumps({"summary": [
+        {"target": "write-read bwd 100x1x28x28 N 2 (auto)", "best_settings": "num_warps=8", "speedup": 1.2,
+         "launchers_settings": "num_warps=4", "tried": 9, "wrong": 0}]}))
+    assert "tune write-read bwd 100x1x28x28 N 2 (auto): num_warps=8 (1.20x the launchers' num_warps=4; 9 tried, 0 wrong)" \
+        in suite.headline(tmp_path)
     (tmp_path / "tune.json").write_text(json.dumps({"summary": [
         {"target": "read fwd 16384x3x54x54 N 12 (auto)", "best_settings": "BLOCK_H=32", "speedup": 1.5,
          "launchers_settings": "BLOCK_H=16", "tried": 14, "wrong": 0}]}))
@@ -291,7 +296,7 @@ def test_the_launch_count_sees_each_fused_kernel_and_one_weight_gradient_per_map
     assert backward.get("cat", 0) < T  # each consumer writes its gradient where the maps keep them: no cat per step
     # the maps from h_dec and h_enc run T + 1 times (once on the initial states), those from r and z T times
     assert backward["mm"] == 2 * (T + 1) + 2 * T + 4
-    assert any(op.startswith("_foreach_") for op in counts["optimizer"])  # Adam as on CUDA
+    assert counts["optimizer"]["_fused_adam_"] == 1  # Adam as the step runs it on CUDA: one kernel
     # under bf16 autocast the glimpses come out of the kernels in bf16: no cast per step either way
     count_launches.main(["--preset", "mnist-quick", "--batch", "3", "--amp", "bf16", "--json", str(out)])
     bf16 = json.loads(out.read_text())["counts"]

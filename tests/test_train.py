@@ -82,6 +82,35 @@ def test_optimizer_state_loads_into_any_mode():
     assert other.optimizer.param_groups[0]["lr"] == 5e-4
 
 
+def test_the_fused_adam_gives_the_same_steps_and_its_state_loads_either_way():
+    """TrainStep's fused Adam (its choice on CUDA) updates as torch's default Adam does, to float rounding, and
+    its checkpointed state resumes a step of either form (a GPU run resumed on a CPU, and back) alike."""
+    x = torch.bernoulli(torch.full((8, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    models = [DRAW(SMALL) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    steps = [TrainStep(model, lr=1e-2, grad_clip=1.0, fused=fused) for model, fused in zip(models, (True, False))]
+    assert steps[0].optimizer.param_groups[0]["fused"] and not steps[1].optimizer.param_groups[0]["fused"]
+
+    def run(indices):
+        for i in indices:
+            stats = []
+            for step in steps:
+                torch.manual_seed(i)
+                stats.append(step(x, lr=1e-2 / (i + 1)))
+            torch.testing.assert_close(stats[0], stats[1], rtol=1e-5, atol=1e-5)
+        for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+    run(range(3))
+    state = [step.optimizer_state() for step in steps]
+    assert all(g["fused"] is None for s in state for g in s["param_groups"])
+    for step, other in zip(steps, reversed(state)):  # each takes the other's state, and keeps its own form
+        step.load_optimizer_state(other)
+    assert steps[0].optimizer.param_groups[0]["fused"] and not steps[1].optimizer.param_groups[0]["fused"]
+    run(range(3, 5))
+
+
 def test_failed_compile_falls_back_to_eager_with_one_line(monkeypatch, caplog):
     model = DRAW(SMALL)
     step = TrainStep(model, lr=1e-3, grad_clip=1.0, mode="compile")
