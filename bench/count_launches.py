@@ -9,7 +9,8 @@ dispatches that would launch a kernel on CUDA:
       kernels are stand-ins that launch nothing (no interpreter runs), while their launchers' own
       operations (allocating, summing per-channel partials, casting) run and are counted;
     - views (view, split, t, expand, ...) and empty allocations launch nothing and are not counted;
-    - Adam runs as the training step runs it on CUDA (draw.step.adam, fused); the forward draws its own
+    - Adam runs as the CUDA-graph step runs it (draw.step.adam: fused; --adam foreach: torch's foreach
+      form, capturable with a tensor learning rate, as that step ran it before); the forward draws its own
       latent noise.
 Not seen: kernels that cuBLAS adds inside one product (split-K reductions, often after a product with a
 long inner dimension, such as a weight gradient). Counts are per phase and per time step T.
@@ -88,20 +89,32 @@ TRITON_KERNELS = {ta: ("_attention_read_forward_kernel", "_attention_read_backwa
 
 
 def patches():
-    """Every Triton kernel a stand-in that launches nothing."""
+    """Every Triton kernel a stand-in that launches nothing; the devices' checks pass on the CPU (the kernels',
+    and capturable Adam's)."""
     stand_ins = [mock.patch.object(module, name, StandInKernel(name.strip("_").removesuffix("_kernel")))
                  for module, names in TRITON_KERNELS.items() for name in names]
-    return [*stand_ins, mock.patch.object(kernels, "_triton_interpreter", lambda: True)]  # the device check passes on CPU
+    capturable_on_cpu = mock.patch("torch.optim.adam._get_capturable_supported_devices",
+                                   lambda supports_xla=True: ["cpu"])
+    return [*stand_ins, mock.patch.object(kernels, "_triton_interpreter", lambda: True), capturable_on_cpu]
 
 
-def count_step(preset: str, batch: int, amp: str = "fp32") -> dict[str, collections.Counter]:
+def graph_step_adam(params, form: str) -> torch.optim.Adam:
+    """Adam as the CUDA-graph step makes it: "fused" (draw.step.adam), or "foreach": torch's foreach form,
+    capturable, with a tensor learning rate (on a CPU only under patches(), which lift its device check)."""
+    if form == "fused":
+        return adam(params, 1e-3, fused=True)
+    return torch.optim.Adam(params, lr=torch.tensor(1e-3), capturable=True, foreach=True)
+
+
+def count_step(preset: str, batch: int, amp: str = "fp32", adam_form: str = "fused") -> dict[str, collections.Counter]:
     """Per phase (forward, backward, optimizer), the launches of one training step after a first one;
-    amp "bf16": the forward under bf16 autocast without its cache, as a CUDA graph captures it."""
+    amp "bf16": the forward under bf16 autocast without its cache, as a CUDA graph captures it; adam_form:
+    see graph_step_adam."""
     global COUNTER
     config = PRESETS[preset].model
     torch.manual_seed(0)
     model = DRAW(config, backend="triton")
-    optimizer = adam(model.parameters(), 1e-3, fused=True)  # as TrainStep makes it on CUDA
+    optimizer = graph_step_adam(model.parameters(), adam_form)
     x = torch.bernoulli(torch.full((batch, config.channels, config.height, config.width), 0.3))
     phases = {}
 
@@ -130,13 +143,15 @@ def main(argv=None):
     parser.add_argument("--preset", default="mnist-paper", choices=sorted(PRESETS), help="a DRAW preset")
     parser.add_argument("--batch", type=int, default=8, help="batch size (counts do not depend on it)")
     parser.add_argument("--amp", default="fp32", choices=("fp32", "bf16"), help="bf16: the forward under bf16 autocast")
+    parser.add_argument("--adam", default="fused", choices=("fused", "foreach"),
+                        help="Adam's form: fused (the training step's on CUDA) or foreach (capturable, as before)")
     parser.add_argument("--top", type=int, default=12, help="how many operations to list per phase")
     parser.add_argument("--json", metavar="PATH", help="write the counts as JSON here")
     args = parser.parse_args(argv)
     if not hasattr(PRESETS[args.preset].model, "T"):
         parser.error(f"--preset {args.preset} is not a DRAW preset")
     T = PRESETS[args.preset].model.T
-    phases = count_step(args.preset, args.batch, args.amp)
+    phases = count_step(args.preset, args.batch, args.amp, args.adam)
     rows = [{"phase": name, "launches": sum(c.values()), "per time step": round(sum(c.values()) / T, 1),
              "most frequent": ", ".join(f"{op} {n}" for op, n in c.most_common(args.top))} for name, c in phases.items()]
     total = sum(row["launches"] for row in rows)
@@ -146,7 +161,7 @@ def main(argv=None):
                                    ("most frequent", "most frequent")]))
     if args.json:
         meta = common.metadata(torch.device("cpu"), command=" ".join(["python", *sys.argv]), preset=args.preset, batch=args.batch,
-                                amp=args.amp)
+                                amp=args.amp, adam=args.adam)
         common.write_json(args.json, meta, rows, counts={name: dict(c) for name, c in phases.items()})
 
 

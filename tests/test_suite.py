@@ -297,6 +297,8 @@ def test_the_launch_count_sees_each_fused_kernel_and_one_weight_gradient_per_map
     # the maps from h_dec and h_enc run T + 1 times (once on the initial states), those from r and z T times
     assert backward["mm"] == 2 * (T + 1) + 2 * T + 4
     assert counts["optimizer"]["_fused_adam_"] == 1  # Adam as the step runs it on CUDA: one kernel
+    foreach = count_launches.count_step("mnist-quick", 3, adam_form="foreach")["optimizer"]  # as it ran before
+    assert "_fused_adam_" not in foreach and sum(foreach.values()) > sum(counts["optimizer"].values()) + 10
     # under bf16 autocast the glimpses come out of the kernels in bf16: no cast per step either way
     count_launches.main(["--preset", "mnist-quick", "--batch", "3", "--amp", "bf16", "--json", str(out)])
     bf16 = json.loads(out.read_text())["counts"]
