@@ -77,7 +77,8 @@ def _preset_line(name: str) -> str:
     m, t = p.model, p.train
     length = f"{t.steps} steps" if t.steps else f"{t.epochs:g} epochs"
     clutter = " (fresh clutter every batch)" if t.fresh_clutter else ""
-    clip = f", attention gradient clip {t.attention_grad_clip:g}" if t.attention_grad_clip is not None else ""
+    clip = f", gradient clip {t.grad_clip:g}" if t.grad_clip is not None else ", no gradient clip"
+    clip += f", attention gradient clip {t.attention_grad_clip:g}" if t.attention_grad_clip is not None else ""
     training = f"data {t.dataset}{clutter}, batch {t.batch_size}, lr {t.lr:g} {t.lr_schedule}{clip}, {length}"
     if not hasattr(m, "T"):  # the glimpse classifier
         return (f"{name}: classifier, {m.channels}x{m.height}x{m.width}, {m.glimpses} glimpses of {m.read_n}x{m.read_n}, "
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fresh-clutter", action=argparse.BooleanOptionalAction, default=None,
                    help="mnist-cluttered: new positions and distractors around the training digits in every batch, "
                         "instead of the 50k stored images (default: the preset's)")
+    t.add_argument("--grad-clip", type=_nonnegative_float, metavar="NORM",
+                   help="scale the gradient down to this global norm where it is larger, before Adam; 0 for no clip "
+                        "(the norm is logged either way; default: the preset's, 10)")
     t.add_argument("--attention-grad-clip", type=_nonnegative_float, metavar="C",
                    help="classifier presets: clip each image's gradient with respect to each glimpse's attention "
                         "parameters to [-C, C] in the backward pass; 0 for the exact gradient (default: the preset's)")
@@ -197,6 +201,7 @@ TRAIN_FLAGS = {  # TrainConfig field: argparse dest, for the flags that set one
     "fresh_clutter": "fresh_clutter",
     "steps": "steps", "epochs": "epochs", "eval_every": "eval_every", "log_every": "log_every",
     "checkpoint_every": "checkpoint_every", "accumulate": "accumulate", "attention_grad_clip": "attention_grad_clip",
+    "grad_clip": "grad_clip",
 }
 
 
@@ -206,8 +211,9 @@ def cmd_train(args) -> int:
     from draw.train import scaled_lr, train
 
     given = {field: getattr(args, dest) for field, dest in TRAIN_FLAGS.items() if getattr(args, dest) is not None}
-    if given.get("attention_grad_clip") == 0:
-        given["attention_grad_clip"] = None  # 0: no clip
+    for clip in ("grad_clip", "attention_grad_clip"):
+        if given.get(clip) == 0:
+            given[clip] = None  # 0: no clip
     preset_name = args.preset or DEFAULT_PRESET
     preset = get_preset(preset_name)
     dataset = given.get("dataset", preset.train.dataset)

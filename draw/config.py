@@ -116,7 +116,7 @@ class TrainConfig:
     lr: float = 1e-3
     lr_schedule: str = "constant"  # or "cosine": from lr down to lr / 10 over the run
     warmup_steps: int = 0  # linear learning-rate warm-up from lr / warmup_steps
-    grad_clip: float = 10.0  # max global gradient norm
+    grad_clip: float | None = 10.0  # max global gradient norm; None: no clip (the norm is still recorded)
     # the classifier: clip each image's gradient of the loss with respect to each glimpse's 5 attention
     # parameters (Eq. 21) to [-c, c] in the backward pass (draw/classifier.py); None: no clip
     attention_grad_clip: float | None = None
@@ -139,7 +139,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.dataset must be one of {DATASETS}, got {self.dataset!r}")
         _check_int("TrainConfig", "batch_size", self.batch_size, 1)
         _check_positive_float("TrainConfig", "lr", self.lr)
-        _check_positive_float("TrainConfig", "grad_clip", self.grad_clip)
+        if self.grad_clip is not None:
+            _check_positive_float("TrainConfig", "grad_clip", self.grad_clip)
         if self.attention_grad_clip is not None:
             _check_positive_float("TrainConfig", "attention_grad_clip", self.attention_grad_clip)
         _check_positive_float("TrainConfig", "epochs", self.epochs)

@@ -24,6 +24,7 @@ neither the world size nor N changes what a step computes, only its float roundi
 
 import contextlib
 import logging
+import math
 
 import torch
 import torch.nn as nn
@@ -93,7 +94,7 @@ class TrainStep:
     in a form that any mode can load. `fused` (default: on CUDA) takes the fused Adam (see `adam`).
     """
 
-    def __init__(self, model: nn.Module, *, lr: float, grad_clip: float, amp: str = "none", tf32: bool = False,
+    def __init__(self, model: nn.Module, *, lr: float, grad_clip: float | None, amp: str = "none", tf32: bool = False,
                  mode: str = "eager", compile_mode: str = "default", device: torch.device | None = None,
                  accumulate: int = 1, world: World = SINGLE, gradient_sync: str = "auto", fused: bool | None = None):
         self.model = model
@@ -103,7 +104,7 @@ class TrainStep:
         self.world = world
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
-        self.grad_clip = grad_clip
+        self.grad_clip = math.inf if grad_clip is None else grad_clip  # None: no clip, the norm still measured
         self.amp = amp
         self.graphed = self.mode == "cuda-graph"
         if self.device.type == "cuda":  # process-wide switches: the step is the one place that sets them

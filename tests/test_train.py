@@ -111,6 +111,42 @@ def test_the_fused_adam_gives_the_same_steps_and_its_state_loads_either_way():
     run(range(3, 5))
 
 
+def test_without_a_clip_the_step_is_plain_adam_and_still_records_the_norm():
+    """grad_clip None (--grad-clip 0): Adam on the gradient as it is; the norm recorded, the step never 'clipped'."""
+    x = torch.bernoulli(torch.full((8, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    a, b = DRAW(SMALL), DRAW(SMALL)
+    b.load_state_dict(a.state_dict())
+    step = TrainStep(a, lr=1e-2, grad_clip=None)
+    optimizer = torch.optim.Adam(b.parameters(), lr=1e-2)
+    for i in range(2):
+        torch.manual_seed(i)
+        stats = step(x, lr=1e-2)
+        torch.manual_seed(i)
+        optimizer.zero_grad()
+        b(x).loss.backward()
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in b.parameters()]))
+        optimizer.step()
+        assert norm > 1.0 and stats[4] == 0.0  # a clip of 1 would have acted
+        torch.testing.assert_close(stats[3], norm)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_the_grad_clip_flag_sets_the_runs_clip(tmp_path, capsys):
+    """--grad-clip NORM is the run's clip, 0 none; a resume keeps the run's and refuses another."""
+    for flag, clip in (("2.5", 2.5), ("0", None)):
+        run = tmp_path / f"clip-{flag}"
+        assert main(["train", "--dataset", "synthetic", "--steps", "2", "--batch-size", "8", "--out", str(run),
+                     "--no-progress", "--step", "eager", "--grad-clip", flag]) == 0
+        assert TrainConfig.from_dict(load_checkpoint(run)["train_config"]).grad_clip == clip
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(run), "--steps", "3", "--grad-clip", "1", "--no-progress"]) == 2
+    assert "grad_clip None -> 1.0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="grad_clip must be a finite number > 0"):
+        TrainConfig(grad_clip=-1.0)
+
+
 def test_failed_compile_falls_back_to_eager_with_one_line(monkeypatch, caplog):
     model = DRAW(SMALL)
     step = TrainStep(model, lr=1e-3, grad_clip=1.0, mode="compile")
@@ -448,6 +484,7 @@ def test_threads_are_set_before_torch_is_imported(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--device", "gpu"], "must be cpu, cuda or cuda:N"),
     (["train", "--lr", "inf"], "must be a finite number > 0"),
+    (["train", "--grad-clip", "-1"], "must be a finite number"),
     (["train", "--epochs", "inf"], "must be a finite number > 0"),
     (["train", "--seed", "1e20"], "must be a whole number"),
     (["train", "--seed", str(2**40)], "must be from 0 to"),
