@@ -3,7 +3,7 @@ the training step, and write everything (JSON, markdown, logs) into one director
 
     python bench/suite.py --out results/h100            # a CUDA machine: the full record
     python bench/suite.py --out results/h100 --only verify,cuda-tests,attention,attention-2warps  # in two halves,
-    python bench/suite.py --out results/h100 --only attention-large,train,profile-100,profile-1024,train-eager,train-compiled  # same DIR
+    python bench/suite.py --out results/h100 --only attention-large,train,train-unfused,profile-100,profile-1024,train-eager,train-compiled  # same DIR
     python bench/suite.py --quick --out /tmp/suite      # any machine: tiny sizes, the interpreter for the kernels
 
 Each part runs as its own process (so one failure or crash does not stop the others), with a time
@@ -23,6 +23,8 @@ side, since they time nothing and mostly compile; every timing part runs alone. 
     attention-large  bench_attention.py at the middle and bandwidth-bound sizes, 16,384 images (compiled, triton,
                 triton-pair)
     train       bench_train.py: mnist-paper at batch 100, 1024, 4096 as one CUDA graph, fp32 and bf16
+    train-unfused  the same at batch 100 and 1024 with the encoder's input formed by two matrix products instead
+                of in its LSTM cell (DRAW_TRITON_PROJECTION=unfused), against `train` in the summary
     train-eager the eager reference and eager triton at batch 1024 (a few steps: each takes 0.2-0.6 s)
     train-compiled  the compiled step at batch 1024 (about 2 minutes of compiling)
     convergence (only when --only names it) bench_convergence.py: mnist-paper at its batch of 100 and at
@@ -99,6 +101,9 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
         [("train", train + ["--batch-sizes", "100,1024,4096", "--modes", "triton-graph", "--amp", "fp32,bf16",
                             "--warmup", "5", "--steps", "50", "--json", str(out / "train.json"),
                             "--markdown", str(out / "train.md")], 120, {})],
+        [("train-unfused", train + ["--batch-sizes", "100,1024", "--modes", "triton-graph", "--amp", "fp32,bf16",
+                                    "--warmup", "5", "--steps", "50", "--json", str(out / "train-unfused.json")], 90,
+          {"DRAW_TRITON_PROJECTION": "unfused"})],
         *[[(f"profile-{batch}", [py, str(BENCH / "profile_step.py"), "--batch", str(batch), "--modes", "triton-graph",
                                   "--top", "25", "--json", str(out / f"profile-{batch}.json")], 90, {})]
           for batch in (100, 1024)],
@@ -239,8 +244,14 @@ def headline(out: pathlib.Path) -> list[str]:
         speedup = f"{t['speedup']:.2f}x" if t.get("speedup") else "untimed"
         lines.append(f"tune {t['target']}: {t['best_settings']} ({speedup} the launchers' {t['launchers_settings']}; "
                      f"{t['tried']} tried, {t['wrong']} wrong)")
-    for r in _rows(out / "train.json") + _rows(out / "train-eager.json") + _rows(out / "train-compiled.json"):
+    train = _rows(out / "train.json")
+    for r in train + _rows(out / "train-eager.json") + _rows(out / "train-compiled.json"):
         lines.append(f"train {r['preset']} batch {r['batch']} {r['mode']} {r['dtype']}: {r['images_per_s']:,.0f} images/s")
+    fused = {(r["preset"], r["batch"], r["mode"], r["dtype"]): r["images_per_s"] for r in train}
+    for r in _rows(out / "train-unfused.json"):
+        vs = fused.get((r["preset"], r["batch"], r["mode"], r["dtype"]), float("nan")) / r["images_per_s"]
+        lines.append(f"train {r['preset']} batch {r['batch']} {r['mode']} {r['dtype']}: projection unfused "
+                     f"{r['images_per_s']:,.0f} images/s; fused {vs:.2f}x that")
     for r in _rows(out / "convergence.json"):
         config = r["train_config"]
         lines.append(f"convergence batch {config['batch_size']} ({r['step_mode']}, {config['amp']}): test bound "

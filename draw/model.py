@@ -244,7 +244,8 @@ class DRAW(nn.Module):
         glimpse_dtype = proj.read_weight.dtype
         r = self.read(x, canvas, read_params, glimpse_dtype)  # r_1 from c_0 and h_dec_0  (3, 4)
         for t in range(cfg.T):
-            enc_input = from_read(r, add=enc_from_dec)  # W_ih [r, h_dec_{t-1}] + b_ih  (5)
+            # W_ih [r, h_dec_{t-1}] + b_ih (5), formed by the fused LSTM cell where it can (kernels.Projection)
+            enc_input = from_read.deferred(r, add=enc_from_dec)
             h_enc, c_enc = kernels.lstm_cell(enc_input, enc_hidden, c_enc, backend=self.backend)  # (5)
             mu, log_sigma, enc_hidden = self._split_enc(proj, from_enc, h_enc)  # [B, z], [B, z]  (1, 2)
             z, terms = kernels.latent_sample(mu, log_sigma, noise[t], backend=self.backend)  # z_t ~ Q(Z_t | h_enc_t)  (6, 11)

@@ -195,3 +195,21 @@ class RecurrentLinear:
             kernels.mark_gradient_destination(part, self._state.place(row, col, size, used, part.dtype, part.device))
             col += size
         return y
+
+    def deferred(self, x: torch.Tensor, add: torch.Tensor) -> kernels.Projection:
+        """x W^T + add, left for its consumer to form (kernels.Projection: the fused LSTM cell forms it in its
+        kernel). Batched, the consumer's backward hands this map (x, G) as a step's backward does, so W's
+        gradient is still one GEMM over all the steps; wherever it is not formed there, it is this map's
+        own call, self(x, add=add)."""
+        def unfused() -> torch.Tensor:
+            return self(x, add=add)
+
+        if not self.batched or self.bias is not None:
+            return kernels.Projection(x, self.weight, add, None, None, unfused)
+        state, row = self._state, self._state.rows
+        state.rows += x.shape[0]  # this step's rows, in the order of the forward calls (an unused one is harmless)
+
+        def record(x: torch.Tensor, grad: torch.Tensor) -> None:
+            state.steps.append((torch._C._current_graph_task_id(), row, x, grad))
+
+        return kernels.Projection(x, self.weight, add, self._token, record, unfused)

@@ -1,6 +1,6 @@
 """`draw verify`: check the fused Triton kernels against the float64 reference, on this machine.
 
-Every case runs one op (read, glimpse, write, write-read, latent or lstm) with backend="triton" on the
+Every case runs one op (read, glimpse, write, write-read, latent, lstm or lstm-projected) with backend="triton" on the
 current device and
 with backend="reference" on float64 copies of the same inputs, then compares the outputs and the
 gradient of every input under one random upstream gradient:
@@ -11,6 +11,9 @@ gradient of every input under one random upstream gradient:
             outputs, the new canvas and the glimpses; a case's n is the read's, write_n the write's)
     latent  mu, log_sigma, eps       (Eqs. 6, 11: z and the per-image terms; a case's width is Z)
     lstm    input_gates, hidden_gates, c  (nn.LSTMCell's update, Eqs. 5, 7: h and c'; a case's width is H)
+    lstm-projected  x, add, hidden_gates, c  (the cell with its input half add + x W^T formed in its kernels,
+            kernels.Projection, as DRAW's encoder at Eq. 5: h and c'; a case's width is H, its n x's width K;
+            W's gradient is its owner's, not the op's)
 
 The error of a compared tensor is max|fused - reference| / max|reference| (0 when both are all zero),
 and a check passes when it is finite and within the tolerance, or when the largest absolute error is
@@ -23,11 +26,12 @@ it), so the sweep holds both forms to the reference.
 
 Sweeps (cases the device cannot run are left out):
     quick  every grid size N = 1..16 for every attention op on small odd shapes (C = 1 and 3 in
-           turn), the degenerate parameters, and the latent step and the LSTM cell on odd B x Z and
-           B x H, in fp32; on CUDA also the paper's sizes in every dtype and a 65536 batch. The
-           default: 168 cases on CUDA, each compiling its own kernels (105 on CPU).
+           turn), the degenerate parameters, and the latent step and the LSTM cell (also with a
+           projected input half) on odd B x Z and B x H, in fp32; on CUDA also the paper's sizes in every
+           dtype and a 65536 batch. The default: 176 cases on CUDA, each compiling its own kernels (110
+           on CPU).
     full   quick, plus N = 1..16 in every dtype with C = 1 and 3 each (and the latent step's and the
-           LSTM cell's odd shapes), more paper-sized cases and 256x256 images: 582 cases on CUDA; with fewer cases
+           LSTM cell's odd shapes), more paper-sized cases and 256x256 images: 590 cases on CUDA; with fewer cases
            (before the latent and write-read ones) it ran over 200 s on an H100 (bench/RESULTS.md),
            minutes on CPU.
 Compiling is most of a case's time on CUDA, so there the cases run in up to 8 worker processes (--jobs),
@@ -98,10 +102,11 @@ DEGENERATE_GATES = {"gates=+30": 30.0, "gates=-30": -30.0}
 
 OP_INPUTS = {"read": ("x", "canvas", "params"), "glimpse": ("x", "params"), "write": ("patch", "params", "canvas"),
              "write-read": ("patch", "write_params", "canvas", "x", "read_params"), "latent": ("mu", "log_sigma", "eps"),
-             "lstm": ("input_gates", "hidden_gates", "c")}
+             "lstm": ("input_gates", "hidden_gates", "c"), "lstm-projected": ("x", "add", "hidden_gates", "c")}
 ATTENTION_OPS = ("read", "glimpse", "write", "write-read")
-ROW_OPS = ("latent", "lstm")  # B x width elementwise ops (no image, no grid)
-OP_OUTPUTS = {"latent": ("z", "terms"), "write-read": ("canvas", "glimpses"), "lstm": ("h", "c'")}  # the others: ("output",)
+ROW_OPS = ("latent", "lstm", "lstm-projected")  # B x width elementwise ops (no image, no grid)
+OP_OUTPUTS = {"latent": ("z", "terms"), "write-read": ("canvas", "glimpses"), "lstm": ("h", "c'"),
+              "lstm-projected": ("h", "c'")}  # the others: ("output",)
 
 # Triton's interpreter converts one-element arrays with int(), which numpy 2.4 made an error (only
 # 0-d arrays convert); triton 3.7 fixed it. Checked: triton 3.6.0 runs these kernels with numpy 2.3.5
@@ -112,7 +117,8 @@ NUMPY_BREAKING_INTERPRETER = (2, 4)
 
 @dataclass(frozen=True)
 class Case:
-    op: str  # "read", "glimpse", "write", "write-read", or "latent" / "lstm" (B x Z or B x H: batch, width; channels, height 1, n 0)
+    op: str  # "read", "glimpse", "write", "write-read", or "latent" / "lstm" / "lstm-projected" (B x Z or B x H:
+    # batch, width; channels, height 1, n 0, or lstm-projected's K)
     batch: int
     channels: int
     height: int
@@ -126,7 +132,8 @@ class Case:
     @property
     def name(self) -> str:
         if self.op in ROW_OPS:
-            return " ".join(filter(None, [self.op, f"{self.batch}x{self.width}", self.dtype, self.degenerate]))
+            inputs = f"k={self.n}" if self.op == "lstm-projected" else ""
+            return " ".join(filter(None, [self.op, f"{self.batch}x{self.width}", inputs, self.dtype, self.degenerate]))
         shape = f"{self.batch}x{self.channels}x{self.height}x{self.width}"
         grid = f"n={self.n}" if self.op != "write-read" else f"n={self.write_n}/{self.n}"
         return " ".join(filter(None, [self.op, shape, grid, self.dtype, self.degenerate]))
@@ -146,14 +153,19 @@ LATENT_SHAPES = ((1, 1), (7, 3), (37, 100), (5, 130), (3, 2500))  # (B, Z): odd,
 LATENT_PAPER = ((256, 100),)  # mnist-paper's Z
 LSTM_SHAPES = ((1, 1), (7, 3), (37, 100), (5, 600))  # (B, H): odd, and past one tile of H (512)
 LSTM_PAPER = ((256, 256), (100, 800))  # mnist-paper's and svhn-paper's LSTMs
+# (B, H, K) of the cell with a projected input half: odd, past one block of K (8), the widest formed in the
+# kernels (K 128), and past one tile of H (600: formed before the cell); mnist-paper's encoder
+PROJECTED_LSTM_SHAPES = ((1, 1, 1), (7, 3, 8), (37, 100, 13), (5, 130, 128), (3, 600, 8))
+PROJECTED_LSTM_PAPER = ((256, 256, 8),)
 
 
 def latent_case(batch: int, size: int, dtype: str, degenerate: str = "", cuda_only: bool = False) -> Case:
     return Case("latent", batch, 1, 1, size, 0, dtype, degenerate, cuda_only)
 
 
-def lstm_case(batch: int, hidden: int, dtype: str, degenerate: str = "", cuda_only: bool = False) -> Case:
-    return Case("lstm", batch, 1, 1, hidden, 0, dtype, degenerate, cuda_only)
+def lstm_case(batch: int, hidden: int, dtype: str, degenerate: str = "", cuda_only: bool = False, inputs: int = 0) -> Case:
+    """The LSTM cell's case; with inputs K > 0 its input half a projection of a [B, K] input (lstm-projected)."""
+    return Case("lstm-projected" if inputs else "lstm", batch, 1, 1, hidden, inputs, dtype, degenerate, cuda_only)
 
 
 def attention_case(op: str, batch: int, channels: int, height: int, width: int, n: int, dtype: str,
@@ -178,6 +190,8 @@ def build_sweep(sweep: str, dtypes, cuda: bool) -> list[Case]:
     cases += [lstm_case(b, h, "fp32") for b, h in LSTM_SHAPES]
     cases += [lstm_case(5, 9, "fp32", degenerate) for degenerate in DEGENERATE_GATES]
     cases += [lstm_case(b, h, dtype, cuda_only=True) for dtype in dtypes for b, h in LSTM_PAPER]
+    cases += [lstm_case(b, h, "fp32", inputs=k) for b, h, k in PROJECTED_LSTM_SHAPES]
+    cases += [lstm_case(b, h, dtype, cuda_only=True, inputs=k) for dtype in dtypes for b, h, k in PROJECTED_LSTM_PAPER]
     sizes = PAPER_SIZES if sweep == "quick" else PAPER_SIZES + LARGE
     for dtype in dtypes:
         for b, c, h, w, read_n, write_n in sizes:
@@ -247,6 +261,13 @@ def make_inputs(case: Case, device: torch.device) -> dict:
         if case.degenerate:
             inputs["input_gates"].fill_(DEGENERATE_GATES[case.degenerate])
         return {name: t.to(DTYPES[case.dtype]) for name, t in inputs.items()}
+    if case.op == "lstm-projected":  # W [4H, K] (not a leaf: its gradient is its owner's)
+        inputs = {"x": torch.randn(b, n, generator=g, device=device, dtype=f64),
+                  "add": torch.randn(b, 4 * w, generator=g, device=device, dtype=f64),
+                  "hidden_gates": torch.randn(b, 4 * w, generator=g, device=device, dtype=f64),
+                  "c": torch.randn(b, w, generator=g, device=device, dtype=f64),
+                  "weight": torch.randn(4 * w, n, generator=g, device=device, dtype=f64) / n ** 0.5}
+        return {name: t.to(DTYPES[case.dtype]) for name, t in inputs.items()}
     patch_n = case.write_n or n
     inputs = {
         "x": torch.rand(b, c, h, w, generator=g, device=device, dtype=f64),
@@ -269,6 +290,10 @@ def apply_op(op: str, inputs: dict, n: int, backend: str) -> tuple[torch.Tensor,
         return kernels.latent_sample(inputs["mu"], inputs["log_sigma"], inputs["eps"], backend=backend)
     if op == "lstm":
         return kernels.lstm_cell(inputs["input_gates"], inputs["hidden_gates"], inputs["c"], backend=backend)
+    if op == "lstm-projected":
+        x, weight, add = inputs["x"], inputs["weight"], inputs["add"]
+        projection = kernels.Projection(x, weight, add, None, lambda x, grad: None, lambda: add + x @ weight.t())
+        return kernels.lstm_cell(projection, inputs["hidden_gates"], inputs["c"], backend=backend)
     if op == "write-read":
         return kernels.write_read(*(inputs[name] for name in OP_INPUTS[op]), n, backend=backend)
     return (_attention(op, inputs, n, backend),)
@@ -286,7 +311,7 @@ def _output_shapes(case: Case) -> list[tuple]:
     b, c, n = case.batch, case.channels, case.n
     if case.op == "latent":
         return [(b, case.width), (b, 2)]
-    if case.op == "lstm":
+    if case.op in ("lstm", "lstm-projected"):
         return [(b, case.width), (b, case.width)]
     if case.op == "write-read":
         return [(b, c, case.height, case.width), (b, 2, c, n, n)]
@@ -296,7 +321,8 @@ def _output_shapes(case: Case) -> list[tuple]:
 def _forward_backward(case: Case, inputs: dict, dtype: torch.dtype, backend: str, upstream: list[torch.Tensor]):
     """[each output, grad of each input] of the case's op on `inputs` converted to `dtype`."""
     leaves = {name: inputs[name].detach().to(dtype).requires_grad_() for name in OP_INPUTS[case.op]}
-    outs = apply_op(case.op, leaves, case.n, backend)
+    constants = {name: t.to(dtype) for name, t in inputs.items() if name not in leaves}  # a projection's W
+    outs = apply_op(case.op, {**constants, **leaves}, case.n, backend)
     upstream = [u.to(out.dtype) for u, out in zip(upstream, outs)]
     return [*outs, *torch.autograd.grad(outs, list(leaves.values()), upstream)]
 

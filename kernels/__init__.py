@@ -17,6 +17,7 @@ Two backends share one API and one set of conventions (docs/conventions.md):
 
 import importlib.util
 import os
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -24,8 +25,9 @@ from draw.kernels import reference
 
 BACKENDS = ("auto", "reference", "triton")
 
-__all__ = ["BACKENDS", "filterbank", "glimpse", "gradient_destination", "latent_sample", "lstm_cell",
-           "mark_gradient_destination", "read", "share_gradient_destination", "write", "write_read", "resolve_backend", "triton_available"]
+__all__ = ["BACKENDS", "Projection", "filterbank", "glimpse", "gradient_destination", "latent_sample", "lstm_cell",
+           "mark_gradient_destination", "read", "share_gradient_destination", "write", "write_read", "resolve_backend",
+           "triton_available"]
 
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -126,6 +128,63 @@ def share_gradient_destination(t: torch.Tensor, source: torch.Tensor) -> torch.T
     source's, such as x W^T + source."""
     place = getattr(source, _DESTINATION, None)
     return t if place is None else mark_gradient_destination(t, place)
+
+
+# ---------------------------------------------------------------------------------------------
+# Projections: a linear map's output left for its consumer to form
+# ---------------------------------------------------------------------------------------------
+
+
+class Projection(NamedTuple):
+    """add + x W^T, not formed yet: its consumer forms it (lstm_cell's input_gates). DRAW's encoder input
+    W_r r_t + (the part from h_dec_{t-1}) (Eq. 5), with x the glimpses r_t [B, 2*C*N*N]. The triton
+    backend forms it in the LSTM cell's kernel, K FMAs per gate (lstm_cell; where the cell's hidden
+    units fit one program and K <= 128; not under torch.compile), and in the backward pass forms x's
+    gradient dL/da W there too: no matrix product either way. W's gradient is left to its owner: the
+    backward hands it x and the output's gradient (`record`). Anywhere else `unfused()` forms it. Made by
+    draw.recurrent_linear.RecurrentLinear.deferred."""
+
+    x: torch.Tensor  # [B, K], columns contiguous
+    weight: torch.Tensor  # W [G, K], columns contiguous
+    add: torch.Tensor  # [B, G]; its gradient is the output's
+    token: torch.Tensor | None  # an input of the fused op: its owner's backward runs after the op's
+    record: Callable[[torch.Tensor, torch.Tensor], None] | None  # (x, dL/doutput [B, G]); None: fused only without grad
+    unfused: Callable[[], torch.Tensor]  # add + x W^T, by autograd's ops
+
+
+PROJECTION_MODES = ("fused", "unfused")
+
+
+def projection_mode() -> str:
+    """DRAW_TRITON_PROJECTION: "fused" (the default: the triton backend forms a Projection in the kernel that
+    consumes it wherever it can) or "unfused" (never: formed before it, for measuring the difference)."""
+    mode = os.environ.get("DRAW_TRITON_PROJECTION", "fused") or "fused"
+    if mode not in PROJECTION_MODES:
+        raise ValueError(f"DRAW_TRITON_PROJECTION={mode!r}: expected one of {', '.join(PROJECTION_MODES)}")
+    return mode
+
+
+def _check_projection(name: str, projection: Projection, batch: int, outputs: int) -> None:
+    """projection's x [B, K], weight [outputs, K] and add [B, outputs], floating point, on one device."""
+    _check_tensor(f"{name}.x", projection.x, 2, "[B, K]")
+    _check_tensor(f"{name}.weight", projection.weight, 2, "[G, K]")
+    _check_tensor(f"{name}.add", projection.add, 2, "[B, G]")
+    x, weight, add = projection.x, projection.weight, projection.add
+    if x.shape[0] != batch or weight.shape != (outputs, x.shape[1]) or add.shape != (batch, outputs):
+        raise ValueError(f"{name} must be x [B, K], weight [G, K], add [B, G] with B = {batch}, G = {outputs}; got "
+                         f"{list(x.shape)}, {list(weight.shape)} and {list(add.shape)}")
+    _check_same_device(x=x, weight=weight, add=add)
+
+
+def _fused_projection(projection) -> bool:
+    """Whether a kernel may form this Projection itself: not under torch.compile, not with
+    DRAW_TRITON_PROJECTION=unfused, and not without a `record` where a gradient may be asked for (W's would
+    be lost). The kernel's own limits are its launcher's."""
+    if not isinstance(projection, Projection) or torch.compiler.is_compiling():
+        return False
+    if projection.record is None and torch.is_grad_enabled():
+        return False
+    return projection_mode() == "fused"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,25 +363,32 @@ def latent_sample(mu: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor, 
     return reference.latent_sample(mu, log_sigma, eps)
 
 
-def lstm_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, c: torch.Tensor, *, backend: str = "auto"):
+def lstm_cell(input_gates, hidden_gates: torch.Tensor, c: torch.Tensor, *, backend: str = "auto"):
     """nn.LSTMCell's update from its two pre-activation halves (biases included): gates [B, 4H] in
     nn.LSTMCell's order (input, forget, cell, output); c [B, H], cast to the gates' dtype as nn.LSTMCell
     does under autocast. The triton backend reads column slices of wider tensors and broadcast rows as
     they are.
 
     Args:
-        input_gates, hidden_gates: [B, 4H] on one device, one dtype.
+        input_gates: [B, 4H], or a Projection add + x W^T (DRAW's encoder input, Eq. 5) that the triton
+            backend forms in the cell's kernel where it can (see Projection), else before the cell.
+        hidden_gates: [B, 4H], input_gates' dtype (add's for a Projection), on one device.
         c: [B, H] the cell state.
         backend: "auto", "reference" or "triton" (under torch.compile always the reference, which the
             compiler fuses itself). The triton backend writes each half's gradient into its gradient
-            destination, if it has one (see gradient_destination).
+            destination, if it has one (see gradient_destination; a Projection's is add's).
     Returns:
         h, c' [B, H] in the gates' dtype.
     """
-    for name, t in (("input_gates", input_gates), ("hidden_gates", hidden_gates)):
-        _check_tensor(name, t, 2, "[B, 4H]")
+    _check_tensor("hidden_gates", hidden_gates, 2, "[B, 4H]")
     _check_tensor("c", c, 2, "[B, H]")
-    if not input_gates.shape == hidden_gates.shape == (c.shape[0], 4 * c.shape[1]):
+    gates_shape = (c.shape[0], 4 * c.shape[1])
+    projection = input_gates if isinstance(input_gates, Projection) else None
+    if projection is not None:
+        _check_projection("input_gates", projection, *gates_shape)
+        input_gates = projection.add
+    _check_tensor("input_gates", input_gates, 2, "[B, 4H]")
+    if not input_gates.shape == hidden_gates.shape == gates_shape:
         raise ValueError(f"input_gates and hidden_gates must be [B, 4H] = [{c.shape[0]}, {4 * c.shape[1]}] for c "
                          f"{list(c.shape)}, got {list(input_gates.shape)} and {list(hidden_gates.shape)}")
     if hidden_gates.dtype != input_gates.dtype:
@@ -332,6 +398,13 @@ def lstm_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, c: torch.Te
     if resolve_backend(backend, device) == "triton" and not torch.compiler.is_compiling():
         from draw.kernels import triton_lstm
 
-        return triton_lstm.lstm_cell(input_gates, hidden_gates, c,
-                                     (gradient_destination(input_gates), gradient_destination(hidden_gates)))
+        destinations = (gradient_destination(input_gates), gradient_destination(hidden_gates))
+        if _fused_projection(projection) and triton_lstm.projection_fusable(projection, c.shape[1]):
+            return triton_lstm.lstm_cell(input_gates, hidden_gates, c, destinations, projection)
+        if projection is not None:
+            input_gates = projection.unfused()
+            destinations = (gradient_destination(input_gates), destinations[1])
+        return triton_lstm.lstm_cell(input_gates, hidden_gates, c, destinations)
+    if projection is not None:
+        input_gates = projection.unfused()
     return reference.lstm_cell(input_gates, hidden_gates, c)

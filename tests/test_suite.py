@@ -111,6 +111,18 @@ def test_the_gpu_suites_benchmark_commands_parse(tmp_path):
     assert [s.name for s in sizes] == ["4096x3x32x32", "16384x3x54x54", "16384x1x100x100"]
 
 
+def test_the_suite_summary_compares_the_unfused_projection_with_the_fused(tmp_path):
+    """bench/suite.py's headline: the train-unfused part (DRAW_TRITON_PROJECTION=unfused) against train."""
+    suite = import_bench("suite")
+    case = {"preset": "mnist-paper", "batch": 100, "mode": "triton-graph", "dtype": "bf16"}
+    (tmp_path / "train.json").write_text(json.dumps({"results": [{**case, "images_per_s": 16000.0}]}))
+    (tmp_path / "train-unfused.json").write_text(json.dumps({"results": [{**case, "images_per_s": 12800.0}]}))
+    assert ("train mnist-paper batch 100 triton-graph bf16: projection unfused 12,800 images/s; fused 1.25x that"
+            in suite.headline(tmp_path))
+    part = next(p for p in suite.parts(False, tmp_path) if p[0] == "train-unfused")
+    assert part[3] == {"DRAW_TRITON_PROJECTION": "unfused"}
+
+
 def test_the_opt_in_parts_run_only_when_named(tmp_path, monkeypatch):
     """The opt-in parts (tune, convergence) stay out of a plain run and of --skip's, run when --only names
     them, and their results reach the summary."""
@@ -294,8 +306,10 @@ def test_the_launch_count_sees_each_fused_kernel_and_one_weight_gradient_per_map
     assert backward.get("add", 0) < T  # the canvas's two gradients are summed inside the read backward kernel
     assert forward["lstm_forward"] == backward["lstm_backward"] == 2 * T
     assert backward.get("cat", 0) < T  # each consumer writes its gradient where the maps keep them: no cat per step
-    # the maps from h_dec and h_enc run T + 1 times (once on the initial states), those from r and z T times
-    assert backward["mm"] == 2 * (T + 1) + 2 * T + 4
+    # the maps from h_dec and h_enc run T + 1 times (once on the initial states), the one from z T times; the
+    # one from r is formed in the read kernels, its input's gradient too (kernels.Projection)
+    assert forward["addmm"] == 2 * (T + 1) + T and forward["attention_read_forward"] == T
+    assert backward["mm"] == 2 * (T + 1) + T + 4
     assert counts["optimizer"]["_fused_adam_"] == 1  # Adam as the step runs it on CUDA: one kernel
     foreach = count_launches.count_step("mnist-quick", 3, adam_form="foreach")["optimizer"]  # as it ran before
     assert "_fused_adam_" not in foreach and sum(foreach.values()) > sum(counts["optimizer"].values()) + 10

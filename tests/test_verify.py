@@ -74,8 +74,8 @@ def test_a_wrong_kernel_fails(where, monkeypatch, tmp_path, capsys):
         lstm_backward = triton_lstm.lstm_cell_backward
 
         def wrong_cell_gradient(*args):
-            grad_gates, second, grad_c = lstm_backward(*args)
-            return grad_gates, second, grad_c * (1 + 1e-4)
+            grad_gates, second, grad_c, grad_x = lstm_backward(*args)
+            return grad_gates, second, grad_c * (1 + 1e-4), grad_x
 
         monkeypatch.setattr(triton_lstm, "lstm_cell_backward", wrong_cell_gradient)
         only = "lstm 37x100 fp32"
