@@ -270,7 +270,7 @@ def lstm_cell_backward(grad_h, grad_c_new, gates, c, c_new, c_needs_grad: bool, 
     grad_c = torch.empty((batch, hidden), device=c.device, dtype=c.dtype) if c_needs_grad else None
     grad_x = None if projection is None else torch.empty(projection[0].shape, device=c.device, dtype=projection[0].dtype)
     if c_new.numel() == 0:
-        return da, out_2, grad_c, grad_x
+        return da, out_2, grad_c, None if grad_x is None else grad_x.zero_()  # no gate: dx = da W = 0
     _, compute = _compute_dtypes(gates, c, c_new)
     grad_h, grad_c_new, c = _columns(grad_h), _columns(grad_c_new), _columns(c)
     (_, weight, inputs, stride_wg), projected = _projection_args(
