@@ -87,19 +87,33 @@ class _WeightGradients(torch.autograd.Function):
         # inputs, with retain_graph) left its own, which must not count here
         state, this_pass = ctx.state, torch._C._current_graph_task_id()
         steps = sorted(((row, x, g) for task, row, x, g in state.steps if task == this_pass), key=lambda s: s[0])
-        buffer, _ = state.buffers.get(this_pass, (None, None))
         state.end()
         if not steps:  # no step's output reached the loss
             return None, None, None
-        if buffer is not None and all(g._base is buffer for _, _, g in steps) \
-                and sum(g.shape[0] for _, _, g in steps) == buffer.shape[0]:
-            grads = buffer  # every step wrote its rows there: G as it stands
-        else:
-            grads = torch.cat([g for _, _, g in steps])  # G [rows, out]
+        parts = [g for _, _, g in steps]
+        grads = _back_to_back(parts)  # G where it lies: this map's buffer, or rows of another map's
+        grads = torch.cat(parts) if grads is None else grads  # G [rows, out]
         inputs = torch.cat([x.to(grads.dtype) for _, x, _ in steps])  # X [rows, in]
         grad_weight = grads.t() @ inputs  # [out, in]
         grad_bias = grads.sum(0) if ctx.has_bias else None  # [out]
         return None, grad_weight, grad_bias
+
+
+def _back_to_back(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The parts [B_i, out] stacked [sum B_i, out] as one view, when they lie back to back in one buffer (rows
+    one stride apart, in order, the same columns); else None. A split map's G, in its own buffer, lies so;
+    so do the G of a map whose steps' gradients were written in place into another map's buffer (DRAW's
+    maps from r and z: their outputs' gradients are the gate gradients in the h_dec map's buffer)."""
+    first = parts[0]
+    base, stride, offset = first._base, first.stride(), first.storage_offset()
+    if base is None or first.dim() != 2:
+        return None
+    for part in parts:
+        if part._base is not base or part.stride() != stride or part.shape[1] != first.shape[1] \
+                or part.storage_offset() != offset:
+            return None
+        offset += part.shape[0] * stride[0]
+    return first.as_strided((sum(part.shape[0] for part in parts), first.shape[1]), stride)
 
 
 def _in_place(grad: torch.Tensor | None, place: torch.Tensor) -> bool:

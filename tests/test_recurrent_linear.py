@@ -267,6 +267,29 @@ def test_a_split_map_wider_than_its_parts_leaves_the_padding_out():
         RecurrentLinear(w, b)(h0, split=[*SPLIT, 1])
 
 
+def test_a_maps_g_found_back_to_back_in_another_buffer_is_not_copied():
+    """A map whose steps' output gradients were written in place, back to back, into another buffer's rows
+    (DRAW's maps from r and z: their G are the gate gradients in the h_dec map's buffer) forms its weight
+    gradient from them where they lie, with no cat of G; out of order, or apart, they are stacked by a cat.
+    The gradients are autograd's either way."""
+    w = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    xs = [torch.randn(B, 3, dtype=torch.float64) for _ in range(T)]
+    buffer = torch.randn(T * B + 1, 6 + 4, dtype=torch.float64)  # another map's: wider, a row more
+
+    def weight_grad(rows):
+        linear = RecurrentLinear(w)
+        ys = [linear(x) for x in xs]
+        grads = [buffer[r: r + B, 2:8] for r in rows]  # as its consumers would have written them
+        with OpCounter() as ops:
+            (grad,) = torch.autograd.grad(ys, w, grads)
+        return grad, ops.calls["cat"], grads
+
+    for rows, cats in (([t * B for t in range(T)], 1), ([t * B + (t > 0) for t in range(T)], 2)):  # back to back, apart
+        grad, counted, grads = weight_grad(rows)
+        assert counted == cats  # the inputs X always; G only when not back to back
+        torch.testing.assert_close(grad, sum(g.t() @ x for g, x in zip(grads, xs)), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("in_place", [(True, True, True), (True, False, True), (False, False, False)],
                          ids=["all", "some", "none"])
 def test_parts_whose_consumers_write_their_gradients_in_place(in_place):

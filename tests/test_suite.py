@@ -305,7 +305,9 @@ def test_the_launch_count_sees_each_fused_kernel_and_one_weight_gradient_per_map
     assert forward["attention_write_forward"] == backward["attention_write_backward"] == 1
     assert backward.get("add", 0) < T  # the canvas's two gradients are summed inside the read backward kernel
     assert forward["lstm_forward"] == backward["lstm_backward"] == 2 * T
-    assert backward.get("cat", 0) < T  # each consumer writes its gradient where the maps keep them: no cat per step
+    # each consumer writes its gradient where the maps keep them: no cat per step, and none of G; the four
+    # collectors' of their inputs alone
+    assert backward.get("cat", 0) == 4
     # the maps from h_dec and h_enc run T + 1 times (once on the initial states), the one from z T times; the
     # one from r is formed in the read kernels, its input's gradient too (kernels.Projection)
     assert forward["addmm"] == 2 * (T + 1) + T and forward["attention_read_forward"] == T
