@@ -11,7 +11,8 @@ limit, and its output is kept in DIR/PART.log. The correctness parts (verify, cu
 side, since they time nothing and mostly compile; every timing part runs alone. The parts:
     verify      `draw verify --quick`: the fused kernels against the reference, forward and every gradient
                 (its cases in up to 8 worker processes)
-    cuda-tests  tests/test_triton_attention.py and tests/test_latent_sample.py compiled on the GPU,
+    cuda-tests  tests/test_triton_attention.py, tests/test_latent_sample.py, tests/test_lstm_cell.py and
+                tests/test_projection.py compiled on the GPU,
                 tests/test_model.py (the model's fused CUDA LSTM cell) and the CUDA-graph step's captured
                 gradient all-reduce (tests/test_distributed.py), 8 workers where pytest-xdist is installed
                 (skipped by --quick and on CPU)
@@ -86,6 +87,7 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
         [("verify", [py, "-m", "draw", "verify", "--quick", "--json", str(out / "verify.json")], 300, {}),
          ("cuda-tests", [py, "-m", "pytest", "-q", "-rfs", *workers, str(ROOT / "tests" / "test_triton_attention.py"),
                          str(ROOT / "tests" / "test_latent_sample.py"), str(ROOT / "tests" / "test_lstm_cell.py"),
+                         str(ROOT / "tests" / "test_projection.py"),
                          str(ROOT / "tests" / "test_model.py"),
                          str(ROOT / "tests" / "test_distributed.py") + "::test_the_gradient_all_reduce_is_captured_in_the_cuda_graph",
                          f"--junitxml={out / 'cuda-tests.xml'}"], 240, {})],
