@@ -5,7 +5,8 @@ read is the generator's (x and the error image, Eq. 27); glimpse reads x alone, 
 classifier of Sec. 4.1 does; write adds a patch to the canvas (Eq. 29); write_read writes and then reads
 the new canvas, as DRAW does from one step to the next, in one launch each way on the GPU; latent_sample
 draws z_t and the per-image Gaussian terms of the loss, one launch each way on the GPU; lstm_cell is
-nn.LSTMCell's update from its two gate halves, one launch each way on the GPU.
+nn.LSTMCell's update from its two gate halves, one launch each way on the GPU, whose input half may come
+as a Projection (add + x W^T, DRAW's encoder input) that its kernels form themselves.
 
 Two backends share one API and one set of conventions (docs/conventions.md):
     "reference"  batched PyTorch (kernels/reference.py), any device, the definition of correctness;
