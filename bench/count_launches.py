@@ -30,10 +30,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import common
 from draw import DRAW, kernels
 from draw.config import PRESETS
-from draw.step import adam
 from draw.kernels import triton_attention as ta
 from draw.kernels import triton_latent as tlat
 from draw.kernels import triton_lstm as tlstm
+from draw.step import adam
 
 NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "split", "split_with_sizes", "chunk",
              "unbind", "slice", "select", "as_strided", "unsqueeze", "squeeze", "alias", "detach", "unflatten",

@@ -153,7 +153,7 @@ LATENT_SHAPES = ((1, 1), (7, 3), (37, 100), (5, 130), (3, 2500))  # (B, Z): odd,
 LATENT_PAPER = ((256, 100),)  # mnist-paper's Z
 LSTM_SHAPES = ((1, 1), (7, 3), (37, 100), (5, 600))  # (B, H): odd, and past one tile of H (512)
 LSTM_PAPER = ((256, 256), (100, 800))  # mnist-paper's and svhn-paper's LSTMs
-# (B, H, K) of the cell with a projected input half: odd, past one block of K (8), the widest formed in the
+# (B, H, K) of the cell with a projected input half: odd, K past mnist-paper's 8, the widest formed in the
 # kernels (K 128), and past one tile of H (600: formed before the cell); mnist-paper's encoder
 PROJECTED_LSTM_SHAPES = ((1, 1, 1), (7, 3, 8), (37, 100, 13), (5, 130, 128), (3, 600, 8))
 PROJECTED_LSTM_PAPER = ((256, 256, 8),)

@@ -75,7 +75,7 @@ def compare(batch, hidden, inputs, *, fused=True, dtype=f64, rtol=1e-12):
 @pytest.mark.parametrize("batch, hidden, inputs", [
     (1, 1, 1),
     (3, 5, 8),  # mnist-paper's encoder takes 8 glimpse values
-    (7, 37, 13),  # past one block of x's columns (8)
+    (7, 37, 13),  # an odd width of x, past mnist-paper's 8
     (2, 130, 128),  # the widest x formed in the kernels
     (3, 512, 3),  # the most hidden units one program holds
 ])
