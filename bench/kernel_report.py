@@ -9,6 +9,10 @@ ptxas that triton ships. Reported per kernel:
     registers       per thread (ptxas -v; 255 is the hardware limit, more goes to local memory)
     spill bytes     bytes of spill stores / spill loads per thread (ptxas -v): 0 means no spills
     stack           stack frame bytes per thread (ptxas -v)
+    shared B        shared memory per program (tl.dot stages its operands there)
+    programs / SM, warps / SM   how many programs (and their warps) one sm_90 multiprocessor holds at once
+                    by those registers and that shared memory (occupancy(): CUDA's calculator's rules).
+                    A program that waits on memory is hidden only by the others resident beside it
     SASS instrs     machine instructions in the cubin (cuobjdump -sass), of which LDL/STL (local memory)
     FFMA, SHFL, BAR, MMA   of those: fp32 FMAs, warp shuffles (cross-lane reductions), barriers and
                     tensor-core MMAs
@@ -21,18 +25,22 @@ ptxas that triton ships. Reported per kernel:
     PTX instrs      instructions in the PTX (statements ending in ';', no directives or labels)
 Every kernel is compiled in both contractions ("sum" and "dot", see kernels/triton_attention.py)
 unless --contractions says otherwise; the launchers' own choice ("auto") is one of the two. --num-warps
-compiles each kernel with the given warp counts instead of the launch's own (the rows say "warps_forced").
+compiles each kernel with the given warp counts instead of the launch's own (the rows say "warps_forced");
+--maxnreg with each of the given register caps (also DRAW_TRITON_LAUNCH=maxnreg=R), to weigh the spills a
+cap costs against the programs per SM it gains.
 The metadata are device-independent: triton and torch versions, ptxas version, commit, date.
 
     python bench/kernel_report.py                           # the default sizes, fp32 and bf16
     python bench/kernel_report.py --sizes mnist --n 5 --dtypes fp32,bf16,fp64 --no-write   # as the tests
     python bench/kernel_report.py --sizes mnist --dtypes fp32 --num-warps 1,2,4,8          # other warp counts
+    python bench/kernel_report.py --sizes svhn --dtypes fp32 --contractions auto --maxnreg none,64,96  # caps
 """
 
 import argparse
 import contextlib
 import datetime
 import io
+import itertools
 import os
 import re
 import subprocess
@@ -53,6 +61,9 @@ from draw.kernels import triton_attention as ta
 
 RESULTS_DIR = common.BENCH_DIR / "results"
 ARCH = 90  # H100 / H200
+# One sm_90 multiprocessor, as CUDA's occupancy calculator counts it (occupancy()): registers, allocated per
+# warp in units of 256; shared memory (228 KiB) and the 1 KiB reserved per program; warps and programs at most.
+_SM_REGISTERS, _REGISTER_UNIT, _SM_SHARED, _SHARED_RESERVED, _SM_WARPS, _SM_PROGRAMS = 65536, 256, 233472, 1024, 64, 32
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
@@ -133,7 +144,8 @@ def specialise(kernel, args, kwargs):
     """signature, constexprs and attrs for ASTSource, as Triton's JIT specialises a launch on a GPU."""
     kwargs = dict(kwargs)
     num_warps = kwargs.pop("num_warps")
-    kwargs.pop("num_stages", None)  # a launch option, as num_warps (DRAW_TRITON_LAUNCH may set it)
+    for option in ("num_stages", "maxnreg"):  # launch options, as num_warps (DRAW_TRITON_LAUNCH may set them)
+        kwargs.pop(option, None)
     signature, constexprs, attrs = {}, dict(kwargs), {}
     for index, (name, value) in enumerate(zip(kernel.arg_names, args)):
         if isinstance(value, torch.Tensor):
@@ -158,9 +170,12 @@ def _tool(name: str) -> str:
     return get_ptxas(ARCH).path if name == "ptxas" else getattr(triton.knobs.nvidia, name).path
 
 
-def compile_with_ptxas_log(source: ASTSource, num_warps: int, num_stages: int | None = None):
-    """triton.compile for sm_ARCH, and the log of triton's own ptxas -v run (always compiled afresh)."""
-    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+def compile_with_ptxas_log(source: ASTSource, num_warps: int, num_stages: int | None = None,
+                           maxnreg: int | None = None):
+    """triton.compile for sm_ARCH, and the log of triton's own ptxas -v run (always compiled afresh);
+    maxnreg caps the registers per thread (ptxas spills the rest)."""
+    options = {"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg}
+    options = {key: value for key, value in options.items() if value is not None}
     knobs = triton.knobs
     saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
     knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
@@ -252,20 +267,34 @@ def contraction_label(kwargs: dict) -> str:
     return read if not kwargs.get("HAS_WRITE") or read == write else f"{read}/{write}"
 
 
+def occupancy(registers: int, num_warps: int, shared: int) -> dict:
+    """Programs and warps one sm_90 multiprocessor holds at once, from the registers per thread and the
+    shared memory per program (the limits: _SM_REGISTERS and the rest)."""
+    warp_registers = -(-registers * 32 // _REGISTER_UNIT) * _REGISTER_UNIT
+    by_registers = (_SM_REGISTERS // warp_registers) // num_warps
+    by_shared = _SM_SHARED // (shared + _SHARED_RESERVED)
+    programs = min(by_registers, by_shared, _SM_WARPS // num_warps, _SM_PROGRAMS)
+    return {"programs_per_sm": programs, "warps_per_sm": programs * num_warps}
+
+
+
 def report_one(variant: str, size: Size, n: int, dtype_name: str, num_warps: int | None = None,
-               write_n: int | None = None) -> dict:
-    """One kernel as the launcher launches it; num_warps, when given, replaces the launch's warps; write_n:
-    the write's grid of a write-read (n is the read's)."""
+               write_n: int | None = None, maxnreg: int | None = None) -> dict:
+    """One kernel as the launcher launches it; num_warps and maxnreg, when given, replace the launch's
+    warps and register cap; write_n: the write's grid of a write-read (n is the read's)."""
     kernel, args, kwargs = record_launch(variant, size, n, DTYPES[dtype_name], write_n)
     signature, constexprs, attrs, launched_warps = specialise(kernel, args, kwargs)
     forced, num_warps = num_warps is not None, num_warps or launched_warps
+    maxnreg = maxnreg or kwargs.get("maxnreg")
     compiled, log = compile_with_ptxas_log(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
-                                           num_warps, kwargs.get("num_stages"))
+                                           num_warps, kwargs.get("num_stages"), maxnreg)
     row = {"kernel": variant if write_n is None else f"{variant} (write n {write_n})",
            "size": f"{size.channels}x{size.height}x{size.width}", "n": n, "dtype": dtype_name,
            "contract": contraction_label(kwargs), "num_warps": num_warps, "warps_forced": forced,
-           "block": f"{kwargs['BLOCK_N']}x{kwargs['BLOCK_H']}x{kwargs['BLOCK_W']}"}
+           "maxnreg": maxnreg or "-", "block": f"{kwargs['BLOCK_N']}x{kwargs['BLOCK_H']}x{kwargs['BLOCK_W']}"}
     row.update(ptxas_usage(log))
+    row["shared"] = compiled.metadata.shared
+    row.update(occupancy(row["registers"], num_warps, row["shared"]))
     row.update(sass_counts(compiled.asm["cubin"], loop_trips=-(-size.height // kwargs["BLOCK_H"]),
                            outer_trips=kwargs["COL_TILES"]))
     # every warp of the program runs every instruction; one program covers one channel's H x W pixels
@@ -279,8 +308,9 @@ def report_one(variant: str, size: Size, n: int, dtype_name: str, num_warps: int
 
 
 COLUMNS = [("kernel", "kernel"), ("size", "C x H x W"), ("n", "n"), ("dtype", "dtype"), ("contract", "contract"),
-           ("block", "block N x H x W"), ("num_warps", "warps"), ("registers", "registers"),
-           ("spill_stores", "spill st B"), ("spill_loads", "spill ld B"), ("stack", "stack B"),
+           ("block", "block N x H x W"), ("num_warps", "warps"), ("maxnreg", "maxnreg"), ("registers", "registers"),
+           ("spill_stores", "spill st B"), ("spill_loads", "spill ld B"), ("stack", "stack B"), ("shared", "shared B"),
+           ("programs_per_sm", "programs / SM"), ("warps_per_sm", "warps / SM"),
            ("sass_instructions", "SASS instrs"), ("sass_local", "LDL/STL"), ("sass_ffma", "FFMA"),
            ("sass_shfl", "SHFL"), ("sass_bar", "BAR"), ("sass_mma", "MMA"),
            ("warp_instrs_per_pixel", "warp instrs / pixel"), ("local_per_pixel", "LDL/STL / pixel"),
@@ -293,9 +323,10 @@ def compare_contractions(rows: list[dict]) -> list[dict]:
     pairs = {}
     for row in rows:
         forced = row["num_warps"] if row.get("warps_forced") else None  # with --num-warps: pairs at equal warps
-        pairs.setdefault((row["kernel"], row["size"], row["n"], row["dtype"], forced), {})[row["contract"]] = row
+        key = (row["kernel"], row["size"], row["n"], row["dtype"], forced, row.get("maxnreg"))
+        pairs.setdefault(key, {})[row["contract"]] = row
     compared = []
-    for (kernel, size, n, dtype, _forced), pair in pairs.items():
+    for (kernel, size, n, dtype, _forced, _maxnreg), pair in pairs.items():
         if not {"sum", "dot"} <= set(pair):
             continue
         with mock.patch.dict(os.environ, {"DRAW_TRITON_CONTRACTION": "auto"}):
@@ -349,6 +380,10 @@ def main(argv=None) -> int:
     parser.add_argument("--num-warps", type=common.split_list, default=None, metavar="W,...",
                         help="compile every kernel with each of these warp counts instead of the launch's own "
                         "(e.g. 1,2,4,8: what fewer or more warps per program would issue)")
+    parser.add_argument("--maxnreg", type=common.split_list, default=None, metavar="R,...",
+                        help="compile every kernel with each of these register caps per thread (ptxas's .maxnreg; "
+                        "'none' for the launch's own, e.g. none,64,96: the spills a cap costs against the programs "
+                        "per SM it gains)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     common.check_choices(parser, "--sizes", args.sizes, SIZES)
@@ -359,6 +394,11 @@ def main(argv=None) -> int:
         if not all(w.isdigit() and int(w) in (1, 2, 4, 8, 16) for w in args.num_warps):
             parser.error(f"--num-warps: powers of two from 1 to 16, got {','.join(args.num_warps)}")
         args.num_warps = [int(w) for w in args.num_warps]
+    if args.maxnreg:
+        allowed = ta.LAUNCH_SETTINGS["maxnreg"]
+        if not all(r == "none" or r.isdigit() and int(r) in allowed for r in args.maxnreg):
+            parser.error(f"--maxnreg: each none or one of {', '.join(map(str, allowed))}, got {','.join(args.maxnreg)}")
+        args.maxnreg = [None if r == "none" else int(r) for r in args.maxnreg]
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("compiles for the GPU: unset TRITON_INTERPRET (the interpreter compiles nothing)")
 
@@ -371,10 +411,10 @@ def main(argv=None) -> int:
                 for size in (SIZES[name] for name in args.sizes):
                     for variant in args.kernels:
                         for write_n, n in grids(variant, size, args.n):
-                            for warps in args.num_warps or [None]:
+                            for warps, cap in itertools.product(args.num_warps or [None], args.maxnreg or [None]):
                                 common.log(f"compiling {variant} {size.name} n={n} {dtype_name} {contract}"
-                                           + (f" {warps} warps" if warps else ""))
-                                rows.append(report_one(variant, size, n, dtype_name, warps, write_n))
+                                           + (f" {warps} warps" if warps else "") + (f" maxnreg {cap}" if cap else ""))
+                                rows.append(report_one(variant, size, n, dtype_name, warps, write_n, cap))
     meta = {
         "target": f"sm_{ARCH} (compiled, not run: no GPU needed)", "triton": triton.__version__,
         "torch": torch.__version__, "ptxas": ptxas_version(), "commit": common.git_commit(),

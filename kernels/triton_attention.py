@@ -807,12 +807,15 @@ def num_warps_override() -> int | None:
     return int(value)
 
 
-# DRAW_TRITON_LAUNCH's settings and the values each may take (BLOCK_W: a column tile, so any power of two)
+# DRAW_TRITON_LAUNCH's settings and the values each may take (BLOCK_W: a column tile, so any power of two).
+# maxnreg caps the registers per thread (ptxas's .maxnreg; unset: no cap), trading spills for programs per
+# multiprocessor: the 3x54x54 read kernels hold 128-255 registers, 1-2 programs per SM (bench/RESULTS.md).
 LAUNCH_SETTINGS = {
     "BLOCK_H": (1, 2, 4, 8, 16, 32, 64, 128, 256),
     "BLOCK_W": (2, 4, 8, 16, 32, 64, 128, 256, 512),
     "num_warps": (1, 2, 4, 8, 16),
     "num_stages": (1, 2, 3, 4, 5),
+    "maxnreg": (32, 40, 48, 56, 64, 72, 80, 96, 112, 128, 168, 255),
 }
 
 

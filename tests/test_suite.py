@@ -371,13 +371,14 @@ def test_the_tuner_descends_to_the_fastest_settings(monkeypatch):
     """The search moves to the fastest neighbour while it gains more than --min-gain, never to a wrong or
     failed candidate, and stops at a local optimum (times from a stand-in for the GPU)."""
     tune = import_bench("tune_attention")
-    best = {"BLOCK_H": 32, "BLOCK_W": 32, "num_warps": 4, "num_stages": 2}
+    best = {"BLOCK_H": 32, "BLOCK_W": 32, "num_warps": 4, "num_stages": 2, "maxnreg": 96}
     faulty = {**best, "BLOCK_H": 64}  # a neighbour of the best: would time fastest, but gives wrong results
 
     def fake_evaluate(target, settings, case, reference, args, device, copy_gbps):
         current = settings or tune.start_settings(target.launcher_config(device))
-        # each step away from `best` (a power of two in a block or the warps, one pipeline stage) costs 10 %
-        steps = abs(current["num_stages"] - best["num_stages"]) + sum(
+        # each step away from `best` (a power of two in a block or the warps, one pipeline stage, another
+        # register cap or none) costs 10 %
+        steps = abs(current["num_stages"] - best["num_stages"]) + (current.get("maxnreg") != best["maxnreg"]) + sum(
             abs(current[k].bit_length() - best[k].bit_length()) for k in ("BLOCK_H", "BLOCK_W", "num_warps"))
         wrong = current == faulty
         return {"op": target.op, "size": target.size.name, "kernel": target.kernel, "contraction": target.contraction,
@@ -392,7 +393,7 @@ def test_the_tuner_descends_to_the_fastest_settings(monkeypatch):
     size = tune.ba.Size("test", 2, 1, 54, 54, 12, 12)  # launchers at 3x54x54 fwd: BLOCK_H 16, 64 columns, 4 warps
     target = tune.Target("read", size, "fwd", "auto")
     start = tune.start_settings(target.launcher_config(torch.device("cpu")))
-    assert start != best
+    assert "maxnreg" not in start  # no cap unless asked for
     rows = []
     summary = tune.tune(target, args, torch.device("cpu"), 1.0, rows)
     assert summary["best_settings"] == tune.settings_text(best)
@@ -407,4 +408,4 @@ def test_the_tuner_descends_to_the_fastest_settings(monkeypatch):
     unchanged = {**summary, "size": "1x1x28x28", "best_settings": "launchers'"}
     assert tune.launch_lines([summary, backward, unchanged]) == [
         "read 2x1x54x54 (auto): DRAW_TRITON_LAUNCH=fwd.BLOCK_H=32,fwd.BLOCK_W=32,fwd.num_warps=4,fwd.num_stages=2,"
-        "bwd.num_warps=2"]
+        "fwd.maxnreg=96,bwd.num_warps=2"]

@@ -422,7 +422,9 @@ def test_launch_overrides(monkeypatch):
 
     monkeypatch.setenv("DRAW_TRITON_NUM_WARPS", "1")
     assert config(12, 54, 54, True, f32)["num_warps"] == 1 and config(12, 54, 54, False, f32)["num_warps"] == 2
-    for bad in ("BLOCK_H=24", "BLOCK_H", "rows=8", "up.BLOCK_H=8", "num_warps=32", "BLOCK_W=x"):
+    monkeypatch.setenv("DRAW_TRITON_LAUNCH", "fwd.maxnreg=80")  # a register cap: absent unless set
+    assert config(12, 54, 54, False, f32)["maxnreg"] == 80 and "maxnreg" not in config(12, 54, 54, True, f32)
+    for bad in ("BLOCK_H=24", "BLOCK_H", "rows=8", "up.BLOCK_H=8", "num_warps=32", "BLOCK_W=x", "maxnreg=81"):
         monkeypatch.setenv("DRAW_TRITON_LAUNCH", bad)
         with pytest.raises(ValueError, match=f"DRAW_TRITON_LAUNCH entry {bad!r}"):
             config(2, 28, 28, False, f32)
@@ -436,7 +438,7 @@ def test_launch_overrides(monkeypatch):
     ("BLOCK_H=4,BLOCK_W=8", "sum", f64),  # 5 row blocks and 5 column tiles, the last of each partial
     ("fwd.BLOCK_H=2,fwd.BLOCK_W=64,bwd.BLOCK_H=64,bwd.BLOCK_W=8", "sum", f64),
     ("BLOCK_H=16,BLOCK_W=16", "dot", f32),  # tl.dot's smallest blocks: 3 column tiles, 2 row blocks
-    ("BLOCK_H=64,BLOCK_W=64,num_warps=1,num_stages=3", "dot", f32),
+    ("BLOCK_H=64,BLOCK_W=64,num_warps=1,num_stages=3,maxnreg=64", "dot", f32),
 ])
 def test_right_at_any_launch_settings(monkeypatch, launch, contract, dtype):
     """Every setting DRAW_TRITON_LAUNCH accepts gives the reference's values and gradients (what
@@ -833,9 +835,9 @@ def test_double_backward_raises_clearly():
 # ---------------------------------------------------------------------------------------------
 
 
-def run_kernel_report(*args, write: bool = False):
+def run_kernel_report(*args, write: bool = False, check: bool = True):
     """bench/kernel_report.py in a process without Triton's interpreter (it compiles for sm_90): --no-write
-    unless write (then args name the --json and --markdown paths)."""
+    unless write (then args name the --json and --markdown paths); check: it must succeed."""
     import pathlib
     import subprocess
     import sys
@@ -847,7 +849,7 @@ def run_kernel_report(*args, write: bool = False):
     result = subprocess.run([sys.executable, "bench/kernel_report.py", *args, *([] if write else ["--no-write"])],
                             cwd=root, env=env,
                             capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0 or not check, result.stderr[-4000:]
     return result
 
 
@@ -934,6 +936,39 @@ def test_kernel_report_counts_sass():
     counts = report.count_sass(nested, loop_trips=4, outer_trips=3)
     assert counts["sass_dynamic"] == 2 + 3 * (3 + 2 * 4)
     assert counts["sass_dynamic_local"] == 3 * (1 + 4)
+
+
+def test_kernel_report_counts_programs_per_multiprocessor():
+    """The occupancy column as CUDA's calculator counts it on sm_90: registers allocated per warp in units of
+    256, shared memory with 1 KiB reserved per program, at most 64 warps and 32 programs."""
+    occupancy = import_bench("kernel_report").occupancy
+    assert occupancy(128, 4, 13312) == {"programs_per_sm": 4, "warps_per_sm": 16}  # 4,096 registers a warp
+    assert occupancy(116, 4, 13312)["programs_per_sm"] == 4  # 116 -> 120 per thread: 17 warps, 4 programs
+    assert occupancy(255, 1, 4096)["programs_per_sm"] == 8  # 8,160 -> 8,192 a warp
+    assert occupancy(48, 8, 8192) == {"programs_per_sm": 5, "warps_per_sm": 40}
+    assert occupancy(32, 1, 100_000)["programs_per_sm"] == 2  # by shared memory
+    assert occupancy(32, 16, 0)["programs_per_sm"] == 4  # by warps
+    assert occupancy(16, 1, 0)["programs_per_sm"] == 32  # by programs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ON_CUDA, reason="with CUDA every kernel is compiled and run by the tests above")
+def test_kernel_report_caps_the_registers(tmp_path):
+    """--maxnreg R compiles under ptxas's register cap: at most R registers per thread, the spills it costs
+    reported, and more programs per multiprocessor than without the cap; a cap not in LAUNCH_SETTINGS is refused."""
+    import json
+
+    path = tmp_path / "report.json"
+    run_kernel_report("--sizes", "mnist", "--n", "5", "--dtypes", "fp32", "--contractions", "dot",
+                      "--kernels", "read bwd", "--maxnreg", "32,none", "--json", str(path),
+                      "--markdown", str(tmp_path / "report.md"), write=True)
+    capped, free = json.loads(path.read_text())["results"]
+    assert (capped["maxnreg"], free["maxnreg"]) == (32, "-")
+    assert capped["registers"] <= 32 < free["registers"]
+    assert capped["programs_per_sm"] > free["programs_per_sm"]
+    assert capped["spill_stores"] >= free["spill_stores"]
+    refused = run_kernel_report("--maxnreg", "33", check=False)
+    assert refused.returncode == 2 and "--maxnreg: each none or one of 32, 40" in refused.stderr
 
 
 def test_kernel_report_pairs_the_contractions_at_equal_warps(capsys):
