@@ -29,7 +29,8 @@ def temp_path(target: pathlib.Path) -> pathlib.Path:
 def atomic_write(path, write: Callable[[BinaryIO], object], *, durable: bool = True) -> pathlib.Path:
     """write(file) to a temporary file next to `path`, then os.replace it onto `path`.
 
-    durable: fsync the file before the rename, so the new content survives a power loss too.
+    durable: fsync the file before the rename and the directory after it, so that the new content, and the
+    name pointing at it, survive a power loss too.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,9 +42,23 @@ def atomic_write(path, write: Callable[[BinaryIO], object], *, durable: bool = T
             if durable:
                 os.fsync(f.fileno())
         os.replace(temp, path)
+        if durable:
+            _fsync_directory(path.parent)
     finally:
         temp.unlink(missing_ok=True)
     return path
+
+
+def _fsync_directory(directory: pathlib.Path) -> None:
+    """Flush a directory's entries (a rename in it) to disk; where a directory cannot be opened (not POSIX), nothing."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path, text: str, *, durable: bool = True) -> pathlib.Path:

@@ -28,14 +28,22 @@ EXIT_TIME_LIMIT = 75  # `draw train --time-limit` stopped the run before its end
 log = logging.getLogger("draw")
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str, *, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, least=1)
+
+
+def _nonnegative_int(text: str) -> int:
+    return _whole_number(text, least=0)
 
 
 def _finite_float(text: str, *, zero_allowed: bool) -> float:
@@ -118,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float,
                    help="Adam learning rate (default: the preset's, scaled by sqrt(batch / preset batch) when --batch-size differs)")
     t.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="constant, or cosine decay to lr/10 (default: the preset's)")
-    t.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up over this many steps (default 0)")
+    t.add_argument("--warmup-steps", type=_nonnegative_int, help="linear learning-rate warm-up over this many steps (default 0)")
     t.add_argument("--amp", choices=("none", "bf16"), help="bf16 autocast (default none)")
     t.add_argument("--tf32", action="store_true", default=None, help="CUDA: TF32 matmuls for the LSTMs and linear layers")
     t.add_argument("--seed", type=_seed, help="random seed (default 0)")
@@ -221,6 +229,8 @@ def cmd_train(args) -> int:
     runtime = dict(backend=args.backend, step_mode=args.step_mode or (None if args.resume else preset.step_mode),
                    compile_mode=args.compile_mode, data_dir=args.data_dir, progress=False if args.no_progress else None,
                    tensorboard=args.tensorboard, deadline=deadline)
+    if args.resume and "epochs" in given and "steps" not in given:
+        given["steps"] = None  # a run started with --steps continues for --epochs passes: steps would win
     if not args.resume:
         if "batch_size" in given and "lr" not in given:
             given["lr"] = scaled_lr(preset.train.lr, preset.train.batch_size, given["batch_size"])
@@ -262,7 +272,7 @@ def cmd_eval(args) -> int:
     log.info(f"data: {data.source}")
     images = data.test if args.split == "test" else data.valid
     if not hasattr(model, "generate"):  # the glimpse classifier: test error
-        result = evaluate_classifier(model, images, data.labels[args.split], batch_size=args.batch_size, device=device,
+        result = evaluate_classifier(model, images, data.split_labels(args.split), batch_size=args.batch_size, device=device,
                                      progress=sys.stderr.isatty())
         print(f"{dataset} {args.split}: error {100 * result['error']:.2f} % ({result['images']} images, "
               f"cross-entropy {result['loss']:.4f} nats, step {payload.get('step', '?')})")
@@ -294,7 +304,7 @@ def cmd_sample(args) -> int:
         cfg = model.config
         data = load_dataset(payload["train_config"]["dataset"], args.data_dir, shape=(cfg.channels, cfg.height, cfg.width))
         count = min(args.n, len(data.test))
-        print(f"wrote {save_glimpse_figure(model, data.images('test', slice(0, count)), data.labels['test'][:count], out / 'glimpses.png')}")
+        print(f"wrote {save_glimpse_figure(model, data.images('test', slice(0, count)), data.split_labels('test')[:count], out / 'glimpses.png')}")
         return 0
     training_images = None
     if args.neighbours:

@@ -35,7 +35,7 @@ from draw.evaluate import evaluate_bound, evaluate_classifier
 from draw.kernels import resolve_backend
 from draw.model import DRAW
 from draw.rundir import CHECKPOINT, METRICS, SUMMARY, MetricsLog, NoMetrics, RunLock
-from draw.step import TrainStep, step_statistics
+from draw.step import TrainStep, resolve_step_mode, step_statistics
 
 log = logging.getLogger("draw")
 
@@ -103,9 +103,7 @@ class BatchSampler:
         self.config = config
         self.labels = None
         if with_labels:
-            if not data.labels or "train" not in data.labels:
-                raise ValueError(f"{data.name} has no labels to train a classifier on")
-            self.labels = data.labels["train"].to(device)  # [N]
+            self.labels = data.split_labels("train").to(device)  # [N]
         self.device = device
         self.fresh = data.fresh_train if config.fresh_clutter else None
         if config.fresh_clutter and self.fresh is None:
@@ -254,6 +252,32 @@ def _resumed_configs(payload: dict, model_config: DRAWConfig | ClassifierConfig 
     return requested
 
 
+def _resumed_step_mode(saved: str | None, device: torch.device, world: World) -> str:
+    """The step mode a resume runs when none is asked for: the one that ran the run (the same float rounding),
+    or "auto" where that one cannot run (a CUDA graph's run resumed on a CPU), said in one line."""
+    if saved is None:
+        return "auto"
+    try:
+        resolve_step_mode(saved, device, under_ddp=world.size > 1)
+    except ValueError as e:
+        log.info(f"resume: the run's {saved} step cannot run here ({e}); the step is \"auto\" (--step chooses)")
+        return "auto"
+    return saved
+
+
+def _check_resumed_length(payload: dict, config: TrainConfig, start_step: int, total_steps: int, per_epoch: int) -> None:
+    """Refuse a resumed run that would end before its checkpoint's step; say how a new length moves a cosine
+    schedule's learning rate (lr_at follows step / total_steps)."""
+    if total_steps < start_step:
+        raise ValueError(f"{payload['path']} is at step {start_step}; --steps / --epochs would end the run at step "
+                         f"{total_steps}, before it (give at least {start_step} steps)")
+    saved_total = TrainConfig.from_dict(payload["train_config"]).total_steps(per_epoch)
+    if config.lr_schedule == "cosine" and saved_total != total_steps and start_step < total_steps:
+        log.info(f"resume: the cosine schedule now ends at step {total_steps} instead of {saved_total}; the lr at step "
+                 f"{start_step} goes from {lr_at(config, start_step, saved_total):.3g} to "
+                 f"{lr_at(config, start_step, total_steps):.3g}")
+
+
 def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, train_config: TrainConfig | None, resume: bool,
               overrides: dict, device: torch.device, backend: str, step_mode: str | None, compile_mode: str,
               data_dir, progress: bool, tensorboard, world: World = SINGLE) -> Run:
@@ -270,7 +294,7 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
         config = _resumed_configs(payload, model_config, overrides)
         model = model_from_checkpoint(payload)
         start_step = payload["step"]
-        step_mode = step_mode or payload.get("step_mode") or "auto"  # the mode that ran it: the same float rounding
+        step_mode = step_mode or _resumed_step_mode(payload.get("step_mode"), device, world)
     else:
         if world.is_main and ckpt_path.exists():
             raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
@@ -302,6 +326,8 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
         raise ValueError(f"--batch-size {config.batch_size} is larger than the training set ({len(data.train)} images of {config.dataset})")
     sampler = BatchSampler(data, config, device, with_labels=not isinstance(model, DRAW))
     total_steps = config.total_steps(sampler.per_epoch)
+    if resume:
+        _check_resumed_length(payload, config, start_step, total_steps, sampler.per_epoch)
     step = TrainStep(model, lr=config.lr, grad_clip=config.grad_clip, amp=config.amp, tf32=config.tf32, mode=step_mode,
                      compile_mode=compile_mode, device=device, accumulate=config.accumulate, world=world)
     if step.gradient_sync is not None:
@@ -325,7 +351,9 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(out_dir / METRICS, start_step if resume else None)
-    writer = summary_writer(log_dir=str(tensorboard)) if summary_writer is not None else None
+    # on resume, TensorBoard's events past the checkpoint (written before a crash) are dropped, as metrics.jsonl's are
+    writer = (summary_writer(log_dir=str(tensorboard), purge_step=start_step + 1 if resume else None)
+              if summary_writer is not None else None)
     return Run(out_dir, model, step, config, data, sampler, metrics, device, start_step, total_steps, sums, count,
                progress=progress, tensorboard=writer, good_checkpoint_step=start_step if resume else None, world=world)
 
@@ -390,13 +418,14 @@ STAT_LABELS = {"loss": "loss", "l_x": "L_x", "l_z": "L_z", "error": "error", "gr
 STAT_FORMATS = {"error": ".4f", "clipped": ".0%"}  # how the log line shows each statistic; the rest ".2f"
 
 
-def _log_interval(run: Run, step: int, seconds: float) -> dict:
-    """Write the training record of the interval ending at `step`; returns the progress bar's postfix."""
+def _log_interval(run: Run, step: int, seconds: float, timed_steps: int) -> dict:
+    """Write the training record of the interval ending at `step`, whose last `timed_steps` steps took `seconds`
+    of training (this process's: a resumed interval began before it); returns the progress bar's postfix."""
     values = dict(zip(step_statistics(run.model), (run.sums / run.count).tolist()))  # one device sync per interval
     for name, value in values.items():
         if not math.isfinite(value):
             raise TrainingDiverged(_diverged_message(run, step, f"the training {STAT_LABELS[name]} became {value}"))
-    rate = run.count * run.config.batch_size / seconds
+    rate = timed_steps * run.config.batch_size / seconds
     record = {"step": step, "epoch": round(step / run.sampler.per_epoch, 4), **values,
               "lr": lr_at(run.config, step - 1, run.total_steps), "images_per_s": rate}
     run.metrics.write(record)
@@ -419,7 +448,7 @@ def run_loop(run: Run) -> int | None:
     cfg = run.config
     step = run.start_step
     bar = tqdm(total=run.total_steps, initial=step, desc="train", unit="step", disable=not run.progress, dynamic_ncols=True)
-    tick = time.perf_counter()
+    tick, timed = time.perf_counter(), 0  # the steps this process has run since tick
     try:
         with StopRequest() as stop:
             while step < run.total_steps:
@@ -427,14 +456,16 @@ def run_loop(run: Run) -> int | None:
                 step += 1
                 run.sums += stats
                 run.count += 1
+                timed += 1
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == run.total_steps:
-                    bar.set_postfix(**_log_interval(run, step, time.perf_counter() - tick), refresh=False)
-                    tick = time.perf_counter()
+                    bar.set_postfix(**_log_interval(run, step, time.perf_counter() - tick, timed), refresh=False)
+                    tick, timed = time.perf_counter(), 0
                 if step % cfg.eval_every == 0 or step == run.total_steps:
+                    evaluating = time.perf_counter()
                     run.last_eval = _evaluate(run, step)
                     (bar.write if run.progress else log.info)(f"step {step}: {_headline(run.last_eval)}")
-                    tick = time.perf_counter()  # evaluation time is not training time
+                    tick += time.perf_counter() - evaluating  # evaluation time is not training time
                 timed_out = run.deadline is not None and time.monotonic() >= run.deadline
                 # every rank stops after the same step
                 stopping = run.world.agree_on_stop(stop.signum or (TIME_LIMIT if timed_out else None))

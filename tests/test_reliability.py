@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import zipfile
 
 import pytest
@@ -120,6 +121,25 @@ def test_a_full_disk_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     assert err[-1].startswith("draw train: error: No space left on device: ") and "checkpoint.pt" in err[-1]
 
 
+@pytest.mark.parametrize("durable", [True, False])
+def test_a_durable_write_flushes_the_file_and_then_its_directory(tmp_path, monkeypatch, durable):
+    """durable: the file's content before the rename, then the directory that now names it (the rename)."""
+    import stat
+
+    from draw import atomic
+
+    flushed = []
+    fsync = os.fsync
+
+    def recording(fd):
+        flushed.append("directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", recording)
+    path = atomic.atomic_write_text(tmp_path / "summary.json", "{}", durable=durable)
+    assert path.read_text() == "{}" and flushed == (["file", "directory"] if durable else [])
+
+
 # --- 4. SIGTERM exits after a checkpoint ----------------------------------------------------------
 
 
@@ -219,6 +239,65 @@ def test_resume_honours_schedule_flags(tmp_path, caplog):
     payload = load_checkpoint(out)
     assert payload["step"] == 4 and payload["train_config"]["checkpoint_every"] == 1
     assert main(TRAIN + ["--resume", "--out", str(out), "--batch-size", "8"]) == 0  # the same value is no change
+
+
+def test_resume_refuses_a_length_that_ends_before_the_checkpoint(tmp_path, capsys):
+    out = run_dir(tmp_path, steps=4)
+    before = (out / "checkpoint.pt").read_bytes(), (out / "metrics.jsonl").read_text()
+    assert main(TRAIN + ["--resume", "--out", str(out), "--steps", "3"]) == 2
+    assert "is at step 4; --steps / --epochs would end the run at step 3" in capsys.readouterr().err
+    assert ((out / "checkpoint.pt").read_bytes(), (out / "metrics.jsonl").read_text()) == before
+
+
+def test_resume_with_epochs_continues_a_run_started_with_steps(tmp_path, caplog):
+    """--epochs on resume replaces the --steps the run was started with (which would otherwise win)."""
+    out = run_dir(tmp_path, steps=2)
+    assert main(TRAIN + ["--resume", "--out", str(out), "--epochs", "0.05"]) == 0  # 512 / 8 = 64 steps an epoch
+    assert "resume: steps 2 -> None" in caplog.text and "resume: epochs" in caplog.text
+    assert load_checkpoint(out)["step"] == 3  # round(0.05 * 64)
+
+
+def test_a_cosine_run_resumed_longer_says_how_its_learning_rate_moves(tmp_path, caplog):
+    out = run_dir(tmp_path, steps=2, lr_schedule="cosine")
+    train(out, resume=True, overrides={"steps": 4}, **QUIET)
+    assert "the cosine schedule now ends at step 4 instead of 2; the lr at step 2 goes from 0.0002 to 0.0011" in caplog.text
+
+
+def test_a_cuda_graph_run_resumes_on_a_cpu_with_the_automatic_step(tmp_path, caplog):
+    """A run whose checkpoint says its step was a CUDA graph (the default on CUDA) resumes where none can run."""
+    out = run_dir(tmp_path, steps=2)
+    rewrite(out / "checkpoint.pt", lambda p: p.update(step_mode="cuda-graph"))
+    train(out, resume=True, overrides={"steps": 3}, **QUIET)
+    assert "the run's cuda-graph step cannot run here" in caplog.text
+    payload = load_checkpoint(out)
+    assert payload["step"] == 3 and payload["step_mode"] == "eager"
+
+
+def test_images_per_second_counts_training_time_alone(tmp_path, monkeypatch):
+    """The rate of each logged interval: the steps this process ran in it over their time, evaluation left out
+    (on a clock that gives every step 1 s and every evaluation 100 s), before and after a resume."""
+    from draw import train as train_module
+
+    clock = types.SimpleNamespace(now=0.0, monotonic=time.monotonic)
+    clock.perf_counter = lambda: clock.now
+    monkeypatch.setattr(train_module, "time", clock)
+    step, evaluate = train_module.TrainStep.__call__, train_module._evaluate
+
+    def timed_step(self, *args, **kwargs):
+        clock.now += 1.0
+        return step(self, *args, **kwargs)
+
+    def timed_evaluate(*args, **kwargs):
+        clock.now += 100.0
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module.TrainStep, "__call__", timed_step)
+    monkeypatch.setattr(train_module, "_evaluate", timed_evaluate)
+    out = run_dir(tmp_path, steps=5, log_every=2, eval_every=3, checkpoint_every=5)
+    train(out, resume=True, overrides={"steps": 8, "log_every": 4}, **QUIET)  # resumed in an interval (step 5 of 8)
+    rates = [r["images_per_s"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "images_per_s" in r]
+    assert rates == [8.0] * 4  # at steps 2, 4, 5, then 8 (steps 6-8 in this process); batch 8
 
 
 def test_resuming_a_finished_run_adds_no_evaluation(tmp_path):

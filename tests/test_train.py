@@ -488,6 +488,8 @@ def test_threads_are_set_before_torch_is_imported(tmp_path):
     (["train", "--epochs", "inf"], "must be a finite number > 0"),
     (["train", "--seed", "1e20"], "must be a whole number"),
     (["train", "--seed", str(2**40)], "must be from 0 to"),
+    (["train", "--warmup-steps", "-2"], "argument --warmup-steps: must be >= 0, got -2"),
+    (["train", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
 ])
 def test_cli_refuses_bad_numbers_before_anything(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
