@@ -408,6 +408,30 @@ def test_tensorboard_logging(tmp_path):
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
 
 
+def test_a_resumed_run_purges_tensorboard_events_past_its_checkpoint(tmp_path, monkeypatch):
+    """Events a crashed process wrote after its last checkpoint are dropped on resume (SummaryWriter's
+    purge_step), as metrics.jsonl's lines past it are."""
+    from draw import train as train_module
+
+    opened = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            opened.append(purge_step)
+
+        def add_scalar(self, *args):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(train_module, "_summary_writer_class", lambda: Writer)
+    out = tmp_path / "run"
+    train(out, model_config=SMALL, train_config=train_config(steps=2), tensorboard=tmp_path / "tb", **QUIET)
+    train(out, resume=True, overrides={"steps": 3}, tensorboard=tmp_path / "tb", **QUIET)
+    assert opened == [None, 3]
+
+
 def test_cli_refuses_triton_on_cpu_before_writing(tmp_path, capsys, monkeypatch):
     from draw import kernels
 
