@@ -169,7 +169,7 @@ def make_inputs(op: str, size: Size, mode: str, device: torch.device, seed: int 
         tensors = {"patch": randn(b, c, size.write_n, size.write_n), "write_params": params, "canvas": canvas,
                    "x": x, "read_params": 0.5 * randn(b, 5)}
         grad_names = ("patch", "write_params", "canvas", "read_params")
-        out_shape = (b, c * h * w + 2 * c * n * n)  # forward_fn's flattened (new canvas, glimpses)
+        out_shape = ((b, c, h, w), (b, 2, c, n, n))  # (new canvas, glimpses)
     else:
         tensors = {"patch": randn(b, c, n, n), "params": params, "canvas": canvas}
         grad_names = ("patch", "params", "canvas")
@@ -178,7 +178,9 @@ def make_inputs(op: str, size: Size, mode: str, device: torch.device, seed: int 
         grad_names = ()
     for name in grad_names:
         tensors[name].requires_grad_(True)
-    grad_out = randn(*out_shape) if grad_names else None
+    grad_out = None
+    if grad_names:  # one per output
+        grad_out = tuple(randn(*shape) for shape in out_shape) if op == "write-read" else randn(*out_shape)
     return {"op": op, "n": n, "tensors": tensors, "grad_names": grad_names, "grad_out": grad_out}
 
 
@@ -194,9 +196,12 @@ def _write_read_reference(patch, write_params, canvas, x, read_params, n):
     return kernels.write_read(patch, write_params, canvas, x, read_params, n, backend="reference")
 
 
-def _flat(new_canvas: torch.Tensor, glimpses: torch.Tensor) -> torch.Tensor:
-    """write-read's two outputs as one [B, C*H*W + 2*C*N*N] tensor (one relative error, one grad_out)."""
-    return torch.cat([new_canvas.flatten(1), glimpses.flatten(1)], dim=1)
+def flat(out) -> torch.Tensor:
+    """An op's output as one tensor, for one relative error (never timed): write-read's two outputs (new
+    canvas, glimpses) as one [B, C*H*W + 2*C*N*N]; the others' as they are."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return torch.cat([part.flatten(1) for part in out], dim=1)
 
 
 def forward_fn(provider: str, case: dict):
@@ -226,12 +231,13 @@ def forward_fn(provider: str, case: dict):
         return lambda: read_op(t["x"], t["canvas"], t["params"], case["n"])
     if case["op"] == "write-read":
         names = ("patch", "write_params", "canvas", "x", "read_params")
-        return lambda: _flat(*write_read_op(*(t[name] for name in names), case["n"]))
+        return lambda: write_read_op(*(t[name] for name in names), case["n"])  # (new canvas, glimpses)
     return lambda: write_op(t["patch"], t["params"], t["canvas"])
 
 
 def benchmark_fn(forward, case: dict):
-    """forward alone, or forward + torch.autograd.grad (no .grad accumulation between calls)."""
+    """forward alone, or forward + torch.autograd.grad of its outputs, each with its grad_out (no .grad
+    accumulation between calls)."""
     if not case["grad_names"]:
         return forward
     inputs = [case["tensors"][name] for name in case["grad_names"]]
@@ -298,7 +304,7 @@ def run_case(op, mode, size, providers, device, args, copy_gbps, triton_reason, 
         with mock.patch.dict(os.environ, {"DRAW_TRITON_CONTRACTION": "sum"} if provider == "triton-sum" else {}):
             try:
                 forward = forward_fn(provider, case)
-                rel_err = relative_error(forward(), reference_out)
+                rel_err = relative_error(flat(forward()), flat(reference_out))
                 if rel_err > REL_ERR_WARN:
                     common.log(f"WARNING {where}: forward differs from eager by {rel_err:.2e} (relative)")
                 fn = benchmark_fn(forward, case)
@@ -426,6 +432,8 @@ def main(argv=None) -> None:
         for op in args.ops:
             for mode in args.modes:
                 run_case(op, mode, size, args.providers, device, args, copy_gbps, triton_reason, rows, skipped)
+                if args.json:  # after every case: a run stopped by a time limit keeps what it measured
+                    common.write_json(args.json, {**meta, "partial": True}, rows, skipped=skipped)
     add_speedups(rows)
 
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']}")

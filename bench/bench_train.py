@@ -25,7 +25,7 @@ import torch
 
 import common
 from draw import DRAW, PRESETS
-from draw.step import TrainStep
+from draw.step import TrainStep, resolve_step_mode
 
 MODES = {  # mode: (attention backend, TrainStep mode)
     "reference": ("reference", "eager"),
@@ -81,11 +81,12 @@ def run_case(preset_name: str, batch: int, mode: str, amp: str, device: torch.de
         return train_step(batches[i % 2], preset.train.lr)[0]
 
     t0 = time.perf_counter()
-    i = 0
-    while i < args.warmup or time.perf_counter() - t0 < args.warmup_s:  # the GPU's clocks ramp up from idle
-        step(i)
+    warmup_steps = 0
+    # the GPU's clocks ramp up from idle; the step is captured or compiled before it is timed
+    while warmup_steps < args.warmup or time.perf_counter() - t0 < args.warmup_s or not train_step.settled:
+        step(warmup_steps)
         common.synchronize(device)
-        i += 1
+        warmup_steps += 1
     warmup_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -105,9 +106,14 @@ def run_case(preset_name: str, batch: int, mode: str, amp: str, device: torch.de
         "warmup_s": warmup_s,
         "final_loss": float(loss.float()),
         "steps": args.steps,
-        "warmup_steps": i,
+        "warmup_steps": warmup_steps,
         "compile_mode": compile_mode if step_mode == "compile" else None,
+        # the step that ran: a capture or compile that failed falls back to "eager" (the mode's name then misleads)
+        "step_mode": train_step.mode,
     }
+    if train_step.mode != resolve_step_mode(step_mode, device):
+        common.log(f"{preset_name} batch {batch} {mode} {amp}: the {step_mode} step fell back to {train_step.mode}; "
+                   "its figures are the eager step's")
     del model, train_step, batches
     if step_mode == "compile":
         torch.compiler.reset()
@@ -127,6 +133,7 @@ COLUMNS = (
     ("preset", "preset"),
     ("batch", "batch"),
     ("mode", "mode"),
+    ("step_mode", "step that ran"),
     ("dtype", "dtype"),
     ("images_per_s", "images/s"),
     ("ms_per_step", "ms/step"),
@@ -245,6 +252,8 @@ def main(argv=None) -> None:
                         skip(preset, batch, mode, amp, reason.splitlines()[0][:300])
                         continue
                     rows.append(row)
+                    if args.json:  # after every case: a run stopped by a time limit keeps what it measured
+                        common.write_json(args.json, {**meta, "partial": True}, rows, skipped=skipped)
                     common.log(
                         f"{preset} batch {batch} {mode} {amp}: {row['images_per_s']:,.0f} images/s, "
                         f"{row['ms_per_step']:.1f} ms/step, peak {row['peak_mib']:,.0f} MiB"

@@ -182,19 +182,25 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+def _git(*args: str) -> str | None:
+    """git's output in the checkout holding bench/, or None (not a repo, no commit, no git)."""
+    try:
+        out = subprocess.run(["git", *args], cwd=BENCH_DIR, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
 def git_commit() -> str:
     """Short commit hash of the checkout holding bench/, or "unknown" (not a repo, no commit, no git)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=BENCH_DIR,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    return (_git("rev-parse", "--short", "HEAD") or "").strip() or "unknown"
+
+
+def git_dirty() -> bool | None:
+    """Whether the checkout's tracked files differ from its commit (the figures then measure uncommitted
+    code), or None where git cannot tell."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status.strip())
 
 
 def triton_version() -> str:
@@ -216,6 +222,7 @@ def metadata(device: torch.device, **extra) -> dict:
         "cuda": torch.version.cuda or "none",
         "python": platform.python_version(),
         "commit": git_commit(),
+        "dirty": git_dirty(),  # uncommitted changes to tracked files: the commit alone does not name the code
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
         # how the fused kernels contract (kernels/triton_attention.py): "auto" unless the run set it
@@ -224,6 +231,8 @@ def metadata(device: torch.device, **extra) -> dict:
         "triton_num_warps": os.environ.get("DRAW_TRITON_NUM_WARPS") or "auto",
         # launch settings replacing the launchers' own (DRAW_TRITON_LAUNCH), "auto" unless the run set them
         "triton_launch": os.environ.get("DRAW_TRITON_LAUNCH") or "auto",
+        # where DRAW's encoder input is formed (DRAW_TRITON_PROJECTION): "fused" (in the LSTM cell) unless set
+        "triton_projection": os.environ.get("DRAW_TRITON_PROJECTION") or "fused",
     }
     meta.update(extra)
     return meta

@@ -41,8 +41,10 @@ def profile_mode(preset_name: str, batch: int, mode: str, amp: str, device: torc
                      tf32=device.type == "cuda", mode=step_mode)
     cfg = preset.model
     images = torch.randint(0, 2, (batch, cfg.channels, cfg.height, cfg.width), device=device).float()
-    for _ in range(args.warmup):
+    warmed = 0
+    while warmed < args.warmup or not step.settled:  # the CUDA graph captured, or the step compiled, before profiling
         step(images, preset.train.lr)
+        warmed += 1
     common.synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -52,7 +54,7 @@ def profile_mode(preset_name: str, batch: int, mode: str, amp: str, device: torc
         common.synchronize(device)
         wall_ms = 1e3 * (time.perf_counter() - start) / args.steps
     total_ms, rows = kernel_table(prof, device.type, args.top)
-    return {"mode": mode, "amp": amp, "batch": batch, "wall_ms_per_step": wall_ms,
+    return {"mode": mode, "amp": amp, "batch": batch, "step_mode": step.mode, "wall_ms_per_step": wall_ms,
             "device_ms_per_step": total_ms / args.steps,
             "kernels": [{**r, "ms_per_step": r["ms"] / args.steps} for r in rows]}
 

@@ -48,6 +48,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,12 +161,33 @@ def _stop_on_signal(signum, frame):
     raise SuiteStopped(signum)
 
 
+def set_aside(command: list[str], out: pathlib.Path) -> list[pathlib.Path]:
+    """Move an earlier run's outputs of a part (the files and folders its command names directly inside DIR)
+    to NAME.previous[.EXT], replacing older ones, so that a part that fails or times out now is never summarised
+    from them, and a part that needs an empty folder (convergence) gets one. Returns the paths moved."""
+    moved = []
+    for arg in command:
+        path = pathlib.Path(arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg)
+        if path.parent != out or not path.exists():
+            continue
+        aside = path.with_name(f"{path.stem}.previous{path.suffix}")
+        if aside.is_dir():
+            shutil.rmtree(aside)
+        else:
+            aside.unlink(missing_ok=True)
+        path.rename(aside)
+        moved.append(aside)
+    return moved
+
+
 def run_stage(stage: list[Part], out: pathlib.Path) -> list[dict]:
     """Start the stage's parts together; each is stopped (its whole process group) at its time limit.
     A SuiteStopped raised while they run (main's signal handler) stops them all and carries their results."""
     running, stopped = [], None
     try:
         for name, command, limit_s, env in stage:
+            for aside in set_aside(command, out):
+                common.log(f"[suite] {name}: an earlier run's output moved to {aside.name}")
             common.log(f"[suite] {name}: {' '.join(command)}")
             log_path = out / f"{name}.log"
             log = open(log_path, "w")

@@ -132,10 +132,10 @@ def outputs(provider: str, case: dict) -> list[torch.Tensor]:
     forward = ba.forward_fn(provider, case)
     if not case["grad_names"]:
         with torch.no_grad():
-            return [forward()]
+            return [ba.flat(forward())]
     out = forward()
     inputs = [case["tensors"][name] for name in case["grad_names"]]
-    return [out.detach(), *torch.autograd.grad(out, inputs, case["grad_out"])]
+    return [ba.flat(out).detach(), *torch.autograd.grad(out, inputs, case["grad_out"])]
 
 
 def evaluate(target: Target, settings: dict | None, case: dict, reference: list, args, device, copy_gbps) -> dict:

@@ -192,6 +192,14 @@ class TrainStep:
         gradient = torch.stack([grad_norm, grad_norm > self.grad_clip]).float()  # one gradient on every rank
         return torch.cat([model_stats, gradient])
 
+    @property
+    def settled(self) -> bool:
+        """Whether the next call runs as every later one will (what a benchmark times): the CUDA graph
+        captured, the step compiled, or eager. A capture or compile that failed settles eagerly (see `mode`)."""
+        if self.graphed:
+            return self._graph is not None
+        return self.mode != "compile" or self.steps_run >= 1
+
     def __call__(self, batch, lr: float) -> torch.Tensor:
         """One step on the global batch at learning rate lr: x [B, C, H, W] (DRAW) or (x, labels [B])
         (the classifier). Returns the step_statistics(model) of the whole batch, detached. Every rank passes

@@ -25,6 +25,8 @@ def test_quick_suite_runs_every_part(tmp_path):
     verify = json.loads((tmp_path / "verify.json").read_text())
     assert verify["passed"] and len(verify["rows"]) > 100
     assert any(line.startswith("train mnist-quick batch 16") for line in suite["headline"])
+    (row,) = json.loads((tmp_path / "train.json").read_text())["results"]
+    assert row["step_mode"] == "eager" and row["warmup_steps"] == 1 and row["steps"] == 2
     assert (tmp_path / "suite.md").read_text().startswith("# Benchmark suite")
     assert result.stdout.strip().splitlines()[-1].startswith("train ")  # the summary comes last
 
@@ -151,6 +153,27 @@ def test_the_opt_in_parts_run_only_when_named(tmp_path, monkeypatch):
         in suite.headline(tmp_path)
 
 
+def test_a_part_run_again_sets_its_earlier_outputs_aside(tmp_path):
+    """Before a part starts, the files and folders its command names in DIR move to NAME.previous[.EXT]
+    (older ones replaced): a part that now fails or times out is never summarised from an earlier run."""
+    suite = import_bench("suite")
+    (tmp_path / "train.json").write_text("new")
+    (tmp_path / "train.previous.json").write_text("older")
+    (tmp_path / "convergence").mkdir()
+    (tmp_path / "convergence" / "run").write_text("x")
+    (tmp_path / "other.json").write_text("kept")
+    command = ["python", str(suite.BENCH / "bench_train.py"), "--json", str(tmp_path / "train.json"),
+               "--markdown", str(tmp_path / "train.md"), "--out", str(tmp_path / "convergence"),
+               f"--junitxml={tmp_path / 'cuda-tests.xml'}"]
+    moved = suite.set_aside(command, tmp_path)
+    assert sorted(p.name for p in moved) == ["convergence.previous", "train.previous.json"]
+    assert (tmp_path / "train.previous.json").read_text() == "new" and not (tmp_path / "train.json").exists()
+    assert (tmp_path / "convergence.previous" / "run").exists() and not (tmp_path / "convergence").exists()
+    assert (tmp_path / "other.json").read_text() == "kept" and (suite.BENCH / "bench_train.py").exists()
+    (tmp_path / "cuda-tests.xml").write_text("<x/>")
+    assert [p.name for p in suite.set_aside(command, tmp_path)] == ["cuda-tests.previous.xml"]
+
+
 def test_the_suite_merges_a_second_half_into_the_same_directory(tmp_path):
     """--only runs some parts; their results replace those parts' earlier ones, the rest are kept, in order."""
     suite = import_bench("suite")
@@ -262,7 +285,7 @@ def test_the_step_profile_lists_the_busiest_ops(tmp_path):
     profile_step.main(["--device", "cpu", "--preset", "mnist-quick", "--batch", "4", "--modes", "reference",
                        "--warmup", "1", "--steps", "1", "--top", "4", "--json", str(out)])
     (result,) = json.loads(out.read_text())["results"]
-    assert result["mode"] == "reference" and result["wall_ms_per_step"] > 0
+    assert result["mode"] == "reference" and result["step_mode"] == "eager" and result["wall_ms_per_step"] > 0
     kernels = result["kernels"]
     assert len(kernels) == 4 and all(k["calls"] > 0 for k in kernels)
     assert [k["ms"] for k in kernels] == sorted((k["ms"] for k in kernels), reverse=True)

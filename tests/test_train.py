@@ -61,6 +61,17 @@ def test_train_step_is_the_plain_adam_step():
         assert torch.equal(p, q), name
 
 
+def test_a_step_is_settled_once_it_runs_as_every_later_step_will(monkeypatch):
+    """TrainStep.settled, what benchmarks warm up to: eager at once; compiled after its first (compiling) call,
+    or at once when the compiler failed and the step fell back to eager."""
+    assert TrainStep(DRAW(SMALL), lr=1e-3, grad_clip=None).settled
+    compiled = TrainStep(DRAW(SMALL), lr=1e-3, grad_clip=None, mode="compile")
+    assert not compiled.settled
+    monkeypatch.setattr(compiled, "forward", lambda x: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    compiled(torch.zeros(2, 1, 28, 28), lr=1e-3)  # the compile fails: eager from here on
+    assert compiled.mode == "eager" and compiled.settled
+
+
 def test_step_modes_resolve_and_refuse():
     assert resolve_step_mode("auto", torch.device("cpu")) == "eager"
     assert resolve_step_mode("auto", torch.device("cuda")) == "cuda-graph"
