@@ -88,7 +88,7 @@ class DRAM(nn.Module):
             h, c = self.lstm(glimpse.flatten(1), (h, c))
             if return_glimpses:
                 params_seq.append(params)
-        logits = self.to_logits(h).float()  # [B, classes]
+        logits = self.to_logits(h).to(torch.promote_types(h.dtype, torch.float32))  # [B, classes], fp32 or wider
         loss = F.cross_entropy(logits, labels)
         error = (logits.argmax(1) != labels).float()
         return ClassifierOutput(loss, error, logits, torch.stack(params_seq) if return_glimpses else None)

@@ -257,9 +257,10 @@ class DRAW(nn.Module):
             if return_sequence:
                 canvases.append(canvas)
                 write_params.append(params)
-        # L_z = sum_t KL_t  (10, 11); sum_t log N(z_t; 0, I) - log N(z_t; mu_t, sigma_t): [B] each, fp32
-        l_z, log_ratio = torch.stack(latent_terms).sum(0).float().unbind(1)
-        l_x = F.binary_cross_entropy_with_logits(canvas.float(), x.float(), reduction="none").sum((1, 2, 3))  # (9)
+        # L_z = sum_t KL_t  (10, 11); sum_t log N(z_t; 0, I) - log N(z_t; mu_t, sigma_t): [B] each, fp32 or wider
+        loss_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for a float64 model
+        l_z, log_ratio = torch.stack(latent_terms).sum(0).to(loss_dtype).unbind(1)
+        l_x = F.binary_cross_entropy_with_logits(canvas.to(loss_dtype), x.to(loss_dtype), reduction="none").sum((1, 2, 3))  # (9)
         loss = (l_x + cfg.beta * l_z).mean()  # (12)
         log_weight = -l_x + log_ratio  # log p(x | z) + log p(z) - log q(z | x)
         return DRAWOutput(

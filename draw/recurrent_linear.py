@@ -34,7 +34,7 @@ from draw import kernels
 
 class _Pass:
     """What one RecurrentLinear keeps between its steps' backward calls and the collector's: per step
-    (graph task, first row, X_t, G_t), appended by each step's backward, and per graph task the buffer of
+    (graph task, first row, X_t, G_t, whether the step added the bias), appended by each step's backward, and per graph task the buffer of
     the split steps' G rows (rows: every step's rows, in the order of the forward calls), a zero, and the
     places handed out in it."""
 
@@ -86,16 +86,20 @@ class _WeightGradients(torch.autograd.Function):
         # this backward pass's steps; a pass that did not reach this node (autograd.grad of other
         # inputs, with retain_graph) left its own, which must not count here
         state, this_pass = ctx.state, torch._C._current_graph_task_id()
-        steps = sorted(((row, x, g) for task, row, x, g in state.steps if task == this_pass), key=lambda s: s[0])
+        steps = sorted(((row, x, g, biased) for task, row, x, g, biased in state.steps if task == this_pass),
+                       key=lambda s: s[0])
         state.end()
         if not steps:  # no step's output reached the loss
             return None, None, None
-        parts = [g for _, _, g in steps]
+        parts = [g for _, _, g, _ in steps]
         grads = _back_to_back(parts)  # G where it lies: this map's buffer, or rows of another map's
         grads = torch.cat(parts) if grads is None else grads  # G [rows, out]
-        inputs = torch.cat([x.to(grads.dtype) for _, x, _ in steps])  # X [rows, in]
+        inputs = torch.cat([x.to(grads.dtype) for _, x, _, _ in steps])  # X [rows, in]
         grad_weight = grads.t() @ inputs  # [out, in]
-        grad_bias = grads.sum(0) if ctx.has_bias else None  # [out]
+        grad_bias = None  # [out]: the sum of the G of the steps that added b (not those given `add`)
+        biased = [g for _, _, g, uses_bias in steps if uses_bias]
+        if ctx.has_bias and biased:
+            grad_bias = grads.sum(0) if len(biased) == len(steps) else torch.stack([g.sum(0) for g in biased]).sum(0)
         return None, grad_weight, grad_bias
 
 
@@ -157,11 +161,14 @@ class _Step(torch.autograd.Function):
                 parts = [g if g is not None else zero.expand(like.shape[0], size) for g, size in zip(grads, ctx.split)]
                 if used < grad.shape[1]:
                     parts.append(zero.expand(like.shape[0], grad.shape[1] - used))
-                torch.cat(parts, dim=1, out=grad)
+                if torch.is_grad_enabled():  # a double backward (create_graph): autograd records no cat(out=)
+                    grad = torch.cat(parts, dim=1)
+                else:
+                    torch.cat(parts, dim=1, out=grad)
             else:
                 for g, place in pending:
                     place.zero_() if g is None else place.copy_(g)
-        ctx.state.steps.append((torch._C._current_graph_task_id(), ctx.row, x, grad))
+        ctx.state.steps.append((torch._C._current_graph_task_id(), ctx.row, x, grad, ctx.addend_is_bias))
         grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
         grad_addend = grad if ctx.needs_input_grad[2] and not ctx.addend_is_bias else None
         return grad_x, None, grad_addend, None, None, None, None
@@ -224,6 +231,6 @@ class RecurrentLinear:
         state.rows += x.shape[0]  # this step's rows, in the order of the forward calls (an unused one is harmless)
 
         def record(x: torch.Tensor, grad: torch.Tensor) -> None:
-            state.steps.append((torch._C._current_graph_task_id(), row, x, grad))
+            state.steps.append((torch._C._current_graph_task_id(), row, x, grad, False))  # no bias (none here)
 
         return kernels.Projection(x, self.weight, add, self._token, record, unfused)

@@ -93,6 +93,8 @@ DEGENERATE_PARAMS = {
     "log_sigma2=-20": {2: -20.0},
     "log_sigma2=-30": {2: -30.0},
     "tiny_sigma_on_pixel_centres": {0: 0.0, 1: 0.0, 2: -20.0, 3: 0.0},  # 13x13, N = 3: mu = 1, 7, 13
+    # 1 / (2 sigma^2) past every dtype's range: one-pixel filters (log sigma^2 floored: LOG_SIGMA2_FLOOR)
+    "sigma_past_the_range_on_pixel_centres": {0: 0.0, 1: 0.0, 2: -800.0, 3: 0.0},
     "centre_off_image": {0: 50.0},  # every F_X row underflows: Z hits the floor, F_X = 0
     "floor_active_rows_not_zero": {0: 3.0, 2: 0.0, 3: -3.0},  # float64 row sums ~1e-47 < 1e-8
     "log_gamma=+15": {4: 15.0},

@@ -16,6 +16,11 @@ This reference moves more: it materialises F_X [B, N, W], F_Y [B, N, H], sigmoid
 import torch
 
 ROW_SUM_FLOOR = 1e-8  # Z = max(row sum, 1e-8): an all-underflow row becomes ~0, never NaN
+OFFSET_LIMIT = 1e18  # |a - mu| is taken at most this (its square stays inside fp32); the filter there is 0
+# log sigma^2 is taken at least this, per compute dtype: sigma^2 stays a normal number (fp32's least is
+# e^-87.3, fp64's e^-708.4) and 1 / (2 sigma^2) finite. Below it a filter is one pixel wide (or 0) either way;
+# without it 1 / (2 sigma^2) = inf, and a pixel on a centre gives 0 * inf = NaN. The kernels take the same.
+LOG_SIGMA2_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
 
 
 def attention_grid(params: torch.Tensor, n: int, height: int, width: int):
@@ -45,7 +50,10 @@ def _gaussian_rows(centre, delta, inv_two_sigma2, n: int, size: int):
     grid = torch.arange(1, n + 1, device=centre.device, dtype=centre.dtype)  # i = 1..N
     mu = centre[:, None] + (grid - n / 2 - 0.5) * delta[:, None]  # [B, n]  (19), (20)
     pixels = torch.arange(1, size + 1, device=centre.device, dtype=centre.dtype)  # a = 1..size
-    rows = torch.exp(-((pixels - mu[:, :, None]) ** 2) * inv_two_sigma2[:, None, None])  # [B, n, size]
+    # beyond 1e18 pixels from a centre, (a - mu)^2 would overflow fp32 (and its gradient meet -inf * 0 = NaN);
+    # the filter there is 0 either way, and so is its gradient
+    offset = (pixels - mu[:, :, None]).clamp(-OFFSET_LIMIT, OFFSET_LIMIT)  # [B, n, size]
+    rows = torch.exp(-(offset ** 2) * inv_two_sigma2[:, None, None])  # [B, n, size]
     return rows / rows.sum(-1, keepdim=True).clamp_min(ROW_SUM_FLOOR)  # (25), (26)
 
 
@@ -62,7 +70,9 @@ def filterbank(params: torch.Tensor, n: int, height: int, width: int):
     compute = torch.float32 if params.dtype in (torch.float16, torch.bfloat16) else params.dtype
     params = params.to(compute)
     gx, gy, delta, _, gamma = attention_grid(params, n, height, width)
-    inv_two_sigma2 = 0.5 * torch.exp(-params[:, 2])  # 1 / (2 sigma^2)
+    # 1 / (2 sigma^2) with log sigma^2 at least LOG_SIGMA2_FLOOR (its gradient 0 below; capping exp's result
+    # instead would leave 0 * inf there)
+    inv_two_sigma2 = 0.5 * torch.exp(-params[:, 2].clamp_min(LOG_SIGMA2_FLOOR[compute]))
     fx = _gaussian_rows(gx, delta, inv_two_sigma2, n, width)
     fy = _gaussian_rows(gy, delta, inv_two_sigma2, n, height)
     return fx, fy, gamma

@@ -78,7 +78,7 @@ import triton
 import triton.language as tl
 
 from draw.kernels import _triton_interpreter as _interpreted
-from draw.kernels.reference import ROW_SUM_FLOOR
+from draw.kernels.reference import LOG_SIGMA2_FLOOR, ROW_SUM_FLOOR
 
 __all__ = [
     "attention_read_backward",
@@ -94,6 +94,9 @@ __all__ = [
 ]
 
 _FLOOR = tl.constexpr(ROW_SUM_FLOOR)  # Z = max(row sum, 1e-8), as in kernels/reference.py
+# log sigma^2 at least this (sigma^2 a normal number, 1 / (2 sigma^2) finite), as in kernels/reference.py
+_LOG_SIGMA2_FLOOR_FP32 = tl.constexpr(LOG_SIGMA2_FLOOR[torch.float32])
+_LOG_SIGMA2_FLOOR_FP64 = tl.constexpr(LOG_SIGMA2_FLOOR[torch.float64])
 # Caps on the [BLOCK_H, BLOCK_N, BLOCK_W] broadcast temporaries, which set BLOCK_H. Chosen from ptxas
 # register counts for sm_90 (triton 3.9, fp32): the backward kernels keep more [BLOCK_N, BLOCK_W]
 # tiles live, so they take fewer rows per step. Triton's interpreter pays per operation, not per
@@ -168,6 +171,11 @@ def _load_attention_grid(params_ptr, stride_params_b, stride_params_k, pid_b, of
     gx_ = tl.load(row + 0 * stride_params_k).to(COMPUTE_DTYPE)
     gy_ = tl.load(row + 1 * stride_params_k).to(COMPUTE_DTYPE)
     log_sigma2 = tl.load(row + 2 * stride_params_k).to(COMPUTE_DTYPE)
+    # sigma^2 a normal number (see LOG_SIGMA2_FLOOR): never 0 * inf = NaN; a NaN stays NaN, as in the reference
+    if COMPUTE_DTYPE == tl.float64:
+        log_sigma2 = tl.maximum(log_sigma2, _LOG_SIGMA2_FLOOR_FP64, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        log_sigma2 = tl.maximum(log_sigma2, _LOG_SIGMA2_FLOOR_FP32, propagate_nan=tl.PropagateNan.ALL)
     log_delta_ = tl.load(row + 3 * stride_params_k).to(COMPUTE_DTYPE)
     log_gamma = tl.load(row + 4 * stride_params_k).to(COMPUTE_DTYPE)
     # Integers multiply a COMPUTE_DTYPE value first, so no constant is ever rounded to fp32.

@@ -253,8 +253,26 @@ def test_latent_loss_and_log_weight_are_the_per_step_gaussian_terms():
         kl += torch.distributions.kl_divergence(q, prior).sum(1)
         log_ratio += (prior.log_prob(z) - q.log_prob(z)).sum(1)
     assert len(steps) == SMALL.T
-    torch.testing.assert_close(out.l_z, kl.float())
-    torch.testing.assert_close(out.log_weight, (-out.l_x.double() + log_ratio).float())
+    assert out.loss.dtype == out.l_x.dtype == out.l_z.dtype == out.log_weight.dtype == torch.float64
+    torch.testing.assert_close(out.l_z, kl, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.log_weight, -out.l_x + log_ratio, rtol=1e-12, atol=1e-12)
+
+
+def test_the_loss_of_a_float64_model_passes_gradcheck():
+    """A float64 model computes its loss in float64 (not in fp32, as bf16 and fp32 models do), so finite
+    differences of the whole loss check its gradient (fixed noise, reference backend)."""
+    config = DRAWConfig(height=6, width=7, channels=1, T=2, enc_size=4, dec_size=4, z_size=2, read_n=2, write_n=2)
+    torch.manual_seed(0)
+    model = DRAW(config, backend="reference").double()
+    x = torch.bernoulli(torch.full((2, 1, 6, 7), 0.4, dtype=torch.float64))
+    noise = torch.randn(config.T, 2, config.z_size, dtype=torch.float64)
+    params = dict(model.named_parameters())
+    for name in ("canvas0", "encoder.weight_ih", "decoder.weight_hh", "to_read_params.weight", "to_write.weight"):
+
+        def loss(value, name=name):
+            return torch.func.functional_call(model, {name: value}, (x,), {"noise": noise}).loss
+
+        assert torch.autograd.gradcheck(loss, (params[name].detach().clone().requires_grad_(),)), name
 
 
 def test_initial_canvas_and_states_are_learned():

@@ -176,6 +176,42 @@ def test_split_steps_give_autograds_values_and_gradients(batches):
     assert torch.autograd.gradcheck(lambda *t: split_recurrence(*t, batches, RecurrentLinear), (h0, w, b))
 
 
+def test_a_double_backward_through_split_steps_is_autograds():
+    """create_graph=True through split steps (their gradient then a recorded cat, not one into the buffer):
+    the gradient of a function of the first gradients is autograd's."""
+    h0, w, b = split_tensors()
+    results = []
+    for linear in (RecurrentLinear, split_plain):
+        first = torch.autograd.grad(split_recurrence(h0, w, b, [B] * T, linear), (h0, w, b), create_graph=True)
+        results.append(torch.autograd.grad(sum((g ** 2).sum() for g in first), (h0, w, b)))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_the_bias_has_the_gradient_of_the_steps_that_added_it():
+    """A map with a bias called both ways, x W^T + b and x W^T + a (b unused): b's gradient sums the first
+    kind of steps' output gradients alone, and is None when every step was given `a`."""
+    h0, w, b, x, u = tensors()
+
+    def mixed(linear, every_step_adds=False):
+        stacked = linear(w, b)
+        h, total = h0, 0
+        for t in range(T):
+            given = every_step_adds or t % 2 == 1
+            h = torch.tanh(stacked(h, add=x[t] @ u.t()) if given else stacked(h))
+            total = total + h * (t + 1)
+        return total.sum()
+
+    for every_step_adds in (False, True):
+        ours = torch.autograd.grad(mixed(RecurrentLinear, every_step_adds), (h0, w, b, x, u), allow_unused=True)
+        theirs = torch.autograd.grad(mixed(plain, every_step_adds), (h0, w, b, x, u), allow_unused=True)
+        for a, c in zip(ours, theirs):
+            assert (a is None) == (c is None)
+            if a is not None:
+                torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+        assert (ours[2] is None) == every_step_adds
+
+
 def test_split_steps_write_their_gradients_once():
     """A split step's backward puts its parts' gradients side by side straight into the pass's buffer, so the
     weight gradient reads G where it lies: T + 1 cats in all (one per step, one of the inputs), where a split

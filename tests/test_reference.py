@@ -178,26 +178,31 @@ def test_gradcheck_write(B, C, H, W, n):
     assert torch.autograd.gradcheck(lambda *a: kernels.write(*a, backend="reference"), (patch, params, canvas))
 
 
-DEGENERATE = {
-    "tiny sigma^2": (2, -30.0),
-    "very tiny sigma^2": (2, -60.0),
-    "centre far outside": (0, 50.0),
-    "huge gamma": (4, 15.0),
-    "tiny gamma": (4, -15.0),
-    "huge delta": (3, 8.0),
+DEGENERATE = {  # raw parameter columns set for every image: {column: value}
+    "tiny sigma^2": {2: -30.0},
+    "very tiny sigma^2": {2: -60.0},
+    # 1 / (2 sigma^2) past fp32's range (and fp64's): a filter is then a pixel wide, never NaN
+    "sigma^2 past the range": {2: -800.0},
+    "sigma^2 past fp32's range, centred on a pixel": {0: 0.0, 2: -89.0},  # gx = 7 on 13 columns: (a - mu)^2 = 0
+    "centre far outside": {0: 50.0},
+    "centre astronomically far": {0: 1e19},  # (a - mu)^2 past fp32's range
+    "huge gamma": {4: 15.0},
+    "tiny gamma": {4: -15.0},
+    "huge delta": {3: 8.0},
+    "astronomical delta": {3: 45.0},
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, f64])
 @pytest.mark.parametrize("case", DEGENERATE)
 def test_degenerate_parameters_stay_finite(case, dtype):
-    index, value = DEGENERATE[case]
     g = torch.Generator().manual_seed(6)
     B, C, H, W = 3, 2, 10, 13
     x = torch.rand(B, C, H, W, generator=g).to(dtype).requires_grad_()
     canvas = torch.randn(B, C, H, W, generator=g).to(dtype).requires_grad_()
     params = (0.3 * torch.randn(B, 5, generator=g)).to(dtype)
-    params[:, index] = value
+    for index, value in DEGENERATE[case].items():
+        params[:, index] = value
     params.requires_grad_()
     patch = torch.randn(B, C, 4, 4, generator=g).to(dtype).requires_grad_()
     r = kernels.read(x, canvas, params, 3, backend="reference")
@@ -207,9 +212,12 @@ def test_degenerate_parameters_stay_finite(case, dtype):
     (r.sum() + w.sum() + glimpse.sum()).backward()
     for name, t in dict(x=x, canvas=canvas, params=params, patch=patch).items():
         assert torch.isfinite(t.grad).all(), f"{case}: non-finite gradient of {name}"
-    if case == "centre far outside":
+    if case.startswith("centre"):
         assert r.abs().max() < 1e-6  # the filters see nothing, and say so with zeros, not NaN
         assert glimpse.abs().max() < 1e-6
+    if case == "sigma^2 past fp32's range, centred on a pixel":  # F_X a one-hot on column 7 (gx~ = 0 on 13)
+        fx, _fy, _gamma = kernels.filterbank(params.detach(), 3, H, W)
+        assert torch.equal(fx[:, 1], torch.nn.functional.one_hot(torch.tensor(6), W).to(dtype).expand(B, W))
 
 
 def test_colour_channels_share_filterbanks():
