@@ -64,6 +64,10 @@ class _Pass:
             return buffer[row: row + shape[0], col: col + size].view(shape)
         return take
 
+    def was_taken(self, row: int, col: int) -> bool:
+        """Whether the place at (row, col) was handed out in this backward pass."""
+        return (row, col) in self.taken.get(torch._C._current_graph_task_id(), ())
+
     def end(self):
         self.steps.clear()
         self.buffers.clear()
@@ -156,12 +160,20 @@ class _Step(torch.autograd.Function):
             buffer, zero = ctx.state.buffer(like.dtype, like.device, used)
             grad = buffer[ctx.row: ctx.row + like.shape[0]]
             places = grad[:, :used].split(ctx.split, dim=1)
+            starts = [sum(ctx.split[:k]) for k in range(len(ctx.split))]
             pending = [(g, place) for g, place in zip(grads, places) if not _in_place(g, place)]
-            if len(pending) == len(places):  # none written in place: one cat, the padding's zeros included
+            # a place its consumer took but whose gradient arrived elsewhere (summed with another consumer's)
+            # may be held by that consumer's backward as its own result (the LSTM cell hands one half's place
+            # as the other's gradient; a Projection records it as G): never overwritten, G goes elsewhere
+            overwrites_taken = any(not _in_place(g, place) and ctx.state.was_taken(ctx.row, start)
+                                   for g, place, start in zip(grads, places, starts))
+            if len(pending) == len(places) or overwrites_taken:  # one cat, the padding's zeros included
                 parts = [g if g is not None else zero.expand(like.shape[0], size) for g, size in zip(grads, ctx.split)]
                 if used < grad.shape[1]:
                     parts.append(zero.expand(like.shape[0], grad.shape[1] - used))
-                if torch.is_grad_enabled():  # a double backward (create_graph): autograd records no cat(out=)
+                # into a new tensor where a taken place would be overwritten, or in a double backward
+                # (create_graph: autograd records no cat(out=)); else into this step's rows of the buffer
+                if overwrites_taken or torch.is_grad_enabled():
                     grad = torch.cat(parts, dim=1)
                 else:
                     torch.cat(parts, dim=1, out=grad)

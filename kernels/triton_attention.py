@@ -990,7 +990,11 @@ def _gradient_output(place: torch.Tensor | None, like: torch.Tensor) -> torch.Te
 
 
 def _gradient_places(ctx_destinations, needs) -> list:
-    """The places (kernels.gradient_destination) of the gradients that are needed, else None."""
+    """The places (kernels.gradient_destination) of the gradients that are needed, else None; none at all in a
+    backward pass that records a graph (create_graph=True): a place is written outside autograd, so the ops'
+    refusal of a double backward (_OnceDifferentiable) must see gradients of their own."""
+    if torch.is_grad_enabled():
+        return [None] * len(needs)
     return [take() if take is not None and need else None for take, need in zip(ctx_destinations, needs)]
 
 

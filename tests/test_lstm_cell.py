@@ -176,6 +176,57 @@ def test_kernel_double_backward_is_refused():
         grad.sum().backward()
 
 
+@requires_kernels
+@pytest.mark.parametrize("second_consumer", ["hidden half", "input half"])
+@pytest.mark.parametrize("input_half", ["map", "deferred", "linear"])
+def test_a_place_with_a_second_consumer_is_never_overwritten(second_consumer, input_half):
+    """A stacked map's parts feed an LSTM cell, and one of them also the loss: autograd then sums that part's
+    gradient into a new tensor, which its owner must not copy over the place the cell wrote (and still hands
+    on: one half's place as the other half's gradient, or as a Projection's G). Every weight's gradient is the
+    reference backend's (float64), whichever half has the second consumer and however the input half is made."""
+    from draw.recurrent_linear import RecurrentLinear
+
+    g = torch.Generator().manual_seed(0)
+    batch, hidden, inputs, width = 3, 2, 4, 5
+    w_dec = torch.randn(8 * hidden, width, generator=g, dtype=torch.float64, requires_grad=True)
+    b_dec = torch.randn(8 * hidden, generator=g, dtype=torch.float64, requires_grad=True)
+    w_in = torch.randn(4 * hidden, inputs, generator=g, dtype=torch.float64, requires_grad=True)
+    h_dec, x = (torch.randn(batch, n, generator=g, dtype=torch.float64) for n in (width, inputs))
+    c = torch.randn(batch, hidden, generator=g, dtype=torch.float64)
+    weights = torch.sin(torch.arange(batch * hidden, dtype=torch.float64)).view(batch, hidden)
+
+    def gradients(backend):
+        dec, from_x = RecurrentLinear(w_dec, b_dec), RecurrentLinear(w_in)
+        added, hidden_gates = dec(h_dec, split=[4 * hidden, 4 * hidden])
+        input_gates = {"map": lambda: from_x(x, add=added), "deferred": lambda: from_x.deferred(x, added),
+                       "linear": lambda: added + x @ w_in.t()}[input_half]()
+        h, c_new = kernels.lstm_cell(input_gates, hidden_gates, c, backend=backend)
+        again = hidden_gates if second_consumer == "hidden half" else added
+        loss = (h * weights).sum() + c_new.sum() + (again ** 2).sum()
+        return torch.autograd.grad(loss, (w_dec, b_dec, w_in))
+
+    for fused, reference in zip(gradients("triton"), gradients("reference")):
+        torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-12)
+
+
+@requires_kernels
+def test_a_double_backward_through_the_fused_model_is_refused_not_wrong():
+    """create_graph=True through DRAW on the fused kernels: the gradients that would go into their places are
+    written apart instead (a place is written outside autograd), so the second backward meets the kernels'
+    refusal, not a silently wrong or missing second-order gradient."""
+    from draw import DRAW, DRAWConfig
+
+    torch.manual_seed(0)
+    config = DRAWConfig(height=6, width=5, channels=1, T=2, enc_size=3, dec_size=3, z_size=2, read_n=2, write_n=2)
+    model = DRAW(config, backend="triton").double()
+    x = torch.rand(2, 1, 6, 5, dtype=torch.float64)
+    out = model(x, noise=torch.randn(config.T, 2, config.z_size, dtype=torch.float64))
+    params = list(model.parameters())
+    first = torch.autograd.grad(out.loss, params, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(sum((g ** 2).sum() for g in first), params, allow_unused=True)
+
+
 LAUNCHES_FOR_SM90 = """
 def calls(dtype):
     meta = dict(device="meta", dtype=dtype)
