@@ -203,6 +203,10 @@ def test_pkl_splits_binarized_once_and_cached(tmp_path, fake_pkl, no_network):
         assert set(t.unique().tolist()) == {0.0, 1.0}
         assert not t.flatten(1)[:, :100].any(), "black stays black"
         assert not torch.equal(t.flatten(1), torch.from_numpy(x)), "binary, not the grey levels"
+    # a Bernoulli draw (not a threshold): the one of data.binarize with BINARIZE_SEED, valid's then test's
+    g = torch.Generator().manual_seed(data.BINARIZE_SEED)
+    for t, (x, _) in zip((first.valid, first.test), grey[1:], strict=True):
+        assert torch.equal(t.flatten(1), data.binarize(torch.from_numpy(x), g))
     cache = tmp_path / f"mnist_valid_test_binarized_seed{data.BINARIZE_SEED}.npz"
     assert cache.is_file() and "sha256 verified" in first.source and "now cached" in first.source
 

@@ -161,22 +161,31 @@ def losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
 
 
+def gradient_norms(run: Path) -> list[tuple[int, float]]:
+    """Each logged interval's mean gradient norm, before clipping: the averaged gradient's, so a sum across
+    ranks instead of a mean shows here (the clip and Adam's scale invariance hide it from losses and weights)."""
+    return [(r["step"], r["grad_norm"]) for r in read_metrics(run / "metrics.jsonl") if "grad_norm" in r]
+
+
 def bounds(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["test_bound"]) for r in read_metrics(run / "metrics.jsonl") if "test_bound" in r]
 
 
 def assert_same_run(actual: Path, expected: Path, *, exact: bool) -> None:
-    """Per-step losses, test bounds and final weights: identical, or equal to float rounding (module docstring)."""
+    """Per-step losses, gradient norms, test bounds and final weights: identical, or equal to float rounding
+    (module docstring)."""
     a_losses, e_losses = losses(actual), losses(expected)
     assert [s for s, _ in a_losses] == [s for s, _ in e_losses] and a_losses
     a_bounds, e_bounds = bounds(actual), bounds(expected)
     assert [s for s, _ in a_bounds] == [s for s, _ in e_bounds] and a_bounds
+    a_norms, e_norms = gradient_norms(actual), gradient_norms(expected)
+    assert [s for s, _ in a_norms] == [s for s, _ in e_norms] and a_norms
     a, e = load_checkpoint(actual)["model"], load_checkpoint(expected)["model"]
     if exact:
-        assert a_losses == e_losses and a_bounds == e_bounds
+        assert a_losses == e_losses and a_bounds == e_bounds and a_norms == e_norms
         assert all(torch.equal(a[name], e[name]) for name in e)
         return
-    for (step, x), (_, y) in zip(a_losses + a_bounds, e_losses + e_bounds):
+    for (step, x), (_, y) in zip(a_losses + a_bounds + a_norms, e_losses + e_bounds + e_norms):
         assert x == pytest.approx(y, rel=LOSS_RTOL), f"step {step}: {x} != {y}"
     for name in e:
         torch.testing.assert_close(a[name], e[name], rtol=0, atol=WEIGHT_ATOL, msg=name)

@@ -3,6 +3,7 @@ resume flags, and errors in one line. Faults are injected in-process or with sma
 
 import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -47,9 +48,9 @@ def test_a_diverging_run_keeps_its_last_good_checkpoint_and_stops_in_one_line(tm
     assert code == 2
     [line] = [line for line in err.splitlines() if "error" in line]
     assert "diverged" in line and "--lr" in line
-    if (out / "checkpoint.pt").exists():  # the last good one: every weight finite
-        payload = load_checkpoint(out)
-        assert all(torch.isfinite(t).all() for t in payload["model"].values())
+    payload = load_checkpoint(out)  # the last good one (a checkpoint every step): every weight finite
+    assert payload["step"] >= 1 and all(torch.isfinite(t).all() for t in payload["model"].values())
+    assert f"the last good checkpoint (step {payload['step']}) is kept" in line
 
 
 def test_non_finite_weights_are_never_saved_nor_loaded(tmp_path, capsys):
@@ -330,6 +331,27 @@ def test_the_bound_does_not_depend_on_the_batch_size():
         b = evaluate_bound(model, x, batch_size=2 * k, importance_samples=k)
         assert a["nats"] == pytest.approx(b["nats"], rel=1e-6)
     assert evaluate_bound(model, x[5:6])["nats"] != evaluate_bound(model, x[6:7])["nats"]
+
+
+def test_the_bound_is_its_definition_on_each_images_own_noise():
+    """K = 1: the mean of L_x + L_z (Eq. 12) with each image's noise (evaluate.image_noise), and L_x, L_z
+    apart; K > 1: the mean importance-weighted bound of model.importance_weighted_bound on the same noise."""
+    from draw import importance_weighted_bound
+    from draw.evaluate import image_noise
+
+    torch.manual_seed(0)
+    model = DRAW(SMALL)
+    x = torch.bernoulli(torch.full((5, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(x, noise=image_noise(0, 5, 1, SMALL.T, SMALL.z_size, seed=3))
+        result = evaluate_bound(model, x, seed=3)
+        assert result["nats"] == pytest.approx((out.l_x + out.l_z).mean().item(), rel=1e-6)
+        assert (result["l_x"], result["l_z"]) == (pytest.approx(out.l_x.mean().item(), rel=1e-6),
+                                                  pytest.approx(out.l_z.mean().item(), rel=1e-6))
+        assert result["bits_per_dim"] == pytest.approx(result["nats"] / (28 * 28 * math.log(2)))
+        iwae = importance_weighted_bound(model, x, 4, image_noise(0, 5, 4, SMALL.T, SMALL.z_size, seed=3))
+        assert evaluate_bound(model, x, seed=3, importance_samples=4)["nats"] == pytest.approx(iwae.mean().item(), rel=1e-6)
+        assert iwae.mean().item() < result["nats"]  # tighter than the variational bound (here, on these draws)
 
 
 # --- 12. checkpoints from elsewhere ----------------------------------------------------------------

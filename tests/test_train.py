@@ -72,6 +72,26 @@ def test_a_step_is_settled_once_it_runs_as_every_later_step_will(monkeypatch):
     assert compiled.mode == "eager" and compiled.settled
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+def test_training_batches_of_grey_levels_are_binarized_afresh_each_epoch(fixed):
+    """Grey-level training images come as Bernoulli draws: in {0, 1}, 0 where the grey level is 0, with the
+    grey levels' mean, and a new draw of the same images every epoch (--fixed-binarization: one draw, kept)."""
+    from draw.data import load_dataset
+    from draw.train import BatchSampler
+
+    data = load_dataset("synthetic", shape=(1, 28, 28))
+    grey = data.train
+    sampler = BatchSampler(data, train_config(batch_size=len(grey), fixed_binarization=fixed), torch.device("cpu"))
+    draws = []
+    for epoch in (0, 1):  # one step an epoch: every image, in that epoch's order
+        x = sampler.batch(epoch)
+        draws.append(x[torch.argsort(sampler._perm)])  # back in the data set's order
+    for x in draws:
+        assert set(x.unique().tolist()) <= {0.0, 1.0} and not x[grey == 0].any()
+        assert x.mean().item() == pytest.approx(grey.mean().item(), abs=0.01)
+    assert torch.equal(draws[0], draws[1]) == fixed
+
+
 def test_step_modes_resolve_and_refuse():
     assert resolve_step_mode("auto", torch.device("cpu")) == "eager"
     assert resolve_step_mode("auto", torch.device("cuda")) == "cuda-graph"
@@ -335,10 +355,14 @@ def test_training_records_hold_the_gradient_norm_before_clipping(tmp_path):
     records = {}
     for clip in (1e9, 1e-6):
         run = tmp_path / f"clip{clip:g}"
-        train(run, model_config=SMALL, train_config=train_config(steps=4, log_every=2, grad_clip=clip), **QUIET)
+        train(run, model_config=SMALL, train_config=train_config(steps=4, log_every=1, grad_clip=clip), **QUIET)
         records[clip] = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert all(r["grad_norm"] > 0 and r["clipped"] == 0.0 for r in records[1e9])
     assert all(r["grad_norm"] > 0 and r["clipped"] == 1.0 for r in records[1e-6])
+    # the first step's gradient is the same whatever the clip (the same weights): its norm before the clip
+    # is the same too, and far above the tiny clip's 1e-6
+    first = records[1e9][0]["grad_norm"], records[1e-6][0]["grad_norm"]
+    assert first[0] == pytest.approx(first[1], rel=1e-6) and first[1] > 1e-3
 
 
 def test_a_checkpoint_without_gradient_sums_resumes(tmp_path, monkeypatch, interactive_sigint):
