@@ -34,18 +34,41 @@ from draw import kernels
 
 class _Pass:
     """What one RecurrentLinear keeps between its steps' backward calls and the collector's: per step
-    (graph task, first row, X_t, G_t, whether the step added the bias), appended by each step's backward, and per graph task the buffer of
-    the split steps' G rows (rows: every step's rows, in the order of the forward calls), a zero, and the
-    places handed out in it."""
+    (graph task, first row, X_t, G_t, whether the step added the bias), appended by each step's backward
+    (`record`), and per graph task the buffer of the split steps' G rows (rows: every step's rows, in the
+    order of the forward calls), a zero, and the places handed out in it. A pass's entries go when its
+    backward ends (`_forget_at_the_end`), whether or not it reached the collector: autograd.grad of other
+    inputs with retain_graph (a penalty on x's gradient) would otherwise keep its G, 0.9 GB a pass at
+    mnist-paper's batch of 1024, until a later pass reached the collector."""
 
     def __init__(self, width: int):
         self.steps, self.buffers, self.taken, self.rows, self.width = [], {}, {}, 0, width
+        self.watched = set()  # the graph tasks whose end will drop their entries
+
+    def _forget_at_the_end(self, task: int) -> None:
+        """Drop `task`'s entries when its backward pass ends (autograd's end-of-pass callback)."""
+        if task not in self.watched:
+            self.watched.add(task)
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._forget(task))
+
+    def _forget(self, task: int) -> None:
+        self.steps = [step for step in self.steps if step[0] != task]
+        self.buffers.pop(task, None)
+        self.taken.pop(task, None)
+        self.watched.discard(task)
+
+    def record(self, row: int, x: torch.Tensor, grad: torch.Tensor, uses_bias: bool) -> None:
+        """A step's (X_t, G_t), for the collector of this backward pass."""
+        task = torch._C._current_graph_task_id()
+        self._forget_at_the_end(task)
+        self.steps.append((task, row, x, grad, uses_bias))
 
     def buffer(self, dtype: torch.dtype, device: torch.device, used: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This backward pass's G buffer [rows, width] and a zero, in dtype on device, made on first use;
         the columns past the `used` ones (padding) zeroed then, once per pass."""
         task = torch._C._current_graph_task_id()
         if task not in self.buffers:
+            self._forget_at_the_end(task)
             buffer = torch.empty(self.rows, self.width, dtype=dtype, device=device)
             if used < self.width:
                 buffer[:, used:].zero_()
@@ -180,7 +203,7 @@ class _Step(torch.autograd.Function):
             else:
                 for g, place in pending:
                     place.zero_() if g is None else place.copy_(g)
-        ctx.state.steps.append((torch._C._current_graph_task_id(), ctx.row, x, grad, ctx.addend_is_bias))
+        ctx.state.record(ctx.row, x, grad, ctx.addend_is_bias)
         grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
         grad_addend = grad if ctx.needs_input_grad[2] and not ctx.addend_is_bias else None
         return grad_x, None, grad_addend, None, None, None, None
@@ -243,6 +266,6 @@ class RecurrentLinear:
         state.rows += x.shape[0]  # this step's rows, in the order of the forward calls (an unused one is harmless)
 
         def record(x: torch.Tensor, grad: torch.Tensor) -> None:
-            state.steps.append((torch._C._current_graph_task_id(), row, x, grad, False))  # no bias (none here)
+            state.record(row, x, grad, False)  # no bias (a map with one is never deferred)
 
         return kernels.Projection(x, self.weight, add, self._token, record, unfused)

@@ -212,6 +212,31 @@ def test_the_bias_has_the_gradient_of_the_steps_that_added_it():
         assert (ours[2] is None) == every_step_adds
 
 
+def test_a_pass_that_never_reaches_the_collector_leaves_nothing_behind():
+    """autograd.grad of other inputs (retain_graph: a penalty on the input's gradient) runs the steps' backward
+    but not the weight gradients' collector: its G buffer and (X, G) entries go when that pass ends, and a
+    later pass that does reach the collector still gives autograd's weight gradients."""
+    h0, w, b = split_tensors()
+    stacked = RecurrentLinear(w, b)
+    h, total = h0, 0
+    for t in range(T):
+        parts = stacked(h, split=SPLIT)
+        h = torch.tanh(parts[0]) * torch.sigmoid(parts[1]) + parts[2].sum(1, keepdim=True)
+        total = total + h.sum() * (t + 1)
+    state = stacked._state
+    for _ in range(3):
+        torch.autograd.grad(total, h0, retain_graph=True)
+        assert state.steps == [] and state.buffers == {} and state.taken == {} and state.watched == set()
+    ours = torch.autograd.grad(total, (w, b))
+    h, theirs_total = h0, 0
+    for t in range(T):
+        a, g, c = F.linear(h, w, b).split(SPLIT, dim=1)
+        h = torch.tanh(a) * torch.sigmoid(g) + c.sum(1, keepdim=True)
+        theirs_total = theirs_total + h.sum() * (t + 1)
+    for x, y in zip(ours, torch.autograd.grad(theirs_total, (w, b))):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
 def test_split_steps_write_their_gradients_once():
     """A split step's backward puts its parts' gradients side by side straight into the pass's buffer, so the
     weight gradient reads G where it lies: T + 1 cats in all (one per step, one of the inputs), where a split
