@@ -292,3 +292,21 @@ def test_the_error_analysis_scores_glimpses_against_the_digit():
     assert result["on_digit_share_right"] == [1.0, 1.0]
     assert result["on_digit_share_wrong"] == [1.0, 0.5]
     assert result["median_half_width"] == [49.5, 5.0]
+
+
+def test_the_evaluation_is_the_mean_error_and_cross_entropy_in_any_batches():
+    """evaluate_classifier over batches of 3 (the last short): the fraction of argmax(logits) != label and the
+    mean cross-entropy of the logits of one forward over all the images, as images of a uint8 set."""
+    from draw.evaluate import evaluate_classifier
+
+    torch.manual_seed(0)
+    model = DRAM(SMALL)
+    images = torch.randint(0, 256, (7, 1, 20, 24), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 2, 1, 0, 1])
+    result = evaluate_classifier(model, images, labels, batch_size=3)
+    with torch.no_grad():
+        logits = model(images.float() / 255, labels).logits
+    assert result["images"] == 7
+    assert result["error"] == pytest.approx((logits.argmax(1) != labels).float().mean().item())
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    assert 0 < result["error"] < 1  # a test that sees both right and wrong answers
