@@ -37,7 +37,7 @@ class _Pass:
     (graph task, first row, X_t, G_t, whether the step added the bias), appended by each step's backward
     (`record`), and per graph task the buffer of the split steps' G rows (rows: every step's rows, in the
     order of the forward calls), a zero, and the places handed out in it. A pass's entries go when its
-    backward ends (`_forget_at_the_end`), whether or not it reached the collector: autograd.grad of other
+    backward ends (`_forget_at_the_end`) or at the collector, whether or not it reached the collector: autograd.grad of other
     inputs with retain_graph (a penalty on x's gradient) would otherwise keep its G, 0.9 GB a pass at
     mnist-paper's batch of 1024, until a later pass reached the collector."""
 
@@ -49,9 +49,10 @@ class _Pass:
         """Drop `task`'s entries when its backward pass ends (autograd's end-of-pass callback)."""
         if task not in self.watched:
             self.watched.add(task)
-            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._forget(task))
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self.forget(task))
 
-    def _forget(self, task: int) -> None:
+    def forget(self, task: int) -> None:
+        """Drop `task`'s entries: at the collector (its pass is done with them), else when its pass ends."""
         self.steps = [step for step in self.steps if step[0] != task]
         self.buffers.pop(task, None)
         self.taken.pop(task, None)
@@ -91,10 +92,6 @@ class _Pass:
         """Whether the place at (row, col) was handed out in this backward pass."""
         return (row, col) in self.taken.get(torch._C._current_graph_task_id(), ())
 
-    def end(self):
-        self.steps.clear()
-        self.buffers.clear()
-        self.taken.clear()
 
 
 class _WeightGradients(torch.autograd.Function):
@@ -115,7 +112,7 @@ class _WeightGradients(torch.autograd.Function):
         state, this_pass = ctx.state, torch._C._current_graph_task_id()
         steps = sorted(((row, x, g, biased) for task, row, x, g, biased in state.steps if task == this_pass),
                        key=lambda s: s[0])
-        state.end()
+        state.forget(this_pass)
         if not steps:  # no step's output reached the loss
             return None, None, None
         parts = [g for _, _, g, _ in steps]

@@ -231,8 +231,9 @@ def _restore_rng_state(state: dict, device: torch.device, sampler: BatchSampler,
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
-def _resumed_configs(payload: dict, model_config: DRAWConfig | ClassifierConfig | None, overrides: dict) -> TrainConfig:
-    """The checkpoint's TrainConfig with the schedule overrides applied; refuse arithmetic changes."""
+def _resumed_configs(payload: dict, model_config: DRAWConfig | ClassifierConfig | None,
+                     overrides: dict) -> tuple[TrainConfig, TrainConfig]:
+    """(the checkpoint's TrainConfig, it with the schedule overrides applied); refuse arithmetic changes."""
     where = payload["path"]
     try:
         saved = TrainConfig.from_dict(payload["train_config"])
@@ -249,7 +250,7 @@ def _resumed_configs(payload: dict, model_config: DRAWConfig | ClassifierConfig 
     for name in TrainConfig.SCHEDULE:
         if getattr(requested, name) != getattr(saved, name):
             log.info(f"resume: {name} {getattr(saved, name)!r} -> {getattr(requested, name)!r}")
-    return requested
+    return saved, requested
 
 
 def _resumed_step_mode(saved: str | None, device: torch.device, world: World) -> str:
@@ -265,13 +266,14 @@ def _resumed_step_mode(saved: str | None, device: torch.device, world: World) ->
     return saved
 
 
-def _check_resumed_length(payload: dict, config: TrainConfig, start_step: int, total_steps: int, per_epoch: int) -> None:
+def _check_resumed_length(path, saved: TrainConfig, config: TrainConfig, start_step: int, total_steps: int,
+                          per_epoch: int) -> None:
     """Refuse a resumed run that would end before its checkpoint's step; say how a new length moves a cosine
     schedule's learning rate (lr_at follows step / total_steps)."""
     if total_steps < start_step:
-        raise ValueError(f"{payload['path']} is at step {start_step}; --steps / --epochs would end the run at step "
+        raise ValueError(f"{path} is at step {start_step}; --steps / --epochs would end the run at step "
                          f"{total_steps}, before it (give at least {start_step} steps)")
-    saved_total = TrainConfig.from_dict(payload["train_config"]).total_steps(per_epoch)
+    saved_total = saved.total_steps(per_epoch)
     if config.lr_schedule == "cosine" and saved_total != total_steps and start_step < total_steps:
         log.info(f"resume: the cosine schedule now ends at step {total_steps} instead of {saved_total}; the lr at step "
                  f"{start_step} goes from {lr_at(config, start_step, saved_total):.3g} to "
@@ -291,7 +293,7 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
     if resume:
         payload = world.from_main(lambda: load_checkpoint(ckpt_path, map_location="cpu"))
         check_training_state(payload)
-        config = _resumed_configs(payload, model_config, overrides)
+        saved_config, config = _resumed_configs(payload, model_config, overrides)
         model = model_from_checkpoint(payload)
         start_step = payload["step"]
         step_mode = step_mode or _resumed_step_mode(payload.get("step_mode"), device, world)
@@ -327,7 +329,7 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
     sampler = BatchSampler(data, config, device, with_labels=not isinstance(model, DRAW))
     total_steps = config.total_steps(sampler.per_epoch)
     if resume:
-        _check_resumed_length(payload, config, start_step, total_steps, sampler.per_epoch)
+        _check_resumed_length(payload["path"], saved_config, config, start_step, total_steps, sampler.per_epoch)
     step = TrainStep(model, lr=config.lr, grad_clip=config.grad_clip, amp=config.amp, tf32=config.tf32, mode=step_mode,
                      compile_mode=compile_mode, device=device, accumulate=config.accumulate, world=world)
     if step.gradient_sync is not None:
