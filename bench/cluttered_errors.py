@@ -21,7 +21,7 @@ import torch
 
 import common
 from draw import data
-from draw.checkpoint import load_checkpoint, model_from_checkpoint
+from draw.checkpoint import load_checkpoint, model_from_checkpoint, uses_average
 from draw.data_mnist_composites import CLUTTERED_SEED, CLUTTERED_SIZES, cluttered_mnist
 from draw.figures import window_boxes
 
@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     payload = load_checkpoint(args.run / "checkpoint.pt")
-    model = model_from_checkpoint(payload).eval()
+    model = model_from_checkpoint(payload, weights="average").eval()  # a --ema run's average, as its test_error
+    weights = "average" if uses_average(payload) else "trained"
     if hasattr(model, "generate"):
         parser.error(f"{args.run} holds a DRAW model, not a glimpse classifier")
     model.backend = "reference"
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
                        ("on the digit, wrong", "on_digit_share_wrong")):
         print(f"{label:<24}" + " ".join(f"{v:>6}" for v in result[key]))
     if args.json:
-        meta = common.metadata(torch.device("cpu"), run=str(args.run), step=payload.get("step"))
+        meta = common.metadata(torch.device("cpu"), run=str(args.run), step=payload.get("step"), weights=weights)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"metadata": meta, **result}, indent=2) + "\n")
         print(f"wrote {args.json}")

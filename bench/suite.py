@@ -13,8 +13,9 @@ side, since they time nothing and mostly compile; every timing part runs alone. 
                 (its cases in up to 8 worker processes)
     cuda-tests  tests/test_triton_attention.py, tests/test_latent_sample.py, tests/test_lstm_cell.py and
                 tests/test_projection.py compiled on the GPU,
-                tests/test_model.py (the model's fused CUDA LSTM cell) and the CUDA-graph step's captured
-                gradient all-reduce (tests/test_distributed.py), 8 workers where pytest-xdist is installed
+                tests/test_model.py (the model's fused CUDA LSTM cell), the CUDA-graph step's captured
+                gradient all-reduce (tests/test_distributed.py) and the CUDA-graph step against the eager one
+                (tests/test_train.py), 8 workers where pytest-xdist is installed
                 (skipped by --quick and on CPU)
     attention   bench_attention.py at the launch-bound sizes (28x28 at batch 100, 256, 1024; eager, compiled, and the fused kernels as
                 launched and forced to broadcast-and-sum: triton, triton-sum; write-read also as the
@@ -91,6 +92,8 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
                          str(ROOT / "tests" / "test_projection.py"),
                          str(ROOT / "tests" / "test_model.py"),
                          str(ROOT / "tests" / "test_distributed.py") + "::test_the_gradient_all_reduce_is_captured_in_the_cuda_graph",
+                         str(ROOT / "tests" / "test_train.py")
+                         + "::test_the_cuda_graph_step_gives_the_eager_steps_losses_weights_and_average",
                          f"--junitxml={out / 'cuda-tests.xml'}"], 240, {})],
         [("attention", attention + ["--sizes", "launch", "--rep-ms", "50", "--json", str(out / "attention.json"),
                                     "--markdown", str(out / "attention.md"), "--plot", str(out / "attention.png")],

@@ -2,7 +2,8 @@
 
 A checkpoint is torch.save's zip archive of a dict with a format marker, the model's kind ("draw" or
 "classifier", absent in older files: "draw") and config (`DRAWConfig` or `ClassifierConfig`), its weights and, for a training run, the optimizer, step, RNG states, `TrainConfig` and the running
-loss sums. `load_checkpoint` checks every record's CRC-32 before unpickling (torch.load does not),
+loss sums, and with `--ema` the moving average of the weights ("average", draw/average.py), which
+`model_from_checkpoint` loads unless asked for the trained weights. `load_checkpoint` checks every record's CRC-32 before unpickling (torch.load does not),
 so a flipped bit anywhere in the file is refused, not silently loaded.
 """
 
@@ -12,11 +13,13 @@ import zipfile
 import torch
 
 from draw.atomic import atomic_write
+from draw.average import averaged_weights, check_names_and_shapes
 from draw.config import MODEL_KINDS, model_kind
 
 FORMAT = "draw-checkpoint"
 VERSION = 2  # 1: run settings under "settings" and the attention backend in the model config
 TRAINING_KEYS = ("optimizer", "step", "rng", "train_config")
+WEIGHTS = ("average", "trained")  # which weights model_from_checkpoint loads (`draw eval --weights`)
 
 
 class CheckpointError(ValueError):
@@ -125,16 +128,39 @@ def build_model(config, backend: str = "auto"):
     return DRAW(config, backend=backend)
 
 
-def model_from_checkpoint(payload: dict):
-    """Rebuild the model from a loaded checkpoint's config and weights; refuse non-finite weights."""
+def uses_average(payload: dict, weights: str = "average") -> bool:
+    """Whether model_from_checkpoint(payload, weights) loads the moving average of the weights: asked for, and
+    kept by the run (--ema) over at least one step."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    average = payload.get("average")
+    if weights != "average" or average is None:
+        return False
+    if not isinstance(average, dict) or not {"decay", "updates", "sums"} <= set(average):
+        raise CheckpointError(f"{payload.get('path', 'checkpoint')}: its weight average is damaged (no decay, updates or sums)")
+    return int(average["updates"]) > 0
+
+
+def model_from_checkpoint(payload: dict, weights: str = "average"):
+    """Rebuild the model from a loaded checkpoint's config and weights; refuse non-finite weights. weights
+    "average": the run's moving average of the weights where it kept one (see uses_average), else the
+    trained weights; "trained": the trained weights always."""
     where = payload.get("path", "checkpoint")
     config = config_from_checkpoint(payload)
-    bad = non_finite_count(payload["model"])
+    model = build_model(config)
+    state = payload["model"]
+    if uses_average(payload, weights):
+        averaged = averaged_weights(payload["average"])
+        try:  # every parameter averaged and nothing else: never a model part averaged, part trained
+            check_names_and_shapes(averaged, dict(model.named_parameters()))
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+        state = {**state, **averaged}
+    bad = non_finite_count(state)
     if bad:
         raise CheckpointError(f"{where}: {bad} model weights are not finite (the run diverged); use an earlier checkpoint")
-    model = build_model(config)
     try:
-        model.load_state_dict(payload["model"])
+        model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0] if first else ""

@@ -56,6 +56,16 @@ def _finite_float(text: str, *, zero_allowed: bool) -> float:
     return value
 
 
+def _decay(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 < value < 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a number strictly between 0 and 1, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     return _finite_float(text, zero_allowed=False)
 
@@ -105,6 +115,12 @@ def _common(p: argparse.ArgumentParser, *, backend_help: str) -> None:
                    help=f"CPU threads for torch (default {DEFAULT_CPU_THREADS}, or $OMP_NUM_THREADS when set)")
 
 
+def _weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", choices=("average", "trained"), default="average",
+                   help="average: the moving average of the weights, for a run trained with --ema (else its trained "
+                        "weights); trained: the trained weights (default average)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="draw", description="DRAW (Gregor et al. 2015): train, evaluate, sample, verify.")
     parser.add_argument("--version", action="version", version=f"draw {__version__}")
@@ -140,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--attention-grad-clip", type=_nonnegative_float, metavar="C",
                    help="classifier presets: clip each image's gradient with respect to each glimpse's attention "
                         "parameters to [-C, C] in the backward pass; 0 for the exact gradient (default: the preset's)")
+    t.add_argument("--ema", type=_decay, metavar="DECAY",
+                   help="keep a moving average of the weights, a <- DECAY a + (1 - DECAY) w after every step (e.g. 0.999: "
+                        "about the last 1,000 steps), and evaluate, sample and draw figures with it; the evaluations "
+                        "score the trained weights too (default: none)")
     t.add_argument("--eval-every", type=_positive_int, help="steps between test-bound evaluations (default: the preset's)")
     t.add_argument("--log-every", type=_positive_int, help="steps between training-loss records (default 50)")
     t.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints (default 500)")
@@ -174,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per forward pass (default 500; the result does not depend on it)")
     e.add_argument("--seed", type=_seed, default=0, help="seed of the sampling noise (default 0)")
     e.add_argument("--data-dir", type=pathlib.Path, help="dataset cache (default $DRAW_DATA_DIR or ~/.cache/draw)")
+    _weights(e)
     _common(e, backend_help="attention backend (default auto)")
 
     s = sub.add_parser("sample", help="draw samples from a checkpoint: a grid PNG and the sequence GIF and strip "
@@ -185,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--neighbours", action="store_true",
                    help="also write samples_neighbours.png: samples beside their nearest training image (loads the training set)")
     s.add_argument("--data-dir", type=pathlib.Path, help="dataset cache, for --neighbours and classifiers (default $DRAW_DATA_DIR or ~/.cache/draw)")
+    _weights(s)
     _common(s, backend_help="attention backend (default auto)")
 
     sub.add_parser("verify", add_help=False, help="check the fused Triton kernels against the reference on this machine "
@@ -209,7 +231,7 @@ TRAIN_FLAGS = {  # TrainConfig field: argparse dest, for the flags that set one
     "fresh_clutter": "fresh_clutter",
     "steps": "steps", "epochs": "epochs", "eval_every": "eval_every", "log_every": "log_every",
     "checkpoint_every": "checkpoint_every", "accumulate": "accumulate", "attention_grad_clip": "attention_grad_clip",
-    "grad_clip": "grad_clip",
+    "grad_clip": "grad_clip", "ema": "ema",
 }
 
 
@@ -250,14 +272,16 @@ def cmd_train(args) -> int:
 
 
 def _load_model(args):
-    from draw.checkpoint import load_checkpoint, model_from_checkpoint
+    from draw.checkpoint import load_checkpoint, model_from_checkpoint, uses_average
     from draw.kernels import resolve_backend
 
     device = pick_device(args.device)
     payload = load_checkpoint(args.checkpoint, map_location=device)
     resolve_backend(args.backend, device)
-    model = model_from_checkpoint(payload).to(device).eval()
+    model = model_from_checkpoint(payload, weights=args.weights).to(device).eval()
     model.backend = args.backend
+    payload["weights"] = "average" if uses_average(payload, args.weights) else "trained"
+    log.info(f"{payload['path']}: the {'moving average of the weights' if payload['weights'] == 'average' else 'trained weights'}")
     return payload, model, device
 
 
@@ -276,8 +300,8 @@ def cmd_eval(args) -> int:
                                      progress=sys.stderr.isatty())
         print(f"{dataset} {args.split}: error {100 * result['error']:.2f} % ({result['images']} images, "
               f"cross-entropy {result['loss']:.4f} nats, step {payload.get('step', '?')})")
-        print(json.dumps({"checkpoint": payload["path"], "dataset": dataset, "split": args.split, "step": payload.get("step"),
-                          "error_percent": 100 * result["error"], **result}, allow_nan=False))
+        print(json.dumps({"checkpoint": payload["path"], "weights": payload["weights"], "dataset": dataset,
+                          "split": args.split, "step": payload.get("step"), "error_percent": 100 * result["error"], **result}, allow_nan=False))
         return 0
     result = evaluate_bound(model, images, batch_size=args.batch_size, importance_samples=args.importance_samples,
                             seed=args.seed, device=device, progress=sys.stderr.isatty())
@@ -287,8 +311,8 @@ def cmd_eval(args) -> int:
     print(f"{dataset} {args.split}: -log p(x) <= {result['nats']:.2f} +- {result['stderr']:.2f} nats, "
           f"{result['bits_per_dim']:.4f} bits/dim ({kind}, "
           f"{result['images']} images, step {payload.get('step', '?')})")
-    print(json.dumps({"checkpoint": payload["path"], "dataset": dataset, "split": args.split, "step": payload.get("step"), **result},
-                     allow_nan=False))
+    print(json.dumps({"checkpoint": payload["path"], "weights": payload["weights"], "dataset": dataset, "split": args.split,
+                      "step": payload.get("step"), **result}, allow_nan=False))
     return 0
 
 

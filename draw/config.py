@@ -131,6 +131,9 @@ class TrainConfig:
     log_every: int = 50  # steps between training-loss records
     checkpoint_every: int = 500
     accumulate: int = 1  # micro-batches per step (gradient accumulation); batch_size must divide by it
+    # decay d of a moving average of the weights, updated after every step (draw/average.py): the model that
+    # runs evaluate, sample and figure from; None: none (the trained weights themselves)
+    ema: float | None = None
 
     SCHEDULE = ("steps", "epochs", "eval_every", "log_every", "checkpoint_every", "accumulate")
 
@@ -157,6 +160,9 @@ class TrainConfig:
             _check_int("TrainConfig", "steps", self.steps, 1)
         for name in ("eval_every", "log_every", "checkpoint_every", "accumulate"):
             _check_int("TrainConfig", name, getattr(self, name), 1)
+        if self.ema is not None and (isinstance(self.ema, bool) or not isinstance(self.ema, (int, float))
+                                     or not 0 < self.ema < 1):
+            raise ValueError(f"TrainConfig.ema must be a number strictly between 0 and 1, got {self.ema!r}")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """The run's length in optimizer steps: `steps`, else `epochs` passes of steps_per_epoch."""

@@ -485,9 +485,10 @@ def save_loss_curve(metrics_path_or_records, path, title: str | None = None) -> 
     """Plot one run: training loss (raw, light, and smoothed), L_x and L_z (smoothed), and the test bound.
 
     Training records carry {"step", "loss", "l_x", "l_z"} (and "grad_norm", plotted in a panel below);
-    evaluation records {"step", "test_bound"} (nats); other records and non-finite values are ignored.
-    The y axis runs from 0 to the late half's 95th percentile plus a margin, so the huge first losses
-    do not flatten the curve.
+    evaluation records {"step", "test_bound"} (nats), and with --ema "test_bound_trained" (the trained
+    weights' bound beside the weight average's); other records and non-finite values are ignored. The y axis
+    runs from 0 to the late half's 95th percentile plus a margin, so the huge first losses do not flatten
+    the curve.
 
     Args:
         metrics_path_or_records: a metrics.jsonl path, or a list of dicts.
@@ -501,6 +502,7 @@ def save_loss_curve(metrics_path_or_records, path, title: str | None = None) -> 
     l_x = _series(records, "step", "l_x")
     l_z = _series(records, "step", "l_z")
     bound = _series(records, "step", "test_bound")
+    trained = _series(records, "step", "test_bound_trained")  # --ema: test_bound is the weight average's
     if len(loss[0]) == 0 and len(bound[0]) == 0:
         raise ValueError("no training ('step', 'loss') or evaluation ('step', 'test_bound') records to plot")
 
@@ -514,8 +516,12 @@ def save_loss_curve(metrics_path_or_records, path, title: str | None = None) -> 
         if len(xs):
             ax.plot(xs, _smooth(ys), color=colour, linewidth=1.2, label=label)
     if len(bound[0]):
-        ax.plot(*bound, "o", color="tab:red", markersize=5, zorder=4, label=f"test bound (last {bound[1][-1]:.2f})")
-    return _finish(fig, ax, _y_limits([loss, l_x, l_z, bound], from_zero=True), path)
+        which = ", weight average" if len(trained[0]) else ""
+        ax.plot(*bound, "o", color="tab:red", markersize=5, zorder=4, label=f"test bound{which} (last {bound[1][-1]:.2f})")
+    if len(trained[0]):
+        ax.plot(*trained, "x", color="tab:purple", markersize=5, zorder=4,
+                label=f"test bound, trained weights (last {trained[1][-1]:.2f})")
+    return _finish(fig, ax, _y_limits([loss, l_x, l_z, bound, trained], from_zero=True), path)
 
 
 def save_loss_comparison(runs: dict, path, x: str = "step", title: str | None = None) -> pathlib.Path:

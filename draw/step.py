@@ -12,12 +12,14 @@
 A step takes the global batch and returns the detached statistics `step_statistics(model)` names, on
 the device, with no host sync: the batch's STATISTICS of the model (DRAW: loss, mean L_x, mean L_z; the
 classifier: loss, error rate), then GRADIENT_STATISTICS (the global gradient norm before clipping, and
-1.0 where the clip scaled the gradient down, else 0.0). With `accumulate` N it runs N micro-batches, each
-backward on its micro-batch's mean loss (so that a per-image gradient clip, draw/classifier.py, sees the
-same per-image gradients at any N), sums their gradients and divides by N before the one clip and Adam
-step; under torchrun (a `World` of several ranks) each rank computes its part of the batch and the
-gradients are averaged across ranks (GRADIENT_SYNCS; draw/distributed.py): by DistributedDataParallel
+1.0 where the clip scaled the gradient down, else 0.0). With `accumulate` N it runs N micro-batches,
+each backward on its micro-batch's mean loss (so that a per-image gradient clip, draw/classifier.py,
+sees the same per-image gradients at any N), sums their gradients and divides by N before the one clip
+and Adam step; under torchrun (a `World` of several ranks) each rank computes its part of the batch and
+the gradients are averaged across ranks (GRADIENT_SYNCS; draw/distributed.py): by DistributedDataParallel
 during the backward pass, or, in the CUDA-graph step, by one all-reduce after it, captured in the graph.
+With `average` (a decay: `--ema`) the step then updates a moving average of the weights
+(draw/average.py), in the graph too.
 The latent noise of the global batch is drawn alike on every rank and sliced, as the images are, so that
 neither the world size nor N changes what a step computes, only its float rounding.
 """
@@ -29,6 +31,7 @@ import math
 import torch
 import torch.nn as nn
 
+from draw.average import WeightAverage
 from draw.distributed import SINGLE, World, average_gradients, broadcast_parameters, check_global_batch, data_parallel
 from draw.model import DRAW
 
@@ -96,7 +99,8 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, *, lr: float, grad_clip: float | None, amp: str = "none", tf32: bool = False,
                  mode: str = "eager", compile_mode: str = "default", device: torch.device | None = None,
-                 accumulate: int = 1, world: World = SINGLE, gradient_sync: str = "auto", fused: bool | None = None):
+                 accumulate: int = 1, world: World = SINGLE, gradient_sync: str = "auto", fused: bool | None = None,
+                 average: float | None = None):
         self.model = model
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.mode = resolve_step_mode(mode, self.device, under_ddp=world.size > 1)
@@ -113,6 +117,7 @@ class TrainStep:
         lr_value = torch.tensor(lr, device=self.device) if self.graphed else lr
         self.fused = self.device.type == "cuda" if fused is None else fused
         self.optimizer = adam(model.parameters(), lr_value, fused=self.fused, capturable=self.graphed)
+        self.average = WeightAverage(model, average) if average is not None else None  # every rank keeps one alike
         self.latent = isinstance(model, DRAW)  # DRAW draws latent noise; the classifier draws none
         # "all-reduce" with one process is a 1-rank all-reduce (a process group is needed): for tests
         self.gradient_sync = resolve_gradient_sync(gradient_sync, self.mode, world)
@@ -188,6 +193,8 @@ class TrainStep:
             average_gradients(list(self.model.parameters()))  # over the ranks, as DDP would have
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)  # before clipping
         self.optimizer.step()
+        if self.average is not None:
+            self.average.update()
         model_stats = self.world.average(torch.stack(stats).float().mean(0))  # [N, k] -> [k], over the global batch
         gradient = torch.stack([grad_norm, grad_norm > self.grad_clip]).float()  # one gradient on every rank
         return torch.cat([model_stats, gradient])
@@ -208,6 +215,12 @@ class TrainStep:
         check_global_batch(len(batch[0]), self.world.size, self.accumulate)
         self.set_lr(lr)
         self.steps_run += 1
+        stats = self._run(batch, lr)
+        if self.average is not None:
+            self.average.counted()  # every path of _run updated it once (a replay; a capture, then its replay)
+        return stats
+
+    def _run(self, batch: tuple, lr: float) -> torch.Tensor:
         if self.mode == "compile" and self.steps_run == 1:
             return self._first_compiled_step(batch)
         if not self.graphed:

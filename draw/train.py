@@ -6,6 +6,9 @@
                 every eval_every, a checkpoint every checkpoint_every; stops on a step boundary on the
                 first SIGINT, SIGTERM or SIGHUP, after saving a checkpoint;
     finish_run  summary.json and the figures.
+With --ema the run keeps a moving average of the weights (draw/average.py) beside the trained ones: the
+evaluations score both (the average's as test_bound / test_error, the trained weights' with "_trained"),
+and the figures and `draw eval` / `draw sample` use the average.
 A checkpoint is written only when every weight is finite, so a diverging run keeps its last good one.
 Under torchrun every rank runs these with its `World` (draw/distributed.py): rank 0 alone holds the lock,
 reads and writes the run directory and logs; a stop is agreed by all ranks, an error in one ends all.
@@ -23,6 +26,7 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn as nn
 
 from draw import figures
 from draw.atomic import atomic_write_text
@@ -206,6 +210,7 @@ class Run:
     good_checkpoint_step: int | None = None
     world: World = SINGLE
     deadline: float | None = None  # time.monotonic() after which the run stops at a step boundary
+    average_model: nn.Module | None = None  # with --ema: a copy of the model that holds the average (evaluation_model)
 
     @property
     def checkpoint_path(self) -> pathlib.Path:
@@ -294,7 +299,7 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
         payload = world.from_main(lambda: load_checkpoint(ckpt_path, map_location="cpu"))
         check_training_state(payload)
         saved_config, config = _resumed_configs(payload, model_config, overrides)
-        model = model_from_checkpoint(payload)
+        model = model_from_checkpoint(payload, weights="trained")  # the average, if any, goes back into the step
         start_step = payload["step"]
         step_mode = step_mode or _resumed_step_mode(payload.get("step_mode"), device, world)
     else:
@@ -331,7 +336,8 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
     if resume:
         _check_resumed_length(payload["path"], saved_config, config, start_step, total_steps, sampler.per_epoch)
     step = TrainStep(model, lr=config.lr, grad_clip=config.grad_clip, amp=config.amp, tf32=config.tf32, mode=step_mode,
-                     compile_mode=compile_mode, device=device, accumulate=config.accumulate, world=world)
+                     compile_mode=compile_mode, device=device, accumulate=config.accumulate, world=world,
+                     average=config.ema)
     if step.gradient_sync is not None:
         how = ("by DistributedDataParallel in the backward pass" if step.gradient_sync == "ddp"
                else "by one all-reduce after the backward pass")
@@ -339,6 +345,13 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
     sums, count = torch.zeros(len(step_statistics(model)), device=device), 0
     if resume:
         step.load_optimizer_state(payload["optimizer"])
+        if step.average is not None:
+            if "average" not in payload:
+                raise CheckpointError(f"{payload['path']} was trained with --ema {config.ema} but holds no weight average")
+            try:
+                step.average.load_state_dict(payload["average"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{payload['path']}: its weight average does not load: {e}") from None
         _restore_rng_state(payload["rng"], device, sampler, payload["path"])
         running = payload.get("running")
         if running is not None:  # a checkpoint of an older version holds the model's statistics only
@@ -378,7 +391,8 @@ def save_run_checkpoint(run: Run, step: int) -> None:
             save_checkpoint(run.checkpoint_path, run.model, optimizer=run.step.optimizer_state(), step=step,
                             rng=_rng_state(run.device, run.sampler), train_config=run.config.to_dict(),
                             running={"sums": run.sums.detach().cpu(), "count": run.count}, world_size=run.world.size,
-                            step_mode=run.step.mode)
+                            step_mode=run.step.mode,
+                            **({"average": run.step.average.state_dict()} if run.step.average is not None else {}))
     except CheckpointError as e:
         raise TrainingDiverged(_diverged_message(run, step, str(e))) from None
     run.good_checkpoint_step = step
@@ -392,16 +406,37 @@ def _diverged_message(run: Run, step: int, what: str) -> str:
     return f"training diverged at step {step} ({what}); {kept}; try a lower --lr"
 
 
+def evaluation_model(run: Run) -> nn.Module:
+    """The model that evaluations and figures score: the trained one, or with --ema a copy of it holding the
+    moving average of the weights as of the last step (made once, refreshed at each call)."""
+    average = run.step.average
+    if average is None:
+        return run.model
+    if run.average_model is None:
+        with torch.random.fork_rng(devices=[]):  # its initial weights must not draw from the CPU generator the
+            run.average_model = build_model(run.model.config).to(run.device)  # latent noise comes from
+        run.average_model.backend = run.model.backend
+    return average.copy_into(run.average_model)
+
+
+def _scores(run: Run, model: nn.Module) -> dict:
+    """The test-set scores of `model`: DRAW's bound in nats (test_bound, its stderr, L_x, L_z), the classifier's
+    test error and cross-entropy."""
+    if isinstance(model, DRAW):
+        result = evaluate_bound(model, run.data.test, device=run.device, seed=run.config.seed, world=run.world)
+        return {"test_bound": result["nats"], "test_bound_stderr": result["stderr"], "test_l_x": result["l_x"],
+                "test_l_z": result["l_z"]}
+    result = evaluate_classifier(model, run.data.test, run.data.labels["test"], device=run.device, world=run.world)
+    return {"test_error": result["error"], "test_loss": result["loss"]}
+
+
 def _evaluate(run: Run, step: int) -> dict:
     """Score the model on the test set and write the evaluation record ({"step", "test_...": ...}), which
-    is returned: DRAW's bound in nats (test_bound, its stderr, L_x, L_z), the classifier's test error."""
-    if isinstance(run.model, DRAW):
-        result = evaluate_bound(run.model, run.data.test, device=run.device, seed=run.config.seed, world=run.world)
-        record = {"step": step, "test_bound": result["nats"], "test_bound_stderr": result["stderr"],
-                  "test_l_x": result["l_x"], "test_l_z": result["l_z"]}
-    else:
-        result = evaluate_classifier(run.model, run.data.test, run.data.labels["test"], device=run.device, world=run.world)
-        record = {"step": step, "test_error": result["error"], "test_loss": result["loss"]}
+    is returned (see _scores). With --ema the scores are the weight average's, and the trained weights' follow
+    under the same names with "_trained" (test_bound_trained, ...), on the same latent noise."""
+    record = {"step": step, **_scores(run, evaluation_model(run))}
+    if run.step.average is not None:
+        record.update({f"{key}_trained": value for key, value in _scores(run, run.model).items()})
     run.metrics.write(record)
     if run.tensorboard is not None:
         for key, value in record.items():
@@ -412,8 +447,14 @@ def _evaluate(run: Run, step: int) -> dict:
 
 def _headline(record: dict) -> str:
     if "test_bound" in record:
-        return f"test bound {record['test_bound']:.2f} nats (L_x {record['test_l_x']:.2f}, L_z {record['test_l_z']:.2f})"
-    return f"test error {100 * record['test_error']:.2f} % (cross-entropy {record['test_loss']:.4f} nats)"
+        line = f"test bound {record['test_bound']:.2f} nats (L_x {record['test_l_x']:.2f}, L_z {record['test_l_z']:.2f})"
+        if "test_bound_trained" in record:
+            line += f"; the trained weights {record['test_bound_trained']:.2f}"
+        return line
+    line = f"test error {100 * record['test_error']:.2f} % (cross-entropy {record['test_loss']:.4f} nats)"
+    if "test_error_trained" in record:
+        line += f"; the trained weights {100 * record['test_error_trained']:.2f} %"
+    return line
 
 
 STAT_LABELS = {"loss": "loss", "l_x": "L_x", "l_z": "L_z", "error": "error", "grad_norm": "grad norm", "clipped": "clipped"}
@@ -489,8 +530,9 @@ def finish_run(run: Run, *, make_figures: bool = True) -> dict:
         run.last_eval = evals[-1] if evals else _evaluate(run, run.total_steps)
         log.info(f"{run.out_dir} is already trained to step {run.total_steps}")
     record = {k: v for k, v in run.last_eval.items() if k != "step"}
-    if "test_bound" in record:
-        record["test_bound_nats"] = record.pop("test_bound")
+    for key in ("test_bound", "test_bound_trained"):
+        if key in record:
+            record[f"{key}_nats"] = record.pop(key)
     summary = {
         "steps": run.total_steps,
         "epochs": run.total_steps / run.sampler.per_epoch,
@@ -502,18 +544,20 @@ def finish_run(run: Run, *, make_figures: bool = True) -> dict:
         "device": str(run.device),
         "step_mode": run.step.mode,
         "world_size": run.world.size,
+        "weights": "trained" if run.step.average is None else "average",  # whose scores test_... are
     }
     if not run.world.is_main:
         return summary
     atomic_write_text(run.out_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     log.info(f"after {run.total_steps} steps: {_headline(run.last_eval)}")
     if make_figures:
-        if isinstance(run.model, DRAW):
-            written = figures.write_model_figures(run.model, run.out_dir, seed=run.config.seed,
+        model = evaluation_model(run)
+        if isinstance(model, DRAW):
+            written = figures.write_model_figures(model, run.out_dir, seed=run.config.seed,
                                                   reconstruct=run.data.images("test", slice(0, figures.SEQUENCE_IMAGES)),
                                                   training_images=run.data.train, metrics=run.out_dir / METRICS)
         else:
-            written = [figures.save_glimpse_figure(run.model, run.data.images("test", slice(0, figures.GLIMPSE_IMAGES)),
+            written = [figures.save_glimpse_figure(model, run.data.images("test", slice(0, figures.GLIMPSE_IMAGES)),
                                                    run.data.labels["test"][: figures.GLIMPSE_IMAGES], run.out_dir / "glimpses.png"),
                        figures.save_error_curve(run.out_dir / METRICS, run.out_dir / "error_curve.png")]
         log.info("wrote " + ", ".join(str(p) for p in written))

@@ -180,7 +180,13 @@ def assert_same_run(actual: Path, expected: Path, *, exact: bool) -> None:
     assert [s for s, _ in a_bounds] == [s for s, _ in e_bounds] and a_bounds
     a_norms, e_norms = gradient_norms(actual), gradient_norms(expected)
     assert [s for s, _ in a_norms] == [s for s, _ in e_norms] and a_norms
-    a, e = load_checkpoint(actual)["model"], load_checkpoint(expected)["model"]
+    a_payload, e_payload = load_checkpoint(actual), load_checkpoint(expected)
+    a, e = a_payload["model"], e_payload["model"]
+    assert ("average" in a_payload) == ("average" in e_payload)
+    if "average" in e_payload:  # --ema: the moving average of the weights, as the weights
+        assert a_payload["average"]["updates"] == e_payload["average"]["updates"]
+        a = {**a, **{f"average {name}": t for name, t in a_payload["average"]["sums"].items()}}
+        e = {**e, **{f"average {name}": t for name, t in e_payload["average"]["sums"].items()}}
     if exact:
         assert a_losses == e_losses and a_bounds == e_bounds and a_norms == e_norms
         assert all(torch.equal(a[name], e[name]) for name in e)
@@ -196,9 +202,9 @@ def assert_same_run(actual: Path, expected: Path, *, exact: bool) -> None:
 
 def test_two_ranks_with_accumulation_compute_what_one_process_computes(tmp_path, one_process):
     """torchrun, 2 ranks x 2 micro-batches of 4 (DDP with no_sync) = one process with the batch of 16:
-    the same losses, sharded test bounds and weights; rank 0 alone logs."""
-    assert one_process(train_args(tmp_path / "one")) == 0
-    torchrun = launch_with_torchrun(tmp_path, train_args(tmp_path / "two", "--accumulate", "2"))
+    the same losses, sharded test bounds, weights and moving average of the weights (--ema); rank 0 alone logs."""
+    assert one_process(train_args(tmp_path / "one", "--ema", "0.5")) == 0
+    torchrun = launch_with_torchrun(tmp_path, train_args(tmp_path / "two", "--accumulate", "2", "--ema", "0.5"))
     assert torchrun.returncode == 0, torchrun.stderr
     assert_same_run(tmp_path / "two", tmp_path / "one", exact=False)
     assert torchrun.stderr.count("step 6/6") == 1 and torchrun.stderr.count("training tiny") == 1

@@ -4,6 +4,7 @@ import ast
 import inspect
 import json
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -282,6 +283,27 @@ def test_the_loss_curve_gains_a_gradient_panel_when_the_records_hold_gradient_no
     with_gradient = figures.save_loss_curve(records, tmp_path / "gradient.png")
     with Image.open(plain) as a, Image.open(with_gradient) as b:
         assert a.size[0] == b.size[0] and b.size[1] > a.size[1] * 1.2
+
+
+def test_with_a_weight_average_the_loss_curve_shows_both_bounds(tmp_path, monkeypatch):
+    """--ema runs record the weight average's bound (test_bound) and the trained weights' (test_bound_trained):
+    both are plotted and labelled; a run without it keeps its one label."""
+    labels = {}
+    finish = figures._finish
+
+    def kept(fig, ax, limits, path):
+        labels[pathlib.Path(path).stem] = [line.get_label() for line in ax.get_lines()]
+        return finish(fig, ax, limits, path)
+
+    monkeypatch.setattr(figures, "_finish", kept)
+    records = [dict(r, test_bound_trained=r["test_bound"] + 1.5) if "test_bound" in r else r for r in synthetic_records()]
+    figures.save_loss_curve(records, tmp_path / "average.png")
+    figures.save_loss_curve(synthetic_records(), tmp_path / "plain.png")
+    last = [r for r in records if "test_bound" in r][-1]
+    assert f"test bound, weight average (last {last['test_bound']:.2f})" in labels["average"]
+    assert f"test bound, trained weights (last {last['test_bound_trained']:.2f})" in labels["average"]
+    assert f"test bound (last {last['test_bound']:.2f})" in labels["plain"]
+    assert not any("trained" in label for label in labels["plain"])
 
 
 def classifier_records(steps=400):

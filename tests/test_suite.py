@@ -97,6 +97,20 @@ def test_the_suite_runs_correctness_side_by_side_and_timing_alone(tmp_path):
     assert set(suite.OPT_IN) <= {name for stage in stages for name in stage}
 
 
+def test_the_cuda_tests_part_names_test_files_and_functions_that_exist(tmp_path):
+    """Every path (and path::function) the GPU suite's cuda-tests part hands pytest is there, so a renamed test
+    is noticed here and not on a GPU, where pytest would only say it found nothing."""
+    suite = import_bench("suite")
+    command = next(cmd for name, cmd, *_ in suite.parts(False, tmp_path) if name == "cuda-tests")
+    targets = [arg for arg in command if "tests" in pathlib.Path(arg.split("::")[0]).parts and not arg.startswith("--")]
+    assert len(targets) >= 7
+    for target in targets:
+        path, _, function = target.partition("::")
+        assert pathlib.Path(path).is_file(), path
+        if function:
+            assert f"def {function}(" in pathlib.Path(path).read_text(), target
+
+
 def test_the_gpu_suites_benchmark_commands_parse(tmp_path):
     """Every bench/ script the GPU suite runs accepts the flags the suite gives it (the GPU parts never run
     in CI: a renamed flag would otherwise first show on a GPU)."""

@@ -549,9 +549,156 @@ def test_threads_are_set_before_torch_is_imported(tmp_path):
     (["train", "--seed", str(2**40)], "must be from 0 to"),
     (["train", "--warmup-steps", "-2"], "argument --warmup-steps: must be >= 0, got -2"),
     (["train", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (["train", "--ema", "1"], "argument --ema: must be a number strictly between 0 and 1, got 1"),
+    (["train", "--ema", "0"], "argument --ema: must be a number strictly between 0 and 1, got 0"),
+    (["train", "--ema", "nan"], "argument --ema: must be a number strictly between 0 and 1, got nan"),
 ])
 def test_cli_refuses_bad_numbers_before_anything(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(argv + ["--out", str(tmp_path / "run")])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# --- the moving average of the weights (--ema) -------------------------------------------------------
+
+
+def test_the_weight_average_is_the_debiased_moving_average_of_every_steps_weights():
+    """After n steps the average is sum_k (1 - d) d^(n-k) p_k / (1 - d^n) over the weights p_k after each step
+    (float64 from snapshots): the weights themselves after one step, never pulled towards its zero start."""
+    x = torch.bernoulli(torch.full((8, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = DRAW(SMALL)
+    decay = 0.8
+    step = TrainStep(model, lr=1e-2, grad_clip=1.0, average=decay)
+    snapshots = []
+    for i in range(4):
+        torch.manual_seed(i)
+        step(x, lr=1e-2)
+        snapshots.append({name: p.detach().double().clone() for name, p in model.named_parameters()})
+        n = i + 1
+        average = step.average.weights()
+        assert step.average.updates == n
+        for name in snapshots[0]:
+            expected = sum((1 - decay) * decay ** (n - k) * s[name] for k, s in enumerate(snapshots, 1)) / (1 - decay**n)
+            torch.testing.assert_close(average[name].double(), expected, rtol=1e-5, atol=1e-7)
+        if n == 1:
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(average[name], p.detach(), rtol=1e-6, atol=0)
+    moved = max(float((average[name] - p.detach()).abs().max()) for name, p in model.named_parameters())
+    assert moved > 1e-4  # the average is not the last weights
+
+
+def test_without_ema_the_step_keeps_no_average():
+    step = TrainStep(DRAW(SMALL), lr=1e-3, grad_clip=None)
+    assert step.average is None
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        TrainStep(DRAW(SMALL), lr=1e-3, grad_clip=None, average=1.0)
+    with pytest.raises(ValueError, match="TrainConfig.ema must be a number strictly between 0 and 1"):
+        train_config(ema=0.0)
+
+
+def test_an_ema_run_evaluates_both_weights_and_resumes_its_average_exactly(tmp_path, capsys):
+    """--ema: every evaluation scores the average (test_bound) and the trained weights (test_bound_trained), on
+    the same noise; the checkpoint holds the average's sum and count, which a resumed run continues bit for bit;
+    `draw eval` scores the average unless --weights trained; a resume may not change the decay."""
+    config = train_config(ema=0.7, eval_every=4)  # the resumed part evaluates before it trains on (step 8)
+    full = tmp_path / "full"
+    summary = train(full, model_config=SMALL, train_config=config, **QUIET)
+    split = tmp_path / "split"
+    train(split, model_config=SMALL, train_config=replace(config, steps=6), **QUIET)
+    with pytest.raises(ValueError, match="ema 0.7 -> 0.9"):
+        train(split, resume=True, overrides={"steps": 12, "ema": 0.9}, **QUIET)
+    train(split, resume=True, overrides={"steps": 12}, **QUIET)
+    assert losses(split) == losses(full)
+    a, b = load_checkpoint(full), load_checkpoint(split)
+    assert a["average"]["updates"] == b["average"]["updates"] == 12 and a["average"]["decay"] == 0.7
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+        assert torch.equal(a["average"]["sums"][name], b["average"]["sums"][name]), name
+    records = [r for r in read_metrics(full / "metrics.jsonl") if "test_bound" in r]
+    assert [r["step"] for r in records] == [4, 8, 12]
+    split_records = [r for r in read_metrics(split / "metrics.jsonl") if "test_bound" in r]
+    assert [r["step"] for r in split_records] == [4, 6, 8, 12]  # 6: the end of its first part
+    assert records == [r for r in split_records if r["step"] != 6]
+    last = records[-1]
+    assert last["test_bound"] != last["test_bound_trained"]
+    assert summary["weights"] == "average" and summary["test_bound_nats"] == last["test_bound"]
+    assert summary["test_bound_trained_nats"] == last["test_bound_trained"]
+    for weights, key in (("average", "test_bound"), ("trained", "test_bound_trained")):
+        capsys.readouterr()
+        assert main(["eval", str(full), "--weights", weights, "--batch-size", "64", "--seed", "3"]) == 0  # the run's noise
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["weights"] == weights
+        assert result["nats"] == pytest.approx(last[key], rel=1e-5), weights
+
+
+def test_ema_changes_nothing_the_run_trains(tmp_path):
+    """The average is a bystander: a run with --ema has the losses and trained weights of the same run without
+    it, bit for bit, evaluations between steps included (the averaged copy's construction draws no noise)."""
+    plain, averaged = tmp_path / "plain", tmp_path / "averaged"
+    train(plain, model_config=SMALL, train_config=train_config(eval_every=4), **QUIET)
+    train(averaged, model_config=SMALL, train_config=train_config(eval_every=4, ema=0.9), **QUIET)
+    assert losses(averaged) == losses(plain)
+    a, b = load_checkpoint(averaged), load_checkpoint(plain)
+    assert all(torch.equal(a["model"][name], b["model"][name]) for name in b["model"])
+    bounds = [r["test_bound"] for r in read_metrics(plain / "metrics.jsonl") if "test_bound" in r]
+    assert bounds == [r["test_bound_trained"] for r in read_metrics(averaged / "metrics.jsonl") if "test_bound" in r]
+
+
+@pytest.mark.parametrize("damage", ["a parameter missing", "a wrong shape", "no count"])
+def test_a_damaged_weight_average_is_refused_in_one_line(tmp_path, damage):
+    from draw.checkpoint import CheckpointError, model_from_checkpoint
+
+    run = tmp_path / "run"
+    train(run, model_config=SMALL, train_config=train_config(steps=2, eval_every=2, ema=0.9), **QUIET)
+    payload = load_checkpoint(run)
+    model_from_checkpoint(payload)  # whole, it loads
+    sums = payload["average"]["sums"]
+    name = next(iter(sums))
+    if damage == "a parameter missing":
+        del sums[name]
+    elif damage == "a wrong shape":
+        sums[name] = torch.zeros(*sums[name].shape, 2)
+    else:
+        del payload["average"]["updates"]
+    with pytest.raises(CheckpointError, match="weight average"):
+        model_from_checkpoint(payload)
+    model_from_checkpoint(payload, weights="trained")  # the trained weights are still there
+
+
+def test_eval_of_a_run_without_ema_uses_its_trained_weights(tmp_path, capsys):
+    run = tmp_path / "run"
+    summary = train(run, model_config=SMALL, train_config=train_config(steps=3, eval_every=3), **QUIET)
+    assert summary["weights"] == "trained" and "test_bound_trained_nats" not in summary
+    assert "average" not in load_checkpoint(run)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--batch-size", "64", "--seed", "3"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["weights"] == "trained" and result["nats"] == pytest.approx(summary["test_bound_nats"], rel=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_graph_step_gives_the_eager_steps_losses_weights_and_average():
+    """The whole step captured as one CUDA graph (3 eager warm-up steps, the capture, replays) against the
+    eager step on the same batches and latent noise: losses, weights and the moving average of the weights
+    agree up to float rounding (the graph's Adam is capturable, the eager one is not: the same update)."""
+    device = torch.device("cuda")
+    batches = [torch.bernoulli(torch.full((16, 1, 28, 28), 0.3, device=device),
+                               generator=torch.Generator(device=device).manual_seed(i)) for i in range(7)]
+    results = {}
+    for mode in ("eager", "cuda-graph"):
+        torch.manual_seed(0)
+        model = DRAW(SMALL).to(device)
+        step = TrainStep(model, lr=1e-2, grad_clip=10.0, mode=mode, device=device, average=0.8, fused=True)
+        torch.cuda.manual_seed(1)
+        step_losses = [float(step(x, 1e-2 / (i + 1))[0]) for i, x in enumerate(batches)]
+        assert (step._graph is not None) == (mode == "cuda-graph")
+        results[mode] = step_losses, [p.detach().clone() for p in model.parameters()], step.average.weights()
+    eager, graphed = results["eager"], results["cuda-graph"]
+    assert graphed[0] == pytest.approx(eager[0], rel=1e-5)
+    for a, b in zip(graphed[1], eager[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for name in eager[2]:
+        torch.testing.assert_close(graphed[2][name], eager[2][name], rtol=1e-4, atol=1e-5)
