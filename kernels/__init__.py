@@ -165,16 +165,20 @@ def projection_mode() -> str:
     return mode
 
 
-def _check_projection(name: str, projection: Projection, batch: int, outputs: int) -> None:
-    """projection's x [B, K], weight [outputs, K] and add [B, outputs], floating point, on one device."""
+def _check_projection(name: str, projection: Projection, batch: int, outputs: int, context: str = "") -> None:
+    """projection's x [B, K], weight [outputs, K] and add [B, outputs], floating point, on one device, in one
+    dtype outside autocast (under it, x may be wider than W: a non-attentive read's fp32 glimpses). context:
+    what B and outputs come from, for the message."""
     _check_tensor(f"{name}.x", projection.x, 2, "[B, K]")
     _check_tensor(f"{name}.weight", projection.weight, 2, "[G, K]")
     _check_tensor(f"{name}.add", projection.add, 2, "[B, G]")
     x, weight, add = projection.x, projection.weight, projection.add
     if x.shape[0] != batch or weight.shape != (outputs, x.shape[1]) or add.shape != (batch, outputs):
-        raise ValueError(f"{name} must be x [B, K], weight [G, K], add [B, G] with B = {batch}, G = {outputs}; got "
-                         f"{list(x.shape)}, {list(weight.shape)} and {list(add.shape)}")
-    _check_same_device(x=x, weight=weight, add=add)
+        raise ValueError(f"{name} must be x [B, K], weight [G, K], add [B, G] with B = {batch}, G = {outputs}{context}; "
+                         f"got {list(x.shape)}, {list(weight.shape)} and {list(add.shape)}")
+    device = _check_same_device(x=x, weight=weight, add=add)
+    if not x.dtype == weight.dtype == add.dtype and not torch.is_autocast_enabled(device.type):
+        raise TypeError(f"{name} must have one dtype outside autocast: x {x.dtype}, weight {weight.dtype}, add {add.dtype}")
 
 
 def _fused_projection(projection) -> bool:
@@ -386,7 +390,7 @@ def lstm_cell(input_gates, hidden_gates: torch.Tensor, c: torch.Tensor, *, backe
     gates_shape = (c.shape[0], 4 * c.shape[1])
     projection = input_gates if isinstance(input_gates, Projection) else None
     if projection is not None:
-        _check_projection("input_gates", projection, *gates_shape)
+        _check_projection("input_gates", projection, *gates_shape, f" for c {list(c.shape)}")
         input_gates = projection.add
     _check_tensor("input_gates", input_gates, 2, "[B, 4H]")
     if not input_gates.shape == hidden_gates.shape == gates_shape:

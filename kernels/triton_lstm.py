@@ -271,7 +271,7 @@ def lstm_cell_backward(grad_h, grad_c_new, gates, c, c_new, c_needs_grad: bool, 
     grad_x = None if projection is None else torch.empty(projection[0].shape, device=c.device, dtype=projection[0].dtype)
     if c_new.numel() == 0:
         return da, out_2, grad_c, None if grad_x is None else grad_x.zero_()  # no gate: dx = da W = 0
-    _, compute = _compute_dtypes(gates, c, c_new)
+    _, compute = _compute_dtypes(gates, c, c_new, *(() if projection is None else projection))  # as the forward's
     grad_h, grad_c_new, c = _columns(grad_h), _columns(grad_c_new), _columns(c)
     (_, weight, inputs, stride_wg), projected = _projection_args(
         None if projection is None else (grad_x, projection[1]), gates)
@@ -307,10 +307,11 @@ class _LSTMCellFunction(torch.autograd.Function):
     def backward(ctx, grad_h, grad_c_new):
         if grad_h is None and grad_c_new is None:
             return (None,) * 7
-        gates, c, c_new = ctx.saved_tensors[:3]
+        saved = ctx.saved_tensors  # unpacked once (saved-tensor hooks, non-reentrant checkpointing, allow no more)
+        gates, c, c_new = saved[:3]
         needs_input, needs_hidden, needs_c = ctx.needs_input_grad[:3]
         projected = ctx.projection is not None
-        x, weight = ctx.saved_tensors[3:] if projected else (None, None)
+        x, weight = saved[3:] if projected else (None, None)
         needs_x = projected and ctx.needs_input_grad[5]
         # where each half's gradient is to go (kernels.gradient_destination), asked only for a half that
         # needs one (a projection's always: its owner takes it for W's gradient): the same da is written

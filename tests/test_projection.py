@@ -175,5 +175,47 @@ def test_a_projection_of_the_wrong_shape_is_refused():
     leaves, weight = projected_cell_inputs(3, 5, 8)
     x, wide_add, hidden_gates, c = leaves
     projection = kernels.Projection(x, weight[:, :7], wide_add[:, 3:23], None, None, lambda: None)
-    with pytest.raises(ValueError, match=r"input_gates must be x \[B, K\], weight \[G, K\], add \[B, G\] with B = 3, G = 20"):
+    with pytest.raises(ValueError, match=r"input_gates must be x \[B, K\], weight \[G, K\], add \[B, G\] with B = 3, "
+                                         r"G = 20 for c \[3, 5\]; got"):
         kernels.lstm_cell(projection, hidden_gates, c, backend="triton")
+    right = kernels.Projection(x, weight, wide_add[:, 3:23], None, None, lambda: None)
+    with pytest.raises(ValueError, match=r"G = 24 for c \[3, 6\]"):  # c is the one that does not fit: it is named
+        kernels.lstm_cell(right, torch.zeros(3, 24, dtype=f64), torch.zeros(3, 6, dtype=f64), backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_projection_of_mixed_dtypes_is_refused_outside_autocast(backend):
+    """x, W and add in one dtype, on either backend and either side of the kernels' limits (the fused cell
+    would otherwise compute in one dtype and the unfused product fail in another); autocast may mix them."""
+    leaves, weight = projected_cell_inputs(3, 5, 8)
+    x, wide_add, hidden_gates, c = leaves
+    add = wide_add[:, 3:23]
+    projection = kernels.Projection(x.float(), weight, add, None, None, lambda: add + x.float() @ weight.t())
+    with pytest.raises(TypeError, match="input_gates must have one dtype outside autocast: x torch.float32, weight "
+                                        "torch.float64, add torch.float64"):
+        kernels.lstm_cell(projection, hidden_gates, c, backend=backend)
+    x32, add32, hidden32, c32 = (t.detach().float() for t in (x, add, hidden_gates, c))
+    mixed = kernels.Projection(x32, weight.bfloat16(), add32.bfloat16(), None, None,
+                               lambda: add32.bfloat16() + x32.bfloat16() @ weight.bfloat16().t())
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        h, _ = kernels.lstm_cell(mixed, hidden32.bfloat16(), c32, backend=backend)
+    expected, _ = kernels.lstm_cell(add32 + x32 @ weight.float().t(), hidden32, c32, backend="reference")
+    assert h.dtype == torch.bfloat16 and float((h.float() - expected).abs().max()) < 0.05
+
+
+def test_the_backward_unpacks_its_saved_tensors_once():
+    """Non-reentrant activation checkpointing lets a saved tensor be unpacked once per backward: the fused
+    cell with a projection runs under it, with the reference's gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    leaves, weight = projected_cell_inputs(3, 5, 8)
+    reference = [t.detach().clone().requires_grad_() for t in leaves]
+
+    def loss(*leaves, backend):
+        h, c_new = run_cell(list(leaves), weight, backend, records=[])
+        return (h * h).sum() + c_new.sum()
+
+    checkpoint(lambda *l: loss(*l, backend="triton"), *leaves, use_reentrant=False).backward()
+    loss(*reference, backend="reference").backward()
+    for name, a, e in zip(("x", "add", "hidden_gates", "c"), leaves, reference):
+        assert_close(a.grad, e.grad, 1e-12, 1e-12, name)
