@@ -116,7 +116,7 @@ def compare(args, device, world) -> int:
         records = read_metrics(path)
         elapsed, seconds = 0.0, []
         for r in records:
-            if "images_per_s" in r:
+            if r.get("images_per_s"):  # None: an interval none of whose steps ran in this process
                 elapsed += summaries[label]["train_config"]["log_every"] * summaries[label]["train_config"]["batch_size"] / r["images_per_s"]
             seconds.append({**r, "seconds": elapsed})
         with_time[label] = seconds

@@ -79,7 +79,7 @@ def result(name: str, run_dir: pathlib.Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     wall = run_dir / WALL_FILE
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["images_per_s"] for r in records if "images_per_s" in r][1:]  # the first interval holds the compile
+    rates = [r["images_per_s"] for r in records if r.get("images_per_s")][1:]  # the first interval holds the compile
     per_epoch = summary["steps"] / summary["epochs"]
     return {
         "variant": name,

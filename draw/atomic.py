@@ -65,13 +65,14 @@ def atomic_write_text(path, text: str, *, durable: bool = True) -> pathlib.Path:
     return atomic_write(path, lambda f: f.write(text.encode()), durable=durable)
 
 
-def remove_stale_temporaries(directory, name: str) -> list[pathlib.Path]:
-    """Remove the temporary files of `name` in `directory` whose writer process is gone."""
+def remove_stale_temporaries(directory) -> list[pathlib.Path]:
+    """Remove the temporary files in `directory` (of any file written there, `.NAME.PID.RANDOM.tmp`) whose
+    writer process is gone; returns their paths."""
     removed = []
-    for temp in pathlib.Path(directory).glob(f".{name}.*{TEMP_SUFFIX}"):
-        pid = temp.name[len(name) + 2 :].split(".")[0]
-        if pid.isdigit() and _alive(int(pid)):
-            continue
+    for temp in sorted(pathlib.Path(directory).glob(f".*{TEMP_SUFFIX}")):
+        parts = temp.name[: -len(TEMP_SUFFIX)].rsplit(".", 2)  # [".NAME", PID, RANDOM]; NAME may hold dots
+        if not temp.is_file() or len(parts) == 3 and parts[1].isdigit() and _alive(int(parts[1])):
+            continue  # its writer is still at work (a name without a pid: an earlier version's, gone)
         temp.unlink(missing_ok=True)
         removed.append(temp)
     return removed

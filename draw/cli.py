@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=("test", "valid"), default="test", help="which held-out split (default test)")
     e.add_argument("--batch-size", type=_positive_int, default=500,
                    help="samples per forward pass (default 500; the result does not depend on it)")
-    e.add_argument("--seed", type=_seed, default=0, help="seed of the sampling noise (default 0)")
+    e.add_argument("--seed", type=_seed, help="seed of the sampling noise (default: the run's, as its own evaluations used)")
     e.add_argument("--data-dir", type=pathlib.Path, help="dataset cache (default $DRAW_DATA_DIR or ~/.cache/draw)")
     _weights(e)
     _common(e, backend_help="attention backend (default auto)")
@@ -202,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", type=pathlib.Path, help="checkpoint file, or a run directory")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples in samples.png (default 64; the animations show 16)")
     s.add_argument("--out", type=pathlib.Path, help="output directory (default: samples/ beside the checkpoint)")
-    s.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
+    s.add_argument("--seed", type=_seed, help="random seed (default: the run's, as its own figures used)")
+    s.add_argument("--dataset", choices=DATASETS, help="for --neighbours and classifiers (default: the dataset the checkpoint "
+                   "was trained on)")
     s.add_argument("--neighbours", action="store_true",
                    help="also write samples_neighbours.png: samples beside their nearest training image (loads the training set)")
     s.add_argument("--data-dir", type=pathlib.Path, help="dataset cache, for --neighbours and classifiers (default $DRAW_DATA_DIR or ~/.cache/draw)")
@@ -285,12 +287,27 @@ def _load_model(args):
     return payload, model, device
 
 
+def _run_setting(args, payload: dict, model, name: str):
+    """--dataset or --seed as given, else the checkpoint's run's own (a bare checkpoint: MNIST, or cluttered
+    MNIST for a classifier; seed 0)."""
+    given = getattr(args, name)
+    if given is not None:
+        return given
+    saved = payload.get("train_config") or {}
+    if name == "dataset":
+        return saved.get("dataset", "mnist" if hasattr(model, "generate") else "mnist-cluttered")
+    return saved.get("seed", 0)
+
+
 def cmd_eval(args) -> int:
     from draw.data import load_dataset
     from draw.evaluate import evaluate_bound, evaluate_classifier
 
     payload, model, device = _load_model(args)
-    dataset = args.dataset or payload.get("train_config", {}).get("dataset", "mnist")
+    if not hasattr(model, "generate") and args.importance_samples > 1:
+        raise ValueError(f"{payload['path']} holds a glimpse classifier: it has a test error, no importance-weighted bound "
+                         "(--importance-samples)")
+    dataset = _run_setting(args, payload, model, "dataset")
     cfg = model.config
     data = load_dataset(dataset, args.data_dir, shape=(cfg.channels, cfg.height, cfg.width))
     log.info(f"data: {data.source}")
@@ -304,7 +321,7 @@ def cmd_eval(args) -> int:
                           "split": args.split, "step": payload.get("step"), "error_percent": 100 * result["error"], **result}, allow_nan=False))
         return 0
     result = evaluate_bound(model, images, batch_size=args.batch_size, importance_samples=args.importance_samples,
-                            seed=args.seed, device=device, progress=sys.stderr.isatty())
+                            seed=_run_setting(args, payload, model, "seed"), device=device, progress=sys.stderr.isatty())
     if not math.isfinite(result["nats"]):
         raise ValueError(f"the bound of {payload['path']} is not finite ({result['nats']})")
     kind = "variational bound" if args.importance_samples == 1 else f"importance-weighted bound (K={args.importance_samples})"
@@ -317,16 +334,24 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    from draw.atomic import remove_stale_temporaries
     from draw.figures import write_model_figures
 
     payload, model, device = _load_model(args)
     out = args.out or pathlib.Path(payload["path"]).parent / "samples"
+    if out.is_dir():
+        for temp in remove_stale_temporaries(out):
+            log.warning(f"removed {temp}, left by an interrupted write")
     if not hasattr(model, "generate"):  # the glimpse classifier: where it looks, on test images
         from draw.data import load_dataset
         from draw.figures import save_glimpse_figure
 
+        if args.neighbours:
+            raise ValueError(f"{payload['path']} holds a glimpse classifier: it draws no samples to set beside training "
+                             "images (--neighbours)")
         cfg = model.config
-        data = load_dataset(payload["train_config"]["dataset"], args.data_dir, shape=(cfg.channels, cfg.height, cfg.width))
+        data = load_dataset(_run_setting(args, payload, model, "dataset"), args.data_dir,
+                            shape=(cfg.channels, cfg.height, cfg.width))
         count = min(args.n, len(data.test))
         print(f"wrote {save_glimpse_figure(model, data.images('test', slice(0, count)), data.split_labels('test')[:count], out / 'glimpses.png')}")
         return 0
@@ -335,9 +360,10 @@ def cmd_sample(args) -> int:
         from draw.data import load_dataset
 
         cfg = model.config
-        dataset = payload.get("train_config", {}).get("dataset", "mnist")
+        dataset = _run_setting(args, payload, model, "dataset")
         training_images = load_dataset(dataset, args.data_dir, shape=(cfg.channels, cfg.height, cfg.width)).train
-    written = write_model_figures(model, out, n_samples=args.n, seed=args.seed, training_images=training_images)
+    written = write_model_figures(model, out, n_samples=args.n, seed=_run_setting(args, payload, model, "seed"),
+                                  training_images=training_images)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -153,7 +153,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.amp must be one of {AMP_MODES}, got {self.amp!r}")
         _check_int("TrainConfig", "warmup_steps", self.warmup_steps, 0)
         if self.fresh_clutter and self.dataset != "mnist-cluttered":
-            raise ValueError(f"fresh_clutter (--fresh-clutter) draws mnist-cluttered images, not {self.dataset!r}")
+            raise ValueError(f"fresh_clutter (--fresh-clutter) draws mnist-cluttered images, not {self.dataset!r} "
+                             "(--no-fresh-clutter turns it off)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"TrainConfig.seed must be an int from 0 to {MAX_SEED}, got {self.seed!r}")
         if self.steps is not None:

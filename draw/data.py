@@ -253,7 +253,7 @@ def load_dataset(
     if name not in FIXED_SHAPES:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     if shape is not None and tuple(shape) != FIXED_SHAPES[name]:
-        raise ValueError(f"{name} images are {FIXED_SHAPES[name]}, not {tuple(shape)}")
+        raise ValueError(f"{name} images are {FIXED_SHAPES[name]}, not {tuple(shape)} (--dataset chooses another data set)")
     root = pathlib.Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     if name == "mnist":
         return _load_mnist(root, progress)

@@ -109,14 +109,20 @@ class World:
 SINGLE = World()
 
 
-def check_global_batch(batch_size: int, world_size: int, accumulate: int) -> None:
-    """Refuse a global batch that the ranks and micro-batches cannot share equally."""
+def check_global_batch(batch_size: int, world_size: int, accumulate: int, *, resumed: bool = False) -> None:
+    """Refuse a global batch that the ranks and micro-batches cannot share equally: suggest the nearest batch
+    sizes, or for a resumed run (whose batch is fixed) the --accumulate values that fit."""
     parts = world_size * accumulate
     if batch_size % parts:
-        below, above = batch_size // parts * parts, (batch_size // parts + 1) * parts
-        nearest = f"{below} or {above}" if below else f"{above}"
+        if resumed:
+            fits = [n for n in range(1, min(batch_size // world_size, 64) + 1) if batch_size % (world_size * n) == 0]
+            hint = "the run's batch is fixed; --accumulate " + ", ".join(map(str, fits)) + " fit" if fits else \
+                "the run's batch is fixed, and no --accumulate fits this world size"
+        else:
+            below, above = batch_size // parts * parts, (batch_size // parts + 1) * parts
+            hint = "try " + (f"{below} or {above}" if below else f"{above}")
         raise ValueError(f"--batch-size {batch_size} is the global batch: it must divide by the world size {world_size} "
-                         f"x --accumulate {accumulate} = {parts} (try {nearest})")
+                         f"x --accumulate {accumulate} = {parts} ({hint})")
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:

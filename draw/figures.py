@@ -693,10 +693,13 @@ def write_model_figures(model, out_dir, *, n_samples: int = 64, seed: int = 0, r
     model.eval()
     device = next(model.parameters()).device
     write_n = model.config.write_n
-    generator = torch.Generator(device=device).manual_seed(seed)
+    from draw.evaluate import image_noise
+
     finals, sequence = [], None
     for start in range(0, n_samples, GENERATE_CHUNK):
-        gen = model.generate(min(GENERATE_CHUNK, n_samples - start), generator=generator)
+        count = min(GENERATE_CHUNK, n_samples - start)
+        # sample i's noise from its own generator (seed, i): the same sample at any n_samples and on any device
+        gen = model.generate(count, noise=image_noise(start, count, 1, model.config.T, model.config.z_size, seed))
         finals.append(torch.sigmoid(gen.canvases[-1]).cpu())  # [n, C, H, W]
         if sequence is None:
             params = None if gen.write_params is None else gen.write_params[:, :SEQUENCE_IMAGES].cpu()

@@ -280,20 +280,27 @@ class DRAW(nn.Module):
     # --- generation -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, n: int, *, generator: torch.Generator | None = None) -> Generation:
+    def generate(self, n: int, *, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Generation:
         """Draw n images from the prior, Eqs. 13-16 (the encoder is not used).
 
+        noise: [T, n, z_size] the standard-normal z_t of every sample (default: drawn from `generator`, or
+        torch's; draw.evaluate.image_noise gives each sample its own, whatever n).
         Returns the canvas logits at every step; sigmoid(canvases[-1]) is the Bernoulli mean of x~.
         """
         cfg = self.config
         device = self.canvas0.device
+        if noise is not None and tuple(noise.shape) != (cfg.T, n, cfg.z_size):
+            raise ValueError(f"noise must be [T, n, z_size] = [{cfg.T}, {n}, {cfg.z_size}], got {list(noise.shape)}")
         canvas, _, (h_dec, c_dec) = self._initial_state(n, self.canvas0.dtype)
         proj = self.projections()
         from_dec, _, _, from_z = proj.maps()
         dec_hidden = self._split_dec(proj, from_dec, h_dec)[4]
         canvases, write_params = [], []
-        for _ in range(cfg.T):
-            z = torch.randn(n, cfg.z_size, device=device, dtype=self.canvas0.dtype, generator=generator)  # (13)
+        for t in range(cfg.T):
+            if noise is None:
+                z = torch.randn(n, cfg.z_size, device=device, dtype=self.canvas0.dtype, generator=generator)  # (13)
+            else:
+                z = noise[t].to(device, self.canvas0.dtype)  # (13)
             h_dec, c_dec = kernels.lstm_cell(from_z(z), dec_hidden, c_dec, backend=self.backend)  # (14)
             patch, params, _, _, dec_hidden = self._split_dec(proj, from_dec, h_dec)
             canvas = self.write(canvas, patch, params)  # (15)

@@ -56,7 +56,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
-        for temp in remove_stale_temporaries(self.path.parent, CHECKPOINT) + remove_stale_temporaries(self.path.parent, METRICS):
+        for temp in remove_stale_temporaries(self.path.parent):  # the checkpoint's, the summary's, a figure's...
             log.warning(f"removed {temp}, left by an interrupted write")
         return self
 

@@ -312,7 +312,7 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
         model = build_model(model_config)
         start_step = 0
         step_mode = step_mode or "auto"
-    check_global_batch(config.batch_size, world.size, config.accumulate)
+    check_global_batch(config.batch_size, world.size, config.accumulate, resumed=resume)
     if world.size > 1 or config.accumulate > 1:
         log.info(f"each step: {world.size} rank(s) x {config.accumulate} micro-batch(es) of "
                  f"{config.batch_size // (world.size * config.accumulate)} images = the batch of {config.batch_size}")
@@ -329,6 +329,9 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
     cfg = model.config
     data = world.first_on_each_node(lambda: load_dataset(config.dataset, data_dir, shape=(cfg.channels, cfg.height, cfg.width)))
     log.info(f"data: {data.source}")
+    if config.fixed_binarization and not data.binarize:
+        raise ValueError(f"--fixed-binarization binarizes grey-level training images; {config.dataset} is used as it is "
+                         "(not binarized)")
     if config.batch_size > len(data.train):
         raise ValueError(f"--batch-size {config.batch_size} is larger than the training set ({len(data.train)} images of {config.dataset})")
     sampler = BatchSampler(data, config, device, with_labels=not isinstance(model, DRAW))
@@ -468,19 +471,21 @@ def _log_interval(run: Run, step: int, seconds: float, timed_steps: int) -> dict
     for name, value in values.items():
         if not math.isfinite(value):
             raise TrainingDiverged(_diverged_message(run, step, f"the training {STAT_LABELS[name]} became {value}"))
-    rate = timed_steps * run.config.batch_size / seconds
+    rate = timed_steps * run.config.batch_size / seconds if timed_steps else None  # None: no step of it ran here
     record = {"step": step, "epoch": round(step / run.sampler.per_epoch, 4), **values,
               "lr": lr_at(run.config, step - 1, run.total_steps), "images_per_s": rate}
     run.metrics.write(record)
     if run.tensorboard is not None:
         for key in (*values, "lr", "images_per_s"):
-            run.tensorboard.add_scalar(f"train/{key}", record[key], step)
+            if record[key] is not None:
+                run.tensorboard.add_scalar(f"train/{key}", record[key], step)
     shown = {STAT_LABELS[k]: format(v, STAT_FORMATS.get(k, ".2f")) for k, v in values.items()}
+    speed = "-" if rate is None else f"{rate:.0f}"
     if not run.progress:
-        log.info(f"step {step}/{run.total_steps}  " + "  ".join(f"{k} {v}" for k, v in shown.items()) + f"  {rate:.0f} images/s")
+        log.info(f"step {step}/{run.total_steps}  " + "  ".join(f"{k} {v}" for k, v in shown.items()) + f"  {speed} images/s")
     run.sums.zero_()
     run.count = 0
-    return {**shown, "img_s": f"{rate:.0f}"}
+    return {**shown, "img_s": speed}
 
 
 def run_loop(run: Run) -> int | None:
@@ -492,6 +497,9 @@ def run_loop(run: Run) -> int | None:
     step = run.start_step
     bar = tqdm(total=run.total_steps, initial=step, desc="train", unit="step", disable=not run.progress, dynamic_ncols=True)
     tick, timed = time.perf_counter(), 0  # the steps this process has run since tick
+    if step == run.total_steps and run.count:  # resumed to end where a stopped run's checkpoint is (--steps):
+        _log_interval(run, step, 0.0, 0)  # the record of its last, unfinished interval,
+        save_run_checkpoint(run, step)  # and its new length, which a later --resume keeps
     try:
         with StopRequest() as stop:
             while step < run.total_steps:
@@ -585,7 +593,7 @@ def train(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None = None,
     if progress is None:
         progress = sys.stderr.isatty()
     out_dir = pathlib.Path(out_dir)
-    created = not out_dir.exists()
+    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # the directories the lock will make, deepest first
     with failing_together(world), (RunLock(out_dir) if world.is_main else contextlib.nullcontext()) as lock:
         try:
             run = start_run(out_dir, model_config=model_config, train_config=train_config, resume=resume,
@@ -594,10 +602,11 @@ def train(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None = None,
                             tensorboard=tensorboard, world=world)
             run.deadline = deadline
         except BaseException:
-            if created and lock is not None:  # a refused run leaves nothing behind
+            if created and lock is not None:  # a refused run leaves nothing behind, the parents it made included
                 lock.path.unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
-                    out_dir.rmdir()
+                    for directory in created:
+                        directory.rmdir()  # stops at one something else has written into meanwhile
             raise
         try:
             signum = run_loop(run)

@@ -220,6 +220,22 @@ def test_the_classifier_trains_resumes_evaluates_and_shows_its_glimpses(tmp_path
     assert result["error"] == pytest.approx(summary["test_error"]) and result["error_percent"] == pytest.approx(100 * result["error"])
     assert main(["sample", str(full), "--n", "4", "--out", str(tmp_path / "g")]) == 0
     assert (tmp_path / "g" / "glimpses.png").is_file()
+    capsys.readouterr()  # flags with no meaning for a classifier are refused in one line, not ignored
+    assert main(["eval", str(full), "--importance-samples", "3"]) == 2
+    assert "holds a glimpse classifier: it has a test error, no importance-weighted bound" in capsys.readouterr().err
+    assert main(["sample", str(full), "--neighbours", "--out", str(tmp_path / "h")]) == 2
+    assert "it draws no samples to set beside training images (--neighbours)" in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()
+
+
+def test_fixed_binarization_of_data_that_is_not_binarized_is_refused(tmp_path, squares_dataset):
+    from draw.config import TrainConfig
+    from draw.train import train
+
+    config = TrainConfig(dataset="mnist-cluttered", batch_size=32, steps=1, fixed_binarization=True)
+    with pytest.raises(ValueError, match="mnist-cluttered is used as it is"):
+        train(tmp_path / "run", model_config=SMALL, train_config=config, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_glimpse_figure_draws_one_window_per_glimpse(tmp_path):

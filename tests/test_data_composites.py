@@ -213,7 +213,7 @@ def test_fresh_clutter_batches_are_new_every_step_and_exact_on_resume(tmp_path, 
     assert all(torch.equal(a, b) for a, b in zip(again.batch(2), epoch[2]))
     plain = BatchSampler(d, replace(config, fresh_clutter=False), torch.device("cpu"), with_labels=True)
     assert torch.equal(plain.batch(0)[0], d.images("train", plain._perm[:8]))
-    with pytest.raises(ValueError, match="fresh-clutter.*'mnist'"):
+    with pytest.raises(ValueError, match=r"fresh-clutter.*'mnist' \(--no-fresh-clutter turns it off\)"):
         TrainConfig(dataset="mnist", fresh_clutter=True)
 
 

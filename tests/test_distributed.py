@@ -318,6 +318,8 @@ def test_a_global_batch_that_the_ranks_cannot_share_is_refused(tmp_path, one_pro
                                          r"--accumulate 2 = 8 \(try 24 or 32\)"):
         check_global_batch(30, 4, 2)
     check_global_batch(32, 4, 2)
+    with pytest.raises(ValueError, match=r"= 6 \(the run's batch is fixed; --accumulate 1, 2, 4, 8 fit\)"):
+        check_global_batch(16, 2, 3, resumed=True)  # a resume cannot change the batch: the micro-batches can
     assert one_process(["train", "--preset", "tiny", "--accumulate", "3", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
     assert "--batch-size 16 is the global batch: it must divide by the world size 1 x --accumulate 3" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

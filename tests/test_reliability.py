@@ -419,12 +419,18 @@ def test_temporaries_of_killed_writers_are_removed_and_outputs_follow_the_umask(
     stale.write_bytes(b"partial")
     old_style = out / ".checkpoint.pt.k2j3h4.tmp"  # named by an earlier version's writer
     old_style.write_bytes(b"partial")
+    others = [out / f".{name}.999999.0a1b2c3d.tmp" for name in ("summary.json", "generation.gif", "metrics.jsonl")]
+    for temp in others:
+        temp.write_bytes(b"partial")
+    live = out / f".samples.png.{os.getpid()}.0a1b2c3d.tmp"  # a writer still at work (this process) keeps its file
+    live.write_bytes(b"partial")
     previous = os.umask(0o022)
     try:
         train(out, model_config=SMALL, train_config=small_config(steps=2), **QUIET)
     finally:
         os.umask(previous)
-    assert not stale.exists() and not old_style.exists()
+    assert not stale.exists() and not old_style.exists() and not any(temp.exists() for temp in others)
+    assert live.exists()
     assert (out / "checkpoint.pt").stat().st_mode & 0o777 == 0o644
     assert (out / "metrics.jsonl").stat().st_mode & 0o777 == 0o644
 

@@ -349,6 +349,21 @@ def test_a_stop_between_two_records_logs_the_same_losses(tmp_path, monkeypatch, 
     assert losses(stopped) == losses(full)
 
 
+def test_a_stopped_run_resumed_to_end_at_its_checkpoint_writes_its_last_record_and_length(tmp_path, monkeypatch,
+                                                                                           interactive_sigint):
+    """--resume --steps 6 on a run stopped at step 6 (between two training records): the interval's record is
+    written (the steps it ran in the first process: no images/s), and the checkpoint keeps the new length, so
+    that a later plain --resume adds nothing."""
+    _, stopped = full_and_stopped_between_two_records(tmp_path, monkeypatch)
+    summary = train(stopped, resume=True, overrides={"steps": 6}, **QUIET)
+    assert summary["steps"] == 6
+    records = [r for r in read_metrics(stopped / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [4, 6] and records[-1]["images_per_s"] is None
+    payload = load_checkpoint(stopped)
+    assert payload["step"] == 6 and payload["train_config"]["steps"] == 6 and payload["running"]["count"] == 0
+    assert train(stopped, resume=True, **QUIET)["steps"] == 6
+
+
 def test_training_records_hold_the_gradient_norm_before_clipping(tmp_path):
     """grad_norm is the interval's mean global gradient norm before the clip; clipped the fraction of
     its steps that the clip scaled down: a clip no gradient reaches clips none, a tiny one clips all."""
@@ -673,9 +688,52 @@ def test_eval_of_a_run_without_ema_uses_its_trained_weights(tmp_path, capsys):
     assert summary["weights"] == "trained" and "test_bound_trained_nats" not in summary
     assert "average" not in load_checkpoint(run)
     capsys.readouterr()
-    assert main(["eval", str(run), "--batch-size", "64", "--seed", "3"]) == 0
+    assert main(["eval", str(run), "--batch-size", "64"]) == 0  # by default with the run's seed (3), as its own
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["weights"] == "trained" and result["nats"] == pytest.approx(summary["test_bound_nats"], rel=1e-5)
+    assert main(["eval", str(run), "--batch-size", "64", "--seed", "4"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["nats"] != result["nats"]
+
+
+def test_a_refused_run_removes_the_directories_it_made(tmp_path, capsys):
+    """--out a/b/run where a does not exist, refused after the lock was taken (a batch larger than the data
+    set): nothing is left, a/ and a/b/ included; a parent that was there stays."""
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "a" / "b" / "run", tmp_path / "kept" / "run"):
+        assert main(["train", "--dataset", "synthetic", "--batch-size", "100000", "--steps", "1", "--out", str(out)]) == 2
+        assert "is larger than the training set" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
+def test_eval_and_sample_take_the_runs_dataset_and_seed_unless_given():
+    """--dataset / --seed as given, else the checkpoint's run's; a checkpoint with no run (save_checkpoint of a
+    model alone): MNIST for DRAW, cluttered MNIST for the classifier, seed 0."""
+    from types import SimpleNamespace
+
+    from draw.classifier import DRAM
+    from draw.cli import _run_setting
+    from draw.config import ClassifierConfig
+
+    draw_model, classifier = DRAW(SMALL), DRAM(ClassifierConfig(glimpses=2, lstm_size=8, read_n=3))
+    bare, run = {}, {"train_config": {"dataset": "synthetic", "seed": 7}}
+    unset, given = SimpleNamespace(dataset=None, seed=None), SimpleNamespace(dataset="mnist-two-digit", seed=2)
+    assert [_run_setting(unset, bare, m, "dataset") for m in (draw_model, classifier)] == ["mnist", "mnist-cluttered"]
+    assert _run_setting(unset, bare, draw_model, "seed") == 0
+    assert (_run_setting(unset, run, classifier, "dataset"), _run_setting(unset, run, classifier, "seed")) == ("synthetic", 7)
+    assert (_run_setting(given, run, draw_model, "dataset"), _run_setting(given, run, draw_model, "seed")) == ("mnist-two-digit", 2)
+
+
+def test_samples_do_not_depend_on_how_many_are_drawn(tmp_path):
+    """Sample i's prior noise comes from its own generator (seed, i): the 16 samples of the animations are the
+    same with --n 16 and --n 40, and a different seed draws others."""
+    from draw.figures import write_model_figures
+
+    torch.manual_seed(0)
+    model = DRAW(SMALL)
+    for name, n, seed in (("a", 16, 5), ("b", 40, 5), ("c", 16, 6)):
+        write_model_figures(model, tmp_path / name, n_samples=n, seed=seed)
+    gif = {name: (tmp_path / name / "generation.gif").read_bytes() for name in "abc"}
+    assert gif["a"] == gif["b"] and gif["a"] != gif["c"]
 
 
 @pytest.mark.cuda
