@@ -54,6 +54,8 @@ def profile_mode(preset_name: str, batch: int, mode: str, amp: str, device: torc
         common.synchronize(device)
         wall_ms = 1e3 * (time.perf_counter() - start) / args.steps
     total_ms, rows = kernel_table(prof, device.type, args.top)
+    if not rows:  # e.g. a CUDA graph replayed under a profiler that records none of its kernels: no figure, not 0
+        raise RuntimeError(f"the profiler recorded no {device.type} kernel in {args.steps} {mode} steps; nothing to report")
     return {"mode": mode, "amp": amp, "batch": batch, "step_mode": step.mode, "wall_ms_per_step": wall_ms,
             "device_ms_per_step": total_ms / args.steps,
             "kernels": [{**r, "ms_per_step": r["ms"] / args.steps} for r in rows]}

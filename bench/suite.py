@@ -2,8 +2,9 @@
 the training step, and write everything (JSON, markdown, logs) into one directory, a summary last.
 
     python bench/suite.py --out results/h100            # a CUDA machine: the full record
-    python bench/suite.py --out results/h100 --only verify,cuda-tests,attention,attention-2warps  # in two halves,
-    python bench/suite.py --out results/h100 --only attention-large,train,train-unfused,profile-100,profile-1024,train-eager,train-compiled  # same DIR
+    python bench/suite.py --budget 560 --out results/h100 --only verify,cuda-tests,attention,attention-2warps  # in parts,
+    python bench/suite.py --budget 560 --out results/h100 --only attention-large,train,train-unfused,profile-100,profile-1024
+    python bench/suite.py --budget 560 --out results/h100 --only train-eager,train-compiled,tune-100  # into one DIR
     python bench/suite.py --quick --out /tmp/suite      # any machine: tiny sizes, the interpreter for the kernels
 
 Each part runs as its own process (so one failure or crash does not stop the others), with a time
@@ -41,7 +42,7 @@ Run with --out DIR again (say with --only), a part's results replace that part's
 DIR/suite.json, and the summary covers every part recorded there. DIR/suite.json is rewritten after
 every stage; SIGTERM or SIGINT stops the running parts (their process groups), records them and exits
 128 + the signal number.
-Exit code: non-zero when a part failed (the summary says which).
+Exit code: non-zero when a part failed (the summary says which); a part --budget left out is not a failure.
 """
 
 import argparse
@@ -57,6 +58,7 @@ import time
 from xml.etree import ElementTree
 
 import common
+from bench_train import MODES as TRAIN_MODES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -94,7 +96,7 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
                          str(ROOT / "tests" / "test_distributed.py") + "::test_the_gradient_all_reduce_is_captured_in_the_cuda_graph",
                          str(ROOT / "tests" / "test_train.py")
                          + "::test_the_cuda_graph_step_gives_the_eager_steps_losses_weights_and_average",
-                         f"--junitxml={out / 'cuda-tests.xml'}"], 240, {})],
+                         f"--junitxml={out / 'cuda-tests.xml'}"], 360, {})],
         [("attention", attention + ["--sizes", "launch", "--rep-ms", "50", "--json", str(out / "attention.json"),
                                     "--markdown", str(out / "attention.md"), "--plot", str(out / "attention.png")],
           200, {})],
@@ -183,12 +185,15 @@ def set_aside(command: list[str], out: pathlib.Path) -> list[pathlib.Path]:
     return moved
 
 
-def run_stage(stage: list[Part], out: pathlib.Path) -> list[dict]:
-    """Start the stage's parts together; each is stopped (its whole process group) at its time limit.
-    A SuiteStopped raised while they run (main's signal handler) stops them all and carries their results."""
+def run_stage(stage: list[Part], out: pathlib.Path, deadline: float | None = None) -> list[dict]:
+    """Start the stage's parts together; each is stopped (its whole process group) at its time limit, or at
+    `deadline` (a time.perf_counter(): --budget) when that comes first. A SuiteStopped raised while they run
+    (main's signal handler) stops them all and carries their results."""
     running, stopped = [], None
     try:
         for name, command, limit_s, env in stage:
+            if deadline is not None:
+                limit_s = max(min(limit_s, round(deadline - time.perf_counter())), 0)
             for aside in set_aside(command, out):
                 common.log(f"[suite] {name}: an earlier run's output moved to {aside.name}")
             common.log(f"[suite] {name}: {' '.join(command)}")
@@ -273,7 +278,9 @@ def headline(out: pathlib.Path) -> list[str]:
                      f"{t['tried']} tried, {t['wrong']} wrong)")
     train = _rows(out / "train.json")
     for r in train + _rows(out / "train-eager.json") + _rows(out / "train-compiled.json"):
-        lines.append(f"train {r['preset']} batch {r['batch']} {r['mode']} {r['dtype']}: {r['images_per_s']:,.0f} images/s")
+        asked = TRAIN_MODES.get(r["mode"], (None, None))[1]  # the TrainStep mode the row asked for: else it fell back
+        ran = f" (ran as the {r['step_mode']} step)" if r.get("step_mode") and r["step_mode"] != asked else ""
+        lines.append(f"train {r['preset']} batch {r['batch']} {r['mode']} {r['dtype']}: {r['images_per_s']:,.0f} images/s{ran}")
     fused = {(r["preset"], r["batch"], r["mode"], r["dtype"]): r["images_per_s"] for r in train}
     for r in _rows(out / "train-unfused.json"):
         vs = fused.get((r["preset"], r["batch"], r["mode"], r["dtype"]), float("nan")) / r["images_per_s"]
@@ -284,6 +291,9 @@ def headline(out: pathlib.Path) -> list[str]:
         lines.append(f"convergence batch {config['batch_size']} ({r['step_mode']}, {config['amp']}): test bound "
                      f"{r['test_bound_nats']:.2f} nats after {r['epochs']:.1f} epochs in {r['wall_s']:.0f} s")
     return lines
+
+
+MIN_PART_S = 30  # under --budget, a stage is not started with less time than this left
 
 
 def unknown_parts(only: list[str] | None, skip: list[str], order: list[str]) -> list[str]:
@@ -297,7 +307,12 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes on the CPU (the kernels in Triton's interpreter): checks the suite runs")
     p.add_argument("--only", type=common.split_list, default=None, help="comma-separated parts to run (default: all)")
     p.add_argument("--skip", type=common.split_list, default=[], help="comma-separated parts to leave out")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="the suite's own time limit: each part stops at its limit or when the budget is spent, and a "
+                        f"stage is not started with less than {MIN_PART_S} s left (recorded as skipped); for a command "
+                        "that is killed at a fixed time, so that no part outlives it")
     args = p.parse_args(argv)
+    args.out = args.out.resolve()  # the parts run in the repository root
     args.out.mkdir(parents=True, exist_ok=True)
     order = [name for name, *_ in parts(args.quick, args.out)]
     unknown = unknown_parts(args.only, args.skip, order)
@@ -308,6 +323,7 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     started = time.perf_counter()
+    deadline = None if args.budget is None else started + args.budget
     results, stopped = [], None
     # a signal inherited as ignored (SIGINT in a background job) stays ignored, as in draw train
     handlers = {sig: signal.signal(sig, _stop_on_signal) for sig in STOP_SIGNALS
@@ -318,9 +334,13 @@ def main(argv=None) -> int:
         for stage in stages(args.quick, args.out):
             chosen = [part for part in stage if part[0] not in args.skip
                       and (part[0] in args.only if args.only is not None else part[0] not in OPT_IN)]
-            if chosen:
+            if chosen and deadline is not None and deadline - time.perf_counter() < MIN_PART_S:
+                common.log(f"[suite] {', '.join(p[0] for p in chosen)}: skipped, the budget of {args.budget:.0f} s is spent")
+                results += [{"part": name, "status": f"skipped (budget {args.budget:.0f} s spent)", "seconds": 0.0,
+                             "last_line": "", "log": ""} for name, *_ in chosen]
+            elif chosen:
                 try:
-                    results += run_stage(chosen, args.out)
+                    results += run_stage(chosen, args.out, deadline)
                 finally:  # recorded after every stage: a run cut short keeps what it measured
                     record(args, device, started, merge(previous, results, order))
     except SuiteStopped as stop:
@@ -338,7 +358,7 @@ def main(argv=None) -> int:
         print(line)
     if stopped is not None:
         return 128 + stopped
-    return 0 if all(r["status"] == "ok" for r in results) else 1
+    return 0 if all(r["status"] == "ok" or r["status"].startswith("skipped") for r in results) else 1
 
 
 def record(args, device, started: float, recorded: list[dict]):

@@ -144,7 +144,7 @@ def test_the_opt_in_parts_run_only_when_named(tmp_path, monkeypatch):
     them, and their results reach the summary."""
     suite = import_bench("suite")
     ran = []
-    monkeypatch.setattr(suite, "run_stage", lambda stage, out: [ran.extend(p[0] for p in stage)] and [])
+    monkeypatch.setattr(suite, "run_stage", lambda stage, out, deadline=None: [ran.extend(p[0] for p in stage)] and [])
     suite.main(["--out", str(tmp_path), "--skip", "cuda-tests"])
     assert not set(suite.OPT_IN) & set(ran) and "verify" in ran and "cuda-tests" not in ran
     ran.clear()
@@ -165,6 +165,38 @@ def test_the_opt_in_parts_run_only_when_named(tmp_path, monkeypatch):
          "epochs": 20.0, "wall_s": 31.4}]}))
     assert "convergence batch 1024 (cuda-graph, bf16): test bound 91.23 nats after 20.0 epochs in 31 s" \
         in suite.headline(tmp_path)
+
+
+def test_a_budget_stops_parts_when_it_is_spent_and_starts_no_stage_after(tmp_path, monkeypatch):
+    """--budget: a part stops at its own limit or at the budget's end, whichever comes first (a command killed
+    at a fixed time then leaves no part running), and a stage with less than MIN_PART_S left is recorded as
+    skipped, not started."""
+    suite = import_bench("suite")
+    sleep = lambda s: [sys.executable, "-c", f"import time; time.sleep({s})"]
+    start = time.perf_counter()
+    results = suite.run_stage([("slow", sleep(30), 100, {}), ("quick", sleep(0), 100, {})], tmp_path, deadline=start + 2)
+    assert [r["status"] for r in results] == ["timed out after 2 s", "ok"] and time.perf_counter() - start < 10
+    monkeypatch.setattr(suite, "stages", lambda quick, out: [[("first", sleep(0), 100, {})], [("second", sleep(0), 100, {})]])
+    monkeypatch.setattr(suite, "MIN_PART_S", 5)
+    monkeypatch.setattr(suite, "headline", lambda out: [])
+    seen = []
+    real = suite.run_stage
+    monkeypatch.setattr(suite, "run_stage", lambda stage, out, deadline=None: seen.append(deadline) or time.sleep(3)
+                        or real(stage, out, deadline))
+    assert suite.main(["--out", str(tmp_path / "s"), "--budget", "7"]) == 0
+    recorded = {r["part"]: r["status"] for r in json.loads((tmp_path / "s" / "suite.json").read_text())["results"]}
+    assert recorded == {"first": "ok", "second": "skipped (budget 7 s spent)"} and len(seen) == 1
+
+
+def test_the_summary_says_when_a_training_step_fell_back(tmp_path):
+    """A bench_train row whose step ran in another mode than its own (a capture or compile that failed) says so."""
+    suite = import_bench("suite")
+    case = {"preset": "mnist-paper", "batch": 1024, "dtype": "fp32", "images_per_s": 9000.0}
+    (tmp_path / "train.json").write_text(json.dumps({"results": [
+        {**case, "mode": "triton-graph", "step_mode": "eager"}, {**case, "batch": 100, "mode": "triton-graph", "step_mode": "cuda-graph"}]}))
+    lines = suite.headline(tmp_path)
+    assert "train mnist-paper batch 1024 triton-graph fp32: 9,000 images/s (ran as the eager step)" in lines
+    assert "train mnist-paper batch 100 triton-graph fp32: 9,000 images/s" in lines
 
 
 def test_a_part_run_again_sets_its_earlier_outputs_aside(tmp_path):
@@ -304,6 +336,15 @@ def test_the_step_profile_lists_the_busiest_ops(tmp_path):
     assert len(kernels) == 4 and all(k["calls"] > 0 for k in kernels)
     assert [k["ms"] for k in kernels] == sorted((k["ms"] for k in kernels), reverse=True)
     assert 0 < sum(k["ms_per_step"] for k in kernels) <= result["device_ms_per_step"]
+
+
+def test_a_profile_that_recorded_no_kernel_is_an_error_not_zero(tmp_path, monkeypatch):
+    profile_step = import_bench("profile_step")
+    monkeypatch.setattr(profile_step, "kernel_table", lambda prof, device_type, top: (0.0, []))
+    with pytest.raises(RuntimeError, match="the profiler recorded no cpu kernel in 1 reference steps"):
+        profile_step.main(["--device", "cpu", "--preset", "mnist-quick", "--batch", "2", "--modes", "reference",
+                           "--warmup", "1", "--steps", "1", "--json", str(tmp_path / "p.json")])
+    assert not (tmp_path / "p.json").exists()
 
 
 def test_the_sum_block_probe_changes_one_launch_setting_at_a_time(tmp_path):
