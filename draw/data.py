@@ -354,11 +354,18 @@ def _synthetic_dataset(shape: tuple[int, int, int]) -> Dataset:
 
 
 def _load_mnist(data_dir: pathlib.Path, progress: bool) -> Dataset:
-    """Try each source in order; raise DataUnavailableError naming every failure."""
+    """Try each source in order; raise DataUnavailableError naming every failure. .amat files in the directory are
+    the user's choice of data: a set of them that is incomplete or damaged is refused, never passed over for
+    another source (which would train on other data: grey levels binarized afresh)."""
     failures: list[str] = []
     try:
         return _mnist_from_amat(data_dir)
     except (OSError, ValueError) as error:
+        found = [name for name in AMAT_FILES.values() if (data_dir / name).exists()]
+        if found:
+            raise DataUnavailableError(
+                f"binarized MNIST .amat files in {data_dir}: {error} (found {', '.join(found)}: give all three whole, "
+                f"or move them away to use {PKL_NAME})") from None
         failures.append(f"binarized MNIST .amat files in {data_dir}: {error}")
     provide = (
         f"either the three binarized MNIST files ({', '.join(AMAT_FILES.values())}) "
@@ -460,7 +467,10 @@ def _read_amat(path: pathlib.Path) -> torch.Tensor:
             raise ValueError(f"{path.name}: every line must hold 784 values")
         values = (raw[is_digit] - ord("0")).reshape(-1, 784)
     else:  # written another way, e.g. "0.0 1.0 ..."
-        values = np.loadtxt(path, dtype=np.float32, ndmin=2)
+        try:
+            values = np.loadtxt(path, dtype=np.float32, ndmin=2)
+        except ValueError as error:
+            raise ValueError(f"{path.name}: {error}") from None
         if values.shape[1] != 784 or not np.isin(values, (0.0, 1.0)).all():
             raise ValueError(f"{path.name}: expected lines of 784 values in {{0, 1}}")
     return torch.from_numpy(values.astype(np.float32)).view(-1, *MNIST_SHAPE)

@@ -97,12 +97,12 @@ def load_svhn_cropped(data_dir: pathlib.Path) -> data.Dataset:
 
 def _read_cropped_mat(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     """(images [N, 3, 32, 32] uint8, labels [N] int64 in 0..9) of one verified .mat file."""
-    scipy_io = _optional("scipy.io")
     if not path.is_file():
         raise data.DataUnavailableError(
             f"{path.name} not found in {path.parent}: download {SVHN_URL}{path.name} and put it into "
             f"{path.parent}, {data.DATA_DIR_HINT}."
         )
+    scipy_io = _optional("scipy.io")
     got = _md5(path)
     if got != SVHN_CROPPED_MD5[path.name]:
         raise data.DataUnavailableError(

@@ -22,9 +22,11 @@ What the ranks share, and how (draw/step.py and draw/train.py call these):
 
 import contextlib
 import datetime
+import itertools
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +35,9 @@ import torch.distributed as dist
 log = logging.getLogger("draw")
 
 DEFAULT_TIMEOUT_S = 600.0
+# how long the other ranks of a node wait for its local rank 0 to make a dataset (first_on_each_node): a build
+# or download may take many minutes (SVHN's, a pip download), beyond any collective's --dist-timeout
+DATA_WAIT_S = 4 * 3600.0
 FAILURE_KEY = "draw/failure"  # the rendezvous-store key of the first failing rank's note
 
 
@@ -98,15 +103,32 @@ class World:
         the node's cache), then by the other ranks; returns this rank's result."""
         if self.size == 1:
             return make()
-        if self.local_rank != 0:
-            dist.barrier(group=self.control_group)
-        result = make()
+        # one key per node and call (every rank calls this alike): set in the rendezvous store when made
+        node = os.environ.get("GROUP_RANK", str(self.rank - self.local_rank))
+        key = f"draw/data-ready/{node}/{next(_DATA_CALLS)}"
         if self.local_rank == 0:
-            dist.barrier(group=self.control_group)
-        return result
+            result = make()
+            _store().set(key, "1")
+            return result
+        _wait_for_key(key, DATA_WAIT_S)  # not a collective: --dist-timeout does not bound it
+        return make()
 
 
 SINGLE = World()
+_DATA_CALLS = itertools.count()
+
+
+def _wait_for_key(key: str, seconds: float) -> None:
+    """Wait until `key` is in the rendezvous store, up to `seconds`; a failure note left meanwhile ends the
+    wait (AnotherRankFailed), as a failed rank ends every collective (failing_together)."""
+    store, deadline = _store(), time.monotonic() + seconds
+    while not store.check([key]):
+        note = _failure_note()
+        if note is not None:
+            raise AnotherRankFailed(f"stopped because {note}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {seconds:.0f} s for this node's local rank 0 to make the dataset")
+        time.sleep(0.2)
 
 
 def check_global_batch(batch_size: int, world_size: int, accumulate: int, *, resumed: bool = False) -> None:

@@ -211,6 +211,7 @@ class Run:
     world: World = SINGLE
     deadline: float | None = None  # time.monotonic() after which the run stops at a step boundary
     average_model: nn.Module | None = None  # with --ema: a copy of the model that holds the average (evaluation_model)
+    checkpoint_config: TrainConfig | None = None  # a resumed run's config as its checkpoint holds it
 
     @property
     def checkpoint_path(self) -> pathlib.Path:
@@ -373,7 +374,8 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
     writer = (summary_writer(log_dir=str(tensorboard), purge_step=start_step + 1 if resume else None)
               if summary_writer is not None else None)
     return Run(out_dir, model, step, config, data, sampler, metrics, device, start_step, total_steps, sums, count,
-               progress=progress, tensorboard=writer, good_checkpoint_step=start_step if resume else None, world=world)
+               progress=progress, tensorboard=writer, good_checkpoint_step=start_step if resume else None, world=world,
+               checkpoint_config=saved_config if resume else None)
 
 def _summary_writer_class():
     try:
@@ -497,9 +499,12 @@ def run_loop(run: Run) -> int | None:
     step = run.start_step
     bar = tqdm(total=run.total_steps, initial=step, desc="train", unit="step", disable=not run.progress, dynamic_ncols=True)
     tick, timed = time.perf_counter(), 0  # the steps this process has run since tick
-    if step == run.total_steps and run.count:  # resumed to end where a stopped run's checkpoint is (--steps):
-        _log_interval(run, step, 0.0, 0)  # the record of its last, unfinished interval,
-        save_run_checkpoint(run, step)  # and its new length, which a later --resume keeps
+    if step == run.total_steps and (run.count or run.checkpoint_config not in (None, run.config)):
+        # resumed to end where a stopped run's checkpoint is (--steps): the record of its last, unfinished
+        # interval, and its new length, which a later --resume keeps
+        if run.count:
+            _log_interval(run, step, 0.0, 0)
+        save_run_checkpoint(run, step)
     try:
         with StopRequest() as stop:
             while step < run.total_steps:

@@ -178,6 +178,21 @@ def test_amat_mnist_has_no_labels_and_says_so(tmp_path, no_network):
         d.split_labels("test")
 
 
+@pytest.mark.parametrize("damage", ["one file of three", "a damaged file"])
+def test_amat_files_that_cannot_be_used_are_refused_even_beside_the_pickle(tmp_path, fake_pkl, damage):
+    """.amat files are the user's choice: an incomplete or damaged set is refused by name, not passed over
+    for the cached pickle (grey levels binarized afresh: other data)."""
+    (tmp_path / "mnist.pkl.gz").write_bytes(fake_pkl)  # a good pickle beside them
+    for split in ("train", "valid", "test") if damage == "a damaged file" else ("train",):
+        write_amat(tmp_path / f"binarized_mnist_{split}.amat", np.zeros((2, 784), dtype=int))
+    if damage == "a damaged file":
+        (tmp_path / "binarized_mnist_valid.amat").write_text("0.5 nonsense\n")
+    with pytest.raises(data.DataUnavailableError) as caught:
+        data.load_dataset("mnist", tmp_path, progress=False)
+    expected = "missing binarized_mnist_valid.amat" if damage == "one file of three" else "binarized_mnist_valid.amat:"
+    assert expected in str(caught.value) and "move them away to use mnist.pkl.gz" in str(caught.value)
+
+
 def test_empty_amat_files_are_refused_by_name(tmp_path, no_network):
     for split in ("train", "valid", "test"):
         (tmp_path / f"binarized_mnist_{split}.amat").touch()
@@ -332,12 +347,11 @@ def test_corrupt_cached_pkl_without_download_is_an_error(tmp_path, fake_pkl):
 
 
 def test_error_names_every_source_tried(tmp_path, no_network):
-    (tmp_path / "binarized_mnist_train.amat").write_text("0 1\n")  # only one of the three files
     with pytest.raises(data.DataUnavailableError) as caught:
         data.load_dataset("mnist", tmp_path, progress=False)
     message = str(caught.value)
     assert isinstance(caught.value, RuntimeError)
-    assert "binarized_mnist_valid.amat" in message and "binarized_mnist_test.amat" in message
+    assert "missing binarized_mnist_train.amat, binarized_mnist_valid.amat, binarized_mnist_test.amat" in message
     assert f"cached {tmp_path / 'mnist.pkl.gz'}: not found" in message
     for url in data.MNIST_PKL_URLS:
         assert f"{url}: OSError: offline test" in message

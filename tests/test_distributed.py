@@ -67,6 +67,14 @@ def faulty_batch(self, step):  # the fault arrives as step fault_step + 1 begins
             os.kill(os.getpid(), signal.SIGTERM)
     return batch(self, step)
 train_module.BatchSampler.batch = faulty_batch
+if fault in ("slow-data", "no-data") and os.environ["RANK"] == "0":  # its data takes fault_step s to make, or fails
+    load = train_module.load_dataset
+    def slow_load(*args, **kwargs):
+        time.sleep(fault_step)
+        if fault == "no-data":
+            raise ValueError("injected data failure")
+        return load(*args, **kwargs)
+    train_module.load_dataset = slow_load
 if os.environ.get("TEST_GRADIENT_SYNC"):  # average the gradients as the CUDA-graph step does, here eagerly
     from draw import step as step_module
     init = step_module.TrainStep.__init__
@@ -311,6 +319,19 @@ def test_a_rank_that_hangs_is_given_up_after_the_timeout(tmp_path):
     rank0, rank1 = launch(tmp_path, args, fault="hang", fault_step=1, wait_for=(0,))
     assert rank0.returncode == 2, rank0.stderr
     assert "draw train: error: rank 0: stopped because the process group failed" in rank0.stderr
+
+
+def test_the_other_ranks_wait_for_a_dataset_longer_than_the_collectives_timeout(tmp_path):
+    """Local rank 0 makes the data first (a download, a build), the others wait: longer than --dist-timeout
+    (3 s here, the data 8 s), which bounds the collectives of training, not that wait."""
+    args = train_args(tmp_path / "run", steps=2)
+    args[args.index("--dist-timeout") + 1] = "3"
+    ranks = launch(tmp_path, args, fault="slow-data", fault_step=8)
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr + ranks[1].stderr
+    assert load_checkpoint(tmp_path / "run")["step"] == 2
+    rank0, rank1 = launch(tmp_path, train_args(tmp_path / "failed"), fault="no-data", fault_step=1)  # the wait ends too
+    assert rank0.returncode == 2 and "draw train: error: rank 0: injected data failure" in rank0.stderr
+    assert rank1.returncode == 2 and "stopped because rank 0 failed: ValueError: injected data failure" in rank1.stderr
 
 
 def test_a_global_batch_that_the_ranks_cannot_share_is_refused(tmp_path, one_process, capsys):

@@ -364,6 +364,22 @@ def test_a_stopped_run_resumed_to_end_at_its_checkpoint_writes_its_last_record_a
     assert train(stopped, resume=True, **QUIET)["steps"] == 6
 
 
+def test_a_run_stopped_on_a_record_and_resumed_to_end_there_keeps_that_length(tmp_path, monkeypatch, interactive_sigint):
+    """The same on a logging boundary (no unfinished interval): the checkpoint still takes the new length."""
+    from draw.train import TrainingStopped
+
+    run = tmp_path / "run"
+    restore = interrupt_at(monkeypatch, 3, signal.SIGINT)
+    with pytest.raises(TrainingStopped):
+        train(run, model_config=SMALL, train_config=train_config(steps=10, log_every=4, eval_every=100), **QUIET)
+    restore()
+    assert load_checkpoint(run)["step"] == 4 and load_checkpoint(run)["running"]["count"] == 0
+    assert train(run, resume=True, overrides={"steps": 4}, **QUIET)["steps"] == 4
+    assert load_checkpoint(run)["train_config"]["steps"] == 4
+    assert train(run, resume=True, **QUIET)["steps"] == 4
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [4]
+
+
 def test_training_records_hold_the_gradient_norm_before_clipping(tmp_path):
     """grad_norm is the interval's mean global gradient norm before the clip; clipped the fraction of
     its steps that the clip scaled down: a clip no gradient reaches clips none, a tiny one clips all."""
