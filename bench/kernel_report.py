@@ -57,6 +57,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import common  # (bench/ is on sys.path when this script runs)
+from draw import kernels
 from draw.kernels import triton_attention as ta
 
 RESULTS_DIR = common.BENCH_DIR / "results"
@@ -399,7 +400,7 @@ def main(argv=None) -> int:
         if not all(r == "none" or r.isdigit() and int(r) in allowed for r in args.maxnreg):
             parser.error(f"--maxnreg: each none or one of {', '.join(map(str, allowed))}, got {','.join(args.maxnreg)}")
         args.maxnreg = [None if r == "none" else int(r) for r in args.maxnreg]
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if kernels._triton_interpreter():
         parser.error("compiles for the GPU: unset TRITON_INTERPRET (the interpreter compiles nothing)")
 
     rows = []

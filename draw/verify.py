@@ -470,7 +470,7 @@ def interpreter_problem(triton_version: str | None, numpy_version: str | None) -
 
 
 def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return kernels._triton_interpreter()
 
 
 def _rerun_with_interpreter(args) -> int:

@@ -40,7 +40,8 @@ def triton_available() -> bool:
 
 
 def _triton_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether TRITON_INTERPRET asks for Triton's interpreter, read as Triton reads it (1, true or on)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

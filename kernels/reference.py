@@ -57,17 +57,24 @@ def _gaussian_rows(centre, delta, inv_two_sigma2, n: int, size: int):
     return rows / rows.sum(-1, keepdim=True).clamp_min(ROW_SUM_FLOOR)  # (25), (26)
 
 
-def filterbank(params: torch.Tensor, n: int, height: int, width: int):
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype an op's arithmetic runs in, given its inputs: fp64 when any of them is fp64, else fp32 (fp16 and
+    bf16 inputs are computed in fp32). The kernels follow the same rule."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def filterbank(params: torch.Tensor, n: int, height: int, width: int, dtype: torch.dtype | None = None):
     """The filterbank matrices and intensity of Eqs. 19-26.
 
     Args:
         params: [B, 5] raw attention parameters.
         n: grid size N.
         height, width: image size H, W.
+        dtype: the arithmetic's dtype (default compute_dtype(params): the op's, when it has other inputs).
     Returns:
-        fx [B, n, W], fy [B, n, H], gamma [B]. Half-precision params are computed in fp32.
+        fx [B, n, W], fy [B, n, H], gamma [B], in that dtype.
     """
-    compute = torch.float32 if params.dtype in (torch.float16, torch.bfloat16) else params.dtype
+    compute = dtype or compute_dtype(params)
     params = params.to(compute)
     gx, gy, delta, _, gamma = attention_grid(params, n, height, width)
     # 1 / (2 sigma^2) with log sigma^2 at least LOG_SIGMA2_FLOOR (its gradient 0 below; capping exp's result
@@ -101,7 +108,7 @@ def read(x: torch.Tensor, canvas: torch.Tensor, params: torch.Tensor, n: int,
         [B, 2, C, n, n] glimpses (index 0: of x, index 1: of the error image), in `dtype`.
     """
     height, width = x.shape[-2:]
-    fx, fy, gamma = filterbank(params, n, height, width)
+    fx, fy, gamma = filterbank(params, n, height, width, compute_dtype(x, canvas, params))
     compute = fx.dtype
     x_hat = x.to(compute) - torch.sigmoid(canvas.to(compute))  # (3)
     images = torch.stack([x.to(compute), x_hat], dim=1)  # [B, 2, C, H, W]
@@ -119,7 +126,7 @@ def glimpse(x: torch.Tensor, params: torch.Tensor, n: int, dtype: torch.dtype | 
     Returns:
         [B, C, n, n] glimpses, in `dtype`: read(x, canvas, params, n)[:, 0] for any canvas.
     """
-    fx, fy, gamma = filterbank(params, n, *x.shape[-2:])
+    fx, fy, gamma = filterbank(params, n, *x.shape[-2:], compute_dtype(x, params))
     return _filter_images(x.to(fx.dtype), fx, fy, gamma).to(dtype or x.dtype)
 
 
@@ -135,7 +142,7 @@ def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> to
     """
     n = patch.shape[-1]
     height, width = canvas.shape[-2:]
-    fx, fy, gamma = filterbank(params, n, height, width)
+    fx, fy, gamma = filterbank(params, n, height, width, compute_dtype(patch, params, canvas))
     written = fy[:, None].transpose(-1, -2) @ patch.to(fx.dtype) @ fx[:, None]  # [B, C, H, W]: F_Y^T w F_X  (29)
     return (canvas.to(fx.dtype) + written / gamma[:, None, None, None]).to(canvas.dtype)
 
@@ -160,7 +167,7 @@ def latent_sample(mu: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor):
         terms [B, 2], in fp32 or wider: KL(N(mu, sigma^2) || N(0, I)) summed over Z  (11), and
         log N(z; 0, I) - log N(z; mu, sigma^2) = sum_j 0.5 (eps^2 - z^2) + log sigma.
     """
-    out_dtype, wide = mu.dtype, torch.promote_types(mu.dtype, torch.float32)  # fp32 or wider; z rounded once
+    out_dtype, wide = mu.dtype, compute_dtype(mu, log_sigma, eps)  # fp32 or fp64; z rounded once
     mu, log_sigma, eps = mu.to(wide), log_sigma.to(wide), eps.to(wide)
     sigma = torch.exp(log_sigma)
     z = mu + sigma * eps  # (6)

@@ -78,7 +78,7 @@ import triton
 import triton.language as tl
 
 from draw.kernels import _triton_interpreter as _interpreted
-from draw.kernels.reference import LOG_SIGMA2_FLOOR, ROW_SUM_FLOOR
+from draw.kernels.reference import LOG_SIGMA2_FLOOR, ROW_SUM_FLOOR, compute_dtype
 
 __all__ = [
     "attention_read_backward",
@@ -774,10 +774,10 @@ def _attention_write_backward_kernel(
 
 
 def _compute_dtypes(*tensors):
-    """fp64 arithmetic when any input is fp64, else fp32 (fp16/bf16 are upcast on load)."""
-    if any(t.dtype == torch.float64 for t in tensors):
-        return torch.float64, tl.float64
-    return torch.float32, tl.float32
+    """(torch, triton) dtypes of the arithmetic: the reference's rule (reference.compute_dtype): fp64 when any
+    input is fp64, else fp32 (fp16/bf16 are upcast on load)."""
+    compute = compute_dtype(*tensors)
+    return compute, tl.float64 if compute == torch.float64 else tl.float32
 
 
 def contraction(compute_dtype: torch.dtype, n: int, width: int) -> str:
@@ -786,7 +786,7 @@ def contraction(compute_dtype: torch.dtype, n: int, width: int) -> str:
     fp64 always sums (the fp64 path is the exact one the tests hold the others to); fp32 (also for
     fp16 / bf16 inputs) follows DRAW_TRITON_CONTRACTION: "sum", "dot", or "auto" (the default).
     """
-    choice = os.environ.get("DRAW_TRITON_CONTRACTION", "auto")
+    choice = os.environ.get("DRAW_TRITON_CONTRACTION", "").strip() or "auto"  # empty: unset, as the others
     if choice not in CONTRACTIONS:
         raise ValueError(f"DRAW_TRITON_CONTRACTION={choice!r}: expected one of {', '.join(CONTRACTIONS)}")
     if compute_dtype == torch.float64:
@@ -807,7 +807,7 @@ def num_warps_override() -> int | None:
     For measuring: at 28x28 fewer warps issue fewer instructions per pixel (bench/kernel_report.py
     --num-warps), at the cost of each program's latency; which wins depends on the batch and the GPU.
     """
-    value = os.environ.get("DRAW_TRITON_NUM_WARPS", "")
+    value = os.environ.get("DRAW_TRITON_NUM_WARPS", "").strip()
     if value == "":
         return None
     if value not in ("1", "2", "4", "8", "16"):
@@ -849,10 +849,11 @@ def parse_launch_settings(spec: str, source: str = "DRAW_TRITON_LAUNCH") -> list
     settings = []
     for entry in filter(None, (part.strip() for part in spec.split(","))):
         key, _, value = entry.partition("=")
-        direction, _, name = key.strip().rpartition(".")
-        allowed = LAUNCH_SETTINGS.get(name)
-        if direction not in ("", "fwd", "bwd") or allowed is None or not value.strip().isdigit() \
-                or int(value) not in allowed:
+        direction, dot, name = key.strip().rpartition(".")
+        allowed, value = LAUNCH_SETTINGS.get(name), value.strip()
+        # a "." needs fwd or bwd before it; VALUE in ASCII digits (str.isdigit takes other scripts' too)
+        if (direction not in ("fwd", "bwd") if dot else direction) or allowed is None \
+                or not (value.isascii() and value.isdigit()) or int(value) not in allowed:
             raise ValueError(
                 f"{source} entry {entry!r}: expected [fwd.|bwd.]KEY=VALUE with "
                 + "; ".join(f"{k} in {', '.join(map(str, v))}" for k, v in LAUNCH_SETTINGS.items()))

@@ -128,11 +128,11 @@ def _blocks(size: int) -> dict:
 
 def latent_sample_forward(mu: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor):
     """Launch the forward kernel. mu, log_sigma, eps [B, Z] -> z [B, Z] (mu's dtype), terms [B, 2]
-    (kl, log_ratio; fp32, or fp64 for fp64 mu: the reference's dtypes, whatever log_sigma's and eps's)."""
+    (kl, log_ratio; in the compute dtype: fp64 when any input is, else fp32, as the reference's)."""
     batch, size = mu.shape
-    _, compute = _compute_dtypes(mu, log_sigma, eps)
+    compute_torch, compute = _compute_dtypes(mu, log_sigma, eps)
     z = torch.empty((batch, size), device=mu.device, dtype=mu.dtype)
-    terms = torch.empty((batch, 2), device=mu.device, dtype=torch.promote_types(mu.dtype, torch.float32))
+    terms = torch.empty((batch, 2), device=mu.device, dtype=compute_torch)
     if batch == 0:
         return z, terms
     blocks = _blocks(size)

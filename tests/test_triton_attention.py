@@ -394,9 +394,24 @@ def test_num_warps_override(monkeypatch):
     assert config(5, 28, 28, True, f32)["num_warps"] == config(2, 28, 28, False, f32)["num_warps"] == 1
     x, canvas, params, patch = make_inputs(2, 1, 9, 13, 5)
     check_read(x, canvas, params, 5)  # (the interpreter runs any warp count alike)
+    monkeypatch.setenv("DRAW_TRITON_NUM_WARPS", " 2 ")  # blanks around it, as DRAW_TRITON_LAUNCH allows
+    assert config(5, 28, 28, True, f32)["num_warps"] == 2
     monkeypatch.setenv("DRAW_TRITON_NUM_WARPS", "3")
     with pytest.raises(ValueError, match="DRAW_TRITON_NUM_WARPS='3': expected 1, 2, 4, 8 or 16"):
         config(5, 28, 28, True, f32)
+
+
+def test_empty_environment_settings_count_as_unset(monkeypatch):
+    """DRAW_TRITON_CONTRACTION="" is "auto", as an empty DRAW_TRITON_LAUNCH or DRAW_TRITON_NUM_WARPS is unset;
+    TRITON_INTERPRET is read as Triton reads it (1, true, on; any case)."""
+    monkeypatch.setenv("DRAW_TRITON_CONTRACTION", "")
+    assert triton_attention.contraction(f32, 12, 54) == "dot" and triton_attention.contraction(f32, 2, 28) == "sum"
+    monkeypatch.setenv("DRAW_TRITON_CONTRACTION", "tf32")
+    with pytest.raises(ValueError, match="DRAW_TRITON_CONTRACTION='tf32': expected one of auto, sum, dot"):
+        triton_attention.contraction(f32, 12, 54)
+    for value, interpreted in (("1", True), ("true", True), ("ON", True), ("0", False), ("", False), ("no", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert kernels._triton_interpreter() is interpreted, value
 
 
 def test_launch_overrides(monkeypatch):
@@ -424,7 +439,8 @@ def test_launch_overrides(monkeypatch):
     assert config(12, 54, 54, True, f32)["num_warps"] == 1 and config(12, 54, 54, False, f32)["num_warps"] == 2
     monkeypatch.setenv("DRAW_TRITON_LAUNCH", "fwd.maxnreg=80")  # a register cap: absent unless set
     assert config(12, 54, 54, False, f32)["maxnreg"] == 80 and "maxnreg" not in config(12, 54, 54, True, f32)
-    for bad in ("BLOCK_H=24", "BLOCK_H", "rows=8", "up.BLOCK_H=8", "num_warps=32", "BLOCK_W=x", "maxnreg=81"):
+    for bad in ("BLOCK_H=24", "BLOCK_H", "rows=8", "up.BLOCK_H=8", "num_warps=32", "BLOCK_W=x", "maxnreg=81",
+                ".BLOCK_H=16", "BLOCK_W=\u0661\u0666", "BLOCK_H=\u00b2"):  # no direction before "."; ASCII digits
         monkeypatch.setenv("DRAW_TRITON_LAUNCH", bad)
         with pytest.raises(ValueError, match=f"DRAW_TRITON_LAUNCH entry {bad!r}"):
             config(2, 28, 28, False, f32)
@@ -739,6 +755,21 @@ def test_mixed_input_dtypes():
     check_glimpse(x.bfloat16(), params.float(), 3, rel=2e-2)
     check_write(patch, params.float(), canvas.bfloat16(), rel=2e-2, out_dtype=torch.bfloat16)
     check_write_read(patch.float(), params, canvas.float(), x.bfloat16(), 3, rel=2e-2, out_dtype=f32)
+
+
+def test_an_fp64_input_makes_the_arithmetic_fp64_on_both_backends():
+    """With one input in fp64 and the others fp32 both backends compute in fp64 (reference.compute_dtype): they
+    agree to fp64 rounding, and a zero patch written with fp32 parameters onto an fp64 canvas leaves it exactly."""
+    x, canvas, params, patch = make_inputs(2, 1, 9, 12, 3, seed=10)
+    outputs = {backend: (kernels.read(x, canvas, params.float(), 3, backend=backend),
+                         kernels.write(patch.float(), params.float(), canvas, backend=backend),
+                         kernels.write(torch.zeros_like(patch).float(), params.float(), canvas, backend=backend))
+               for backend in ("reference", "triton")}
+    for name, a, e in zip(("read", "write", "zero write"), outputs["triton"], outputs["reference"]):
+        assert a.dtype == e.dtype == f64
+        assert_f64_close(a, e, name)
+    for backend in ("reference", "triton"):
+        assert torch.equal(outputs[backend][2], canvas), backend
 
 
 # ---------------------------------------------------------------------------------------------
