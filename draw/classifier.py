@@ -45,7 +45,9 @@ class DRAM(nn.Module):
     """The glimpse classifier of `config`; `backend` runs the attention (a runtime choice, as in DRAW)."""
 
     STATISTICS = ("loss", "error")  # what a training step reports, batch means
-    attention_grad_clip: float | None = None  # see the module docstring; None: the exact gradient
+    # each image's gradient w.r.t. each glimpse's 5 attention parameters clipped to [-c, c] in the backward
+    # pass (ClipPerImageGradient; TrainConfig.attention_grad_clip, the cluttered presets' 10); None: the exact gradient
+    attention_grad_clip: float | None = None
 
     def __init__(self, config: ClassifierConfig, backend: str = "auto"):
         super().__init__()

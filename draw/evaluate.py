@@ -56,8 +56,9 @@ def evaluate_bound(
     totals = {"bound": 0.0, "l_x": 0.0, "l_z": 0.0}
     squares = 0.0
     mine = world.part(len(images))
+    dtype = next(model.parameters()).dtype  # the images in the model's dtype (fp64 for a float64 model)
     for start in tqdm(range(mine.start, mine.stop, per_batch), desc="eval", leave=False, disable=not progress):
-        x = to_float(images[start : min(start + per_batch, mine.stop)].to(device, non_blocking=True))
+        x = to_float(images[start : min(start + per_batch, mine.stop)].to(device, non_blocking=True)).to(dtype)
         noise = image_noise(start, len(x), importance_samples, cfg.T, cfg.z_size, seed).to(device)
         if importance_samples == 1:
             out = model(x, noise=noise)
@@ -105,9 +106,10 @@ def evaluate_classifier(
     model.eval()
     errors = loss = 0.0
     mine = world.part(len(images))
+    dtype = next(model.parameters()).dtype  # the images in the model's dtype (fp64 for a float64 model)
     for start in tqdm(range(mine.start, mine.stop, batch_size), desc="eval", leave=False, disable=not progress):
         stop = min(start + batch_size, mine.stop)
-        x = to_float(images[start:stop].to(device, non_blocking=True))
+        x = to_float(images[start:stop].to(device, non_blocking=True)).to(dtype)
         out = model(x, labels[start:stop].to(device))
         errors += out.error.sum().item()
         loss += out.loss.item() * len(x)

@@ -186,14 +186,16 @@ def _window_mask(boxes: torch.Tensor, grid_shape, cols: int, height: int, width:
 
     Pixel p (0-based) of an image covers [p*scale, (p+1)*scale) in its cell, so a box over pixels
     left..right is outlined from left*scale to (right+1)*scale - 1: the outline encloses those pixels.
+    Edges on a half pixel round outwards (round() would take halves to even numbers, so the outline of a
+    window centred on a pixel would shift with the pixel's parity).
     """
     mask = np.zeros(grid_shape[:2], dtype=bool)
     cell_h, cell_w = height * scale, width * scale
     for k, (left, top, right, bottom) in enumerate(boxes.tolist()):
         if not all(map(math.isfinite, (left, top, right, bottom))):
             continue
-        x0, x1 = round(left * scale), round((right + 1) * scale) - 1
-        y0, y1 = round(top * scale), round((bottom + 1) * scale) - 1
+        x0, x1 = math.ceil(left * scale - 0.5), math.floor((right + 1) * scale - 0.5)
+        y0, y1 = math.ceil(top * scale - 0.5), math.floor((bottom + 1) * scale - 0.5)
         if x1 < 0 or y1 < 0 or x0 > cell_w - 1 or y0 > cell_h - 1:
             continue  # the window lies wholly outside the image
         x0, x1 = max(x0, 0), min(x1, cell_w - 1)

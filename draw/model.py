@@ -310,7 +310,9 @@ class DRAW(nn.Module):
 
 
 def importance_weighted_bound(model: DRAW, x: torch.Tensor, k: int, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """-log (1/K) sum_k p(x, z_k) / q(z_k | x), per image, in nats: [B]. K = 1 gives the usual bound.
+    """-log (1/K) sum_k p(x, z_k) / q(z_k | x), per image, in nats: [B]. K = 1 gives a one-sample estimate of
+    the usual bound (its latent term log q - log p at the drawn z, not the exact KL of Eq. 11: equal in
+    expectation; evaluate_bound takes L_x + L_z itself for K = 1).
 
     noise: [T, B*K, z_size] or None, as in DRAW.forward (the K draws of an image adjacent).
     """

@@ -107,6 +107,20 @@ def test_window_boxes_shift_and_shrink():
     torch.testing.assert_close(boxes, expected.expand(2, 3, 4))
 
 
+@pytest.mark.parametrize("scale", [1, 3])
+def test_a_window_on_any_pixel_is_outlined_alike(scale):
+    """A window centred on pixel p with edges on half pixels (p - 0.5 .. p + 0.5) is outlined around it the same
+    way for every p: columns and rows (p - 1/2) * scale .. (p + 3/2) * scale - 1, rounded outwards."""
+    for p in range(1, 6):
+        box = torch.tensor([[p - 0.5, p - 0.5, p + 0.5, p + 0.5]])
+        mask = figures._window_mask(box, (7 * scale, 7 * scale), 1, 7, 7, 0, scale)
+        columns = np.flatnonzero(mask.any(axis=0))
+        lo, hi = math.ceil((p - 0.5) * scale - 0.5), math.floor((p + 1.5) * scale - 0.5)
+        assert (columns.min(), columns.max()) == (lo, hi), p
+        assert (lo + hi) / 2 == pytest.approx((p + 0.5) * scale - 0.5)  # centred on the pixel's own cells
+        assert np.array_equal(np.flatnonzero(mask.any(axis=1)), columns)
+
+
 def test_window_boxes_non_square_image_uses_max_side():
     boxes = figures.window_boxes(torch.zeros(1, 5), 3, 20, 40)  # delta = (40 - 1) / 2, half-size 19.5
     torch.testing.assert_close(boxes[0], torch.tensor([0.0, 9.5 - 19.5, 39.0, 9.5 + 19.5]))

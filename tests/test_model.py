@@ -375,3 +375,22 @@ def test_bad_checkpoints_are_refused(tmp_path):
     other["model_config"] = {**other["model_config"], "enc_size": 48}  # a checkpoint of another model
     with pytest.raises(CheckpointError, match="weights do not fit its model config"):
         model_from_checkpoint(other)
+
+
+def test_a_float64_model_evaluates_in_float64():
+    """evaluate_bound and evaluate_classifier give their images the model's dtype: a float64 model evaluates (its
+    bound agrees with the float32 model's to float32's rounding), as it trains."""
+    from draw.classifier import DRAM
+    from draw.config import ClassifierConfig
+    from draw.evaluate import evaluate_bound, evaluate_classifier
+
+    torch.manual_seed(0)
+    model = DRAW(DRAWConfig(height=12, width=10, T=3, enc_size=8, dec_size=8, z_size=3, read_n=2, write_n=3))
+    images = (torch.rand(6, 1, 12, 10) > 0.5).to(torch.uint8) * 255
+    single = evaluate_bound(model, images, batch_size=4)
+    model.double()
+    assert evaluate_bound(model, images, batch_size=4)["nats"] == pytest.approx(single["nats"], rel=1e-5)
+    assert math.isfinite(evaluate_bound(model, images, batch_size=4, importance_samples=2)["nats"])
+    classifier = DRAM(ClassifierConfig(height=12, width=10, glimpses=2, lstm_size=8, read_n=3, classes=3)).double()
+    result = evaluate_classifier(classifier, images, torch.tensor([0, 1, 2, 0, 1, 2]), batch_size=4)
+    assert 0 <= result["error"] <= 1 and math.isfinite(result["loss"])
