@@ -13,12 +13,7 @@ continues the same sum bit for bit.
 import torch
 import torch.nn as nn
 
-
-def check_decay(decay) -> float:
-    """A decay strictly between 0 and 1, else ValueError naming it."""
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
-        raise ValueError(f"the weight average's decay must be a number strictly between 0 and 1, got {decay!r}")
-    return float(decay)
+from draw.config import check_decay
 
 
 class WeightAverage:
@@ -56,7 +51,7 @@ class WeightAverage:
             torch._foreach_copy_(params, [p.detach() for p in self.params])
         else:
             torch._foreach_copy_(params, self.sums)
-            torch._foreach_mul_(params, 1 / (1 - self.decay**self.updates))
+            torch._foreach_mul_(params, _scale(self.decay, self.updates))
         return model
 
     def state_dict(self) -> dict:
@@ -83,8 +78,13 @@ def check_names_and_shapes(sums: dict[str, torch.Tensor], params: dict[str, torc
         raise ValueError(f"the saved weight average's {', '.join(wrong)} do not have the parameters' shapes")
 
 
+def _scale(decay: float, updates: int) -> float:
+    """1 / (1 - d^n): a_n's debiasing factor (d^n in float64, then one rounding)."""
+    return 1 / (1 - decay**updates)
+
+
 def _debiased(sums: dict[str, torch.Tensor], decay: float, updates: int) -> dict[str, torch.Tensor]:
-    scale = 1 / (1 - decay**updates)  # d^n in float64, then one rounding
+    scale = _scale(decay, updates)
     return {name: a * scale for name, a in sums.items()}
 
 

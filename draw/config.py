@@ -27,6 +27,14 @@ def _check_positive_float(owner: str, name: str, value) -> None:
         raise ValueError(f"{owner}.{name} must be a finite number > 0, got {value!r}")
 
 
+def check_decay(value, what: str = "the weight average's decay") -> float:
+    """A moving average's decay (TrainConfig.ema, draw/average.py): a number strictly between 0 and 1, else
+    ValueError naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{what} must be a number strictly between 0 and 1, got {value!r}")
+    return float(value)
+
+
 def _from_dict(cls, d: dict, *, ignore=()):
     """cls(**d), refusing keys cls does not have (the message names them) and dropping `ignore`d ones."""
     d = {k: v for k, v in d.items() if k not in ignore}
@@ -161,9 +169,8 @@ class TrainConfig:
             _check_int("TrainConfig", "steps", self.steps, 1)
         for name in ("eval_every", "log_every", "checkpoint_every", "accumulate"):
             _check_int("TrainConfig", name, getattr(self, name), 1)
-        if self.ema is not None and (isinstance(self.ema, bool) or not isinstance(self.ema, (int, float))
-                                     or not 0 < self.ema < 1):
-            raise ValueError(f"TrainConfig.ema must be a number strictly between 0 and 1, got {self.ema!r}")
+        if self.ema is not None:
+            check_decay(self.ema, "TrainConfig.ema")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """The run's length in optimizer steps: `steps`, else `epochs` passes of steps_per_epoch."""

@@ -37,9 +37,9 @@ class _Pass:
     (graph task, first row, X_t, G_t, whether the step added the bias), appended by each step's backward
     (`record`), and per graph task the buffer of the split steps' G rows (rows: every step's rows, in the
     order of the forward calls), a zero, and the places handed out in it. A pass's entries go when its
-    backward ends (`_forget_at_the_end`) or at the collector, whether or not it reached the collector: autograd.grad of other
-    inputs with retain_graph (a penalty on x's gradient) would otherwise keep its G, 0.9 GB a pass at
-    mnist-paper's batch of 1024, until a later pass reached the collector."""
+    backward ends (`_forget_at_the_end`) or at the collector, whether or not it reached the collector:
+    autograd.grad of other inputs with retain_graph (a penalty on x's gradient) would otherwise keep its G,
+    0.9 GB a pass at mnist-paper's batch of 1024, until a later pass reached the collector."""
 
     def __init__(self, width: int):
         self.steps, self.buffers, self.taken, self.rows, self.width = [], {}, {}, 0, width
@@ -91,7 +91,6 @@ class _Pass:
     def was_taken(self, row: int, col: int) -> bool:
         """Whether the place at (row, col) was handed out in this backward pass."""
         return (row, col) in self.taken.get(torch._C._current_graph_task_id(), ())
-
 
 
 class _WeightGradients(torch.autograd.Function):

@@ -431,7 +431,7 @@ def _scores(run: Run, model: nn.Module) -> dict:
         result = evaluate_bound(model, run.data.test, device=run.device, seed=run.config.seed, world=run.world)
         return {"test_bound": result["nats"], "test_bound_stderr": result["stderr"], "test_l_x": result["l_x"],
                 "test_l_z": result["l_z"]}
-    result = evaluate_classifier(model, run.data.test, run.data.labels["test"], device=run.device, world=run.world)
+    result = evaluate_classifier(model, run.data.test, run.data.split_labels("test"), device=run.device, world=run.world)
     return {"test_error": result["error"], "test_loss": result["loss"]}
 
 
@@ -571,7 +571,7 @@ def finish_run(run: Run, *, make_figures: bool = True) -> dict:
                                                   training_images=run.data.train, metrics=run.out_dir / METRICS)
         else:
             written = [figures.save_glimpse_figure(model, run.data.images("test", slice(0, figures.GLIMPSE_IMAGES)),
-                                                   run.data.labels["test"][: figures.GLIMPSE_IMAGES], run.out_dir / "glimpses.png"),
+                                                   run.data.split_labels("test")[: figures.GLIMPSE_IMAGES], run.out_dir / "glimpses.png"),
                        figures.save_error_curve(run.out_dir / METRICS, run.out_dir / "error_curve.png")]
         log.info("wrote " + ", ".join(str(p) for p in written))
     return summary

@@ -164,7 +164,7 @@ def latent_sample(mu: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor):
         eps: [B, Z] a standard-normal draw.
     Returns:
         z [B, Z] = mu + exp(log_sigma) * eps, in mu's dtype  (6);
-        terms [B, 2], in fp32 or wider: KL(N(mu, sigma^2) || N(0, I)) summed over Z  (11), and
+        terms [B, 2], in compute_dtype(mu, log_sigma, eps): KL(N(mu, sigma^2) || N(0, I)) summed over Z  (11), and
         log N(z; 0, I) - log N(z; mu, sigma^2) = sum_j 0.5 (eps^2 - z^2) + log sigma.
     """
     out_dtype, wide = mu.dtype, compute_dtype(mu, log_sigma, eps)  # fp32 or fp64; z rounded once
