@@ -10,12 +10,14 @@ import logging
 import math
 import os
 import pathlib
+import re
 import sys
 import time
 
 from draw import __version__
 from draw.config import DATASETS, DEFAULT_PRESET, LR_SCHEDULES, PRESETS, TrainConfig, get_preset
 from draw.device import is_device_name, pick_device
+from draw.rundir import CHECKPOINT
 
 BACKENDS = ("auto", "reference", "triton")  # draw.kernels.BACKENDS, named here so --help needs no torch
 STEP_MODES = ("auto", "eager", "compile", "cuda-graph")  # draw.step.STEP_MODES
@@ -250,6 +252,7 @@ def cmd_train(args) -> int:
     preset = get_preset(preset_name)
     dataset = given.get("dataset", preset.train.dataset)
     out = args.out or pathlib.Path("runs") / (preset_name if dataset == preset.train.dataset else f"{preset_name}-{dataset}")
+    args.run_dir = out  # for the hint after an out-of-memory error
     runtime = dict(backend=args.backend, step_mode=args.step_mode or (None if args.resume else preset.step_mode),
                    compile_mode=args.compile_mode, data_dir=args.data_dir, progress=False if args.no_progress else None,
                    tensorboard=args.tensorboard, deadline=deadline)
@@ -410,8 +413,28 @@ def _is_torchrun_rank(args) -> bool:
     return args.command == "train" and "RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") != "1"
 
 
+def _out_of_memory_line(e: BaseException) -> str:
+    """The allocator's first sentences (what it tried to allocate, what was free), without its memory report."""
+    text = _error_line(e)
+    return re.split(r"\s+(?=Including non-PyTorch|Of the allocated|If reserved)", text, maxsplit=1)[0].rstrip(". ")
+
+
+def _memory_hint(args) -> str:
+    """What to change so that the command fits in the device's memory."""
+    if args.command == "eval":
+        return "a smaller --batch-size fits (the result does not depend on it)"
+    if args.command == "sample":
+        return "a smaller --n fits"
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is not None and (run_dir / CHECKPOINT).exists():
+        return (f"its last checkpoint is kept: `draw train --resume --out {run_dir} --accumulate K` goes on with each "
+                "step's batch in K micro-batches (the same update)")
+    return "--accumulate K takes each step's batch in K micro-batches (the same update); --amp bf16 needs less memory"
+
+
 def _run(command, args) -> int:
     """The command's exit code: 0, or a known failure turned into one line and its code."""
+    import torch
     from torch.distributed import DistError  # a rendezvous that failed, a rank that never came
 
     from draw.checkpoint import CheckpointError
@@ -426,6 +449,10 @@ def _run(command, args) -> int:
             DistError, FileExistsError, ValueError, OSError) as e:
         rank = f"rank {os.environ['RANK']}: " if _is_torchrun_rank(args) else ""  # which torchrun rank says it
         print(f"draw {args.command}: error: {rank}{_error_line(e)}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as e:
+        rank = f"rank {os.environ['RANK']}: " if _is_torchrun_rank(args) else ""
+        print(f"draw {args.command}: error: {rank}{_out_of_memory_line(e)}; {_memory_hint(args)}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
         return EXIT_TIME_LIMIT if e.signum == TIME_LIMIT else 128 + e.signum

@@ -453,3 +453,52 @@ def test_a_weights_only_checkpoint_cannot_resume(tmp_path):
     with pytest.raises(CheckpointError, match="no training state to resume"):
         train(tmp_path / "run", resume=True, **QUIET)
     model_from_checkpoint(load_checkpoint(tmp_path / "run"))  # still a fine model to evaluate
+
+
+# --- 17. out of memory -----------------------------------------------------------------------------
+
+OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+                 "1.06 GiB is free. Including non-PyTorch memory, this process has 78.12 GiB memory in use. Of the "
+                 "allocated memory 77.50 GiB is allocated by PyTorch, and 120.00 MiB is reserved by PyTorch but "
+                 "unallocated. If reserved but unallocated memory is large try setting "
+                 "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+
+
+def test_running_out_of_memory_is_one_line_that_says_how_to_fit_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
+    from draw.step import TrainStep
+
+    out = tmp_path / "run"
+    step = TrainStep.__call__
+    calls = []
+
+    def fails_at_the_fifth_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise torch.OutOfMemoryError(OUT_OF_MEMORY)
+        return step(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainStep, "__call__", fails_at_the_fifth_step)
+        assert main(TRAIN + ["--steps", "6", "--checkpoint-every", "3", "--out", str(out)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line == ("draw train: error: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                    "79.19 GiB of which 1.06 GiB is free; its last checkpoint is kept: "
+                    f"`draw train --resume --out {out} --accumulate K` goes on with each step's batch in K micro-batches "
+                    "(the same update)")
+    assert load_checkpoint(out)["step"] == 3
+    assert main(["train", "--resume", "--out", str(out), "--accumulate", "2", "--no-progress"]) == 0  # as it says
+    assert load_checkpoint(out)["step"] == 6
+
+    with monkeypatch.context() as patch:  # before any checkpoint: the flags to add
+        patch.setattr(TrainStep, "__call__", lambda self, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError(OUT_OF_MEMORY)))
+        assert main(TRAIN + ["--steps", "2", "--out", str(tmp_path / "new")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "is free; --accumulate K takes each step's batch in K micro-batches (the same update); --amp bf16 needs less memory")
+    assert not (tmp_path / "new" / "checkpoint.pt").exists()
+
+    from draw import evaluate
+
+    monkeypatch.setattr(evaluate, "evaluate_bound", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError(OUT_OF_MEMORY)))
+    assert main(["eval", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "is free; a smaller --batch-size fits (the result does not depend on it)")
