@@ -973,12 +973,17 @@ def _param_partials(batch: int, channels: int, acc_dtype: torch.dtype, params: t
 
 
 def _checked_place(place: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """place, if it can take like's gradient as the kernels write it: like's shape and dtype, strided rows,
-    each row contiguous."""
+    """place, if it can take like's gradient as the kernels write it: like's shape, dtype and device, each row
+    contiguous, the rows apart (a row stride of at least a row: rows that overlapped would be written by
+    several programs at once)."""
     contiguous_row = torch.empty(like.shape[1:], device="meta").stride()
-    if place.shape != like.shape or place.dtype != like.dtype or place.stride()[1:] != contiguous_row:
-        raise ValueError(f"a gradient's place must be {list(like.shape)} in {like.dtype} with contiguous rows, got "
+    row = like[0].numel() if like.dim() and like.shape[0] else 0
+    if (place.shape != like.shape or place.dtype != like.dtype or place.stride()[1:] != contiguous_row
+            or (place.dim() and place.shape[0] > 1 and place.stride(0) < row)):
+        raise ValueError(f"a gradient's place must be {list(like.shape)} in {like.dtype} with contiguous rows apart, got "
                          f"{list(place.shape)} in {place.dtype} with strides {place.stride()}")
+    if place.device != like.device:
+        raise ValueError(f"a gradient's place must be on {like.device}, as its tensor is, got one on {place.device}")
     return place
 
 

@@ -1170,3 +1170,37 @@ def test_convergence_reference_vs_triton():
     assert ref_losses[-1] < ref_losses[0] - 1.0, f"the model did not train: {ref_losses.tolist()}"
     assert_close(tri_losses, ref_losses, 1e-6, 0.0, "per-step losses")
     assert_close(tri_weights, ref_weights, 0.0, 1e-9, "trained weights")
+
+
+def test_a_gradient_place_is_written_where_it_lies_and_a_place_the_kernels_cannot_fill_is_refused():
+    """The write backward's dpatch and dparams written into places (rows of wider buffers, as
+    RecurrentLinear's) equal the new tensors it makes otherwise; a place of another shape, dtype or device,
+    with rows that are not contiguous, or with rows that overlap (a stride-0 expand) is refused."""
+    batch, n = 3, 3
+    _, canvas, params, patch = make_inputs(batch, 1, 7, 9, n)
+    grad_out = torch.randn_like(canvas)
+    expected = triton_attention.attention_write_backward(grad_out, patch, params)
+    patch_buffer = torch.full((batch, 20), float("nan"), dtype=f64, device=DEVICE)
+    params_buffer = torch.full((batch, 8), float("nan"), dtype=f64, device=DEVICE)
+    places = (patch_buffer[:, 2:2 + n * n].view(batch, 1, n, n), params_buffer[:, 1:6])
+    written = triton_attention.attention_write_backward(grad_out, patch, params, places=places)
+    for got, want, place in zip(written, expected, places):
+        assert got.data_ptr() == place.data_ptr()
+        assert torch.equal(got, want)
+    assert patch_buffer[:, :2].isnan().all() and patch_buffer[:, 2 + n * n:].isnan().all()  # nothing else written
+    assert params_buffer[:, 0].isnan().all() and params_buffer[:, 6:].isnan().all()
+
+    like = params
+    refused = {
+        "shape": torch.empty(batch, 6, dtype=f64, device=DEVICE),
+        "dtype": torch.empty(batch, 5, dtype=f32, device=DEVICE),
+        "rows not contiguous": torch.empty(5, batch, dtype=f64, device=DEVICE).t(),
+        "overlapping rows": torch.empty(1, 5, dtype=f64, device=DEVICE).expand(batch, 5),
+        "device": torch.empty(batch, 5, dtype=f64, device="meta"),
+    }
+    for what, place in refused.items():
+        with pytest.raises(ValueError, match="a gradient's place must be"):
+            triton_attention._checked_place(place, like)
+        if what != "device":
+            with pytest.raises(ValueError, match="a gradient's place must be"):
+                triton_attention.attention_write_backward(grad_out, patch, params, places=(None, place))
