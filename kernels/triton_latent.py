@@ -109,10 +109,18 @@ def _latent_backward_kernel(
         else:
             grad_z = tl.zeros([BLOCK_B, BLOCK_Z], dtype=COMPUTE_DTYPE)
         sigma = tl.exp(log_sigma)
-        z = mu + sigma * eps
-        a = grad_z - grad_ratio * z  # the gradient reaching z, from z itself and from log_ratio's -z^2 / 2
-        grad_mu = a + grad_kl * mu
-        grad_log_sigma = a * sigma * eps + grad_kl * (sigma * sigma - 1) + grad_ratio
+        # in autograd's order, and the terms' share only where they have a gradient: sigma^2 may overflow
+        # where sigma does not (and z with it), and 0 * inf would make a finite gradient NaN
+        a = grad_z  # the gradient reaching z, from z itself and (below) from log_ratio's -z^2 / 2
+        grad_mu = grad_z
+        grad_sigma = grad_z * eps
+        grad_log_sigma = grad_sigma * sigma
+        if HAS_GRAD_TERMS:
+            z = mu + sigma * eps
+            a = grad_z - grad_ratio * z
+            grad_mu = a + grad_kl * mu
+            grad_sigma = a * eps + grad_kl * sigma  # KL's sigma^2 / 2
+            grad_log_sigma = grad_sigma * sigma - grad_kl + grad_ratio
         tl.store(grad_mu_ptr + rows[:, None] * stride_dmb + cols[None, :], _cast_for_store(grad_mu, grad_mu_ptr), mask=mask)
         tl.store(grad_log_sigma_ptr + rows[:, None] * stride_dlb + cols[None, :],
                  _cast_for_store(grad_log_sigma, grad_log_sigma_ptr), mask=mask)

@@ -98,6 +98,25 @@ def test_kernel_with_one_output_unused(outputs):
 
 
 @requires_kernels
+@pytest.mark.parametrize("terms_weight", [None, 0.0], ids=["terms-unused", "terms-times-zero"])
+def test_kernel_gradients_stay_finite_where_sigma_squared_overflows(terms_weight):
+    """log sigma = 50 in fp32: sigma = 5e21 is finite, sigma^2 and so the KL are not. With the terms unused
+    (or weighted by 0, as beta = 0 does) the reference's gradients are finite, and so are the kernel's."""
+    def gradients(backend):
+        mu = torch.zeros(3, 5, device=DEVICE, requires_grad=True)
+        log_sigma = torch.full((3, 5), 50.0, device=DEVICE, requires_grad=True)
+        eps = torch.linspace(-1e-3, 1e-3, 15, device=DEVICE).view(3, 5)
+        z, terms = kernels.latent_sample(mu, log_sigma, eps, backend=backend)
+        loss = z.square().sum() * 1e-40 + (0 if terms_weight is None else terms_weight * terms[:, 1].sum())
+        return torch.autograd.grad(loss, (mu, log_sigma))
+
+    expected = gradients("reference")
+    assert all(torch.isfinite(g).all() for g in expected) and expected[1].abs().max() > 1e-3
+    for name, a, e in zip(("d mu", "d log sigma"), gradients("triton"), expected):
+        assert_close(a, e, 1e-5, 1e-5 * e.abs().max().item(), name)
+
+
+@requires_kernels
 def test_kernel_on_column_slices_without_eps_gradient():
     """mu and log sigma as slices of a wider tensor (DRAW's case), eps a constant draw."""
     compare(9, 10, torch.float64, strided=True, eps_grad=False)
