@@ -466,9 +466,20 @@ STAT_LABELS = {"loss": "loss", "l_x": "L_x", "l_z": "L_z", "error": "error", "gr
 STAT_FORMATS = {"error": ".4f", "clipped": ".0%"}  # how the log line shows each statistic; the rest ".2f"
 
 
-def _log_interval(run: Run, step: int, seconds: float, timed_steps: int) -> dict:
-    """Write the training record of the interval ending at `step`, whose last `timed_steps` steps took `seconds`
-    of training (this process's: a resumed interval began before it); returns the progress bar's postfix."""
+def _wait_for_device(device: torch.device) -> None:
+    """Wait for the kernels queued on `device`: a CUDA step returns to the host before its kernels have run,
+    so a clock read without this would count the queue in the next interval (or in an evaluation)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _log_interval(run: Run, step: int, since: float, timed_steps: int) -> tuple[dict, float]:
+    """Write the training record of the interval ending at `step`, whose last `timed_steps` steps this process
+    ran from time.perf_counter() `since` until now, once the device has run them (a resumed interval began
+    before this process). Returns the progress bar's postfix and the time the interval ended."""
+    _wait_for_device(run.device)
+    ended = time.perf_counter()
+    seconds = ended - since
     values = dict(zip(step_statistics(run.model), (run.sums / run.count).tolist()))  # one device sync per interval
     for name, value in values.items():
         if not math.isfinite(value):
@@ -487,7 +498,7 @@ def _log_interval(run: Run, step: int, seconds: float, timed_steps: int) -> dict
         log.info(f"step {step}/{run.total_steps}  " + "  ".join(f"{k} {v}" for k, v in shown.items()) + f"  {speed} images/s")
     run.sums.zero_()
     run.count = 0
-    return {**shown, "img_s": speed}
+    return {**shown, "img_s": speed}, ended
 
 
 def run_loop(run: Run) -> int | None:
@@ -503,7 +514,7 @@ def run_loop(run: Run) -> int | None:
         # resumed to end where a stopped run's checkpoint is (--steps): the record of its last, unfinished
         # interval, and its new length, which a later --resume keeps
         if run.count:
-            _log_interval(run, step, 0.0, 0)
+            _log_interval(run, step, time.perf_counter(), 0)
         save_run_checkpoint(run, step)
     try:
         with StopRequest() as stop:
@@ -515,9 +526,11 @@ def run_loop(run: Run) -> int | None:
                 timed += 1
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == run.total_steps:
-                    bar.set_postfix(**_log_interval(run, step, time.perf_counter() - tick, timed), refresh=False)
-                    tick, timed = time.perf_counter(), 0
+                    postfix, tick = _log_interval(run, step, tick, timed)
+                    bar.set_postfix(**postfix, refresh=False)
+                    timed = 0
                 if step % cfg.eval_every == 0 or step == run.total_steps:
+                    _wait_for_device(run.device)  # the steps still queued are training time
                     evaluating = time.perf_counter()
                     run.last_eval = _evaluate(run, step)
                     (bar.write if run.progress else log.info)(f"step {step}: {_headline(run.last_eval)}")
