@@ -432,9 +432,9 @@ def main(argv=None) -> None:
         for op in args.ops:
             for mode in args.modes:
                 run_case(op, mode, size, args.providers, device, args, copy_gbps, triton_reason, rows, skipped)
+                add_speedups(rows)
                 if args.json:  # after every case: a run stopped by a time limit keeps what it measured
                     common.write_json(args.json, {**meta, "partial": True}, rows, skipped=skipped)
-    add_speedups(rows)
 
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']}")
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s ({copy_mib} MiB buffer)")

@@ -78,6 +78,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda":
+        # the profiler's CUDA tracing started before any graph is captured: a graph captured first may replay
+        # under a later profiler with none of its kernels recorded, or fail (torch's "CUDA graph profiling" notes)
+        init_for_graphs = getattr(torch.profiler._utils, "_init_for_cuda_graphs", None)  # private: may go away
+        if init_for_graphs is not None:
+            init_for_graphs()
+    meta = common.metadata(device, preset=args.preset)
     results = []
     for mode in args.modes:
         r = profile_mode(args.preset, args.batch, mode, args.amp, device, args)
@@ -85,8 +92,9 @@ def main(argv=None) -> None:
         print(f"\n{args.preset} batch {args.batch} {mode} {args.amp}: wall {r['wall_ms_per_step']:.2f} ms/step, "
               f"device {r['device_ms_per_step']:.2f} ms/step")
         print(common.text_table(r["kernels"], [("kernel", "kernel"), ("calls", "calls"), ("ms_per_step", "ms/step")]))
-    if args.json:
-        common.write_json(args.json, common.metadata(device, preset=args.preset), results)
+        if args.json:  # after every mode: a run stopped by a time limit keeps what it profiled
+            last = len(results) == len(args.modes)
+            common.write_json(args.json, meta if last else {**meta, "partial": True}, results)
 
 
 if __name__ == "__main__":

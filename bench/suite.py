@@ -46,6 +46,7 @@ Exit code: non-zero when a part failed (the summary says which); a part --budget
 """
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -205,30 +206,41 @@ def run_stage(stage: list[Part], out: pathlib.Path, deadline: float | None = Non
     except SuiteStopped as reason:  # the parts started so far are stopped below
         stopped = reason
     results = []
-    for name, limit_s, process, log, log_path, start in running:
-        try:
-            if stopped is not None:
-                raise stopped
-            code = process.wait(timeout=max(limit_s - (time.perf_counter() - start), 0))
-            status = "ok" if code == 0 else f"failed (exit {code})"
-        except (subprocess.TimeoutExpired, SuiteStopped) as reason:
-            os.killpg(process.pid, signal.SIGKILL)  # the part and its workers
-            process.wait()
+    try:
+        for name, limit_s, process, log, log_path, start in running:
+            try:
+                if stopped is not None:
+                    raise stopped
+                code = process.wait(timeout=max(limit_s - (time.perf_counter() - start), 0))
+                status = "ok" if code == 0 else f"failed (exit {code})"
+            except (subprocess.TimeoutExpired, SuiteStopped) as reason:
+                _kill(process)
+                seconds = time.perf_counter() - start
+                if isinstance(reason, SuiteStopped):
+                    stopped = reason
+                    status = f"stopped by {signal.Signals(reason.signum).name} after {seconds:.0f} s"
+                else:
+                    status = f"timed out after {limit_s} s"
+            log.close()
             seconds = time.perf_counter() - start
-            if isinstance(reason, SuiteStopped):
-                stopped = reason
-                status = f"stopped by {signal.Signals(reason.signum).name} after {seconds:.0f} s"
-            else:
-                status = f"timed out after {limit_s} s"
-        log.close()
-        seconds = time.perf_counter() - start
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-        common.log(f"[suite] {name}: {status} in {seconds:.0f} s")
-        results.append({"part": name, "status": status, "seconds": round(seconds, 1), "last_line": tail[0][:200],
-                        "log": log_path.name})
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+            common.log(f"[suite] {name}: {status} in {seconds:.0f} s")
+            results.append({"part": name, "status": status, "seconds": round(seconds, 1), "last_line": tail[0][:200],
+                            "log": log_path.name})
+    finally:  # a signal between two parts' waits: no part outlives the stage
+        for _, _, process, *_ in running:
+            if process.poll() is None:
+                _kill(process)
     if stopped is not None:
         raise SuiteStopped(stopped.signum, results)
     return results
+
+
+def _kill(process: subprocess.Popen) -> None:
+    """Stop a part and its workers (its process group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def merge(previous: list[dict], new: list[dict], order: list[str]) -> list[dict]:
@@ -261,11 +273,12 @@ def headline(out: pathlib.Path) -> list[str]:
     sum_ms = {(r["op"], r["mode"], r["size"], r["timer"]): r["ms"] for r in attention if r.get("provider") == "triton-sum"}
     for r in attention:
         if r.get("provider") == "triton":
-            vs_sum = sum_ms.get((r["op"], r["mode"], r["size"], r["timer"]), float("nan")) / r["ms"]
+            sum_of = sum_ms.get((r["op"], r["mode"], r["size"], r["timer"]))  # parts that timed triton-sum
+            vs_sum = f", {sum_of / r['ms']:.2f}x triton-sum" if sum_of else ""
             vs_pair = f", {r['vs_pair']:.2f}x triton-pair" if r.get("vs_pair") else ""  # write-read: fused against apart
             lines.append(f"attention {r['op']} {r['mode']} {r['size']}: triton {r.get('gbps', float('nan')):.0f} GB/s "
-                         f"({r.get('pct_copy', float('nan')):.0f}% of copy), {r.get('vs_compiled') or float('nan'):.2f}x compiled, "
-                         f"{vs_sum:.2f}x triton-sum{vs_pair} ({r['timer']})")
+                         f"({r.get('pct_copy', float('nan')):.0f}% of copy), {r.get('vs_compiled') or float('nan'):.2f}x compiled"
+                         f"{vs_sum}{vs_pair} ({r['timer']})")
     launched_ms = {(r["op"], r["mode"], r["size"], r["timer"]): r["ms"] for r in attention if r.get("provider") == "triton"}
     for r in _rows(out / "attention-2warps.json"):
         if r.get("provider") == "triton" and r.get("ms"):

@@ -87,6 +87,38 @@ def test_the_suite_summary_compares_two_warps_with_the_launched_warps(tmp_path):
     assert "attention-2warps" in [name for name, *_ in suite.parts(False, tmp_path)]
 
 
+def test_the_suite_summary_leaves_out_providers_a_part_did_not_time(tmp_path):
+    """attention-large times no triton-sum: its lines compare with what it timed, and no figure is NaN."""
+    suite = import_bench("suite")
+    case = {"op": "read", "mode": "fwd", "size": "16384x3x54x54", "timer": "do_bench"}
+    (tmp_path / "attention-large.json").write_text(json.dumps({"results": [
+        {**case, "provider": "triton", "ms": 2.0, "gbps": 600.0, "pct_copy": 20.0, "vs_compiled": 1.5},
+        {**case, "provider": "compiled", "ms": 3.0}]}))
+    [line] = [line for line in suite.headline(tmp_path) if line.startswith("attention ")]
+    assert line == "attention read fwd 16384x3x54x54: triton 600 GB/s (20% of copy), 1.50x compiled (do_bench)"
+
+
+def test_the_attention_benchmarks_partial_results_carry_their_speed_ups(tmp_path, monkeypatch):
+    """Each JSON written along the way (a part stopped at its limit keeps the last) has the speed-ups of the
+    rows timed so far, as the final one has."""
+    bench_attention = import_bench("bench_attention")
+    common = sys.modules["common"]
+    written = []
+    monkeypatch.setattr(common, "write_json", lambda path, meta, rows, **extra: written.append(
+        (meta.get("partial", False), [dict(r) for r in rows])))
+
+    def timed(op, mode, size, providers, device, args, copy_gbps, triton_reason, rows, skipped):
+        case = {"op": op, "mode": mode, "size": size.name, "timer": "wall"}
+        rows += [{**case, "provider": "eager", "ms": 4.0}, {**case, "provider": "compiled", "ms": 2.0}]
+
+    monkeypatch.setattr(bench_attention, "run_case", timed)
+    bench_attention.main(["--device", "cpu", "--sizes", "64x1x28x28", "--ops", "read,write", "--modes", "fwd",
+                          "--providers", "eager,compiled", "--copy-mib", "1", "--json", str(tmp_path / "a.json")])
+    assert [partial for partial, _ in written] == [True, True, False]
+    for _, rows in written:
+        assert all(r["vs_eager"] == (2.0 if r["provider"] == "compiled" else 1.0) for r in rows)
+
+
 def test_the_suite_runs_correctness_side_by_side_and_timing_alone(tmp_path):
     """bench/suite.py on CUDA: verify and the CUDA tests share a stage; every timing part has one to itself."""
     suite = import_bench("suite")
