@@ -431,10 +431,12 @@ def main(argv=None) -> None:
     for size in sizes:
         for op in args.ops:
             for mode in args.modes:
-                run_case(op, mode, size, args.providers, device, args, copy_gbps, triton_reason, rows, skipped)
-                add_speedups(rows)
-                if args.json:  # after every case: a run stopped by a time limit keeps what it measured
-                    common.write_json(args.json, {**meta, "partial": True}, rows, skipped=skipped)
+                try:  # a case that loses the device (a sticky CUDA error) ends the run, its rows kept
+                    run_case(op, mode, size, args.providers, device, args, copy_gbps, triton_reason, rows, skipped)
+                finally:
+                    add_speedups(rows)
+                    if args.json:  # after every case: a run stopped by a time limit keeps what it measured
+                        common.write_json(args.json, {**meta, "partial": True}, rows, skipped=skipped)
 
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']}")
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s ({copy_mib} MiB buffer)")

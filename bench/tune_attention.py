@@ -164,7 +164,12 @@ def evaluate(target: Target, settings: dict | None, case: dict, reference: list,
             reason = "out of memory" if common.is_out_of_memory(error) else f"{type(error).__name__}: {error}"
             row["reason"] = reason.splitlines()[0][:300]
     row["seconds"] = round(time.perf_counter() - started, 2)
-    common.free_memory(device)
+    try:
+        common.free_memory(device)
+    except Exception as error:  # a sticky CUDA error (e.g. an illegal address): this process can launch no more
+        row.update(status="failed", ms=None, gbps=None, pct_copy=None,
+                   reason=f"the device was lost: {type(error).__name__}: {error}".splitlines()[0][:300])
+        row["device_lost"] = True
     shown = f"{row['ms']:.4f} ms" if row["ms"] is not None else row.get("reason", row["status"])
     common.log(f"{target.name} [{row['settings']}]: {row['status']}, rel err {row['rel_err']}, {shown}")
     return row
@@ -185,6 +190,9 @@ def tune(target: Target, args, device, copy_gbps, rows: list) -> dict:
         if settings is None:
             row["resolved"] = settings_text(current)
         own.append(row)
+        if row.get("device_lost"):
+            rows.extend(own)
+            raise DeviceLost(f"{target.name} [{row['settings']}]: {row['reason']}")
         return row
 
     launchers = best = attempt(None, 0)
@@ -221,6 +229,10 @@ def tune(target: Target, args, device, copy_gbps, rows: list) -> dict:
             "launchers_ms": launchers["ms"], "best_settings": best["settings"], "best_ms": best["ms"],
             "best_pct_copy": best["pct_copy"], "speedup": speedup, "tried": len(own),
             "wrong": sum(r["status"] == "wrong" for r in own), "failed": sum(r["status"] == "failed" for r in own)}
+
+
+class DeviceLost(RuntimeError):
+    """A candidate left the CUDA context unusable: nothing more can run in this process."""
 
 
 def faster(a: dict | None, b: dict, min_gain: float) -> dict:
@@ -305,6 +317,18 @@ def earlier_results(path: str) -> tuple[list[dict], list[dict]]:
     return earlier["results"], earlier["summary"]
 
 
+def write_results(args, meta: dict, rows: list, summaries: list, partial: bool = False) -> None:
+    """--json and --markdown as they stand (after each target, or when the device was lost)."""
+    meta = {**meta, "partial": True} if partial else meta
+    if args.json:
+        common.write_json(args.json, meta, rows, summary=summaries)
+    if args.markdown:
+        common.write_markdown(args.markdown, "Attention launch settings", meta,
+                              [("Per target", common.markdown_table(summaries, SUMMARY_COLUMNS)),
+                               ("Every candidate", common.markdown_table(rows, ROW_COLUMNS))],
+                              notes=[f"`{line}`" for line in launch_lines(summaries)])
+
+
 def is_timed(device: torch.device) -> bool:
     """Times mean something on a GPU only: on a CPU the kernels run in Triton's interpreter."""
     return device.type == "cuda"
@@ -338,15 +362,17 @@ def main(argv=None) -> int:
             common.log(f"{target.name}: in {args.json} already (--resume)")
             continue
         # in Triton's interpreter too, start from the row blocks a GPU launches, not the interpreter's larger ones
+        lost = None
         with mock.patch.object(ta, "_INTERPRETER_TILE", 0):
-            summaries.append(tune(target, args, device, copy_gbps, rows))
-        if args.json:
-            common.write_json(args.json, meta, rows, summary=summaries)
-        if args.markdown:
-            common.write_markdown(args.markdown, "Attention launch settings", meta,
-                                  [("Per target", common.markdown_table(summaries, SUMMARY_COLUMNS)),
-                                   ("Every candidate", common.markdown_table(rows, ROW_COLUMNS))],
-                                  notes=[f"`{line}`" for line in launch_lines(summaries)])
+            try:
+                summaries.append(tune(target, args, device, copy_gbps, rows))
+            except DeviceLost as error:
+                lost = error
+        write_results(args, meta, rows, summaries, partial=lost is not None)
+        if lost is not None:
+            common.log(f"stopped: {lost}; the rows so far are in {args.json or 'the log'}, and this target (with the "
+                       "candidate that lost the device) stays to tune again: run again with --resume")
+            return 3
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']}")
     print(common.text_table(summaries, SUMMARY_COLUMNS))
     for line in launch_lines(summaries):

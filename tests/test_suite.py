@@ -119,6 +119,24 @@ def test_the_attention_benchmarks_partial_results_carry_their_speed_ups(tmp_path
         assert all(r["vs_eager"] == (2.0 if r["provider"] == "compiled" else 1.0) for r in rows)
 
 
+def test_the_attention_benchmark_keeps_the_rows_of_a_case_that_ends_the_run(tmp_path, monkeypatch):
+    """A case that loses the device (its error surfaces after some rows were timed) ends the run with those
+    rows written."""
+    bench_attention = import_bench("bench_attention")
+
+    def lost_after_one_row(op, mode, size, providers, device, args, copy_gbps, triton_reason, rows, skipped):
+        rows.append({"op": op, "mode": mode, "size": size.name, "timer": "wall", "provider": "eager", "ms": 4.0})
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bench_attention, "run_case", lost_after_one_row)
+    out = tmp_path / "a.json"
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        bench_attention.main(["--device", "cpu", "--sizes", "64x1x28x28", "--ops", "read", "--modes", "fwd",
+                              "--providers", "eager", "--copy-mib", "1", "--json", str(out)])
+    [row] = json.loads(out.read_text())["results"]
+    assert row["ms"] == 4.0 and row["vs_eager"] == 1.0
+
+
 def test_the_suite_runs_correctness_side_by_side_and_timing_alone(tmp_path):
     """bench/suite.py on CUDA: verify and the CUDA tests share a stage; every timing part has one to itself."""
     suite = import_bench("suite")
@@ -465,6 +483,30 @@ def test_the_tuner_resumes_a_run_split_in_parts(tmp_path, capsys):
     assert "in " + str(out) + " already (--resume)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         tune.parse_args(["--resume"])
+
+
+def test_a_candidate_that_loses_the_device_stops_the_tuner_with_every_row_kept(tmp_path, monkeypatch):
+    """A sticky CUDA error (an illegal address) surfaces at the next synchronisation, after the candidate:
+    the tuner records that candidate as failed, writes every row tried so far (partial, the target without a
+    summary, so --resume tunes it again) and exits 3."""
+    tune = import_bench("tune_attention")
+    common = sys.modules["common"]
+    calls = []
+
+    def free_memory(device):
+        calls.append(device)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+
+    monkeypatch.setattr(common, "free_memory", free_memory)
+    out = tmp_path / "tune.json"
+    assert tune.main(["--quick", "--device", "cpu", "--ops", "write", "--kernels", "fwd", "--json", str(out)]) == 3
+    result = json.loads(out.read_text())
+    assert result["metadata"]["partial"] is True and result["summary"] == []
+    rows = result["results"]
+    assert len(rows) >= 2 and [r["status"] for r in rows] == ["ok"] * (len(rows) - 1) + ["failed"]
+    assert rows[-1]["device_lost"] and rows[-1]["reason"] == (
+        "the device was lost: RuntimeError: CUDA error: an illegal memory access was encountered")
 
 
 def test_the_tuner_reports_wrong_results(tmp_path):
