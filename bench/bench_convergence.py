@@ -98,7 +98,7 @@ def compare(args, device, world) -> int:
     }
     cfg = preset.model
     n_train = len(load_dataset(preset.train.dataset, shape=(cfg.channels, cfg.height, cfg.width)).train)
-    summaries, dirs = {}, {}
+    summaries, dirs, meta = {}, {}, common.metadata(device)
     for i, (label, (batch, backend, step_mode, amp, warmup)) in enumerate(runs.items()):
         steps = max(1, int(args.epochs * n_train // batch))
         dirs[label] = args.out / f"run{i}-batch{batch}"
@@ -106,6 +106,8 @@ def compare(args, device, world) -> int:
             common.log(f"{label}: {args.epochs} epochs")
         summaries[label] = run(dirs[label], args.preset, batch, args.epochs, device, backend=backend, step_mode=step_mode,
                                amp=amp, warmup_steps=warmup, eval_every=max(1, steps // args.evals), seed=args.seed, world=world)
+        if args.json and world.is_main and len(summaries) < len(runs):  # a run stopped in the next keeps this one's
+            common.write_json(args.json, {**meta, "partial": True}, list(summaries.values()))
     if not world.is_main:
         return 0
     metrics = {label: d / "metrics.jsonl" for label, d in dirs.items()}
@@ -126,7 +128,7 @@ def compare(args, device, world) -> int:
         print(f"{label}: test bound {s['test_bound_nats']:.2f} nats after {s['epochs']:.2f} epochs, {s['wall_s']:.0f} s")
     print(f"wrote {by_epoch} and {by_time}")
     if args.json:
-        common.write_json(args.json, common.metadata(device), list(summaries.values()))
+        common.write_json(args.json, meta, list(summaries.values()))
     return 0
 
 

@@ -10,7 +10,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from draw import device as draw_device
+from draw import provenance
 from draw.atomic import atomic_write_text
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -182,25 +182,15 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def _git(*args: str) -> str | None:
-    """git's output in the checkout holding bench/, or None (not a repo, no commit, no git)."""
-    try:
-        out = subprocess.run(["git", *args], cwd=BENCH_DIR, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout if out.returncode == 0 else None
-
-
 def git_commit() -> str:
     """Short commit hash of the checkout holding bench/, or "unknown" (not a repo, no commit, no git)."""
-    return (_git("rev-parse", "--short", "HEAD") or "").strip() or "unknown"
+    return provenance.git_commit(BENCH_DIR)
 
 
 def git_dirty() -> bool | None:
     """Whether the checkout's tracked files differ from its commit (the figures then measure uncommitted
     code), or None where git cannot tell."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return None if status is None else bool(status.strip())
+    return provenance.git_dirty(BENCH_DIR)
 
 
 def triton_version() -> str:

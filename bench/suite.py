@@ -258,9 +258,12 @@ def headline(out: pathlib.Path) -> list[str]:
     lines = []
     verify = out / "verify.json"
     if verify.is_file():
-        rows = json.loads(verify.read_text()).get("rows", [])
+        result = json.loads(verify.read_text())
+        rows = result.get("rows", [])
         failed = sum(1 for r in rows if not r.get("passed"))
-        lines.append(f"verify: {len(rows) - failed}/{len(rows)} checks pass")
+        cases, checked = result.get("cases"), result.get("cases_checked")
+        stopped = f" (stopped after {checked} of {cases} cases)" if cases is not None and checked != cases else ""
+        lines.append(f"verify: {len(rows) - failed}/{len(rows)} checks pass{stopped}")
     junit = out / "cuda-tests.xml"
     if junit.is_file():
         suite = ElementTree.parse(junit).getroot()

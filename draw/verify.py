@@ -56,6 +56,7 @@ import os
 import pathlib
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -67,7 +68,9 @@ from typing import Callable, Iterator
 import torch
 
 from draw import kernels
+from draw.atomic import atomic_write_text
 from draw.device import pick_device
+from draw.provenance import git_commit, git_dirty
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # max|error| / max|reference|. fp32: the kernels compute in fp32. bf16 / fp16: the kernels load the
@@ -543,21 +546,15 @@ def _format_row(row: dict, width: int) -> str:
 
 
 def _metadata(device: torch.device, sweep: str, dtypes) -> dict:
-    commit = "unknown"
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=pathlib.Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10, check=False)
-        commit = out.stdout.strip() or commit
-    except (OSError, subprocess.SubprocessError):
-        pass
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {
         "device": str(device), "device_name": name, "triton_interpreter": device.type == "cpu",
         "sweep": sweep, "dtypes": list(dtypes), "tolerances": TOLERANCES, "baseline_factor": BASELINE_FACTOR,
         "abs_floor": ABS_FLOOR,
         "torch": torch.__version__, "triton": _version("triton"), "numpy": _version("numpy"),
-        "python": platform.python_version(), "commit": commit,
+        "python": platform.python_version(), "commit": git_commit(), "dirty": git_dirty(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
     }
 
 
@@ -625,23 +622,29 @@ def run(args) -> int:
           flush=True)
     started = time.perf_counter()
     rows, done = [], 0
+    metadata = _metadata(device, sweep, dtypes) if json_path else None
+
+    def write_json() -> None:  # after every case: a run stopped part-way keeps the checks it made
+        failures = sum(not row["passed"] for row in rows)
+        payload = {"metadata": metadata, "passed": done == len(cases) and not failures, "cases": len(cases),
+                   "cases_checked": done, "seconds": round(time.perf_counter() - started, 1), "rows": rows}
+        pathlib.Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json_path, json.dumps(_json_safe(payload), indent=2) + "\n", durable=False)
+
     try:
         for _case, case_rows in checked_cases(cases, device, jobs):
             for row in case_rows:
                 print(_format_row(row, width) + (f"  {row['error']}" if "error" in row else ""), flush=True)
             rows += case_rows
             done += 1
+            if json_path:
+                write_json()
     except KeyboardInterrupt:
         print(f"draw verify: interrupted after {done} of {len(cases)} cases ({len(rows)} checks, "
               f"{sum(not row['passed'] for row in rows)} failed)", file=sys.stderr)
         return 130
     seconds = time.perf_counter() - started
     failed = [row for row in rows if not row["passed"]]
-    if json_path:
-        payload = {"metadata": _metadata(device, sweep, dtypes), "passed": not failed, "seconds": round(seconds, 1),
-                   "rows": rows}
-        pathlib.Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(json_path).write_text(json.dumps(_json_safe(payload), indent=2) + "\n")
     summary = f"{len(rows)} checks in {len(cases)} cases, {len(failed)} failed ({seconds:.0f} s)"
     if failed:
         print(f"draw verify: FAILED: {summary}:", file=sys.stderr)

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -135,6 +136,25 @@ def test_the_attention_benchmark_keeps_the_rows_of_a_case_that_ends_the_run(tmp_
                               "--providers", "eager", "--copy-mib", "1", "--json", str(out)])
     [row] = json.loads(out.read_text())["results"]
     assert row["ms"] == 4.0 and row["vs_eager"] == 1.0
+
+
+def test_the_convergence_benchmark_keeps_the_first_run_when_the_second_is_stopped(tmp_path, monkeypatch):
+    bench_convergence = import_bench("bench_convergence")
+    monkeypatch.setattr(bench_convergence, "load_dataset", lambda *a, **k: types.SimpleNamespace(train=[0] * 1000))
+    finished = []
+
+    def first_then_stopped(out, preset_name, batch, *args, **kwargs):
+        if finished:
+            raise KeyboardInterrupt
+        finished.append({"batch": batch, "test_bound_nats": 91.0})
+        return finished[-1]
+
+    monkeypatch.setattr(bench_convergence, "run", first_then_stopped)
+    out = tmp_path / "convergence.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_convergence.main(["--device", "cpu", "--out", str(tmp_path / "runs"), "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["metadata"]["partial"] is True and result["results"] == finished
 
 
 def test_the_suite_runs_correctness_side_by_side_and_timing_alone(tmp_path):

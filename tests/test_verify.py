@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from helpers import import_bench
 
 from draw import verify
 
@@ -133,6 +134,30 @@ def test_a_wrong_kernel_fails(where, monkeypatch, tmp_path, capsys):
     assert failed == {"forward": {"output"}, "gradient": {"grad params"}, "latent": {"grad log_sigma"},
                       "lstm": {"grad c"}, "write-read": {"grad canvas"}}[where]
     assert "FAIL" in capsys.readouterr().err
+
+
+def test_an_interrupted_sweep_keeps_the_checks_it_made(tmp_path, monkeypatch, capsys):
+    """The JSON is written after every case: a sweep stopped part-way (Ctrl-C, a time limit) leaves the rows of
+    the cases it checked, marked as not passed, with the command and the state of the checkout."""
+    checked = verify.checked_cases
+
+    def two_then_interrupted(cases, device, jobs):
+        for number, result in enumerate(checked(cases, device, jobs)):
+            if number == 2:
+                raise KeyboardInterrupt
+            yield result
+
+    monkeypatch.setattr(verify, "checked_cases", two_then_interrupted)
+    path = tmp_path / "verify.json"
+    assert verify.run(parse("--device", "cpu", "--only", "glimpse", "--json", str(path))) == 130
+    payload = json.loads(path.read_text())
+    assert payload["cases_checked"] == 2 and payload["cases"] > 2 and payload["passed"] is False
+    assert len({row["case"] for row in payload["rows"]}) == 2 and all(row["passed"] for row in payload["rows"])
+    assert payload["metadata"]["command"].startswith(sys.executable) and payload["metadata"]["dirty"] in (True, False, None)
+    assert "interrupted after 2 of" in capsys.readouterr().err
+    suite = import_bench("suite")
+    [line] = [line for line in suite.headline(tmp_path) if line.startswith("verify")]
+    assert line.endswith(f"checks pass (stopped after 2 of {payload['cases']} cases)")
 
 
 def test_nan_fails():
