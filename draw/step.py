@@ -185,6 +185,7 @@ class TrainStep:
                     out = self.forward(*micro, **({} if noise is None else {"noise": noise}))
                 out.loss.backward()  # the gradient of the micro-batch's mean loss: each image's own / its size
             stats.append(self.model.statistics(out))
+            del out  # its graph (what the backward left of it) is not kept through the next micro-batch
         if self.accumulate > 1:  # the sum of N micro-batch means -> the batch mean
             for p in self.model.parameters():
                 if p.grad is not None:

@@ -299,7 +299,10 @@ class _LSTMCellFunction(torch.autograd.Function):
         weight = None if projection is None else projection.weight
         h, c_new, gates = lstm_cell_forward(input_gates, hidden_gates, c, None if projection is None else (x, weight))
         ctx.save_for_backward(gates, c, c_new, *(() if projection is None else (x, weight)))
-        ctx.destinations, ctx.projection = destinations, projection
+        # of the projection, its owner's record alone: the Projection holds add and unfused(), which close over
+        # the map's output, and ctx's attributes live as long as the graph (x and W are saved above)
+        ctx.destinations, ctx.projected = destinations, projection is not None
+        ctx.record = None if projection is None else projection.record
         ctx.set_materialize_grads(False)
         return h, c_new
 
@@ -310,7 +313,7 @@ class _LSTMCellFunction(torch.autograd.Function):
         saved = ctx.saved_tensors  # unpacked once (saved-tensor hooks, non-reentrant checkpointing, allow no more)
         gates, c, c_new = saved[:3]
         needs_input, needs_hidden, needs_c = ctx.needs_input_grad[:3]
-        projected = ctx.projection is not None
+        projected = ctx.projected
         x, weight = saved[3:] if projected else (None, None)
         needs_x = projected and ctx.needs_input_grad[5]
         # where each half's gradient is to go (kernels.gradient_destination), asked only for a half that
@@ -323,7 +326,7 @@ class _LSTMCellFunction(torch.autograd.Function):
                                           (x, weight) if needs_x else None)
         grads = [p if p is not None else da for p in places]
         if projected:
-            ctx.projection.record(x, grads[0])  # the product's output gradient: the input half's
+            ctx.record(x, grads[0])  # the product's output gradient: the input half's
         return (grads[0] if needs_input else None, grads[1] if needs_hidden else None,
                 grad_c if needs_c else None, None, None, grad_x if needs_x else None, None)
 

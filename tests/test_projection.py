@@ -219,3 +219,25 @@ def test_the_backward_unpacks_its_saved_tensors_once():
     loss(*reference, backend="reference").backward()
     for name, a, e in zip(("x", "add", "hidden_gates", "c"), leaves, reference):
         assert_close(a.grad, e.grad, 1e-12, 1e-12, name)
+
+
+def test_after_the_backward_the_cell_keeps_no_reference_to_the_projections_output():
+    """What the backward needs is saved (x, W); the Projection itself, whose add is a step's [B, 4H] output
+    of the stacked map and whose unfused() closes over it, is not kept on the graph: a caller holding h
+    (as a step holds a micro-batch's outputs through the next one's pass) holds no add."""
+    import gc
+    import weakref
+
+    leaves, weight = projected_cell_inputs(3, 4, 5)
+    x, wide_add, hidden_gates, c = leaves
+    add = wide_add[:, 3:3 + hidden_gates.shape[1]].clone()  # a tensor of its own, as a map's output is
+    records = []
+    projection = kernels.Projection(x, weight, add, None, lambda x, grad: records.append(1), lambda: add + x @ weight.t())
+    h, c_new = kernels.lstm_cell(projection, hidden_gates, c, backend="triton")
+    (h.sum() + c_new.sum()).backward()
+    assert records == [1]
+    gone = weakref.ref(add)
+    del add, projection
+    gc.collect()
+    assert gone() is None, "the cell's graph still holds the projection's output"
+    assert h.grad_fn is not None  # the graph is alive: only what it keeps is checked

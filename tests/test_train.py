@@ -61,6 +61,26 @@ def test_train_step_is_the_plain_adam_step():
         assert torch.equal(p, q), name
 
 
+def test_a_micro_batchs_outputs_are_let_go_before_the_next_one_runs():
+    """With --accumulate, micro-batch i's outputs (and what its graph keeps) are freed before micro-batch
+    i + 1's forward pass, so the step's peak memory is one micro-batch's."""
+    import weakref
+
+    x = torch.bernoulli(torch.full((8, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(0))
+    step = TrainStep(DRAW(SMALL), lr=1e-2, grad_clip=1.0, accumulate=2)
+    forward, losses_seen, alive_at_forward = step.forward, [], []
+
+    def watched(*args, **kwargs):
+        alive_at_forward.append([ref() is not None for ref in losses_seen])
+        out = forward(*args, **kwargs)
+        losses_seen.append(weakref.ref(out.loss))
+        return out
+
+    step.forward = watched
+    step(x, lr=1e-2)
+    assert alive_at_forward == [[], [False]]
+
+
 def test_a_step_is_settled_once_it_runs_as_every_later_step_will(monkeypatch):
     """TrainStep.settled, what benchmarks warm up to: eager at once; compiled after its first (compiling) call,
     or at once when the compiler failed and the step fell back to eager."""
