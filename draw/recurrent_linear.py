@@ -64,16 +64,17 @@ class _Pass:
         self._forget_at_the_end(task)
         self.steps.append((task, row, x, grad, uses_bias))
 
-    def buffer(self, dtype: torch.dtype, device: torch.device, used: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This backward pass's G buffer [rows, width] and a zero, in dtype on device, made on first use;
-        the columns past the `used` ones (padding) zeroed then, once per pass."""
+    def buffer(self, dtype: torch.dtype, device: torch.device, used: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This backward pass's G buffer [rows, width], a zero in dtype on device, and the first column zeroed
+        in every row: made on first use, with the columns past that step's `used` ones (padding) zeroed then,
+        once per pass (a step that uses fewer zeroes the rest of its own rows)."""
         task = torch._C._current_graph_task_id()
         if task not in self.buffers:
             self._forget_at_the_end(task)
             buffer = torch.empty(self.rows, self.width, dtype=dtype, device=device)
             if used < self.width:
                 buffer[:, used:].zero_()
-            self.buffers[task] = buffer, torch.zeros((), dtype=dtype, device=device)
+            self.buffers[task] = buffer, torch.zeros((), dtype=dtype, device=device), used
         return self.buffers[task]
 
     def place(self, row: int, col: int, size: int, used: int, dtype: torch.dtype, device: torch.device):
@@ -84,7 +85,7 @@ class _Pass:
             if (row, col) in taken:
                 return None
             taken.add((row, col))
-            buffer, _ = self.buffer(dtype, device, used)
+            buffer = self.buffer(dtype, device, used)[0]
             return buffer[row: row + shape[0], col: col + size].view(shape)
         return take
 
@@ -133,8 +134,8 @@ def _back_to_back(parts: list[torch.Tensor]) -> torch.Tensor | None:
     maps from r and z: their outputs' gradients are the gate gradients in the h_dec map's buffer)."""
     first = parts[0]
     base, stride, offset = first._base, first.stride(), first.storage_offset()
-    if base is None or first.dim() != 2:
-        return None
+    if base is None or first.dim() != 2 or torch.is_grad_enabled():  # a double backward (create_graph):
+        return None  # autograd would see the view as first's alone, the other parts' graphs lost; cat them
     for part in parts:
         if part._base is not base or part.stride() != stride or part.shape[1] != first.shape[1] \
                 or part.storage_offset() != offset:
@@ -176,7 +177,7 @@ class _Step(torch.autograd.Function):
         else:  # the parts' gradients side by side, in this step's rows of the pass's buffer (unused parts: 0)
             like = next(g for g in grads if g is not None)
             used = sum(ctx.split)
-            buffer, zero = ctx.state.buffer(like.dtype, like.device, used)
+            buffer, zero, zeroed_from = ctx.state.buffer(like.dtype, like.device, used)
             grad = buffer[ctx.row: ctx.row + like.shape[0]]
             places = grad[:, :used].split(ctx.split, dim=1)
             starts = [sum(ctx.split[:k]) for k in range(len(ctx.split))]
@@ -199,6 +200,8 @@ class _Step(torch.autograd.Function):
             else:
                 for g, place in pending:
                     place.zero_() if g is None else place.copy_(g)
+                if used < zeroed_from:  # a split of fewer columns than the step that made the buffer: padding
+                    grad[:, used:zeroed_from].zero_()
         ctx.state.record(ctx.row, x, grad, ctx.addend_is_bias)
         grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
         grad_addend = grad if ctx.needs_input_grad[2] and not ctx.addend_is_bias else None

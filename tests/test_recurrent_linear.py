@@ -400,3 +400,55 @@ def test_a_place_is_handed_out_once_per_pass():
     ours, theirs = run(RecurrentLinear, True), run(split_plain, False)
     for a, e in zip(torch.autograd.grad(ours, (h0, w, b)), torch.autograd.grad(theirs, (h0, w, b))):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_a_double_backward_through_steps_whose_g_lies_back_to_back_is_autograds():
+    """Step gradients that are views lying back to back in one base (the backward of torch.stack hands out
+    such views): in a double backward (create_graph) G is a recorded cat of them, not a strided view that
+    autograd would see as the first step's alone."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    xs = torch.randn(T, B, 4, generator=g, dtype=torch.float64)
+    scale = torch.randn(T, B, 5, generator=g, dtype=torch.float64)
+    results = []
+    for batched in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (w, b, xs)]
+        linear = RecurrentLinear(leaves[0], leaves[1]) if batched else plain(leaves[0], leaves[1])
+        ys = [linear(leaves[2][t]) for t in range(T)]
+        (grad_w,) = torch.autograd.grad((torch.stack(ys) ** 2 * scale).sum(), leaves[0], create_graph=True)
+        results.append(torch.autograd.grad((grad_w ** 2).sum(), leaves))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_steps_split_into_fewer_columns_than_the_first_keep_a_zero_padding():
+    """Steps of one map with splits of different widths, every part written in place: the step that makes
+    the pass's buffer (the last) zeroes its padding; an earlier step with fewer columns zeroes the rest of
+    its own rows, so nothing uninitialised reaches W's or b's gradient (torch.empty filled with NaN here)."""
+    h0, w, b = split_tensors()
+    wide_w = torch.cat([w, torch.randn(2, H, dtype=torch.float64)]).detach().requires_grad_()
+    wide_b = torch.cat([b, torch.randn(2, dtype=torch.float64)]).detach().requires_grad_()
+    splits = [SPLIT[:2]] * (T - 1) + [SPLIT]  # sum 2H, then 2H + 2: the last step's backward makes the buffer
+
+    def run(linear, weight, bias):
+        stacked = linear(weight, bias)
+        h, total = h0, 0
+        for split in splits:
+            a, c, *rest = (doubled(p) if linear is RecurrentLinear else 2 * p for p in stacked(h, split=split))
+            h = torch.tanh(a) * torch.sigmoid(c) + sum(r.sum(1, keepdim=True) for r in rest)
+            total = total + h.sum()
+        return total
+
+    deterministic, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        grads = torch.autograd.grad(run(RecurrentLinear, wide_w, wide_b), (h0, wide_w, wide_b))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    def narrower_plain(weight, bias):  # F.linear's parts, the columns past the split left out
+        return lambda x, split: F.linear(x, weight, bias).split([*split, weight.shape[0] - sum(split)], dim=1)[:len(split)]
+
+    expected = torch.autograd.grad(run(narrower_plain, w, b), (h0, w, b))
+    assert_padded_gradients(grads, expected)
