@@ -178,7 +178,8 @@ def latent_sample(mu: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor):
 
 def lstm_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, c: torch.Tensor):
     """nn.LSTMCell's update from its two pre-activation halves (biases included): gates [B, 4H] in
-    nn.LSTMCell's order (input, forget, cell, output), c [B, H] in their dtype. Returns (h, c'), each [B, H].
+    nn.LSTMCell's order (input, forget, cell, output), c [B, H] in their dtype. Returns (h, c'), each [B, H]
+    in the gates' dtype, computed in compute_dtype (fp16 and bf16 in fp32, as CUDA's fused cell computes them).
 
     On CUDA one fused kernel forward and one backward (the one nn.LSTMCell uses there), except under
     torch.compile: that kernel's shape check for tracing (torch 2.11's meta function) fails on the
@@ -187,6 +188,7 @@ def lstm_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, c: torch.Te
     if input_gates.is_cuda and not torch.compiler.is_compiling():
         h, c, _ = torch.ops.aten._thnn_fused_lstm_cell(input_gates, hidden_gates, c)
         return h, c
-    i, f, g, o = (input_gates + hidden_gates).chunk(4, dim=1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
+    out_dtype, wide = input_gates.dtype, compute_dtype(input_gates, hidden_gates, c)  # fp16/bf16 computed in fp32
+    i, f, g, o = (input_gates.to(wide) + hidden_gates.to(wide)).chunk(4, dim=1)
+    c = torch.sigmoid(f) * c.to(wide) + torch.sigmoid(i) * torch.tanh(g)
+    return (torch.sigmoid(o) * torch.tanh(c)).to(out_dtype), c.to(out_dtype)

@@ -40,6 +40,22 @@ def test_reference_is_nn_lstm_cell(device):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_reference_computes_half_precision_in_fp32_and_rounds_once(dtype):
+    """fp16 and bf16 gates are read, computed in fp32 and h, c' rounded once to their dtype (the rule of
+    docs/conventions.md, which CUDA's fused cell and the kernels follow): not computed in 16 bits."""
+    g = torch.Generator().manual_seed(0)
+    input_gates, hidden_gates = (2 * torch.randn(64, 4 * 32, generator=g) for _ in range(2))
+    c = torch.randn(64, 32, generator=g)
+    half = [t.to(dtype) for t in (input_gates, hidden_gates, c)]
+    h, c_new = kernels.lstm_cell(*half, backend="reference")
+    i, f, gate, o = (half[0].float() + half[1].float()).chunk(4, dim=1)
+    expected_c = torch.sigmoid(f) * half[2].float() + torch.sigmoid(i) * torch.tanh(gate)
+    expected_h = torch.sigmoid(o) * torch.tanh(expected_c)
+    assert h.dtype == c_new.dtype == dtype
+    assert torch.equal(c_new, expected_c.to(dtype)) and torch.equal(h, expected_h.to(dtype))
+
+
 def test_reference_traces_on_cuda_under_torch_compile(monkeypatch):
     """What torch.compile sees on CUDA: lstm_cell on fake CUDA tensors (no GPU needed) while compiling.
     PyTorch's fused CUDA cell's tracing check fails on the absent biases (torch.compile of the training
