@@ -365,12 +365,21 @@ def _store_write_grads(grad_params_ptr, grad_patch_ptr, r_x, dfo_x, fo_x, dfe_x,
              _cast_for_store(inv_gamma * d_w, grad_patch_ptr), mask=w_mask)
 
 
+# Triton's interpreter casts fp32 to bf16 by truncating the low 16 bits, where a GPU rounds to nearest even:
+# under it _cast_for_store rounds by hand first, so that bf16 results on a CPU are the GPU's.
+_ROUND_BF16_BY_HAND = tl.constexpr(_interpreted())
+
+
 @triton.jit
 def _cast_for_store(value, ptr):
-    """Round value to ptr's element type; 16-bit types go through fp32 (fp64 -> bf16 is not a direct
-    cast on every target, and Triton's interpreter gets it wrong)."""
+    """Round value to ptr's element type, to nearest even; 16-bit types go through fp32 (fp64 -> bf16 is not
+    a direct cast on every target, and Triton's interpreter gets it wrong)."""
     if ptr.dtype.element_ty.primitive_bitwidth == 16:
         value = value.to(tl.float32)
+        if _ROUND_BF16_BY_HAND and ptr.dtype.element_ty == tl.bfloat16:
+            bits = value.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # to the nearest bf16, ties to even
+            value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
     return value.to(ptr.dtype.element_ty)
 
 

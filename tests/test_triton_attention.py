@@ -21,6 +21,9 @@ from helpers import OpCounter, assert_close, import_bench
 from draw import kernels, verify
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from draw.kernels import triton_attention  # noqa: E402
 
 ON_CUDA = torch.cuda.is_available()
@@ -1204,3 +1207,28 @@ def test_a_gradient_place_is_written_where_it_lies_and_a_place_the_kernels_canno
         if what != "device":
             with pytest.raises(ValueError, match="a gradient's place must be"):
                 triton_attention.attention_write_backward(grad_out, patch, params, places=(None, place))
+
+
+@triton.jit
+def _store_through_cast(src_ptr, dst_ptr, size, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < size
+    value = tl.load(src_ptr + offsets, mask=mask, other=0.0)
+    tl.store(dst_ptr + offsets, triton_attention._cast_for_store(value, dst_ptr), mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_every_store_rounds_to_the_nearest_16_bit_value_as_torch_does(dtype):
+    """The kernels' stores in 16 bits round to nearest, ties to even, as torch's casts (and a GPU) do, in
+    Triton's interpreter too (which truncates to bf16 by itself): random values, exact ties either way,
+    the largest finite values, infinities and NaN."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(4000, generator=g) * torch.logspace(-6, 6, 4000)
+    ties = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 2 ** -11 + 2 ** -22])  # halfway (bf16, fp16)
+    edges = torch.tensor([3.3895e38, -3.3895e38, 65504.0, 65519.0, float("inf"), float("-inf"), float("nan"), 0.0, -0.0])
+    src = torch.cat([values, ties, edges]).to(DEVICE)
+    dst = torch.empty(src.shape, dtype=dtype, device=DEVICE)
+    _store_through_cast[(triton.cdiv(src.numel(), 512),)](src, dst, src.numel(), BLOCK=512)
+    expected = src.to(dtype)
+    assert torch.equal(dst.isnan(), expected.isnan())
+    assert torch.equal(dst[~dst.isnan()].float(), expected[~expected.isnan()].float())
