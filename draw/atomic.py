@@ -8,6 +8,7 @@ with the mode the umask gives (like any other output), and are removed when the 
 
 import os
 import pathlib
+import re
 import secrets
 from collections.abc import Callable
 from typing import BinaryIO
@@ -44,6 +45,10 @@ def atomic_write(path, write: Callable[[BinaryIO], object], *, durable: bool = T
         os.replace(temp, path)
         if durable:
             _fsync_directory(path.parent)
+    except OSError as e:
+        if e.filename is None and e.errno is not None:  # a write's error (a full disk) names no file: the target
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     finally:
         temp.unlink(missing_ok=True)
     return path
@@ -65,14 +70,17 @@ def atomic_write_text(path, text: str, *, durable: bool = True) -> pathlib.Path:
     return atomic_write(path, lambda f: f.write(text.encode()), durable=durable)
 
 
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[0-9a-f]{8}" + re.escape(TEMP_SUFFIX))  # temp_path's names
+
+
 def remove_stale_temporaries(directory) -> list[pathlib.Path]:
-    """Remove the temporary files in `directory` (of any file written there, `.NAME.PID.RANDOM.tmp`) whose
-    writer process is gone; returns their paths."""
+    """Remove the temporary files this module left in `directory` (`.NAME.PID.RANDOM.tmp`, of any file written
+    there) whose writer process is gone; returns their paths. Other files, hidden `.tmp` ones too, stay."""
     removed = []
     for temp in sorted(pathlib.Path(directory).glob(f".*{TEMP_SUFFIX}")):
-        parts = temp.name[: -len(TEMP_SUFFIX)].rsplit(".", 2)  # [".NAME", PID, RANDOM]; NAME may hold dots
-        if not temp.is_file() or len(parts) == 3 and parts[1].isdigit() and _alive(int(parts[1])):
-            continue  # its writer is still at work (a name without a pid: an earlier version's, gone)
+        named = _TEMP_NAME.fullmatch(temp.name)
+        if named is None or not temp.is_file() or _alive(int(named["pid"])):
+            continue  # not one of ours, or its writer is still at work
         temp.unlink(missing_ok=True)
         removed.append(temp)
     return removed

@@ -7,6 +7,7 @@ loss sums, and with `--ema` the moving average of the weights ("average", draw/a
 so a flipped bit anywhere in the file is refused, not silently loaded.
 """
 
+import io
 import pathlib
 import zipfile
 
@@ -45,7 +46,9 @@ def save_checkpoint(path, model, **state) -> pathlib.Path:
     weights = finite_weights(path, model)
     payload = {"format": FORMAT, "version": VERSION, "model_kind": model_kind(model.config),
                "model_config": model.config.to_dict(), "model": weights, **state}
-    return atomic_write(path, lambda f: torch.save(payload, f))
+    serialised = io.BytesIO()  # in memory first: torch's writer turns a failed write (a full disk) into a RuntimeError
+    torch.save(payload, serialised)
+    return atomic_write(path, lambda f: f.write(serialised.getbuffer()))
 
 
 def _verify_archive(path: pathlib.Path) -> None:

@@ -16,6 +16,7 @@ import pathlib
 from draw.atomic import atomic_write_text, remove_stale_temporaries
 
 CHECKPOINT = "checkpoint.pt"
+TRAINING_RECORD_KEY = "images_per_s"  # in every training record (its interval's rate), in no evaluation record
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 LOCK = ".lock"
@@ -41,9 +42,11 @@ class RunLock:
     def __init__(self, directory):
         self.path = pathlib.Path(directory) / LOCK
         self._fd = None
+        self.created = False
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = not self.path.exists()  # a refused run removes a lock file it made (train())
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -95,14 +98,17 @@ def read_metrics(path) -> list[dict]:
 
 
 class MetricsLog:
-    """Append-only JSONL metrics. On resume, records past the checkpoint's step are dropped."""
+    """Append-only JSONL metrics. On resume, records past the checkpoint's step are dropped, and so is a
+    training record at its step when the checkpoint holds that interval as not yet logged (`unlogged`: a
+    process wrote the record, then failed before the checkpoint that would have counted it)."""
 
-    def __init__(self, path, resume_step: int | None):
+    def __init__(self, path, resume_step: int | None, unlogged: bool = False):
         self.path = pathlib.Path(path)
         if resume_step is None:
             atomic_write_text(self.path, "", durable=False)
         elif self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            kept = [r for r in read_metrics(self.path) if r["step"] < resume_step
+                    or r["step"] == resume_step and not (unlogged and TRAINING_RECORD_KEY in r)]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def records(self) -> list[dict]:

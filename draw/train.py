@@ -38,7 +38,7 @@ from draw.distributed import SINGLE, World, check_global_batch, failing_together
 from draw.evaluate import evaluate_bound, evaluate_classifier
 from draw.kernels import resolve_backend
 from draw.model import DRAW
-from draw.rundir import CHECKPOINT, METRICS, SUMMARY, MetricsLog, NoMetrics, RunLock
+from draw.rundir import CHECKPOINT, METRICS, SUMMARY, TRAINING_RECORD_KEY, MetricsLog, NoMetrics, RunLock
 from draw.step import TrainStep, resolve_step_mode, step_statistics
 
 log = logging.getLogger("draw")
@@ -369,7 +369,7 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
     metrics = NoMetrics()
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        metrics = MetricsLog(out_dir / METRICS, start_step if resume else None)
+        metrics = MetricsLog(out_dir / METRICS, start_step if resume else None, unlogged=count > 0)
     # on resume, TensorBoard's events past the checkpoint (written before a crash) are dropped, as metrics.jsonl's are
     writer = (summary_writer(log_dir=str(tensorboard), purge_step=start_step + 1 if resume else None)
               if summary_writer is not None else None)
@@ -442,6 +442,9 @@ def _evaluate(run: Run, step: int) -> dict:
     record = {"step": step, **_scores(run, evaluation_model(run))}
     if run.step.average is not None:
         record.update({f"{key}_trained": value for key, value in _scores(run, run.model).items()})
+    for key, value in record.items():
+        if not math.isfinite(value):
+            raise TrainingDiverged(_diverged_message(run, step, f"the {key.replace('_', ' ')} became {value}"))
     run.metrics.write(record)
     if run.tensorboard is not None:
         for key, value in record.items():
@@ -486,10 +489,10 @@ def _log_interval(run: Run, step: int, since: float, timed_steps: int) -> tuple[
             raise TrainingDiverged(_diverged_message(run, step, f"the training {STAT_LABELS[name]} became {value}"))
     rate = timed_steps * run.config.batch_size / seconds if timed_steps else None  # None: no step of it ran here
     record = {"step": step, "epoch": round(step / run.sampler.per_epoch, 4), **values,
-              "lr": lr_at(run.config, step - 1, run.total_steps), "images_per_s": rate}
+              "lr": lr_at(run.config, step - 1, run.total_steps), TRAINING_RECORD_KEY: rate}
     run.metrics.write(record)
     if run.tensorboard is not None:
-        for key in (*values, "lr", "images_per_s"):
+        for key in (*values, "lr", TRAINING_RECORD_KEY):
             if record[key] is not None:
                 run.tensorboard.add_scalar(f"train/{key}", record[key], step)
     shown = {STAT_LABELS[k]: format(v, STAT_FORMATS.get(k, ".2f")) for k, v in values.items()}
@@ -620,8 +623,9 @@ def train(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None = None,
                             tensorboard=tensorboard, world=world)
             run.deadline = deadline
         except BaseException:
-            if created and lock is not None:  # a refused run leaves nothing behind, the parents it made included
+            if lock is not None and lock.created:  # a refused run leaves nothing behind: its lock file,
                 lock.path.unlink(missing_ok=True)
+            if created and lock is not None:  # and the directories it made, parents included
                 with contextlib.suppress(OSError):
                     for directory in created:
                         directory.rmdir()  # stops at one something else has written into meanwhile

@@ -53,6 +53,18 @@ def test_a_diverging_run_keeps_its_last_good_checkpoint_and_stops_in_one_line(tm
     assert f"the last good checkpoint (step {payload['step']}) is kept" in line
 
 
+def test_a_test_bound_that_is_not_finite_stops_the_run_at_that_evaluation(tmp_path, capsys):
+    """Divergence found by an evaluation between two logging intervals stops the run there, in one line,
+    and no non-finite figure is written to metrics.jsonl (NaN is not JSON)."""
+    out = tmp_path / "run"
+    code = main(TRAIN + ["--steps", "5", "--lr", "1e30", "--log-every", "100", "--eval-every", "1",
+                         "--checkpoint-every", "100", "--out", str(out)])
+    assert code == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert "training diverged at step 1 (the test bound became nan)" in line
+    assert "NaN" not in (out / "metrics.jsonl").read_text() and "Infinity" not in (out / "metrics.jsonl").read_text()
+
+
 def test_non_finite_weights_are_never_saved_nor_loaded(tmp_path, capsys):
     model = DRAW(SMALL)
     with torch.no_grad():
@@ -120,6 +132,23 @@ def test_a_full_disk_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     assert main(TRAIN + ["--steps", "2", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("draw train: error: No space left on device: ") and "checkpoint.pt" in err[-1]
+
+
+def test_a_disk_that_fills_while_a_checkpoint_is_written_is_one_line_and_exit_2(tmp_path):
+    """A real write failure (a file-size limit, as a full disk fails a write): one line naming the checkpoint,
+    exit 2, and no temporary file left (torch's own writer would have turned the OSError into a RuntimeError)."""
+    import resource
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))  # metrics fit, the checkpoint does not
+
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "draw", *TRAIN, "--steps", "2", "--out", str(out)], preexec_fn=limited,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"draw train: error: File too large: {out / 'checkpoint.pt'}"
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "metrics.jsonl"]
 
 
 @pytest.mark.parametrize("durable", [True, False])
@@ -310,6 +339,32 @@ def test_images_per_second_counts_training_time_alone(tmp_path, monkeypatch):
     assert rates == [8.0] * 4  # at steps 2, 4, 5, then 8 (steps 6-8 in this process); batch 8
 
 
+def test_a_resume_to_its_checkpoint_that_fails_before_saving_writes_its_record_once(tmp_path, monkeypatch):
+    """A run stopped inside a logging interval (its checkpoint holds the interval as not yet logged), resumed
+    to end there: the interval's record is written, then the checkpoint. When that save fails, the next
+    resume writes the record again, and the first is dropped: one record per step."""
+    from draw import checkpoint
+    from draw.train import TrainingStopped
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingStopped):  # at the end of step 1, a deadline already past
+        train(out, model_config=SMALL, train_config=small_config(steps=6, log_every=4), deadline=time.monotonic(),
+              **QUIET)
+    assert load_checkpoint(out)["step"] == 1 and load_checkpoint(out)["running"]["count"] == 1
+    save = checkpoint.atomic_write
+
+    def full(path, write, durable=True):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(checkpoint, "atomic_write", full)
+    with pytest.raises(OSError, match="No space left"):
+        train(out, resume=True, overrides={"steps": 1}, **QUIET)
+    monkeypatch.setattr(checkpoint, "atomic_write", save)
+    train(out, resume=True, overrides={"steps": 1}, **QUIET)
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert steps == [1]
+
+
 def test_resuming_a_finished_run_adds_no_evaluation(tmp_path):
     out = run_dir(tmp_path, steps=2, eval_every=2)
     records = (out / "metrics.jsonl").read_text()
@@ -326,6 +381,10 @@ def test_a_batch_larger_than_the_training_set_is_refused(tmp_path, capsys):
     assert main(["train", "--dataset", "synthetic", "--batch-size", "100000", "--steps", "1", "--out", str(out)]) == 2
     assert "larger than the training set (512 images" in capsys.readouterr().err
     assert not out.exists()
+    out.mkdir()  # a directory that was there before stays, as empty as it was: no lock file left in it
+    assert main(["train", "--dataset", "synthetic", "--batch-size", "100000", "--steps", "1", "--out", str(out)]) == 2
+    assert main(["train", "--resume", "--out", str(out)]) == 2  # nothing to resume
+    assert out.is_dir() and list(out.iterdir()) == []
 
 
 # --- 10. the bound does not depend on the batch layout ---------------------------------------------
@@ -426,8 +485,9 @@ def test_temporaries_of_killed_writers_are_removed_and_outputs_follow_the_umask(
     out.mkdir()
     stale = out / ".checkpoint.pt.999999.0a1b2c3d.tmp"
     stale.write_bytes(b"partial")
-    old_style = out / ".checkpoint.pt.k2j3h4.tmp"  # named by an earlier version's writer
-    old_style.write_bytes(b"partial")
+    not_ours = [out / name for name in (".notes.tmp", ".checkpoint.pt.k2j3h4.tmp", ".x.12.0a1b2c3.tmp")]
+    for other in not_ours:  # a user's hidden file, and names temp_path never gives
+        other.write_bytes(b"mine")
     others = [out / f".{name}.999999.0a1b2c3d.tmp" for name in ("summary.json", "generation.gif", "metrics.jsonl")]
     for temp in others:
         temp.write_bytes(b"partial")
@@ -438,8 +498,8 @@ def test_temporaries_of_killed_writers_are_removed_and_outputs_follow_the_umask(
         train(out, model_config=SMALL, train_config=small_config(steps=2), **QUIET)
     finally:
         os.umask(previous)
-    assert not stale.exists() and not old_style.exists() and not any(temp.exists() for temp in others)
-    assert live.exists()
+    assert not stale.exists() and not any(temp.exists() for temp in others)
+    assert live.exists() and all(other.read_bytes() == b"mine" for other in not_ours)
     assert (out / "checkpoint.pt").stat().st_mode & 0o777 == 0o644
     assert (out / "metrics.jsonl").stat().st_mode & 0o777 == 0o644
 
