@@ -118,9 +118,18 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def sync(self) -> None:
+        """Flush the records to disk (before a checkpoint that counts them: a power cut must not keep the
+        checkpoint and lose the records up to its step, which a resume keeps)."""
+        with self.path.open("rb") as f:
+            os.fsync(f.fileno())
+
 
 class NoMetrics:
     """The metrics log of a data-parallel rank other than 0: it writes nothing (rank 0 writes the records)."""
 
     def write(self, record: dict) -> None:
+        pass
+
+    def sync(self) -> None:
         pass

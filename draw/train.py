@@ -393,6 +393,7 @@ def save_run_checkpoint(run: Run, step: int) -> None:
         if not run.world.is_main:
             finite_weights(run.checkpoint_path, run.model)
         else:
+            run.metrics.sync()
             save_checkpoint(run.checkpoint_path, run.model, optimizer=run.step.optimizer_state(), step=step,
                             rng=_rng_state(run.device, run.sampler), train_config=run.config.to_dict(),
                             running={"sums": run.sums.detach().cpu(), "count": run.count}, world_size=run.world.size,

@@ -170,6 +170,31 @@ def test_a_durable_write_flushes_the_file_and_then_its_directory(tmp_path, monke
     assert path.read_text() == "{}" and flushed == (["file", "directory"] if durable else [])
 
 
+def test_the_metrics_reach_the_disk_before_the_checkpoint_that_counts_them(tmp_path, monkeypatch):
+    """metrics.jsonl is flushed to disk before each checkpoint is written: after a power cut a checkpoint never
+    survives without the records up to its step."""
+    from draw import atomic, rundir
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        fsync(fd)
+
+    def recording_replace(source, target):
+        events.append(("rename", os.path.basename(target)))
+        replace(source, target)
+
+    monkeypatch.setattr(rundir.os, "fsync", recording_fsync)
+    monkeypatch.setattr(atomic.os, "replace", recording_replace)
+    run_dir(tmp_path, steps=4, log_every=1, checkpoint_every=2)
+    checkpoints = [i for i, event in enumerate(events) if event == ("rename", "checkpoint.pt")]
+    assert len(checkpoints) == 2
+    for previous, at in zip([-1, *checkpoints], checkpoints):  # a sync since the last checkpoint, before this one
+        assert ("fsync", "metrics.jsonl") in events[previous + 1:at]
+
+
 # --- 4. SIGTERM exits after a checkpoint ----------------------------------------------------------
 
 
