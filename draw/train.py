@@ -557,8 +557,9 @@ def finish_run(run: Run, *, make_figures: bool = True) -> dict:
     if run.last_eval is None:  # a resumed run that was already finished: its last evaluation stands
         evals = run.world.from_main(lambda: [r for r in run.metrics.records()
                                              if any(k.startswith("test_") for k in r) and r["step"] == run.total_steps])
-        run.last_eval = evals[-1] if evals else _evaluate(run, run.total_steps)
-        log.info(f"{run.out_dir} is already trained to step {run.total_steps}")
+        if evals:
+            log.info(f"{run.out_dir} is already trained to step {run.total_steps}")
+        run.last_eval = evals[-1] if evals else _evaluate(run, run.total_steps)  # else: ended here, at its checkpoint
     record = {k: v for k, v in run.last_eval.items() if k != "step"}
     for key in ("test_bound", "test_bound_trained"):
         if key in record:

@@ -370,18 +370,22 @@ def test_a_stop_between_two_records_logs_the_same_losses(tmp_path, monkeypatch, 
 
 
 def test_a_stopped_run_resumed_to_end_at_its_checkpoint_writes_its_last_record_and_length(tmp_path, monkeypatch,
-                                                                                           interactive_sigint):
+                                                                                           interactive_sigint, caplog):
     """--resume --steps 6 on a run stopped at step 6 (between two training records): the interval's record is
     written (the steps it ran in the first process: no images/s), and the checkpoint keeps the new length, so
-    that a later plain --resume adds nothing."""
+    that a later plain --resume adds nothing (and only that one says the run was already trained)."""
     _, stopped = full_and_stopped_between_two_records(tmp_path, monkeypatch)
-    summary = train(stopped, resume=True, overrides={"steps": 6}, **QUIET)
+    with caplog.at_level("INFO", logger="draw"):
+        summary = train(stopped, resume=True, overrides={"steps": 6}, **QUIET)
+    assert "already trained" not in caplog.text
     assert summary["steps"] == 6
     records = [r for r in read_metrics(stopped / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == [4, 6] and records[-1]["images_per_s"] is None
     payload = load_checkpoint(stopped)
     assert payload["step"] == 6 and payload["train_config"]["steps"] == 6 and payload["running"]["count"] == 0
-    assert train(stopped, resume=True, **QUIET)["steps"] == 6
+    with caplog.at_level("INFO", logger="draw"):
+        assert train(stopped, resume=True, **QUIET)["steps"] == 6
+    assert f"{stopped} is already trained to step 6" in caplog.text
 
 
 def test_a_run_stopped_on_a_record_and_resumed_to_end_there_keeps_that_length(tmp_path, monkeypatch, interactive_sigint):
