@@ -142,9 +142,12 @@ def write(patch: torch.Tensor, params: torch.Tensor, canvas: torch.Tensor) -> to
     """
     n = patch.shape[-1]
     height, width = canvas.shape[-2:]
-    fx, fy, gamma = filterbank(params, n, height, width, compute_dtype(patch, params, canvas))
+    fx, fy, _ = filterbank(params, n, height, width, compute_dtype(patch, params, canvas))
     written = fy[:, None].transpose(-1, -2) @ patch.to(fx.dtype) @ fx[:, None]  # [B, C, H, W]: F_Y^T w F_X  (29)
-    return (canvas.to(fx.dtype) + written / gamma[:, None, None, None]).to(canvas.dtype)
+    # 1 / gamma as exp(-log gamma): a division's gradient would square gamma, (written / gamma) / gamma, which
+    # underflows to 0 where the exact gradient, -written / gamma, does not (log gamma ~ 300 in fp64)
+    inverse_gamma = torch.exp(-params[:, 4].to(fx.dtype))
+    return (canvas.to(fx.dtype) + written * inverse_gamma[:, None, None, None]).to(canvas.dtype)
 
 
 def write_read(patch: torch.Tensor, write_params: torch.Tensor, canvas: torch.Tensor, x: torch.Tensor,

@@ -630,6 +630,23 @@ def test_degenerate_parameters(case):
     check_write_read(patch32, params32, canvas32, x32, 3, rel=1e-5, atol=1e-30)
 
 
+def test_the_write_intensity_gradient_does_not_underflow_where_gamma_is_huge():
+    """new = canvas + written / gamma: dL/dlog gamma = -sum(u * written) / gamma exactly, about 1e-252 with a
+    window off the image (written ~1e-121) at log gamma = 300 (float64). The reference's division squared
+    gamma in its gradient, which underflowed to 0; both now give the closed form, to rounding."""
+    _, canvas, params, patch = make_inputs(2, 1, 7, 11, 4, seed=5)
+    params[:, 0], params[:, 3], params[:, 4] = 5.0, -2.0, 300.0
+    upstream = torch.randn(canvas.shape, generator=torch.Generator().manual_seed(2), dtype=f64).to(DEVICE)
+    fx, fy, _ = kernels.reference.filterbank(params, 4, 7, 11)
+    written = fy[:, None].transpose(-1, -2) @ patch @ fx[:, None]
+    expected = -(upstream * written).sum((1, 2, 3)) * torch.exp(torch.tensor(-300.0, dtype=f64))
+    assert (expected.abs() > 1e-300).all() and (expected.abs() < 1e-200).all()
+    for backend in ("reference", "triton"):
+        leaf = params.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(kernels.write(patch, leaf, canvas, backend=backend), leaf, upstream)
+        torch.testing.assert_close(grad[:, 4], expected, rtol=1e-12, atol=0, msg=backend)
+
+
 # ---------------------------------------------------------------------------------------------
 # The two contractions ("sum" and "dot", kernels/triton_attention.py): each, forced, in fp32
 # ---------------------------------------------------------------------------------------------
