@@ -123,8 +123,15 @@ def _weights(p: argparse.ArgumentParser) -> None:
                         "weights); trained: the trained weights (default average)")
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse, whose usage errors are one line that points to --help (not the whole usage first); exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="draw", description="DRAW (Gregor et al. 2015): train, evaluate, sample, verify.")
+    parser = OneLineErrors(prog="draw", description="DRAW (Gregor et al. 2015): train, evaluate, sample, verify.")
     parser.add_argument("--version", action="version", version=f"draw {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

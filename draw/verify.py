@@ -69,6 +69,7 @@ import torch
 
 from draw import kernels
 from draw.atomic import atomic_write_text
+from draw.cli import OneLineErrors
 from draw.device import pick_device
 from draw.provenance import git_commit, git_dirty
 
@@ -659,7 +660,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="draw verify", description=__doc__.split("\n\n")[0])
+    parser = OneLineErrors(prog="draw verify", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -542,6 +542,20 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("draw eval: error:") and len(err[0]) > len("draw eval: error: ") + 20
 
 
+@pytest.mark.parametrize("argv, line", [
+    (["train", "--batch-size", "-3"], "draw train: error: argument --batch-size: must be >= 1, got -3 (see draw train --help)"),
+    (["evaluate"], "draw: error: argument command: invalid choice: 'evaluate' (choose from 'train', 'eval', 'sample', "
+                   "'verify', 'presets') (see draw --help)"),
+    (["verify", "--dtypes", "fp99"], "draw verify: error: argument --dtypes: unknown dtypes ['fp99']; choose from "
+                                     "['fp32', 'bf16', 'fp16'] (see draw verify --help)"),
+])
+def test_a_bad_flag_is_one_line_that_points_to_help(argv, line, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
 def test_a_weights_only_checkpoint_cannot_resume(tmp_path):
     save_checkpoint(tmp_path / "run" / "checkpoint.pt", DRAW(SMALL), step=3)
     with pytest.raises(CheckpointError, match="no training state to resume"):
