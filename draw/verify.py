@@ -28,10 +28,10 @@ Sweeps (cases the device cannot run are left out):
     quick  every grid size N = 1..16 for every attention op on small odd shapes (C = 1 and 3 in
            turn), the degenerate parameters, and the latent step and the LSTM cell (also with a
            projected input half) on odd B x Z and B x H, in fp32; on CUDA also the paper's sizes in every
-           dtype and a 65536 batch. The default: 180 cases on CUDA, each compiling its own kernels (114
+           dtype and a 65536 batch. The default: 188 cases on CUDA, each compiling its own kernels (122
            on CPU).
     full   quick, plus N = 1..16 in every dtype with C = 1 and 3 each (and the latent step's and the
-           LSTM cell's odd shapes), more paper-sized cases and 256x256 images: 594 cases on CUDA; with fewer cases
+           LSTM cell's odd shapes), more paper-sized cases and 256x256 images: 602 cases on CUDA; with fewer cases
            (before the latent and write-read ones) it ran over 200 s on an H100 (bench/RESULTS.md),
            minutes on CPU.
 Compiling is most of a case's time on CUDA, so there the cases run in up to 8 worker processes (--jobs),
