@@ -182,7 +182,7 @@ def tune(target: Target, args, device, copy_gbps, rows: list) -> dict:
     reference = outputs("eager", case)
     config = target.launcher_config(device)
     current = start_settings(config)
-    own = []  # this target's rows
+    own = []  # this target's rows (appended to rows too)
 
     def attempt(settings: dict | None, round_: int) -> dict:
         row = evaluate(target, settings, case, reference, args, device, copy_gbps)
@@ -190,8 +190,8 @@ def tune(target: Target, args, device, copy_gbps, rows: list) -> dict:
         if settings is None:
             row["resolved"] = settings_text(current)
         own.append(row)
+        rows.append(row)  # as it is tried: a target the device is lost in keeps its rows too
         if row.get("device_lost"):
-            rows.extend(own)
             raise DeviceLost(f"{target.name} [{row['settings']}]: {row['reason']}")
         return row
 
@@ -220,7 +220,6 @@ def tune(target: Target, args, device, copy_gbps, rows: list) -> dict:
             best, current = round_best, round_settings
             if time.perf_counter() > deadline:
                 break
-    rows.extend(own)
     del case, reference
     common.free_memory(device)
     speedup = launchers["ms"] / best["ms"] if launchers["ms"] and best["ms"] else None

@@ -450,16 +450,15 @@ def _run(command, args) -> int:
     from draw.rundir import MetricsError, RunDirectoryBusy
     from draw.train import TIME_LIMIT, TrainingDiverged, TrainingStopped
 
+    error = f"draw {args.command}: error: " + (f"rank {os.environ['RANK']}: " if _is_torchrun_rank(args) else "")
     try:
         return command(args)
     except (CheckpointError, DataUnavailableError, MetricsError, RunDirectoryBusy, TrainingDiverged, AnotherRankFailed,
             DistError, FileExistsError, ValueError, OSError) as e:
-        rank = f"rank {os.environ['RANK']}: " if _is_torchrun_rank(args) else ""  # which torchrun rank says it
-        print(f"draw {args.command}: error: {rank}{_error_line(e)}", file=sys.stderr)
+        print(error + _error_line(e), file=sys.stderr)  # which torchrun rank says it, under torchrun
         return 2
     except torch.OutOfMemoryError as e:
-        rank = f"rank {os.environ['RANK']}: " if _is_torchrun_rank(args) else ""
-        print(f"draw {args.command}: error: {rank}{_out_of_memory_line(e)}; {_memory_hint(args)}", file=sys.stderr)
+        print(f"{error}{_out_of_memory_line(e)}; {_memory_hint(args)}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
         return EXIT_TIME_LIMIT if e.signum == TIME_LIMIT else 128 + e.signum
