@@ -86,8 +86,45 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} has checkpoint version {payload.get('version')}; this draw reads versions 1 and {VERSION}")
     if "model_config" not in payload or "model" not in payload:
         raise CheckpointError(f"{path} holds no model")
+    for key, (fits, what) in _LAYOUT.items():
+        if key in payload and not fits(payload[key]):
+            raise CheckpointError(f"{path} is malformed: its {key!r} is not {what}")
     payload["path"] = str(path)
     return payload
+
+
+def _named_tensors(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in value.items())
+
+
+def _count(value, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _bytes(value) -> bool:  # an RNG state
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8
+
+
+# What each entry of a payload must be (where present), checked on load so that a file that passes its
+# CRC-32 checks but was written by something else is refused in one line, not by a traceback later.
+_LAYOUT = {
+    "model": (_named_tensors, "a dict of named tensors"),
+    "model_config": (lambda v: isinstance(v, dict), "a dict"),
+    "train_config": (lambda v: isinstance(v, dict), "a dict"),
+    "step": (_count, "an integer >= 0"),
+    "world_size": (lambda v: _count(v, 1), "an integer >= 1"),
+    "step_mode": (lambda v: v is None or isinstance(v, str), "a step mode's name"),
+    "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list) and all(isinstance(g, dict) for g in v["param_groups"]),
+                  "an optimizer's state (a dict of 'state' and 'param_groups')"),
+    "rng": (lambda v: isinstance(v, dict) and _bytes(v.get("torch")) and all(_bytes(v[k]) for k in ("data", "cuda") if k in v),
+            "random number generator states (byte tensors under 'torch', 'data' and 'cuda')"),
+    "running": (lambda v: isinstance(v, dict) and isinstance(v.get("sums"), torch.Tensor) and v["sums"].dim() == 1
+                and _count(v.get("count")), "running loss sums (a tensor of sums and a count)"),
+    "average": (lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("decay"), (int, float))
+                                        and _count(v.get("updates")) and _named_tensors(v.get("sums"))),
+                "a weight average (decay, updates and a dict of named sums)"),
+}
 
 
 def _upgrade_version_1(payload: dict) -> None:

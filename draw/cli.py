@@ -126,14 +126,23 @@ def _weights(p: argparse.ArgumentParser) -> None:
 class OneLineErrors(argparse.ArgumentParser):
     """argparse, whose usage errors are one line that points to --help (not the whole usage first); exit 2."""
 
+    commands: dict[str, argparse.ArgumentParser] = {}  # a command's own parser, for its unknown flags
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # said by the command's parser, so that the line points to that command's --help
+            self.commands.get(getattr(parsed, "command", None), self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrors(prog="draw", description="DRAW (Gregor et al. 2015): train, evaluate, sample, verify.")
     parser.add_argument("--version", action="version", version=f"draw {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices
 
     t = sub.add_parser("train", help="train a model into a run directory",
                        description="Train DRAW. Flags left out take the preset's values (`draw presets` lists them).")
@@ -277,19 +286,18 @@ def cmd_train(args) -> int:
             model_config = preset.model if args.preset else None
             train(out, resume=True, model_config=model_config, overrides=given, device=device, world=world, **runtime)
             return 0
-        if world.is_main:
-            print(f"training {preset_name} on {dataset} into {out} (batch {config.batch_size}, lr {config.lr:.3g})", flush=True)
-        train(out, model_config=preset.model, train_config=config, device=device, world=world, **runtime)
+        train(out, model_config=preset.model, train_config=config, device=device, world=world, **runtime,
+              announce=f"training {preset_name} on {dataset} into {out} (batch {config.batch_size}, lr {config.lr:.3g})")
     return 0
 
 
 def _load_model(args):
     from draw.checkpoint import load_checkpoint, model_from_checkpoint, uses_average
-    from draw.kernels import resolve_backend
+    from draw.kernels import check_backend
 
     device = pick_device(args.device)
     payload = load_checkpoint(args.checkpoint, map_location=device)
-    resolve_backend(args.backend, device)
+    check_backend(args.backend, device)
     model = model_from_checkpoint(payload, weights=args.weights).to(device).eval()
     model.backend = args.backend
     payload["weights"] = "average" if uses_average(payload, args.weights) else "trained"

@@ -36,7 +36,7 @@ from draw.config import ClassifierConfig, DRAWConfig, TrainConfig, model_kind
 from draw.data import Dataset, load_dataset, random_crop, to_float
 from draw.distributed import SINGLE, World, check_global_batch, failing_together
 from draw.evaluate import evaluate_bound, evaluate_classifier
-from draw.kernels import resolve_backend
+from draw.kernels import check_backend
 from draw.model import DRAW
 from draw.rundir import CHECKPOINT, METRICS, SUMMARY, TRAINING_RECORD_KEY, MetricsLog, NoMetrics, RunLock
 from draw.step import TrainStep, resolve_step_mode, step_statistics
@@ -317,7 +317,7 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
     if world.size > 1 or config.accumulate > 1:
         log.info(f"each step: {world.size} rank(s) x {config.accumulate} micro-batch(es) of "
                  f"{config.batch_size // (world.size * config.accumulate)} images = the batch of {config.batch_size}")
-    resolve_backend(backend, device)  # refuse an unusable backend before anything is written
+    check_backend(backend, device)  # refuse an unusable backend before anything is written
     model.backend = backend
     if config.attention_grad_clip is not None:
         if isinstance(model, DRAW):
@@ -348,7 +348,11 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
         log.info(f"{step.mode} step: the gradients averaged across the {world.size} ranks {how}")
     sums, count = torch.zeros(len(step_statistics(model)), device=device), 0
     if resume:
-        step.load_optimizer_state(payload["optimizer"])
+        try:
+            step.load_optimizer_state(payload["optimizer"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise CheckpointError(f"{payload['path']}: its optimizer state does not fit the model "
+                                  f"({' '.join(str(e).split()) or type(e).__name__})") from None
         if step.average is not None:
             if "average" not in payload:
                 raise CheckpointError(f"{payload['path']} was trained with --ema {config.ema} but holds no weight average")
@@ -370,6 +374,8 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(out_dir / METRICS, start_step if resume else None, unlogged=count > 0)
+        if resume and start_step < total_steps:  # the summary of the run's shorter end is no longer its end:
+            (out_dir / SUMMARY).unlink(missing_ok=True)  # finish_run writes the new one (a stopped run has none)
     # on resume, TensorBoard's events past the checkpoint (written before a crash) are dropped, as metrics.jsonl's are
     writer = (summary_writer(log_dir=str(tensorboard), purge_step=start_step + 1 if resume else None)
               if summary_writer is not None else None)
@@ -598,7 +604,8 @@ def finish_run(run: Run, *, make_figures: bool = True) -> dict:
 def train(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None = None, train_config: TrainConfig | None = None,
           resume: bool = False, overrides: dict | None = None, device=None, backend: str = "auto",
           step_mode: str | None = None, compile_mode: str = "default", data_dir=None, progress: bool | None = None,
-          tensorboard=None, make_figures: bool = True, world: World = SINGLE, deadline: float | None = None) -> dict:
+          tensorboard=None, make_figures: bool = True, world: World = SINGLE, deadline: float | None = None,
+          announce: str | None = None) -> dict:
     """Train DRAW into `out_dir` and return the run summary.
 
     A new run needs `model_config` and `train_config`; `resume=True` reads both from out_dir's
@@ -607,7 +614,8 @@ def train(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None = None,
     (on resume only the schedule's). `progress` None shows a bar when stderr is a terminal, and
     otherwise logs one line per logging interval. `world`: this rank's place in a torchrun launch
     (draw/distributed.py); every rank calls train() alike. `deadline`: a time.monotonic() after which
-    the run checkpoints and stops at the end of its step.
+    the run checkpoints and stops at the end of its step. `announce`: a line rank 0 prints on stdout once the
+    run is set up (after every refusal: a busy directory, an existing run, bad settings).
 
     Raises TrainingStopped after a signal or at the deadline (the checkpoint saved), TrainingDiverged
     on a non-finite loss.
@@ -624,6 +632,8 @@ def train(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None = None,
                             compile_mode=compile_mode, data_dir=data_dir, progress=progress and world.is_main,
                             tensorboard=tensorboard, world=world)
             run.deadline = deadline
+            if announce is not None and world.is_main:
+                print(announce, flush=True)
         except BaseException:
             if lock is not None and lock.created:  # a refused run leaves nothing behind: its lock file,
                 lock.path.unlink(missing_ok=True)

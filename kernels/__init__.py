@@ -17,6 +17,7 @@ Two backends share one API and one set of conventions (docs/conventions.md):
 """
 
 import importlib.util
+import logging
 import os
 from typing import Callable, NamedTuple
 
@@ -27,8 +28,8 @@ from draw.kernels import reference
 BACKENDS = ("auto", "reference", "triton")
 
 __all__ = ["BACKENDS", "Projection", "filterbank", "glimpse", "gradient_destination", "latent_sample", "lstm_cell",
-           "mark_gradient_destination", "read", "share_gradient_destination", "write", "write_read", "resolve_backend",
-           "triton_available"]
+           "check_backend", "mark_gradient_destination", "read", "share_gradient_destination", "write",
+           "write_read", "resolve_backend", "triton_available"]
 
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -60,6 +61,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "the kernels in Triton's interpreter"
             )
     return backend
+
+
+def check_backend(backend: str, device: torch.device) -> str:
+    """resolve_backend, for a command about to run: an unusable backend is refused, and fused kernels that
+    would take Triton's interpreter on a GPU (TRITON_INTERPRET set in the environment, which runs them on the
+    host, copying every tensor to and fro) are said in a warning, not left to run slowly without a word."""
+    resolved = resolve_backend(backend, device)
+    if device.type == "cuda" and resolved == "triton" and _triton_interpreter():
+        logging.getLogger("draw").warning(
+            "TRITON_INTERPRET is set: the fused kernels run in Triton's interpreter on the host, many times slower "
+            "than compiled for the GPU; unset it to compile them")
+    return resolved
 
 
 # ---------------------------------------------------------------------------------------------

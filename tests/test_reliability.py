@@ -90,7 +90,9 @@ def test_a_second_process_is_refused_while_a_run_holds_the_directory(tmp_path, c
         assert main(TRAIN + ["--resume", "--steps", "9", "--out", str(out)]) == 2
         assert f"in use by another draw process (pid {os.getpid()})" in capsys.readouterr().err
         assert main(TRAIN + ["--steps", "3", "--out", str(tmp_path / "run")]) == 2
-        capsys.readouterr()
+        assert "training" not in capsys.readouterr().out  # a refused run does not say it is training
+    assert main(TRAIN + ["--steps", "3", "--out", str(out)]) == 2  # nor one refused for the run already there
+    assert "training" not in capsys.readouterr().out
     assert (out / "checkpoint.pt").read_bytes() == before
     assert main(TRAIN + ["--resume", "--steps", "9", "--out", str(out)]) == 0  # released: the lock of a gone holder is no obstacle
 
@@ -398,6 +400,18 @@ def test_resuming_a_finished_run_adds_no_evaluation(tmp_path):
     assert summary["steps"] == 2 and summary["test_bound_nats"] == json.loads(records.splitlines()[-1])["test_bound"]
 
 
+def test_a_finished_run_extended_and_stopped_early_keeps_no_summary_of_its_old_end(tmp_path):
+    from draw.train import TrainingStopped
+
+    out = run_dir(tmp_path, steps=2, eval_every=2)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    with pytest.raises(TrainingStopped):  # extended to 4 steps, stopped after step 3
+        train(out, resume=True, overrides={"steps": 4}, deadline=time.monotonic(), **QUIET)
+    assert load_checkpoint(out)["step"] == 3 and not (out / "summary.json").exists()
+    summary = train(out, resume=True, overrides={"steps": 4}, **QUIET)
+    assert json.loads((out / "summary.json").read_text())["steps"] == summary["steps"] == 4
+
+
 # --- 8. a batch larger than the data ---------------------------------------------------------------
 
 
@@ -461,6 +475,13 @@ def rewrite(path, change):
     (lambda p: p.pop("rng"), "missing: rng"),
     (lambda p: p["train_config"].update(future_flag=1), "unknown TrainConfig fields ['future_flag']"),
     (lambda p: p["model_config"].update(T_max=1), "model config is not usable"),
+    # files that pass their CRC-32 checks but were written by something else
+    (lambda p: p.update(step="2"), "malformed: its 'step' is not an integer >= 0"),
+    (lambda p: p["optimizer"].pop("param_groups"), "malformed: its 'optimizer' is not an optimizer's state"),
+    (lambda p: p["optimizer"]["param_groups"][0].update(params=[0]), "its optimizer state does not fit the model"),
+    (lambda p: p["rng"].update(torch=torch.zeros(3)), "malformed: its 'rng' is not random number generator states"),
+    (lambda p: p.update(running={"sums": 3, "count": 1}), "malformed: its 'running' is not running loss sums"),
+    (lambda p: p.update(train_config=[1]), "malformed: its 'train_config' is not a dict"),
 ])
 def test_a_checkpoint_that_cannot_resume_is_refused_in_one_line(tmp_path, capsys, change, message):
     out = run_dir(tmp_path, steps=2)
@@ -535,6 +556,10 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert main(["eval", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "weights do not fit its model config" in err[0]
+    rewrite(out / "checkpoint.pt", lambda p: p.update(model=list(p["model"].values())))
+    assert main(["eval", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "malformed: its 'model' is not a dict of named tensors" in err[0]
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     assert main(["eval", str(empty)]) == 2
@@ -546,6 +571,8 @@ def test_errors_are_one_line(tmp_path, capsys):
     (["train", "--batch-size", "-3"], "draw train: error: argument --batch-size: must be >= 1, got -3 (see draw train --help)"),
     (["evaluate"], "draw: error: argument command: invalid choice: 'evaluate' (choose from 'train', 'eval', 'sample', "
                    "'verify', 'presets') (see draw --help)"),
+    (["train", "--bach-size", "3"], "draw train: error: unrecognized arguments: --bach-size 3 (see draw train --help)"),
+    (["eval", "runs/x", "--steps", "3"], "draw eval: error: unrecognized arguments: --steps 3 (see draw eval --help)"),
     (["verify", "--dtypes", "fp99"], "draw verify: error: argument --dtypes: unknown dtypes ['fp99']; choose from "
                                      "['fp32', 'bf16', 'fp16'] (see draw verify --help)"),
 ])

@@ -810,6 +810,17 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
         kernels.write_read(patch, params, canvas, x, params, 2, backend="triton")
 
 
+@pytest.mark.parametrize("interpreter, backend, warned", [
+    ("1", "auto", True), ("1", "triton", True), ("1", "reference", False), ("0", "auto", False)])
+def test_a_run_whose_kernels_would_take_the_interpreter_on_a_gpu_says_so(monkeypatch, caplog, interpreter, backend, warned):
+    monkeypatch.setenv("TRITON_INTERPRET", interpreter)
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    with caplog.at_level("WARNING", logger="draw"):
+        assert kernels.check_backend(backend, torch.device("cuda")) == ("reference" if backend == "reference" else "triton")
+        kernels.check_backend(backend, torch.device("cpu"))  # on a CPU the interpreter is the way to run them
+    assert [r.getMessage().startswith("TRITON_INTERPRET is set") for r in caplog.records] == ([True] if warned else [])
+
+
 @pytest.mark.parametrize(
     "bad",
     ["integer_x", "rank3_canvas", "params_4_columns", "non_square_patch", "n_zero"],
