@@ -76,7 +76,12 @@ SIZES = (
     Size("bandwidth", 65536, 1, 100, 100, 12, 12),
 )
 GROUPS = ("small", "launch", "middle", "bandwidth")
-CUDAGRAPH_GROUPS = ("small", "launch")  # also timed with do_bench_cudagraph on CUDA
+# On CUDA, the timers: "wall" times calls back to back (the host's launches included: what a training loop
+# sees) where a call is shorter than its launch; "do_bench" (triton's, which flushes the L2 cache before each
+# call) where it is long enough that the launch hides under the flush; "cudagraph" replays a CUDA graph of
+# calls on rotating input sets (`common.rotation`): the device's time alone, read from memory, not the cache.
+WALL_GROUPS = ("small", "launch")
+CUDAGRAPH_GROUPS = ("small", "launch", "middle")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,21 +156,21 @@ def make_inputs(op: str, size: Size, mode: str, device: torch.device, seed: int 
     x is binary like the data, canvas and patch standard normal, params 0.5 * N(0, 1) (windows near
     the centre, of moderate width); fwd+bwd asks for the gradients DRAW trains with (not x's).
     """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)  # made on the device: no idle GPU while the host makes them
     b, c, h, w, n = size.batch, size.channels, size.height, size.width, size.n(op)
 
     def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(device)
+        return torch.randn(*shape, generator=gen, device=device)
 
     params = 0.5 * randn(b, 5)
     canvas = randn(b, c, h, w)
     if op == "read":
-        x = torch.randint(0, 2, (b, c, h, w), generator=gen).float().to(device)
+        x = torch.randint(0, 2, (b, c, h, w), generator=gen, device=device).float()
         tensors = {"x": x, "canvas": canvas, "params": params}
         grad_names = ("canvas", "params")
         out_shape = (b, 2, c, n, n)
     elif op == "write-read":
-        x = torch.randint(0, 2, (b, c, h, w), generator=gen).float().to(device)
+        x = torch.randint(0, 2, (b, c, h, w), generator=gen, device=device).float()
         tensors = {"patch": randn(b, c, size.write_n, size.write_n), "write_params": params, "canvas": canvas,
                    "x": x, "read_params": 0.5 * randn(b, 5)}
         grad_names = ("patch", "write_params", "canvas", "read_params")
@@ -206,7 +211,12 @@ def flat(out) -> torch.Tensor:
 
 def forward_fn(provider: str, case: dict):
     """A zero-argument callable running the forward of `case` with `provider`."""
-    t = case["tensors"]
+    return bind(provider_ops(provider), case)
+
+
+def provider_ops(provider: str) -> tuple:
+    """(read, write, write_read) as `provider` runs them; "compiled" compiles afresh (once for every case bound
+    to these ops: they share its shapes)."""
     if provider == "compiled":
         torch.compiler.reset()  # a fresh, shape-specialised compile per case (no recompile limit hit)
         read_op = torch.compile(_read_reference, dynamic=False)
@@ -227,6 +237,13 @@ def forward_fn(provider: str, case: dict):
                 return new_canvas, read_op(x, new_canvas, read_params, n)
             return kernels.write_read(patch, write_params, canvas, x, read_params, n, backend=backend)
 
+    return read_op, write_op, write_read_op
+
+
+def bind(ops: tuple, case: dict):
+    """A zero-argument callable running the forward of `case` with provider_ops' `ops`."""
+    read_op, write_op, write_read_op = ops
+    t = case["tensors"]
     if case["op"] == "read":
         return lambda: read_op(t["x"], t["canvas"], t["params"], case["n"])
     if case["op"] == "write-read":
@@ -277,20 +294,45 @@ def select_sizes(spec: str | None, device: torch.device) -> list[Size]:
 def timers_for(size: Size, device: torch.device, cudagraph: bool) -> list[str]:
     if device.type != "cuda":
         return ["perf_counter"]
-    return ["do_bench", "cudagraph"] if cudagraph and size.group in CUDAGRAPH_GROUPS else ["do_bench"]
+    timers = ["wall" if size.group in WALL_GROUPS else "do_bench"]
+    return timers + ["cudagraph"] if cudagraph and size.group in CUDAGRAPH_GROUPS else timers
 
 
-def time_ms(fn, timer: str, args) -> float:
-    if timer == "do_bench":
-        return common.cuda_median_ms(fn, rep_ms=args.rep_ms)
+def time_ms(fns: list, timer: str, args, device: torch.device) -> float:
+    """fns: the case's call on each of its rotated input sets (rotated_cases); only "cudagraph" uses more than the first."""
     if timer == "cudagraph":
-        return common.cuda_graph_median_ms(fn)
-    return common.cpu_median_ms(fn, reps=args.reps, budget_s=args.budget)
+        return common.cuda_graph_median_ms(fns)
+    if timer == "do_bench":
+        return common.cuda_median_ms(fns[0], rep_ms=args.rep_ms)
+    if timer == "wall":
+        return common.wall_median_ms(fns[0], device)
+    return common.cpu_median_ms(fns[0], reps=args.reps, budget_s=args.budget)
+
+
+def rotated_cases(case: dict, op: str, size: Size, mode: str, device: torch.device, seed: int, timers: list[str]) -> list[dict]:
+    """case, and for a CUDA-graph timing the further input sets it rotates through (seeds seed + 1, ...)."""
+    if "cudagraph" not in timers:
+        return [case]
+    count = common.rotation(BYTES[op](size, mode), device)
+    return [case] + [make_inputs(op, size, mode, device, seed=seed + i) for i in range(1, count)]
+
+
+def timed_row(ops: tuple, cases: list[dict], timer: str, nbytes: int, copy_gbps: float, args, device) -> dict:
+    """The median ms of provider_ops' `ops` on the cases, as `timer` times it; GB/s and % of the copy bandwidth
+    where the time is the device's ("wall" rows hold the host's launches too: no bandwidth)."""
+    common.warm_up_gpu(device)  # the GPU idled while the host compiled or made inputs
+    ms = time_ms([benchmark_fn(bind(ops, c), c) for c in cases], timer, args, device)
+    gbps = None if timer == "wall" else nbytes / (ms * 1e-3) / 1e9
+    return {"timer": timer, "ms": ms, "bytes": nbytes, "gbps": gbps,
+            "pct_copy": None if gbps is None else 100 * gbps / copy_gbps,
+            "rotated_inputs": len(cases) if timer == "cudagraph" else 1, "sm_mhz": common.sm_clock_mhz(device)}
 
 
 def run_case(op, mode, size, providers, device, args, copy_gbps, triton_reason, rows, skipped):
     case = make_inputs(op, size, mode, device, seed=args.seed)
     nbytes = BYTES[op](size, mode)
+    timers = timers_for(size, device, not args.no_cudagraph)
+    cases = rotated_cases(case, op, size, mode, device, args.seed, timers)
     with torch.no_grad():
         reference_out = forward_fn("eager", case)()
     for provider in providers:
@@ -303,38 +345,24 @@ def run_case(op, mode, size, providers, device, args, copy_gbps, triton_reason, 
         # the launchers read the contraction at every launch: forced to "sum" for triton-sum's calls only
         with mock.patch.dict(os.environ, {"DRAW_TRITON_CONTRACTION": "sum"} if provider == "triton-sum" else {}):
             try:
-                forward = forward_fn(provider, case)
+                ops = provider_ops(provider)
+                forward = bind(ops, case)
                 rel_err = relative_error(flat(forward()), flat(reference_out))
                 if rel_err > REL_ERR_WARN:
                     common.log(f"WARNING {where}: forward differs from eager by {rel_err:.2e} (relative)")
-                fn = benchmark_fn(forward, case)
-                for timer in timers_for(size, device, not args.no_cudagraph):
-                    ms = time_ms(fn, timer, args)
-                    gbps = nbytes / (ms * 1e-3) / 1e9
-                    rows.append(
-                        {
-                            "op": op,
-                            "mode": mode,
-                            "group": size.group,
-                            "size": size.name,
-                            "n": size.n(op),
-                            "provider": provider,
-                            "timer": timer,
-                            "ms": ms,
-                            "bytes": nbytes,
-                            "gbps": gbps,
-                            "pct_copy": 100 * gbps / copy_gbps,
-                            "rel_err": rel_err,
-                        }
-                    )
-                    common.log(f"{where} [{timer}]: {ms:.4f} ms, {gbps:.2f} GB/s")
+                for timer in timers:
+                    row = timed_row(ops, cases if timer == "cudagraph" else [case], timer, nbytes, copy_gbps, args, device)
+                    rows.append({"op": op, "mode": mode, "group": size.group, "size": size.name, "n": size.n(op),
+                                 "provider": provider, **row, "rel_err": rel_err})
+                    shown = "" if row["gbps"] is None else f", {row['gbps']:.2f} GB/s"
+                    common.log(f"{where} [{timer}]: {row['ms']:.4f} ms{shown}")
             except Exception as error:  # one failing provider or size must not end the run
                 reason = "out of memory" if common.is_out_of_memory(error) else f"{type(error).__name__}: {error}"
                 reason = reason.splitlines()[0][:300]
                 common.log(f"SKIPPED {where}: {reason}")
                 skipped.append({"op": op, "mode": mode, "size": size.name, "provider": provider, "reason": reason})
         common.free_memory(device)
-    del case, reference_out
+    del case, cases, reference_out
     common.free_memory(device)
 
 
@@ -375,7 +403,7 @@ def plot(rows: list[dict], copy_gbps: float, path: str) -> None:
         for provider in PROVIDERS:
             if ONLY_FOR.get(provider, op) != op:
                 continue
-            for timer in ("perf_counter", "do_bench", "cudagraph"):
+            for timer in ("perf_counter", "do_bench", "cudagraph"):  # ("wall" rows hold no bandwidth)
                 line = {r["size"]: r["gbps"] for r in panel if r["provider"] == provider and r["timer"] == timer}
                 if line:
                     xs = [i for i, s in enumerate(sizes) if s in line]
@@ -401,7 +429,7 @@ def parse_args(argv=None):
     p.add_argument("--copy-mib", type=int, default=None,
                    help="size of the copy-bandwidth buffer in MiB; default 1024 on CUDA, 64 on CPU")
     p.add_argument("--no-cudagraph", action="store_true",
-                   help="on CUDA, skip the extra do_bench_cudagraph timing of the small and launch-bound sizes")
+                   help="on CUDA, skip the CUDA-graph timing (rotating input sets) of the small, launch-bound and middle sizes")
     p.add_argument("--rep-ms", type=int, default=200,
                    help="CUDA: do_bench's rep, the milliseconds of timed calls per case (slow cases still get >= 1)")
     p.add_argument("--reps", type=int, default=20, help="CPU: at most this many timed calls per case, after 3 warm-up calls")

@@ -80,14 +80,8 @@ def run_case(preset_name: str, batch: int, mode: str, amp: str, device: torch.de
     def step(i: int) -> torch.Tensor:
         return train_step(batches[i % 2], preset.train.lr)[0]
 
-    t0 = time.perf_counter()
-    warmup_steps = 0
-    # the GPU's clocks ramp up from idle; the step is captured or compiled before it is timed
-    while warmup_steps < args.warmup or time.perf_counter() - t0 < args.warmup_s or not train_step.settled:
-        step(warmup_steps)
-        common.synchronize(device)
-        warmup_steps += 1
-    warmup_s = time.perf_counter() - t0
+    warmup_steps, warmup_s = common.warm_up_step(step, lambda: train_step.settled, device, steps=args.warmup,
+                                                 seconds=args.warmup_s)
 
     t0 = time.perf_counter()
     for i in range(args.steps):
@@ -182,7 +176,7 @@ def parse_args(argv=None):
     p.add_argument("--no-tf32", action="store_true", help="CUDA: keep fp32 matmuls in full fp32 (no TF32)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (they include compiling); default 2 CPU, 5 CUDA")
     p.add_argument("--warmup-s", type=float, default=None,
-                   help="keep warming up until this many seconds have passed; default 0 CPU, 3 CUDA (an H100 "
+                   help="keep warming up until the compiled or captured step has run this many seconds; default 0 CPU, 3 CUDA (an H100 "
                    "idles at 345 MHz: 20 steps timed after 3 from idle ran mnist-paper at batch 1024 at 2/3 of its speed)")
     p.add_argument("--steps", type=int, default=None, help="timed steps; default 5 CPU, 50 CUDA")
     common.add_run_arguments(p, seed_help="seed of the model's initial weights and the random images",
@@ -252,6 +246,7 @@ def main(argv=None) -> None:
                         skip(preset, batch, mode, amp, reason.splitlines()[0][:300])
                         continue
                     rows.append(row)
+                    add_speedups(rows)
                     if args.json:  # after every case: a run stopped by a time limit keeps what it measured
                         common.write_json(args.json, {**meta, "partial": True}, rows, skipped=skipped)
                     common.log(

@@ -141,6 +141,25 @@ def cpu_median_ms(fn: Callable[[], object], *, warmup: int = 3, reps: int = 20, 
     return statistics.median(times)
 
 
+def warm_up_step(step: Callable[[int], object], settled: Callable[[], bool], device: torch.device, *, steps: int,
+                 seconds: float) -> tuple[int, float]:
+    """Run a training step untimed until it has compiled or been captured (`settled()`: the GPU idles while the
+    host compiles), then for at least `steps` steps in all and `seconds` of the settled step itself (a GPU's
+    clocks ramp up from idle). step(i) runs the i-th step. Returns (steps run, seconds taken)."""
+    started = time.perf_counter()
+    count = 0
+    while not settled():
+        step(count)
+        synchronize(device)
+        count += 1
+    ready = time.perf_counter()
+    while count < steps or time.perf_counter() - ready < seconds:
+        step(count)
+        synchronize(device)
+        count += 1
+    return count, time.perf_counter() - started
+
+
 def cuda_median_ms(fn: Callable[[], object], rep_ms: int = 100) -> float:
     """Median time of fn() in ms from triton.testing.do_bench (which flushes L2 between calls);
     it runs fn for about `rep_ms` ms (and at least once)."""
@@ -149,14 +168,72 @@ def cuda_median_ms(fn: Callable[[], object], rep_ms: int = 100) -> float:
     return float(triton.testing.do_bench(fn, rep=rep_ms, return_mode="median"))
 
 
-def cuda_graph_median_ms(fn: Callable[[], object]) -> float:
-    """Median time of fn() in ms replayed from a CUDA graph: launch overhead removed."""
+def cuda_graph_median_ms(fns: Sequence[Callable[[], object]]) -> float:
+    """Median time of one call in ms, replayed from a CUDA graph that makes each call of `fns` once: launch
+    overhead removed. The calls do the same work on distinct inputs (see `rotation`), so that the inputs of a
+    small case are not all held in the L2 cache from one replay to the next, and the time is the memory's,
+    not the cache's."""
     import triton.testing
 
+    def every_call():
+        for fn in fns:
+            fn()
+
     for _ in range(3):  # compile / autotune outside the capture
-        fn()
+        every_call()
     torch.cuda.synchronize()
-    return float(triton.testing.do_bench_cudagraph(fn, return_mode="median"))
+    return float(triton.testing.do_bench_cudagraph(every_call, return_mode="median")) / len(fns)
+
+
+ROTATION_L2_MULTIPLE = 4  # the inputs rotated through a CUDA graph hold at least 4x the L2 cache
+ROTATION_MAX = 256
+
+
+def rotation(nbytes: int, device: torch.device) -> int:
+    """How many input sets of `nbytes` a CUDA-graph timing rotates through: enough to hold ROTATION_L2_MULTIPLE
+    times the device's L2 cache (H100: 50 MiB), at most ROTATION_MAX."""
+    l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 * MIB)
+    return max(1, min(ROTATION_MAX, -(-ROTATION_L2_MULTIPLE * l2 // max(nbytes, 1))))
+
+
+def wall_median_ms(fn: Callable[[], object], device: torch.device, *, calls: int = 50, rounds: int = 10) -> float:
+    """Median over `rounds` of the wall time per call of `calls` calls of fn() back to back, synchronized
+    before and after each round: what a loop of such calls takes, the host's launches and Python included
+    (no cache is flushed; on a GPU the longer of the host's time and the device's)."""
+    for _ in range(3):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        times.append((time.perf_counter() - started) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def sm_clock_mhz(device: torch.device) -> int | None:
+    """The GPU's SM clock now, in MHz (NVML, through torch); None on a CPU or without NVML."""
+    if device.type != "cuda":
+        return None
+    try:
+        return int(torch.cuda.clock_rate(device))
+    except Exception:  # no pynvml, an NVML error: the figure is optional
+        return None
+
+
+def warm_up_gpu(device: torch.device, seconds: float = 0.1) -> None:
+    """Keep the GPU busy with matrix products for `seconds` (its clocks fall while the host compiles or makes
+    inputs, and take a while to come back up)."""
+    if device.type != "cuda":
+        return
+    a = torch.randn(2048, 2048, device=device)
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for _ in range(10):
+            a @ a
+        synchronize(device)
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, *, cpu_reps: int = 20, cpu_budget_s: float = 2.0) -> float:

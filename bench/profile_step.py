@@ -41,11 +41,9 @@ def profile_mode(preset_name: str, batch: int, mode: str, amp: str, device: torc
                      tf32=device.type == "cuda", mode=step_mode)
     cfg = preset.model
     images = torch.randint(0, 2, (batch, cfg.channels, cfg.height, cfg.width), device=device).float()
-    warmed = 0
-    while warmed < args.warmup or not step.settled:  # the CUDA graph captured, or the step compiled, before profiling
-        step(images, preset.train.lr)
-        warmed += 1
-    common.synchronize(device)
+    # the CUDA graph captured, or the step compiled, then run for a while (the GPU's clocks ramp up) before profiling
+    common.warm_up_step(lambda i: step(images, preset.train.lr), lambda: step.settled, device, steps=args.warmup,
+                        seconds=args.warmup_s if args.warmup_s is not None else (2.0 if device.type == "cuda" else 0.0))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
@@ -69,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", type=common.split_list, default=["triton", "triton-graph"], help=f"of {sorted(MODES)}")
     p.add_argument("--amp", default="none", choices=("none", "bf16"))
     p.add_argument("--warmup", type=int, default=3, help="steps before profiling (compiles, captures)")
+    p.add_argument("--warmup-s", type=float, default=None,
+                   help="seconds of the compiled or captured step before profiling; default 2 on CUDA, 0 on CPU")
     p.add_argument("--steps", type=int, default=3, help="profiled steps")
     p.add_argument("--top", type=int, default=15, help="kernels listed per mode")
     p.add_argument("--json", default=None, help="write the results here")

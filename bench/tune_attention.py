@@ -138,9 +138,17 @@ def outputs(provider: str, case: dict) -> list[torch.Tensor]:
     return [ba.flat(out).detach(), *torch.autograd.grad(out, inputs, case["grad_out"])]
 
 
-def evaluate(target: Target, settings: dict | None, case: dict, reference: list, args, device, copy_gbps) -> dict:
-    """One row: the candidate's largest relative error against the reference, then (when within
-    --tolerance) its median time; status "ok", "wrong" (no time) or "failed" (compile or launch error)."""
+def timer_for(target: Target, device: torch.device) -> str:
+    """How a candidate is timed: as bench_attention.py times the target's size, the device's time alone where it
+    can ("cudagraph" at the small, launch and middle sizes, "do_bench" at the bandwidth sizes)."""
+    return ba.timers_for(target.size, device, True)[-1]
+
+
+def evaluate(target: Target, settings: dict | None, cases: list[dict], reference: list, args, device, copy_gbps) -> dict:
+    """One row: the candidate's largest relative error against the reference on cases[0], then (when within
+    --tolerance) its median time (on every input set of `cases`, ba.rotated_cases); status "ok", "wrong" (no
+    time) or "failed" (compile or launch error)."""
+    case = cases[0]
     row = {"op": target.op, "size": target.size.name, "n": target.size.n(target.op), "kernel": target.kernel,
            "contraction": target.contraction, "settings": "launchers'" if settings is None else settings_text(settings),
            "status": "failed", "ms": None, "gbps": None, "pct_copy": None, "rel_err": None}
@@ -155,11 +163,10 @@ def evaluate(target: Target, settings: dict | None, case: dict, reference: list,
             elif args.once:
                 row["status"] = "ok"
             else:
-                fn = ba.benchmark_fn(ba.forward_fn("triton", case), case)
-                ms = ba.time_ms(fn, ba.timers_for(target.size, device, True)[-1], args)
                 nbytes = ba.BYTES[target.op](target.size, "fwd" if target.kernel == "fwd" else "fwd+bwd")
-                gbps = nbytes / (ms * 1e-3) / 1e9
-                row.update(status="ok", ms=ms, gbps=gbps, pct_copy=100 * gbps / copy_gbps)
+                timed = ba.timed_row(ba.provider_ops("triton"), cases, timer_for(target, device), nbytes, copy_gbps,
+                                     args, device)
+                row.update(status="ok", ms=timed["ms"], gbps=timed["gbps"], pct_copy=timed["pct_copy"])
         except Exception as error:  # a setting the compiler or the GPU refuses is a result, not the end
             reason = "out of memory" if common.is_out_of_memory(error) else f"{type(error).__name__}: {error}"
             row["reason"] = reason.splitlines()[0][:300]
@@ -180,12 +187,14 @@ def tune(target: Target, args, device, copy_gbps, rows: list) -> dict:
     mode = "fwd" if target.kernel == "fwd" else "fwd+bwd"
     case = ba.make_inputs(target.op, target.size, mode, device, seed=args.seed)
     reference = outputs("eager", case)
+    timed = not args.once and device.type == "cuda"
+    cases = ba.rotated_cases(case, target.op, target.size, mode, device, args.seed, [timer_for(target, device)]) if timed else [case]
     config = target.launcher_config(device)
     current = start_settings(config)
     own = []  # this target's rows (appended to rows too)
 
     def attempt(settings: dict | None, round_: int) -> dict:
-        row = evaluate(target, settings, case, reference, args, device, copy_gbps)
+        row = evaluate(target, settings, cases, reference, args, device, copy_gbps)
         row.update(round=round_, launchers=settings is None)
         if settings is None:
             row["resolved"] = settings_text(current)

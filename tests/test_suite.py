@@ -99,6 +99,70 @@ def test_the_suite_summary_leaves_out_providers_a_part_did_not_time(tmp_path):
     assert line == "attention read fwd 16384x3x54x54: triton 600 GB/s (20% of copy), 1.50x compiled (do_bench)"
 
 
+def test_a_wall_time_row_is_summarised_by_its_time_not_a_bandwidth(tmp_path):
+    """A "wall" row (the host's launches included) holds no GB/s: the headline gives its time a call."""
+    suite = import_bench("suite")
+    case = {"op": "read", "mode": "fwd", "size": "1024x1x28x28", "timer": "wall"}
+    (tmp_path / "attention.json").write_text(json.dumps({"results": [
+        {**case, "provider": "triton", "ms": 0.03, "gbps": None, "pct_copy": None, "vs_compiled": 2.0}]}))
+    [line] = [line for line in suite.headline(tmp_path) if line.startswith("attention ")]
+    assert line == "attention read fwd 1024x1x28x28: triton 0.0300 ms a call, 2.00x compiled (wall)"
+
+
+def test_the_attention_timers_time_the_device_alone_where_they_can(monkeypatch):
+    """On CUDA: launch-bound sizes by wall time (launches included) and CUDA-graph replays; the middle size by
+    do_bench and replays; the bandwidth sizes by do_bench. A CUDA-graph replay rotates through enough input sets
+    to hold 4x the L2 cache (at most 256), and its time is one call's."""
+    bench_attention = import_bench("bench_attention")
+    common = sys.modules["common"]
+    cuda = torch.device("cuda")
+    timers = {s.group: bench_attention.timers_for(s, cuda, True) for s in bench_attention.SIZES}
+    assert timers == {"small": ["wall", "cudagraph"], "launch": ["wall", "cudagraph"],
+                      "middle": ["do_bench", "cudagraph"], "bandwidth": ["do_bench"]}
+    assert bench_attention.timers_for(bench_attention.SIZES[0], torch.device("cpu"), True) == ["perf_counter"]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(L2_cache_size=50 << 20))
+    assert [common.rotation(n, cuda) for n in (1 << 20, 3 << 20, 300 << 20, 1)] == [200, 67, 1, 256]
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    import triton.testing
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, return_mode: fn() or 8.0)
+    fns = [lambda i=i: calls.append(i) for i in range(4)]
+    assert common.cuda_graph_median_ms(fns) == 2.0 and calls == [0, 1, 2, 3] * 4  # 3 warm-up rounds, 1 timed
+
+
+def test_wall_time_is_the_time_a_call_of_calls_back_to_back(monkeypatch):
+    """bench/common.py's wall timer: rounds of calls between synchronisations, the median round over its calls."""
+    common = import_bench("common")
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    costs = iter([0.0] * 3 + [0.002] * 40 + [0.010] * 10)  # 3 warm-up calls, then 4 rounds of 10 and one slow round
+
+    def call():
+        clock[0] += next(costs)
+
+    assert common.wall_median_ms(call, torch.device("cpu"), calls=10, rounds=5) == pytest.approx(2.0)
+
+
+def test_a_training_step_warms_up_once_it_is_compiled_or_captured(monkeypatch):
+    """bench/common.py's warm_up_step: the steps until the step settles, then --warmup steps in all and
+    --warmup-s seconds counted from when it settled (not from the start: compiling is no warm-up)."""
+    common = import_bench("common")
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    ran = []
+
+    def step(i):
+        ran.append(i)
+        clock[0] += 100.0 if i == 0 else 1.0  # the first call compiles for 100 s
+
+    assert common.warm_up_step(step, lambda: len(ran) >= 1, torch.device("cpu"), steps=2, seconds=3.0) == (4, 103.0)
+    ran.clear()
+    clock[0] = 0.0
+    assert common.warm_up_step(step, lambda: len(ran) >= 2, torch.device("cpu"), steps=5, seconds=0.0) == (5, 104.0)
+
+
 def test_the_attention_benchmarks_partial_results_carry_their_speed_ups(tmp_path, monkeypatch):
     """Each JSON written along the way (a part stopped at its limit keeps the last) has the speed-ups of the
     rows timed so far, as the final one has."""
@@ -256,6 +320,20 @@ def test_a_budget_stops_parts_when_it_is_spent_and_starts_no_stage_after(tmp_pat
     assert suite.main(["--out", str(tmp_path / "s"), "--budget", "7"]) == 0
     recorded = {r["part"]: r["status"] for r in json.loads((tmp_path / "s" / "suite.json").read_text())["results"]}
     assert recorded == {"first": "ok", "second": "skipped (budget 7 s spent)"} and len(seen) == 1
+
+
+def test_a_part_is_not_started_with_less_of_the_budget_than_it_needs_to_write_its_figures(tmp_path, monkeypatch):
+    """--budget: a part that writes nothing before a long first step (compiling the training step) is skipped
+    with less than its own minimum left, where a short part after it still runs."""
+    suite = import_bench("suite")
+    noop = [sys.executable, "-c", "pass"]
+    monkeypatch.setattr(suite, "stages", lambda quick, out: [[("first", noop, 100, {})], [("train-compiled", noop, 100, {})],
+                                                            [("third", noop, 100, {})]])
+    monkeypatch.setattr(suite, "headline", lambda out: [])
+    assert suite.minimum_s([("train-compiled", noop, 100, {})]) == 150 > suite.MIN_PART_S
+    assert suite.main(["--out", str(tmp_path / "s"), "--budget", "100"]) == 0
+    recorded = {r["part"]: r["status"] for r in json.loads((tmp_path / "s" / "suite.json").read_text())["results"]}
+    assert recorded == {"first": "ok", "train-compiled": "skipped (budget 100 s spent)", "third": "ok"}
 
 
 def test_the_summary_says_when_a_training_step_fell_back(tmp_path):
