@@ -300,6 +300,8 @@ def metadata(device: torch.device, **extra) -> dict:
         "triton_launch": os.environ.get("DRAW_TRITON_LAUNCH") or "auto",
         # where DRAW's encoder input is formed (DRAW_TRITON_PROJECTION): "fused" (in the LSTM cell) unless set
         "triton_projection": os.environ.get("DRAW_TRITON_PROJECTION") or "fused",
+        # whether fp32 matrix products may round their inputs to TF32 (a run's steps set it per step: bench_train)
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
     }
     meta.update(extra)
     return meta

@@ -121,6 +121,8 @@ _LAYOUT = {
             "random number generator states (byte tensors under 'torch', 'data' and 'cuda')"),
     "running": (lambda v: isinstance(v, dict) and isinstance(v.get("sums"), torch.Tensor) and v["sums"].dim() == 1
                 and _count(v.get("count")), "running loss sums (a tensor of sums and a count)"),
+    "data": (lambda v: isinstance(v, dict) and isinstance(v.get("sizes"), list) and isinstance(v.get("test_sha256"), str)
+             and isinstance(v.get("source"), str), "the data's identity (split sizes, a test digest and a source)"),
     "average": (lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("decay"), (int, float))
                                         and _count(v.get("updates")) and _named_tensors(v.get("sums"))),
                 "a weight average (decay, updates and a dict of named sums)"),

@@ -336,7 +336,7 @@ def cmd_eval(args) -> int:
         print(f"{dataset} {args.split}: error {100 * result['error']:.2f} % ({result['images']} images, "
               f"cross-entropy {result['loss']:.4f} nats, step {payload.get('step', '?')})")
         print(json.dumps({"checkpoint": payload["path"], "weights": payload["weights"], "dataset": dataset,
-                          "split": args.split, "step": payload.get("step"), "error_percent": 100 * result["error"], **result}, allow_nan=False))
+                          "data_source": data.source, "split": args.split, "step": payload.get("step"), "error_percent": 100 * result["error"], **result}, allow_nan=False))
         return 0
     result = evaluate_bound(model, images, batch_size=args.batch_size, importance_samples=args.importance_samples,
                             seed=_run_setting(args, payload, model, "seed"), device=device, progress=sys.stderr.isatty())
@@ -346,8 +346,8 @@ def cmd_eval(args) -> int:
     print(f"{dataset} {args.split}: -log p(x) <= {result['nats']:.2f} +- {result['stderr']:.2f} nats, "
           f"{result['bits_per_dim']:.4f} bits/dim ({kind}, "
           f"{result['images']} images, step {payload.get('step', '?')})")
-    print(json.dumps({"checkpoint": payload["path"], "weights": payload["weights"], "dataset": dataset, "split": args.split,
-                      "step": payload.get("step"), **result}, allow_nan=False))
+    print(json.dumps({"checkpoint": payload["path"], "weights": payload["weights"], "dataset": dataset,
+                      "data_source": data.source, "split": args.split, "step": payload.get("step"), **result}, allow_nan=False))
     return 0
 
 

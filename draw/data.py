@@ -142,6 +142,12 @@ class Dataset:
             raise ValueError(f"{self.name} ({self.source}) has no {split} labels: a classifier needs labelled data")
         return self.labels[split]
 
+    def identity(self) -> dict:
+        """What a checkpoint keeps of the data a run trains on, to refuse a resume on other data (another data
+        directory, optional files added or removed there): the split sizes and a sha256 of the test split."""
+        return {"sizes": [len(self.train), len(self.valid), len(self.test)],
+                "test_sha256": arrays_sha256({"test": self.test.numpy()}), "source": self.source}
+
     def images(self, split: str, index: torch.Tensor | slice | None = None) -> torch.Tensor:
         """A batch of split as float32.
 
@@ -430,11 +436,18 @@ def _verified_mnist_pkl(
 
 
 def _read_mnist_pkl(pkl: pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{split: (x [N, 784] float32, y [N] int64)} from a verified pickle."""
+    """{split: (x [N, 784] float32 grey levels v / 255, y [N] int64)} from a verified pickle.
+
+    The pickle holds MNIST's bytes v (0..255) as v / 256, whose brightest pixel is 0.996: binarized as they
+    are, a pixel at full ink would be off once in 256 draws, noise no model can predict (1.3 nats more
+    binarization entropy per test image: 46.83 against 45.53). They are read back as MNIST's own v / 255, full
+    ink 1.
+    """
     with gzip.open(pkl, "rb") as f:
         splits = pickle.load(f, encoding="latin1")  # checksum verified before we get here
     return {
-        split: (np.asarray(x, np.float32).reshape(-1, 784), np.asarray(y, np.int64).reshape(-1))
+        split: ((np.rint(np.asarray(x, np.float64) * 256) / 255).astype(np.float32).reshape(-1, 784),
+                np.asarray(y, np.int64).reshape(-1))
         for split, (x, y) in zip(SPLITS, splits, strict=True)
     }
 

@@ -229,7 +229,7 @@ def load_cluttered(
     """
     sizes = tuple(sizes or CLUTTERED_SIZES)
     params = {
-        "generator": "mnist-cluttered v1",
+        "generator": "mnist-cluttered v2",  # v2: MNIST read as v / 255 (data._read_mnist_pkl)
         "seed": CLUTTERED_SEED,
         "sizes": list(sizes),
         "size": CLUTTERED_SIZE,
@@ -266,7 +266,7 @@ def load_two_digit(
     """
     sizes = tuple(sizes or TWO_DIGIT_SIZES)
     params = {
-        "generator": "mnist-two-digit v1",
+        "generator": "mnist-two-digit v2",  # v2: MNIST read as v / 255
         "seed": TWO_DIGIT_SEED,
         "sizes": list(sizes),
         "size": TWO_DIGIT_SIZE,

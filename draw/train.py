@@ -212,6 +212,7 @@ class Run:
     deadline: float | None = None  # time.monotonic() after which the run stops at a step boundary
     average_model: nn.Module | None = None  # with --ema: a copy of the model that holds the average (evaluation_model)
     checkpoint_config: TrainConfig | None = None  # a resumed run's config as its checkpoint holds it
+    data_identity: dict | None = None  # Dataset.identity(), kept in each checkpoint
 
     @property
     def checkpoint_path(self) -> pathlib.Path:
@@ -270,6 +271,19 @@ def _resumed_step_mode(saved: str | None, device: torch.device, world: World) ->
         log.info(f"resume: the run's {saved} step cannot run here ({e}); the step is \"auto\" (--step chooses)")
         return "auto"
     return saved
+
+
+def _check_resumed_data(payload: dict, dataset: str, here: dict) -> None:
+    """Refuse a resume on other data than the run trained on (checkpoints from before the data were kept are
+    taken as they are)."""
+    saved = payload.get("data")
+    if saved is None or (saved["sizes"] == here["sizes"] and saved["test_sha256"] == here["test_sha256"]):
+        return
+    what = ("train/valid/test sizes " + "/".join(map(str, saved["sizes"])) + " against " + "/".join(map(str, here["sizes"]))
+            if saved["sizes"] != here["sizes"] else "another test split")
+    raise ValueError(f"{payload['path']} was trained on other {dataset} data than is here ({what}); it was "
+                     f"{saved['source']!r}, here it is {here['source']!r}: resume with the data it was trained on "
+                     "(--data-dir)")
 
 
 def _check_resumed_length(path, saved: TrainConfig, config: TrainConfig, start_step: int, total_steps: int,
@@ -333,6 +347,9 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
     if config.fixed_binarization and not data.binarize:
         raise ValueError(f"--fixed-binarization binarizes grey-level training images; {config.dataset} is used as it is "
                          "(not binarized)")
+    data_identity = data.identity()
+    if resume:
+        _check_resumed_data(payload, config.dataset, data_identity)
     if config.batch_size > len(data.train):
         raise ValueError(f"--batch-size {config.batch_size} is larger than the training set ({len(data.train)} images of {config.dataset})")
     sampler = BatchSampler(data, config, device, with_labels=not isinstance(model, DRAW))
@@ -381,7 +398,7 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
               if summary_writer is not None else None)
     return Run(out_dir, model, step, config, data, sampler, metrics, device, start_step, total_steps, sums, count,
                progress=progress, tensorboard=writer, good_checkpoint_step=start_step if resume else None, world=world,
-               checkpoint_config=saved_config if resume else None)
+               checkpoint_config=saved_config if resume else None, data_identity=data_identity)
 
 def _summary_writer_class():
     try:
@@ -403,7 +420,7 @@ def save_run_checkpoint(run: Run, step: int) -> None:
             save_checkpoint(run.checkpoint_path, run.model, optimizer=run.step.optimizer_state(), step=step,
                             rng=_rng_state(run.device, run.sampler), train_config=run.config.to_dict(),
                             running={"sums": run.sums.detach().cpu(), "count": run.count}, world_size=run.world.size,
-                            step_mode=run.step.mode,
+                            step_mode=run.step.mode, data=run.data_identity,
                             **({"average": run.step.average.state_dict()} if run.step.average is not None else {}))
     except CheckpointError as e:
         raise TrainingDiverged(_diverged_message(run, step, str(e))) from None
@@ -574,6 +591,7 @@ def finish_run(run: Run, *, make_figures: bool = True) -> dict:
         "steps": run.total_steps,
         "epochs": run.total_steps / run.sampler.per_epoch,
         "dataset": run.config.dataset,
+        "data_source": run.data.source,  # where the data came from (the loader's line)
         **record,
         "model_kind": model_kind(run.model.config),
         "model_config": run.model.config.to_dict(),

@@ -38,12 +38,14 @@ def no_network(monkeypatch):
 
 
 def fake_pickle_bytes(seed: int = 0) -> bytes:
-    """A pickle shaped like mnist.pkl.gz's content: ((x, y), (x, y), (x, y)), x float32 [N, 784]."""
+    """A pickle shaped like mnist.pkl.gz's content: ((x, y), (x, y), (x, y)), x float32 [N, 784] holding
+    MNIST's bytes v as v / 256, as the real one does."""
     rng = np.random.default_rng(seed)
     splits = []
     for n in SPLIT_SIZES:
-        x = rng.random((n, 784), dtype=np.float32)
+        x = rng.integers(0, 256, (n, 784)).astype(np.float32) / 256
         x[:, :100] = 0.0  # blank border-like pixels, as in MNIST
+        x[:, 100:110] = 255 / 256  # full ink
         splits.append((x, rng.integers(0, 10, n)))
     return pickle.dumps(tuple(splits), protocol=2)
 
@@ -212,16 +214,18 @@ def test_pkl_splits_binarized_once_and_cached(tmp_path, fake_pkl, no_network):
         t.shape[1:] == (1, 28, 28) and t.dtype == torch.float32
         for t in (first.train, first.valid, first.test)
     )
-    grey = pickle.loads(gzip.decompress(fake_pkl))
-    assert torch.equal(first.train.flatten(1), torch.from_numpy(grey[0][0]))
-    for t, (x, _) in zip((first.valid, first.test), grey[1:], strict=True):
+    stored = pickle.loads(gzip.decompress(fake_pkl))
+    grey = [torch.from_numpy(x.astype(np.float64) * 256 / 255).float() for x, _ in stored]  # v / 256 read as v / 255
+    assert torch.equal(first.train.flatten(1), grey[0]) and first.train.max() == 1.0
+    for t, x in zip((first.valid, first.test), grey[1:], strict=True):
         assert set(t.unique().tolist()) == {0.0, 1.0}
         assert not t.flatten(1)[:, :100].any(), "black stays black"
-        assert not torch.equal(t.flatten(1), torch.from_numpy(x)), "binary, not the grey levels"
+        assert t.flatten(1)[:, 100:110].all(), "full ink is always on"
+        assert not torch.equal(t.flatten(1), x), "binary, not the grey levels"
     # a Bernoulli draw (not a threshold): the one of data.binarize with BINARIZE_SEED, valid's then test's
     g = torch.Generator().manual_seed(data.BINARIZE_SEED)
-    for t, (x, _) in zip((first.valid, first.test), grey[1:], strict=True):
-        assert torch.equal(t.flatten(1), data.binarize(torch.from_numpy(x), g))
+    for t, x in zip((first.valid, first.test), grey[1:], strict=True):
+        assert torch.equal(t.flatten(1), data.binarize(x, g))
     cache = tmp_path / f"mnist_valid_test_binarized_seed{data.BINARIZE_SEED}.npz"
     assert cache.is_file() and "sha256 verified" in first.source and "now cached" in first.source
 

@@ -26,14 +26,17 @@ def fake_digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture
 def fake_mnist(tmp_path, monkeypatch):
-    """A fake mnist.pkl.gz in tmp_path (its sha256 now the expected one); downloads fail."""
-    splits = []
+    """A fake mnist.pkl.gz in tmp_path (its sha256 now the expected one; its bytes v stored as v / 256, as the
+    real one's are); downloads fail. Returns the splits as the loader reads them (v / 255)."""
+    splits, stored = [], []
     for n in FAKE_SPLIT_SIZES:
         digits, labels = fake_digits(n, seed=n)
-        splits.append((digits.reshape(n, 784), labels))
+        v = np.rint(digits.reshape(n, 784) * 255)
+        splits.append(((v / 255).astype(np.float32), labels))
+        stored.append(((v / 256).astype(np.float32), labels))
     buffer = io.BytesIO()
     with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as f:
-        f.write(pickle.dumps(tuple(splits), protocol=2))
+        f.write(pickle.dumps(tuple(stored), protocol=2))
     (tmp_path / "mnist.pkl.gz").write_bytes(buffer.getvalue())
     monkeypatch.setattr(data, "MNIST_PKL_SHA256", hashlib.sha256(buffer.getvalue()).hexdigest())
 

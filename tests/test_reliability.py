@@ -491,6 +491,32 @@ def test_a_checkpoint_that_cannot_resume_is_refused_in_one_line(tmp_path, capsys
     assert message in err[-1] and err[-1].startswith("draw train: error:")
 
 
+@pytest.mark.parametrize("change, what", [
+    (lambda d: setattr(d, "test", 1 - d.test), "(another test split)"),
+    (lambda d: setattr(d, "train", d.train[:-8]), "(train/valid/test sizes 512/128/128 against 504/128/128)"),
+])
+def test_a_resume_on_other_data_than_the_run_trained_on_is_refused_in_one_line(tmp_path, capsys, monkeypatch, change, what):
+    """Another data directory, or optional files added or removed there (the .amat MNIST files, SVHN's extra
+    set), would go on training on other data without a word: the checkpoint keeps the data's identity."""
+    import draw.train as train_module
+
+    out = run_dir(tmp_path, steps=2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert load_checkpoint(out)["data"]["sizes"] == [512, 128, 128] and summary["data_source"].startswith("synthetic")
+    real = train_module.load_dataset
+
+    def other_data(*args, **kwargs):
+        data = real(*args, **kwargs)
+        change(data)
+        return data
+
+    monkeypatch.setattr(train_module, "load_dataset", other_data)
+    assert main(TRAIN + ["--resume", "--out", str(out), "--steps", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"was trained on other synthetic data than is here {what}" in err and err.startswith("draw train: error:")
+    assert load_checkpoint(out)["step"] == 2
+
+
 def test_a_run_saved_on_another_device_resumes_inexactly_with_a_warning(tmp_path, caplog):
     out = run_dir(tmp_path, steps=2)
     rewrite(out / "checkpoint.pt", lambda p: p["rng"].update(device="cuda", data=torch.zeros(16, dtype=torch.uint8)))
