@@ -97,6 +97,7 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
                          str(ROOT / "tests" / "test_distributed.py") + "::test_the_gradient_all_reduce_is_captured_in_the_cuda_graph",
                          str(ROOT / "tests" / "test_train.py")
                          + "::test_the_cuda_graph_step_gives_the_eager_steps_losses_weights_and_average",
+                         str(ROOT / "tests" / "test_train.py") + "::test_the_fixed_binarization_is_the_same_on_any_device",
                          f"--junitxml={out / 'cuda-tests.xml'}"], 360, {})],
         [("attention", attention + ["--sizes", "launch", "--rep-ms", "50", "--json", str(out / "attention.json"),
                                     "--markdown", str(out / "attention.md"), "--plot", str(out / "attention.png")],

@@ -117,11 +117,12 @@ class BatchSampler:
         self.generator.manual_seed(config.seed)
         # [N, C, H, W], float32 or uint8 (kept compact); with fresh clutter only its length is used,
         # so it stays where it is rather than taking device memory
-        train = data.train if self.fresh is not None else data.train.to(device)
+        train = data.train
         if data.binarize and config.fixed_binarization and not data.train_is_binary:
-            fixed = torch.Generator(device=device)
-            fixed.manual_seed(config.seed + 1)
-            train = torch.bernoulli(to_float(train), generator=fixed)
+            # drawn on the CPU whatever the device: the same fixed set wherever the run starts or resumes
+            train = torch.bernoulli(to_float(train), generator=torch.Generator().manual_seed(config.seed + 1))
+        if self.fresh is None:
+            train = train.to(device)
         self.resample = data.binarize and not (config.fixed_binarization or data.train_is_binary)
         self.train = train
         self.per_epoch = steps_per_epoch(len(train), config.batch_size)

@@ -110,6 +110,22 @@ def test_training_batches_of_grey_levels_are_binarized_afresh_each_epoch(fixed):
         assert set(x.unique().tolist()) <= {0.0, 1.0} and not x[grey == 0].any()
         assert x.mean().item() == pytest.approx(grey.mean().item(), abs=0.01)
     assert torch.equal(draws[0], draws[1]) == fixed
+    if fixed:  # one draw by the CPU generator, seeded seed + 1, whatever the device (test_..._on_any_device)
+        assert torch.equal(sampler.train, torch.bernoulli(grey, generator=torch.Generator().manual_seed(3 + 1)))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_fixed_binarization_is_the_same_on_any_device():
+    """--fixed-binarization's one draw is the CPU generator's on a GPU too: a run checkpointed on one device and
+    resumed on another goes on training on the same fixed set."""
+    from draw.data import load_dataset
+    from draw.train import BatchSampler
+
+    data = load_dataset("synthetic", shape=(1, 28, 28))
+    config = train_config(fixed_binarization=True)
+    on_cpu = BatchSampler(data, config, torch.device("cpu")).train
+    assert torch.equal(BatchSampler(data, config, torch.device("cuda")).train.cpu(), on_cpu)
 
 
 def test_step_modes_resolve_and_refuse():
