@@ -343,7 +343,8 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
     summary_writer = _summary_writer_class() if tensorboard is not None and world.is_main else None
 
     cfg = model.config
-    data = world.first_on_each_node(lambda: load_dataset(config.dataset, data_dir, shape=(cfg.channels, cfg.height, cfg.width)))
+    data = world.first_on_each_node(lambda: load_dataset(config.dataset, data_dir, shape=(cfg.channels, cfg.height, cfg.width),
+                                                         progress=progress))  # download bars as the run's own
     log.info(f"data: {data.source}")
     if config.fixed_binarization and not data.binarize:
         raise ValueError(f"--fixed-binarization binarizes grey-level training images; {config.dataset} is used as it is "
