@@ -10,6 +10,7 @@ import os
 import pathlib
 import re
 import secrets
+import time
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -73,14 +74,18 @@ def atomic_write_text(path, text: str, *, durable: bool = True) -> pathlib.Path:
 _TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[0-9a-f]{8}" + re.escape(TEMP_SUFFIX))  # temp_path's names
 
 
-def remove_stale_temporaries(directory) -> list[pathlib.Path]:
+def remove_stale_temporaries(directory, *, name: str | None = None, older_than_s: float | None = None) -> list[pathlib.Path]:
     """Remove the temporary files this module left in `directory` (`.NAME.PID.RANDOM.tmp`, of any file written
-    there) whose writer process is gone; returns their paths. Other files, hidden `.tmp` ones too, stay."""
+    there, or of `name` alone) whose writer process is gone; returns their paths. Other files, hidden `.tmp`
+    ones too, stay. `older_than_s`: only those last written that long ago, for a directory that processes on
+    other machines may write into (a shared data directory: their pids mean nothing here)."""
     removed = []
     for temp in sorted(pathlib.Path(directory).glob(f".*{TEMP_SUFFIX}")):
         named = _TEMP_NAME.fullmatch(temp.name)
-        if named is None or not temp.is_file() or _alive(int(named["pid"])):
-            continue  # not one of ours, or its writer is still at work
+        if named is None or not temp.is_file() or _alive(int(named["pid"])) or name not in (None, named["name"]):
+            continue  # not one of ours (or not of `name`), or its writer is still at work
+        if older_than_s is not None and time.time() - temp.stat().st_mtime < older_than_s:
+            continue
         temp.unlink(missing_ok=True)
         removed.append(temp)
     return removed

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from draw.atomic import atomic_write, temp_path
+from draw.atomic import atomic_write, remove_stale_temporaries, temp_path
 from draw.config import DATASETS
 
 SPLITS = ("train", "valid", "test")
@@ -85,6 +85,7 @@ SYNTHETIC_SEED = 0
 SYNTHETIC_SIZES = (512, 128, 128)  # train, valid, test
 SYNTHETIC_MAX_SHAPES = 3
 SYNTHETIC_HALF_SIZES = (0.12, 0.2, 0.28)  # half extent of a shape, as a fraction of min(H, W)
+STALE_CACHE_WRITE_S = 3600  # a cache's temporary file untouched this long was left by a killed writer
 CACHE_META_KEY = "cache_meta"  # the .npz member holding the parameters and the arrays' sha256
 
 
@@ -624,6 +625,10 @@ def cached_arrays(
         return arrays, f"cached at {path} (sha256 verified)"
     if problem != "not found":
         warnings.warn(f"cache {path}: {problem}; rebuilding it", stacklevel=3)
+    # a write of this cache that a kill cut short (SIGTERM skips the writer's cleanup) leaves a hidden temporary
+    # file as large as the cache; one untouched for STALE_CACHE_WRITE_S is no other machine's write in progress
+    for temp in remove_stale_temporaries(path.parent, name=path.name, older_than_s=STALE_CACHE_WRITE_S):
+        warnings.warn(f"removed {temp}, left by an interrupted write of the cache", stacklevel=3)
     arrays = build()
     redone = "" if problem == "not found" else f"cache was {problem}, rebuilt; "
     try:

@@ -1,6 +1,8 @@
 """Dataset's float and crop helpers, and the sha256-verified array cache of draw/data.py."""
 
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -118,3 +120,21 @@ def test_cached_arrays_builds_once_and_rebuilds_a_bad_cache(tmp_path):
     assert len(builds) == 3 and np.array_equal(arrays["labels"], [1, 2, 3])
     with pytest.raises(ValueError, match="reserved"):
         data.write_array_cache(path, {data.CACHE_META_KEY: np.zeros(1)}, params)
+
+
+def test_a_cache_write_cut_short_leaves_no_temporary_file_behind_the_next_build(tmp_path):
+    """A killed cache write (SIGTERM skips the writer's cleanup) leaves a hidden temporary file as large as the
+    cache: the next build removes it once nothing has touched it for an hour (a shared data directory may hold
+    another machine's write in progress, whose pid means nothing here); other files stay."""
+    path = tmp_path / "c.npz"
+    dead = 999999  # no such process
+    old, recent, other = (tmp_path / name for name in (f".c.npz.{dead}.0a1b2c3d.tmp", f".c.npz.{dead}.1a1b2c3d.tmp",
+                                                        f".d.npz.{dead}.0a1b2c3d.tmp"))
+    for temp in (old, recent, other):
+        temp.write_bytes(b"partial")
+    hours_ago = time.time() - 2 * data.STALE_CACHE_WRITE_S
+    for temp in (old, other):
+        os.utime(temp, (hours_ago, hours_ago))
+    with pytest.warns(UserWarning, match=f"removed {old}, left by an interrupted write of the cache"):
+        data.cached_arrays(path, {"v": 1}, sample_arrays)
+    assert not old.exists() and recent.exists() and other.exists() and path.is_file()
