@@ -82,7 +82,7 @@ def remove_stale_temporaries(directory, *, name: str | None = None, older_than_s
     removed = []
     for temp in sorted(pathlib.Path(directory).glob(f".*{TEMP_SUFFIX}")):
         named = _TEMP_NAME.fullmatch(temp.name)
-        if named is None or not temp.is_file() or _alive(int(named["pid"])) or name not in (None, named["name"]):
+        if named is None or name not in (None, named["name"]) or not temp.is_file() or _alive(int(named["pid"])):
             continue  # not one of ours (or not of `name`), or its writer is still at work
         if older_than_s is not None and time.time() - temp.stat().st_mtime < older_than_s:
             continue

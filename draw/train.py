@@ -371,7 +371,7 @@ def start_run(out_dir, *, model_config: DRAWConfig | ClassifierConfig | None, tr
             step.load_optimizer_state(payload["optimizer"])
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise CheckpointError(f"{payload['path']}: its optimizer state does not fit the model "
-                                  f"({' '.join(str(e).split()) or type(e).__name__})") from None
+                                  f"({str(e) or type(e).__name__})") from None  # one line: cli._error_line
         if step.average is not None:
             if "average" not in payload:
                 raise CheckpointError(f"{payload['path']} was trained with --ema {config.ema} but holds no weight average")

@@ -88,25 +88,24 @@ def test_the_suite_summary_compares_two_warps_with_the_launched_warps(tmp_path):
     assert "attention-2warps" in [name for name, *_ in suite.parts(False, tmp_path)]
 
 
-def test_the_suite_summary_leaves_out_providers_a_part_did_not_time(tmp_path):
-    """attention-large times no triton-sum: its lines compare with what it timed, and no figure is NaN."""
+@pytest.mark.parametrize("part, row, line", [
+    # attention-large times no triton-sum: its lines compare with what it timed, and no figure is NaN
+    ("attention-large", {"size": "16384x3x54x54", "timer": "do_bench", "ms": 2.0, "gbps": 600.0, "pct_copy": 20.0,
+                         "vs_compiled": 1.5},
+     "attention read fwd 16384x3x54x54: triton 600 GB/s (20% of copy), 1.50x compiled (do_bench)"),
+    # a "wall" row (the host's launches included) holds no GB/s: the headline gives its time a call
+    ("attention", {"size": "1024x1x28x28", "timer": "wall", "ms": 0.03, "gbps": None, "pct_copy": None, "vs_compiled": 2.0},
+     "attention read fwd 1024x1x28x28: triton 0.0300 ms a call, 2.00x compiled (wall)"),
+])
+def test_the_suite_summary_gives_each_attention_row_what_its_part_timed(tmp_path, part, row, line):
+    """bench/suite.py's headline line of a triton attention row: its bandwidth where its timer measured the
+    device, its time a call otherwise, and the providers its part timed alone."""
     suite = import_bench("suite")
-    case = {"op": "read", "mode": "fwd", "size": "16384x3x54x54", "timer": "do_bench"}
-    (tmp_path / "attention-large.json").write_text(json.dumps({"results": [
-        {**case, "provider": "triton", "ms": 2.0, "gbps": 600.0, "pct_copy": 20.0, "vs_compiled": 1.5},
-        {**case, "provider": "compiled", "ms": 3.0}]}))
-    [line] = [line for line in suite.headline(tmp_path) if line.startswith("attention ")]
-    assert line == "attention read fwd 16384x3x54x54: triton 600 GB/s (20% of copy), 1.50x compiled (do_bench)"
-
-
-def test_a_wall_time_row_is_summarised_by_its_time_not_a_bandwidth(tmp_path):
-    """A "wall" row (the host's launches included) holds no GB/s: the headline gives its time a call."""
-    suite = import_bench("suite")
-    case = {"op": "read", "mode": "fwd", "size": "1024x1x28x28", "timer": "wall"}
-    (tmp_path / "attention.json").write_text(json.dumps({"results": [
-        {**case, "provider": "triton", "ms": 0.03, "gbps": None, "pct_copy": None, "vs_compiled": 2.0}]}))
-    [line] = [line for line in suite.headline(tmp_path) if line.startswith("attention ")]
-    assert line == "attention read fwd 1024x1x28x28: triton 0.0300 ms a call, 2.00x compiled (wall)"
+    case = {"op": "read", "mode": "fwd", "size": row["size"], "timer": row["timer"]}
+    (tmp_path / f"{part}.json").write_text(json.dumps({"results": [
+        {**case, "provider": "triton", **row}, {**case, "provider": "compiled", "ms": 3.0}]}))
+    [shown] = [shown for shown in suite.headline(tmp_path) if shown.startswith("attention ")]
+    assert shown == line
 
 
 def test_the_attention_timers_time_the_device_alone_where_they_can(monkeypatch):
