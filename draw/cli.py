@@ -15,7 +15,7 @@ import sys
 import time
 
 from draw import __version__
-from draw.config import DATASETS, DEFAULT_PRESET, LR_SCHEDULES, PRESETS, TrainConfig, get_preset
+from draw.config import DATASETS, DEFAULT_PRESET, EVAL_SPLITS, LR_SCHEDULES, PRESETS, TrainConfig, get_preset
 from draw.device import is_device_name, pick_device
 from draw.rundir import CHECKPOINT
 
@@ -178,12 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep a moving average of the weights, a <- DECAY a + (1 - DECAY) w after every step (e.g. 0.999: "
                         "about the last 1,000 steps), and evaluate, sample and draw figures with it; the evaluations "
                         "score the trained weights too (default: none)")
-    t.add_argument("--eval-every", type=_positive_int, help="steps between test-bound evaluations (default: the preset's)")
+    t.add_argument("--eval-every", type=_positive_int,
+                   help="steps between evaluations of the held-out bound (classifiers: error) (default: the preset's)")
+    t.add_argument("--eval-split", choices=EVAL_SPLITS,
+                   help="the split those evaluations score: test, or valid to choose settings without looking at the "
+                        "test set (`draw eval --split test` scores it once at the end; default test)")
     t.add_argument("--log-every", type=_positive_int, help="steps between training-loss records (default 50)")
     t.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints (default 500)")
     t.add_argument("--out", type=pathlib.Path, help="run directory (default: runs/PRESET, or runs/PRESET-DATASET for other datasets)")
     t.add_argument("--resume", action="store_true",
-                   help="continue the run in --out exactly where it stopped; only --steps, --epochs, --eval-every, "
+                   help="continue the run in --out exactly where it stopped; only --steps, --epochs, --eval-every, --eval-split, "
                         "--log-every, --checkpoint-every and --accumulate (and how it runs: --device, --backend, --step, "
                         "--threads, --time-limit, the number of torchrun ranks) may change")
     t.add_argument("--time-limit", type=_positive_float, metavar="MINUTES",
@@ -207,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", type=pathlib.Path, help="checkpoint file, or a run directory")
     e.add_argument("--dataset", choices=DATASETS, help="default: the dataset the checkpoint was trained on")
     e.add_argument("--importance-samples", type=_positive_int, default=1, help="K > 1: the importance-weighted bound with K samples")
-    e.add_argument("--split", choices=("test", "valid"), default="test", help="which held-out split (default test)")
+    e.add_argument("--split", choices=EVAL_SPLITS, default="test", help="which held-out split (default test)")
     e.add_argument("--batch-size", type=_positive_int, default=500,
                    help="samples per forward pass (default 500; the result does not depend on it)")
     e.add_argument("--seed", type=_seed, help="seed of the sampling noise (default: the run's, as its own evaluations used)")
@@ -249,7 +253,7 @@ TRAIN_FLAGS = {  # TrainConfig field: argparse dest, for the flags that set one
     "dataset": "dataset", "batch_size": "batch_size", "lr": "lr", "lr_schedule": "lr_schedule",
     "warmup_steps": "warmup_steps", "amp": "amp", "tf32": "tf32", "seed": "seed", "fixed_binarization": "fixed_binarization",
     "fresh_clutter": "fresh_clutter",
-    "steps": "steps", "epochs": "epochs", "eval_every": "eval_every", "log_every": "log_every",
+    "steps": "steps", "epochs": "epochs", "eval_every": "eval_every", "eval_split": "eval_split", "log_every": "log_every",
     "checkpoint_every": "checkpoint_every", "accumulate": "accumulate", "attention_grad_clip": "attention_grad_clip",
     "grad_clip": "grad_clip", "ema": "ema",
 }

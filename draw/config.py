@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 DATASETS = ("mnist", "synthetic", "mnist-cluttered", "mnist-two-digit", "svhn", "svhn-cropped", "cifar10")
 LR_SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("none", "bf16")
+# The held-out split a run's periodic evaluations score ("test", or "valid" to choose settings without looking at
+# the test set); their records and the summary name their figures after it: test_bound, valid_bound, ...
+EVAL_SPLITS = ("test", "valid")
 MAX_SEED = 2**32 - 1
 
 
@@ -135,7 +138,8 @@ class TrainConfig:
     tf32: bool = False  # CUDA: TF32 tensor-core matmuls for the LSTMs and linear layers
     steps: int | None = None
     epochs: float = 10.0
-    eval_every: int = 1000  # steps between test-bound evaluations
+    eval_every: int = 1000  # steps between evaluations of the held-out bound (or error)
+    eval_split: str = "test"  # the split those evaluations score: one of EVAL_SPLITS
     log_every: int = 50  # steps between training-loss records
     checkpoint_every: int = 500
     accumulate: int = 1  # micro-batches per step (gradient accumulation); batch_size must divide by it
@@ -143,7 +147,7 @@ class TrainConfig:
     # runs evaluate, sample and figure from; None: none (the trained weights themselves)
     ema: float | None = None
 
-    SCHEDULE = ("steps", "epochs", "eval_every", "log_every", "checkpoint_every", "accumulate")
+    SCHEDULE = ("steps", "epochs", "eval_every", "eval_split", "log_every", "checkpoint_every", "accumulate")
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -159,6 +163,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"TrainConfig.amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.eval_split not in EVAL_SPLITS:
+            raise ValueError(f"TrainConfig.eval_split must be one of {EVAL_SPLITS}, got {self.eval_split!r}")
         _check_int("TrainConfig", "warmup_steps", self.warmup_steps, 0)
         if self.fresh_clutter and self.dataset != "mnist-cluttered":
             raise ValueError(f"fresh_clutter (--fresh-clutter) draws mnist-cluttered images, not {self.dataset!r} "

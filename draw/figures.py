@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from draw.atomic import atomic_write
+from draw.config import EVAL_SPLITS
 from draw.kernels.reference import attention_grid
 
 __all__ = [
@@ -387,6 +388,15 @@ def _series(records: list[dict], x: str, y: str) -> tuple[np.ndarray, np.ndarray
     return np.asarray(xs), np.asarray(ys)
 
 
+def _held_out_split(records: list[dict]) -> str:
+    """The split the run's last evaluation record scored ("test" or "valid": its keys' prefix); "test" if none."""
+    for record in reversed(records):
+        for split in EVAL_SPLITS:
+            if any(key.startswith(f"{split}_") for key in record):
+                return split
+    return "test"
+
+
 def _smooth(values: np.ndarray, window: int | None = None) -> np.ndarray:
     """Trailing moving average over `window` points (default: 1/25 of the series, at least 1)."""
     if len(values) == 0:
@@ -406,11 +416,12 @@ def _x_at_steps(records: list[dict], x: str, steps: np.ndarray) -> np.ndarray:
     return np.interp(steps, known_steps, known_x)
 
 
-def _bound_series(records: list[dict], x: str) -> tuple[np.ndarray, np.ndarray]:
-    """Test bounds against x; evaluation records without x are placed by their step when possible."""
-    xs, ys = _series(records, x, "test_bound")
+def _bound_series(records: list[dict], x: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out bounds ({split}_bound) against x; evaluation records without x are placed by their step when
+    possible."""
+    xs, ys = _series(records, x, f"{split}_bound")
     if len(xs) == 0 and x != "step":
-        steps, ys = _series(records, "step", "test_bound")
+        steps, ys = _series(records, "step", f"{split}_bound")
         xs = _x_at_steps(records, x, steps)
         keep = np.isfinite(xs)
         xs, ys = xs[keep], ys[keep]
@@ -484,10 +495,11 @@ def _finish(fig, ax, limits, path) -> pathlib.Path:
 
 
 def save_loss_curve(metrics_path_or_records, path, title: str | None = None) -> pathlib.Path:
-    """Plot one run: training loss (raw, light, and smoothed), L_x and L_z (smoothed), and the test bound.
+    """Plot one run: training loss (raw, light, and smoothed), L_x and L_z (smoothed), and the held-out bound.
 
     Training records carry {"step", "loss", "l_x", "l_z"} (and "grad_norm", plotted in a panel below);
-    evaluation records {"step", "test_bound"} (nats), and with --ema "test_bound_trained" (the trained
+    evaluation records {"step", "test_bound"} (nats; "valid_bound" for a run evaluated on the validation
+    split: the last evaluation's split is plotted), and with --ema "test_bound_trained" (the trained
     weights' bound beside the weight average's); other records and non-finite values are ignored. The y axis
     runs from 0 to the late half's 95th percentile plus a margin, so the huge first losses do not flatten
     the curve.
@@ -503,10 +515,11 @@ def save_loss_curve(metrics_path_or_records, path, title: str | None = None) -> 
     loss = _series(records, "step", "loss")
     l_x = _series(records, "step", "l_x")
     l_z = _series(records, "step", "l_z")
-    bound = _series(records, "step", "test_bound")
-    trained = _series(records, "step", "test_bound_trained")  # --ema: test_bound is the weight average's
+    split = _held_out_split(records)
+    bound = _series(records, "step", f"{split}_bound")
+    trained = _series(records, "step", f"{split}_bound_trained")  # --ema: {split}_bound is the weight average's
     if len(loss[0]) == 0 and len(bound[0]) == 0:
-        raise ValueError("no training ('step', 'loss') or evaluation ('step', 'test_bound') records to plot")
+        raise ValueError(f"no training ('step', 'loss') or evaluation ('step', '{split}_bound') records to plot")
 
     fig, ax = _figure(title, "step", gradient_records=records)
     if len(loss[0]):
@@ -519,10 +532,10 @@ def save_loss_curve(metrics_path_or_records, path, title: str | None = None) -> 
             ax.plot(xs, _smooth(ys), color=colour, linewidth=1.2, label=label)
     if len(bound[0]):
         which = ", weight average" if len(trained[0]) else ""
-        ax.plot(*bound, "o", color="tab:red", markersize=5, zorder=4, label=f"test bound{which} (last {bound[1][-1]:.2f})")
+        ax.plot(*bound, "o", color="tab:red", markersize=5, zorder=4, label=f"{split} bound{which} (last {bound[1][-1]:.2f})")
     if len(trained[0]):
         ax.plot(*trained, "x", color="tab:purple", markersize=5, zorder=4,
-                label=f"test bound, trained weights (last {trained[1][-1]:.2f})")
+                label=f"{split} bound, trained weights (last {trained[1][-1]:.2f})")
     return _finish(fig, ax, _y_limits([loss, l_x, l_z, bound, trained], from_zero=True), path)
 
 
@@ -547,9 +560,10 @@ def save_loss_comparison(runs: dict, path, x: str = "step", title: str | None = 
     series = []
     for k, (label, source) in enumerate(runs.items()):
         records = _load_records(source)
-        loss, bound = _series(records, x, "loss"), _bound_series(records, x)
+        split = _held_out_split(records)
+        loss, bound = _series(records, x, "loss"), _bound_series(records, x, split)
         if len(loss[0]) == 0 and len(bound[0]) == 0:
-            raise ValueError(f"run {label!r}: no records with both {x!r} and 'loss' or 'test_bound'")
+            raise ValueError(f"run {label!r}: no records with both {x!r} and 'loss' or '{split}_bound'")
         colour = f"C{k % 10}"
         smoothed = (loss[0], _smooth(loss[1]))
         if len(loss[0]):
@@ -562,7 +576,7 @@ def save_loss_comparison(runs: dict, path, x: str = "step", title: str | None = 
                 markersize=5,
                 markeredgecolor="black",
                 markeredgewidth=0.5,
-                label=f"{label}: test bound (last {bound[1][-1]:.2f})",
+                label=f"{label}: {split} bound (last {bound[1][-1]:.2f})",
             )
         series += [smoothed, bound]
     return _finish(fig, ax, _y_limits(series, from_zero=False), path)
@@ -573,13 +587,14 @@ def save_error_curve(metrics_path_or_records, path, title: str | None = None) ->
     on a log scale (chance and the last few per cent both in view), with the gradient norm below.
 
     Training records carry {"step", "error"} (and "grad_norm"); evaluation records {"step",
-    "test_error"}; both are fractions. Other records and non-finite values are ignored. The
-    arguments and the return are save_loss_curve's.
+    "test_error"} (or "valid_error": the last evaluation's split is plotted); both are fractions. Other
+    records and non-finite values are ignored. The arguments and the return are save_loss_curve's.
     """
     records = _load_records(metrics_path_or_records)
-    train, test = _series(records, "step", "error"), _series(records, "step", "test_error")
+    split = _held_out_split(records)
+    train, test = _series(records, "step", "error"), _series(records, "step", f"{split}_error")
     if len(train[0]) == 0 and len(test[0]) == 0:
-        raise ValueError("no training ('step', 'error') or evaluation ('step', 'test_error') records to plot")
+        raise ValueError(f"no training ('step', 'error') or evaluation ('step', '{split}_error') records to plot")
     fig, ax = _figure(title, "step", "error (%)", gradient_records=records)
     floor = 0.1  # per cent: an error of 0 still has a place on the log axis
     if len(train[0]):
@@ -587,7 +602,7 @@ def save_error_curve(metrics_path_or_records, path, title: str | None = None) ->
         ax.plot(train[0], np.maximum(100 * _smooth(train[1]), floor), color="tab:blue", linewidth=1.8, label="training error (smoothed)")
     if len(test[0]):
         ax.plot(test[0], np.maximum(100 * test[1], floor), "o-", color="tab:red", markersize=5, linewidth=1,
-                label=f"test error (last {100 * test[1][-1]:.2f} %)")
+                label=f"{split} error (last {100 * test[1][-1]:.2f} %)")
     _percent_log_axis(ax)
     return _finish(fig, ax, None, path)
 

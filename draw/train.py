@@ -2,12 +2,14 @@
 
 `train()` holds the run directory's lock (draw/rundir.py) for the whole run and does three things:
     start_run   a new run (configs given) or a resumed one (configs read from the checkpoint);
-    run_loop    steps (draw/step.py), a training record every log_every steps, a test-bound evaluation
-                every eval_every, a checkpoint every checkpoint_every; stops on a step boundary on the
+    run_loop    steps (draw/step.py), a training record every log_every steps, an evaluation on the held-out
+                split (eval_split: test or valid) every eval_every, a checkpoint every checkpoint_every; stops
+                on a step boundary on the
                 first SIGINT, SIGTERM or SIGHUP, after saving a checkpoint;
     finish_run  summary.json and the figures.
 With --ema the run keeps a moving average of the weights (draw/average.py) beside the trained ones: the
-evaluations score both (the average's as test_bound / test_error, the trained weights' with "_trained"),
+evaluations score both (the average's as test_bound / test_error, or valid_..., the trained weights' with
+"_trained"),
 and the figures and `draw eval` / `draw sample` use the average.
 A checkpoint is written only when every weight is finite, so a diverging run keeps its last good one.
 Under torchrun every rank runs these with its `World` (draw/distributed.py): rank 0 alone holds the lock,
@@ -32,7 +34,7 @@ from draw import figures
 from draw.atomic import atomic_write_text
 from draw.checkpoint import (CheckpointError, build_model, check_training_state, config_from_checkpoint, finite_weights,
                              load_checkpoint, model_from_checkpoint, save_checkpoint)
-from draw.config import ClassifierConfig, DRAWConfig, TrainConfig, model_kind
+from draw.config import EVAL_SPLITS, ClassifierConfig, DRAWConfig, TrainConfig, model_kind
 from draw.data import Dataset, load_dataset, random_crop, to_float
 from draw.distributed import SINGLE, World, check_global_batch, failing_together
 from draw.evaluate import evaluate_bound, evaluate_classifier
@@ -451,20 +453,25 @@ def evaluation_model(run: Run) -> nn.Module:
 
 
 def _scores(run: Run, model: nn.Module) -> dict:
-    """The test-set scores of `model`: DRAW's bound in nats (test_bound, its stderr, L_x, L_z), the classifier's
-    test error and cross-entropy."""
+    """The scores of `model` on the held-out split S = run.config.eval_split ("test" or "valid"): DRAW's bound in
+    nats (S_bound, its stderr S_bound_stderr, S_l_x, S_l_z), the classifier's error and cross-entropy (S_error,
+    S_loss)."""
+    split = run.config.eval_split
+    images = getattr(run.data, split)  # [N, C, H, W]
     if isinstance(model, DRAW):
-        result = evaluate_bound(model, run.data.test, device=run.device, seed=run.config.seed, world=run.world)
-        return {"test_bound": result["nats"], "test_bound_stderr": result["stderr"], "test_l_x": result["l_x"],
-                "test_l_z": result["l_z"]}
-    result = evaluate_classifier(model, run.data.test, run.data.split_labels("test"), device=run.device, world=run.world)
-    return {"test_error": result["error"], "test_loss": result["loss"]}
+        result = evaluate_bound(model, images, device=run.device, seed=run.config.seed, world=run.world)
+        scores = {"bound": result["nats"], "bound_stderr": result["stderr"], "l_x": result["l_x"], "l_z": result["l_z"]}
+    else:
+        result = evaluate_classifier(model, images, run.data.split_labels(split), device=run.device, world=run.world)
+        scores = {"error": result["error"], "loss": result["loss"]}
+    return {f"{split}_{name}": value for name, value in scores.items()}
 
 
 def _evaluate(run: Run, step: int) -> dict:
-    """Score the model on the test set and write the evaluation record ({"step", "test_...": ...}), which
-    is returned (see _scores). With --ema the scores are the weight average's, and the trained weights' follow
-    under the same names with "_trained" (test_bound_trained, ...), on the same latent noise."""
+    """Score the model on the held-out split and write the evaluation record ({"step", "test_...": ...}, or
+    "valid_..."), which is returned (see _scores). With --ema the scores are the weight average's, and the
+    trained weights' follow under the same names with "_trained" (test_bound_trained, ...), on the same latent
+    noise."""
     record = {"step": step, **_scores(run, evaluation_model(run))}
     if run.step.average is not None:
         record.update({f"{key}_trained": value for key, value in _scores(run, run.model).items()})
@@ -475,19 +482,23 @@ def _evaluate(run: Run, step: int) -> dict:
     if run.tensorboard is not None:
         for key, value in record.items():
             if key != "step":
-                run.tensorboard.add_scalar(f"test/{key[5:]}", value, step)
+                split, name = key.split("_", 1)
+                run.tensorboard.add_scalar(f"{split}/{name}", value, step)
     return record
 
 
 def _headline(record: dict) -> str:
-    if "test_bound" in record:
-        line = f"test bound {record['test_bound']:.2f} nats (L_x {record['test_l_x']:.2f}, L_z {record['test_l_z']:.2f})"
-        if "test_bound_trained" in record:
-            line += f"; the trained weights {record['test_bound_trained']:.2f}"
+    """An evaluation record in words: "test bound 89.48 nats (L_x ..., L_z ...)", "valid error 3.24 % (...)"."""
+    split = next(s for s in EVAL_SPLITS if any(key.startswith(f"{s}_") for key in record))
+    scores = {key[len(split) + 1:]: value for key, value in record.items() if key.startswith(f"{split}_")}
+    if "bound" in scores:
+        line = f"{split} bound {scores['bound']:.2f} nats (L_x {scores['l_x']:.2f}, L_z {scores['l_z']:.2f})"
+        if "bound_trained" in scores:
+            line += f"; the trained weights {scores['bound_trained']:.2f}"
         return line
-    line = f"test error {100 * record['test_error']:.2f} % (cross-entropy {record['test_loss']:.4f} nats)"
-    if "test_error_trained" in record:
-        line += f"; the trained weights {100 * record['test_error_trained']:.2f} %"
+    line = f"{split} error {100 * scores['error']:.2f} % (cross-entropy {scores['loss']:.4f} nats)"
+    if "error_trained" in scores:
+        line += f"; the trained weights {100 * scores['error_trained']:.2f} %"
     return line
 
 
@@ -579,14 +590,15 @@ def run_loop(run: Run) -> int | None:
 
 def finish_run(run: Run, *, make_figures: bool = True) -> dict:
     """Write summary.json (and the figures) of a finished run and return the summary."""
-    if run.last_eval is None:  # a resumed run that was already finished: its last evaluation stands
+    split = run.config.eval_split
+    if run.last_eval is None:  # a resumed run that was already finished: its last evaluation (of this split) stands
         evals = run.world.from_main(lambda: [r for r in run.metrics.records()
-                                             if any(k.startswith("test_") for k in r) and r["step"] == run.total_steps])
+                                             if any(k.startswith(f"{split}_") for k in r) and r["step"] == run.total_steps])
         if evals:
             log.info(f"{run.out_dir} is already trained to step {run.total_steps}")
         run.last_eval = evals[-1] if evals else _evaluate(run, run.total_steps)  # else: ended here, at its checkpoint
     record = {k: v for k, v in run.last_eval.items() if k != "step"}
-    for key in ("test_bound", "test_bound_trained"):
+    for key in (f"{split}_bound", f"{split}_bound_trained"):
         if key in record:
             record[f"{key}_nats"] = record.pop(key)
     summary = {
@@ -601,7 +613,7 @@ def finish_run(run: Run, *, make_figures: bool = True) -> dict:
         "device": str(run.device),
         "step_mode": run.step.mode,
         "world_size": run.world.size,
-        "weights": "trained" if run.step.average is None else "average",  # whose scores test_... are
+        "weights": "trained" if run.step.average is None else "average",  # whose scores test_... (valid_...) are
     }
     if not run.world.is_main:
         return summary

@@ -228,6 +228,25 @@ def test_the_classifier_trains_resumes_evaluates_and_shows_its_glimpses(tmp_path
     assert not (tmp_path / "h").exists()
 
 
+def test_a_classifier_evaluated_on_the_validation_split(tmp_path, squares_dataset):
+    """--eval-split valid: the classifier's evaluations are its error on the validation images and labels
+    (valid_error, valid_loss), which differ from the test split's; the error curve is drawn from them."""
+    from draw.checkpoint import load_checkpoint, model_from_checkpoint
+    from draw.config import TrainConfig
+    from draw.evaluate import evaluate_classifier
+    from draw.train import train
+
+    config = TrainConfig(dataset="mnist-cluttered", batch_size=32, lr=1e-2, steps=3, eval_every=3, seed=0, eval_split="valid")
+    summary = train(tmp_path / "run", model_config=SMALL, train_config=config, progress=False)
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "run")).eval()
+    scores = {split: evaluate_classifier(model, getattr(squares_dataset, split), squares_dataset.split_labels(split))
+              for split in ("valid", "test")}
+    assert summary["valid_error"] == pytest.approx(scores["valid"]["error"])
+    assert summary["valid_loss"] == pytest.approx(scores["valid"]["loss"], rel=1e-5)
+    assert summary["valid_loss"] != pytest.approx(scores["test"]["loss"], rel=1e-3) and "test_error" not in summary
+    assert (tmp_path / "run" / "error_curve.png").is_file()
+
+
 def test_fixed_binarization_of_data_that_is_not_binarized_is_refused(tmp_path, squares_dataset):
     from draw.config import TrainConfig
     from draw.train import train

@@ -320,6 +320,32 @@ def test_with_a_weight_average_the_loss_curve_shows_both_bounds(tmp_path, monkey
     assert not any("trained" in label for label in labels["plain"])
 
 
+def test_a_run_evaluated_on_the_validation_split_is_plotted_with_its_figures(tmp_path, monkeypatch):
+    """--eval-split valid: records hold valid_bound / valid_error; the loss curve, the comparison and the error
+    curve plot those under "valid", and the last evaluation's split wins in a run that switched."""
+    labels = {}
+    finish = figures._finish
+
+    def kept(fig, ax, limits, path):
+        labels[pathlib.Path(path).stem] = [line.get_label() for line in ax.get_lines()]
+        return finish(fig, ax, limits, path)
+
+    monkeypatch.setattr(figures, "_finish", kept)
+    rename = lambda r, old, new: {(new + k[len(old):] if k.startswith(old) else k): v for k, v in r.items()}
+    valid = [rename(r, "test_", "valid_") for r in synthetic_records()]
+    switched = synthetic_records() + [{"step": 1000, "valid_bound": 50.0}]
+    figures.save_loss_curve(valid, tmp_path / "valid.png")
+    figures.save_loss_curve(switched, tmp_path / "switched.png")
+    figures.save_loss_comparison({"a": valid}, tmp_path / "comparison.png")
+    figures.save_error_curve([rename(r, "test_", "valid_") for r in classifier_records()], tmp_path / "error.png")
+    last = [r["valid_bound"] for r in valid if "valid_bound" in r][-1]
+    assert f"valid bound (last {last:.2f})" in labels["valid"] and not any("test" in x for x in labels["valid"])
+    assert "valid bound (last 50.00)" in labels["switched"] and not any("test" in x for x in labels["switched"])
+    assert f"a: valid bound (last {last:.2f})" in labels["comparison"]
+    assert any(x.startswith("valid error (last ") for x in labels["error"])
+    assert figures._held_out_split([{"step": 1, "loss": 2.0}]) == "test"  # no evaluation yet
+
+
 def classifier_records(steps=400):
     records = [{"step": s, "error": 0.9 * math.exp(-s / 80) + 0.05, "grad_norm": 5.0 + (s % 11)} for s in range(5, steps, 5)]
     records[30]["error"] = 0.0  # a perfect interval still has a place on the log axis

@@ -214,6 +214,35 @@ def test_the_grad_clip_flag_sets_the_runs_clip(tmp_path, capsys):
         TrainConfig(grad_clip=-1.0)
 
 
+def test_the_evaluations_score_the_split_asked_for(tmp_path, capsys, caplog):
+    """--eval-split valid: every evaluation record, the summary and the last log line score the validation
+    split (valid_bound, ...; no test figure), as `draw eval --split valid` scores it; a resume may switch to test."""
+    run = tmp_path / "run"
+    caplog.set_level("INFO", logger="draw")
+    assert main(["train", "--dataset", "synthetic", "--steps", "2", "--batch-size", "8", "--eval-every", "1", "--out",
+                 str(run), "--no-progress", "--step", "eager", "--eval-split", "valid"]) == 0
+    evaluations = [r for r in read_metrics(run / "metrics.jsonl") if "loss" not in r]
+    assert [r["step"] for r in evaluations] == [1, 2]
+    assert all(set(r) == {"step", "valid_bound", "valid_bound_stderr", "valid_l_x", "valid_l_z"} for r in evaluations)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["valid_bound_nats"] == evaluations[-1]["valid_bound"] and summary["train_config"]["eval_split"] == "valid"
+    assert not any(key.startswith("test_") for key in summary)
+    assert f"after 2 steps: valid bound {summary['valid_bound_nats']:.2f} nats" in caplog.text
+    capsys.readouterr()
+    nats = {}
+    for split in ("valid", "test"):
+        assert main(["eval", str(run), "--split", split]) == 0
+        nats[split] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["nats"]
+    assert nats["valid"] == pytest.approx(summary["valid_bound_nats"], rel=1e-5)
+    assert nats["test"] != pytest.approx(nats["valid"], rel=1e-3)  # another split: another figure
+    assert main(["train", "--resume", "--out", str(run), "--steps", "3", "--eval-split", "test", "--no-progress"]) == 0
+    last = read_metrics(run / "metrics.jsonl")[-1]
+    assert last["step"] == 3 and set(last) == {"step", "test_bound", "test_bound_stderr", "test_l_x", "test_l_z"}
+    assert json.loads((run / "summary.json").read_text())["test_bound_nats"] == last["test_bound"]
+    with pytest.raises(ValueError, match="eval_split must be one of"):
+        TrainConfig(eval_split="train")
+
+
 def test_failed_compile_falls_back_to_eager_with_one_line(monkeypatch, caplog):
     model = DRAW(SMALL)
     step = TrainStep(model, lr=1e-3, grad_clip=1.0, mode="compile")
