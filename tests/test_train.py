@@ -780,6 +780,27 @@ def test_eval_of_a_run_without_ema_uses_its_trained_weights(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["nats"] != result["nats"]
 
 
+def test_eval_calls_bits_per_dim_by_their_name_only_for_binary_pixels(tmp_path, capsys, monkeypatch):
+    """Binary test images: "bits/dim". Grey levels as Bernoulli targets (colour data): the same number, named as a
+    cross-entropy per pixel value, not 8-bit bits/dim; the JSON says which (binary_pixels)."""
+    from draw import data
+
+    run = tmp_path / "run"
+    train(run, model_config=SMALL, train_config=train_config(steps=1, eval_every=1), **QUIET)
+    capsys.readouterr()
+    lines = {}
+    for binary in (True, False):
+        loaded = data.load_dataset("synthetic")
+        monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: replace(loaded, binarize=binary))
+        assert main(["eval", str(run), "--batch-size", "64"]) == 0
+        human, last = capsys.readouterr().out.strip().splitlines()[-2:]
+        lines[binary] = (human, json.loads(last))
+    (binary_line, binary_json), (grey_line, grey_json) = lines[True], lines[False]
+    assert f"{binary_json['bits_per_dim']:.4f} bits/dim (variational bound" in binary_line and binary_json["binary_pixels"] is True
+    assert f"{grey_json['bits_per_dim']:.4f} bits per pixel value (Bernoulli cross-entropy of grey levels, not 8-bit bits/dim)" in grey_line
+    assert grey_json["binary_pixels"] is False and "bits/dim (variational" not in grey_line
+
+
 def test_a_refused_run_removes_the_directories_it_made(tmp_path, capsys):
     """--out a/b/run where a does not exist, refused after the lock was taken (a batch larger than the data
     set): nothing is left, a/ and a/b/ included; a parent that was there stays."""
