@@ -145,9 +145,11 @@ class Dataset:
 
     def identity(self) -> dict:
         """What a checkpoint keeps of the data a run trains on, to refuse a resume on other data (another data
-        directory, optional files added or removed there): the split sizes and a sha256 of the test split."""
+        directory, optional files added or removed there): the split sizes and a sha256 of each held-out split
+        (the runs evaluate on either: TrainConfig.eval_split)."""
         return {"sizes": [len(self.train), len(self.valid), len(self.test)],
-                "test_sha256": arrays_sha256({"test": self.test.numpy()}), "source": self.source}
+                "test_sha256": arrays_sha256({"test": self.test.numpy()}),
+                "valid_sha256": arrays_sha256({"valid": self.valid.numpy()}), "source": self.source}
 
     def images(self, split: str, index: torch.Tensor | slice | None = None) -> torch.Tensor:
         """A batch of split as float32.

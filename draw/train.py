@@ -278,12 +278,15 @@ def _resumed_step_mode(saved: str | None, device: torch.device, world: World) ->
 
 def _check_resumed_data(payload: dict, dataset: str, here: dict) -> None:
     """Refuse a resume on other data than the run trained on (checkpoints from before the data were kept are
-    taken as they are)."""
+    taken as they are, and those from before the validation split's digest was kept are checked without it)."""
     saved = payload.get("data")
-    if saved is None or (saved["sizes"] == here["sizes"] and saved["test_sha256"] == here["test_sha256"]):
+    if saved is None:
+        return
+    other = [split for split in EVAL_SPLITS if saved.get(f"{split}_sha256", here[f"{split}_sha256"]) != here[f"{split}_sha256"]]
+    if saved["sizes"] == here["sizes"] and not other:
         return
     what = ("train/valid/test sizes " + "/".join(map(str, saved["sizes"])) + " against " + "/".join(map(str, here["sizes"]))
-            if saved["sizes"] != here["sizes"] else "another test split")
+            if saved["sizes"] != here["sizes"] else f"another {' and '.join(other)} split")
     raise ValueError(f"{payload['path']} was trained on other {dataset} data than is here ({what}); it was "
                      f"{saved['source']!r}, here it is {here['source']!r}: resume with the data it was trained on "
                      "(--data-dir)")

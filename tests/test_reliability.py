@@ -493,6 +493,7 @@ def test_a_checkpoint_that_cannot_resume_is_refused_in_one_line(tmp_path, capsys
 
 @pytest.mark.parametrize("change, what", [
     (lambda d: setattr(d, "test", 1 - d.test), "(another test split)"),
+    (lambda d: setattr(d, "valid", 1 - d.valid), "(another valid split)"),
     (lambda d: setattr(d, "train", d.train[:-8]), "(train/valid/test sizes 512/128/128 against 504/128/128)"),
 ])
 def test_a_resume_on_other_data_than_the_run_trained_on_is_refused_in_one_line(tmp_path, capsys, monkeypatch, change, what):
@@ -515,6 +516,19 @@ def test_a_resume_on_other_data_than_the_run_trained_on_is_refused_in_one_line(t
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"was trained on other synthetic data than is here {what}" in err and err.startswith("draw train: error:")
     assert load_checkpoint(out)["step"] == 2
+
+
+def test_a_checkpoint_without_the_validation_digest_resumes_with_its_test_digest_checked(tmp_path, capsys):
+    """Checkpoints written before the validation split's digest was kept resume as they did; their test digest
+    is still checked."""
+    out = run_dir(tmp_path, steps=2)
+    assert set(load_checkpoint(out)["data"]) == {"sizes", "test_sha256", "valid_sha256", "source"}
+    rewrite(out / "checkpoint.pt", lambda p: p["data"].pop("valid_sha256"))
+    assert main(TRAIN + ["--resume", "--out", str(out), "--steps", "3"]) == 0
+    assert load_checkpoint(out)["step"] == 3
+    rewrite(out / "checkpoint.pt", lambda p: p["data"].update(test_sha256="0" * 64) or p["data"].pop("valid_sha256"))
+    assert main(TRAIN + ["--resume", "--out", str(out), "--steps", "4"]) == 2
+    assert "(another test split)" in capsys.readouterr().err
 
 
 def test_a_run_saved_on_another_device_resumes_inexactly_with_a_warning(tmp_path, caplog):
