@@ -441,7 +441,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = parse_args(argv)
     device = common.pick_device(args.device)
     common.set_cpu_threads(args.threads, device)
@@ -455,16 +455,22 @@ def main(argv=None) -> None:
         common.log(f"triton provider skipped: {triton_reason}")
 
     meta = common.metadata(device, copy_bandwidth_gbps=round(copy_gbps, 2), copy_buffer_mib=copy_mib, dtype="float32")
-    rows, skipped = [], []
-    for size in sizes:
-        for op in args.ops:
-            for mode in args.modes:
-                try:  # a case that loses the device (a sticky CUDA error) ends the run, its rows kept
-                    run_case(op, mode, size, args.providers, device, args, copy_gbps, triton_reason, rows, skipped)
-                finally:
-                    add_speedups(rows)
-                    if args.json:  # after every case: a run stopped by a time limit keeps what it measured
-                        common.write_json(args.json, {**meta, "partial": True}, rows, skipped=skipped)
+    rows, skipped, interrupted = [], [], False
+    try:  # Ctrl-C (or the suite's SIGINT at a part's time limit): the tables below are written from what was measured
+        for size in sizes:
+            for op in args.ops:
+                for mode in args.modes:
+                    try:  # a case that loses the device (a sticky CUDA error) ends the run, its rows kept
+                        run_case(op, mode, size, args.providers, device, args, copy_gbps, triton_reason, rows, skipped)
+                    finally:
+                        add_speedups(rows)
+                        if args.json:  # after every case: a run stopped by a time limit keeps what it measured
+                            common.write_json(args.json, {**meta, "partial": True}, rows, skipped=skipped)
+    except KeyboardInterrupt:
+        interrupted = True
+        common.log(f"interrupted: writing the {len(rows)} rows measured so far")
+    if interrupted:
+        meta["partial"] = True
 
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']}")
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s ({copy_mib} MiB buffer)")
@@ -494,6 +500,7 @@ def main(argv=None) -> None:
             plot(rows, copy_gbps, args.plot)
         else:
             common.log("--plot: no results to plot")
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -193,7 +193,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = parse_args(argv)
     device = common.pick_device(args.device)
     common.set_cpu_threads(args.threads, device)
@@ -224,35 +224,41 @@ def main(argv=None) -> None:
         common.log(f"SKIPPED {preset} {batch or ''} {mode or ''} {amp or ''}: {reason}".replace("  ", " "))
         skipped.append({"preset": preset, "batch": batch, "mode": mode, "dtype": amp, "reason": reason})
 
-    for preset in presets:
-        if preset not in PRESETS:
-            skip(preset, None, None, None, f"not in draw.config.PRESETS ({', '.join(sorted(PRESETS))})")
-            continue
-        for batch in args.batch_sizes or plan.get(preset, FALLBACK_BATCHES[device.type]):
-            for mode in modes:
-                for amp in amps:
-                    reason = skip_reason(mode, amp, device, triton_reason)
-                    if reason:
-                        skip(preset, batch, mode, amp, reason)
-                        continue
-                    try:
-                        row = run_case(preset, batch, mode, amp, device, args)
-                    except Exception as error:  # one failing case must not end the run
-                        row = None
-                        reason = "out of memory" if common.is_out_of_memory(error) else f"{type(error).__name__}: {error}"
-                    if row is None:  # out of the except block: its traceback no longer holds the case's tensors
-                        torch.compiler.reset()
-                        common.free_memory(device)
-                        skip(preset, batch, mode, amp, reason.splitlines()[0][:300])
-                        continue
-                    rows.append(row)
-                    add_speedups(rows)
-                    if args.json:  # after every case: a run stopped by a time limit keeps what it measured
-                        common.write_json(args.json, {**meta, "partial": True}, rows, skipped=skipped)
-                    common.log(
-                        f"{preset} batch {batch} {mode} {amp}: {row['images_per_s']:,.0f} images/s, "
-                        f"{row['ms_per_step']:.1f} ms/step, peak {row['peak_mib']:,.0f} MiB"
-                    )
+    interrupted = False
+    try:  # Ctrl-C (or the suite's SIGINT at a part's time limit): the tables below are written from what was measured
+        for preset in presets:
+            if preset not in PRESETS:
+                skip(preset, None, None, None, f"not in draw.config.PRESETS ({', '.join(sorted(PRESETS))})")
+                continue
+            for batch in args.batch_sizes or plan.get(preset, FALLBACK_BATCHES[device.type]):
+                for mode in modes:
+                    for amp in amps:
+                        reason = skip_reason(mode, amp, device, triton_reason)
+                        if reason:
+                            skip(preset, batch, mode, amp, reason)
+                            continue
+                        try:
+                            row = run_case(preset, batch, mode, amp, device, args)
+                        except Exception as error:  # one failing case must not end the run
+                            row = None
+                            reason = "out of memory" if common.is_out_of_memory(error) else f"{type(error).__name__}: {error}"
+                        if row is None:  # out of the except block: its traceback no longer holds the case's tensors
+                            torch.compiler.reset()
+                            common.free_memory(device)
+                            skip(preset, batch, mode, amp, reason.splitlines()[0][:300])
+                            continue
+                        rows.append(row)
+                        add_speedups(rows)
+                        if args.json:  # after every case: a run stopped by a time limit keeps what it measured
+                            common.write_json(args.json, {**meta, "partial": True}, rows, skipped=skipped)
+                        common.log(
+                            f"{preset} batch {batch} {mode} {amp}: {row['images_per_s']:,.0f} images/s, "
+                            f"{row['ms_per_step']:.1f} ms/step, peak {row['peak_mib']:,.0f} MiB"
+                        )
+    except KeyboardInterrupt:
+        interrupted = True
+        meta["partial"] = True
+        common.log(f"interrupted: writing the {len(rows)} cases measured so far")
     add_speedups(rows)
 
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']}")
@@ -272,6 +278,7 @@ def main(argv=None) -> None:
             plot(rows, args.plot)
         else:
             common.log("--plot: no results to plot")
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

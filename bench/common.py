@@ -4,12 +4,14 @@ Nothing here runs at import. The scripts import it as `common` (bench/ is on sys
 it runs as `python bench/<name>.py`, and bench/conftest.py adds it for pytest).
 """
 
+import contextlib
 import datetime
 import json
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -172,7 +174,10 @@ def cuda_graph_median_ms(fns: Sequence[Callable[[], object]]) -> float:
     """Median time of one call in ms, replayed from a CUDA graph that makes each call of `fns` once: launch
     overhead removed. The calls do the same work on distinct inputs (see `rotation`), so that the inputs of a
     small case are not all held in the L2 cache from one replay to the next, and the time is the memory's,
-    not the cache's."""
+    not the cache's.
+
+    do_bench_cudagraph times 10 replays of a graph of about 20 ms each, right after capturing it (host work, the
+    GPU idle: its clocks fall). The median is taken over the last half of them, after ~100 ms of replays."""
     import triton.testing
 
     def every_call():
@@ -182,7 +187,8 @@ def cuda_graph_median_ms(fns: Sequence[Callable[[], object]]) -> float:
     for _ in range(3):  # compile / autotune outside the capture
         every_call()
     torch.cuda.synchronize()
-    return float(triton.testing.do_bench_cudagraph(every_call, return_mode="median")) / len(fns)
+    replays = triton.testing.do_bench_cudagraph(every_call, return_mode="all")  # ms per every_call, in order
+    return statistics.median(replays[len(replays) // 2:]) / len(fns)
 
 
 ROTATION_L2_MULTIPLE = 4  # the inputs rotated through a CUDA graph hold at least 4x the L2 cache
@@ -214,13 +220,19 @@ def wall_median_ms(fn: Callable[[], object], device: torch.device, *, calls: int
 
 
 def sm_clock_mhz(device: torch.device) -> int | None:
-    """The GPU's SM clock now, in MHz (NVML, through torch); None on a CPU or without NVML."""
+    """The GPU's SM clock now, in MHz: NVML through torch (needs pynvml), else nvidia-smi; None on a CPU or
+    where neither answers (the figure is optional)."""
     if device.type != "cuda":
         return None
-    try:
+    with contextlib.suppress(Exception):  # no pynvml, an NVML error
         return int(torch.cuda.clock_rate(device))
-    except Exception:  # no pynvml, an NVML error: the figure is optional
-        return None
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    for which in ([f"GPU-{uuid}"] if uuid is not None else []) + [str(device.index or 0)]:  # its UUID, else its index
+        with contextlib.suppress(Exception):  # no nvidia-smi, a timeout, an answer that is not a number
+            answer = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits", "-i", which],
+                                    capture_output=True, text=True, timeout=10, check=True)
+            return int(answer.stdout.split()[0])
+    return None
 
 
 def warm_up_gpu(device: torch.device, seconds: float = 0.1) -> None:

@@ -8,7 +8,8 @@ the training step, and write everything (JSON, markdown, logs) into one director
     python bench/suite.py --quick --out /tmp/suite      # any machine: tiny sizes, the interpreter for the kernels
 
 Each part runs as its own process (so one failure or crash does not stop the others), with a time
-limit, and its output is kept in DIR/PART.log. The correctness parts (verify, cuda-tests) run side by
+limit, and its output is kept in DIR/PART.log. A part at its limit gets SIGINT and STOP_GRACE_S (10 s) to write
+what it has (the benchmarks their tables, pytest its XML), then SIGKILL. The correctness parts (verify, cuda-tests) run side by
 side, since they time nothing and mostly compile; every timing part runs alone. The parts:
     verify      `draw verify --quick`: the fused kernels against the reference, forward and every gradient
                 (its cases in up to 8 worker processes)
@@ -28,6 +29,8 @@ side, since they time nothing and mostly compile; every timing part runs alone. 
     train       bench_train.py: mnist-paper at batch 100, 1024, 4096 as one CUDA graph, fp32 and bf16
     train-unfused  the same at batch 100 and 1024 with the encoder's input formed by two matrix products instead
                 of in its LSTM cell (DRAW_TRITON_PROJECTION=unfused), against `train` in the summary
+    profile-100, profile-1024  profile_step.py: where the step's GPU time goes at batch 100 and 1024, the eager
+                fused step first, then the CUDA graph (the profiler's CUDA tracing set up before any capture)
     train-eager the eager reference and eager triton at batch 1024 (a few steps: each takes 0.2-0.6 s)
     train-compiled  the compiled step at batch 1024 (about 2 minutes of compiling)
     convergence (only when --only names it) bench_convergence.py: mnist-paper at its batch of 100 and at
@@ -101,7 +104,7 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
                          f"--junitxml={out / 'cuda-tests.xml'}"], 360, {})],
         [("attention", attention + ["--sizes", "launch", "--rep-ms", "50", "--json", str(out / "attention.json"),
                                     "--markdown", str(out / "attention.md"), "--plot", str(out / "attention.png")],
-          200, {})],
+          300, {})],
         [("attention-2warps", attention + ["--sizes", "launch", "--providers", "triton", "--rep-ms", "50",
                                            "--json", str(out / "attention-2warps.json")], 60,
           {"DRAW_TRITON_NUM_WARPS": "2"})],
@@ -110,11 +113,11 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
                                           "--markdown", str(out / "attention-large.md")], 300, {})],
         [("train", train + ["--batch-sizes", "100,1024,4096", "--modes", "triton-graph", "--amp", "fp32,bf16",
                             "--warmup", "5", "--steps", "50", "--json", str(out / "train.json"),
-                            "--markdown", str(out / "train.md")], 120, {})],
+                            "--markdown", str(out / "train.md")], 180, {})],
         [("train-unfused", train + ["--batch-sizes", "100,1024", "--modes", "triton-graph", "--amp", "fp32,bf16",
                                     "--warmup", "5", "--steps", "50", "--json", str(out / "train-unfused.json")], 90,
           {"DRAW_TRITON_PROJECTION": "unfused"})],
-        *[[(f"profile-{batch}", [py, str(BENCH / "profile_step.py"), "--batch", str(batch), "--modes", "triton-graph",
+        *[[(f"profile-{batch}", [py, str(BENCH / "profile_step.py"), "--batch", str(batch), "--modes", "triton,triton-graph",
                                   "--top", "25", "--json", str(out / f"profile-{batch}.json")], 90, {})]
           for batch in (100, 1024)],
         [("train-eager", train + ["--batch-sizes", "1024", "--modes", "reference,triton", "--amp", "fp32",
@@ -237,8 +240,17 @@ def run_stage(stage: list[Part], out: pathlib.Path, deadline: float | None = Non
     return results
 
 
+STOP_GRACE_S = 10  # a part stopped at its limit has this long after SIGINT to write what it has, before SIGKILL
+
+
 def _kill(process: subprocess.Popen) -> None:
-    """Stop a part and its workers (its process group)."""
+    """Stop a part and its workers (its process group): SIGINT first, so that it writes what it has measured
+    (pytest its junit XML with the tests that ran, the benchmarks their tables), then SIGKILL after STOP_GRACE_S
+    for whatever is left of the group. A stopped part can so end up to STOP_GRACE_S past its limit or --budget."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=STOP_GRACE_S)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()

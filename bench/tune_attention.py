@@ -376,6 +376,11 @@ def main(argv=None) -> int:
                 summaries.append(tune(target, args, device, copy_gbps, rows))
             except DeviceLost as error:
                 lost = error
+            except KeyboardInterrupt:  # Ctrl-C, or the suite's SIGINT at the part's time limit
+                write_results(args, meta, rows, summaries, partial=True)
+                common.log(f"interrupted in {target.name}: the candidates tried so far are in {args.json or 'the log'}; "
+                           "--resume searches this target again")
+                return 130
         write_results(args, meta, rows, summaries, partial=lost is not None)
         if lost is not None:
             common.log(f"stopped: {lost}; the rows so far are in {args.json or 'the log'}, and this target (with the "

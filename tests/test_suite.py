@@ -126,9 +126,42 @@ def test_the_attention_timers_time_the_device_alone_where_they_can(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     import triton.testing
 
-    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, return_mode: fn() or 8.0)
+    replays = [40.0] * 5 + [8.0, 8.0, 9.0, 7.0, 8.0]  # ms per replay of the 4 calls: the GPU's clocks came up late
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, return_mode: fn() or replays)
     fns = [lambda i=i: calls.append(i) for i in range(4)]
     assert common.cuda_graph_median_ms(fns) == 2.0 and calls == [0, 1, 2, 3] * 4  # 3 warm-up rounds, 1 timed
+
+
+def test_the_sm_clock_comes_from_nvml_else_from_nvidia_smi(monkeypatch):
+    """bench rows record the SM clock: NVML through torch where pynvml is installed, else nvidia-smi asked by the
+    GPU's UUID (then its index); None on a CPU or where neither answers."""
+    common = import_bench("common")
+    cuda = torch.device("cuda")
+    assert common.sm_clock_mhz(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda device: 1755)
+    assert common.sm_clock_mhz(cuda) == 1755
+
+    def no_nvml(device):
+        raise ModuleNotFoundError("nvidia-ml-py does not seem to be installed")
+
+    asked = []
+
+    def nvidia_smi(command, **kwargs):
+        asked.append(command[-1])
+        if command[-1] != "0":
+            raise subprocess.CalledProcessError(6, command)  # "No devices were found" for an identifier it refuses
+        return types.SimpleNamespace(stdout="1980\n")
+
+    monkeypatch.setattr(torch.cuda, "clock_rate", no_nvml)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(uuid="5f1c-aa"))
+    monkeypatch.setattr(common.subprocess, "run", nvidia_smi)
+    assert common.sm_clock_mhz(cuda) == 1980 and asked == ["GPU-5f1c-aa", "0"]
+
+    def missing(command, **kwargs):
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(common.subprocess, "run", missing)
+    assert common.sm_clock_mhz(cuda) is None
 
 
 def test_wall_time_is_the_time_a_call_of_calls_back_to_back(monkeypatch):
@@ -199,6 +232,50 @@ def test_the_attention_benchmark_keeps_the_rows_of_a_case_that_ends_the_run(tmp_
                               "--providers", "eager", "--copy-mib", "1", "--json", str(out)])
     [row] = json.loads(out.read_text())["results"]
     assert row["ms"] == 4.0 and row["vs_eager"] == 1.0
+
+
+def test_an_interrupted_attention_benchmark_writes_its_tables_from_the_rows_it_has(tmp_path, monkeypatch):
+    """Ctrl-C, or the suite's SIGINT at a part's time limit: the markdown and the JSON (marked partial) hold the
+    cases timed so far, and the exit status is 130."""
+    bench_attention = import_bench("bench_attention")
+    cases = []
+
+    def interrupted_at_the_second_case(op, mode, size, providers, device, args, copy_gbps, triton_reason, rows, skipped):
+        cases.append(op)
+        if len(cases) == 2:
+            raise KeyboardInterrupt
+        rows.append({"op": op, "mode": mode, "size": size.name, "timer": "wall", "provider": "eager", "ms": 4.0})
+
+    monkeypatch.setattr(bench_attention, "run_case", interrupted_at_the_second_case)
+    out, markdown = tmp_path / "a.json", tmp_path / "a.md"
+    assert bench_attention.main(["--device", "cpu", "--sizes", "64x1x28x28", "--ops", "read,write", "--modes", "fwd",
+                                 "--providers", "eager", "--copy-mib", "1", "--json", str(out),
+                                 "--markdown", str(markdown)]) == 130
+    written = json.loads(out.read_text())
+    assert written["metadata"]["partial"] is True and [r["op"] for r in written["results"]] == ["read"]
+    assert "## read fwd" in markdown.read_text() and "write fwd" not in markdown.read_text()
+
+
+def test_an_interrupted_training_benchmark_writes_its_tables_from_the_cases_it_has(tmp_path, monkeypatch):
+    """bench_train.py stopped by Ctrl-C or the suite's SIGINT: the markdown and the JSON (partial) hold the cases
+    timed so far; exit status 130."""
+    bench_train = import_bench("bench_train")
+    timed = []
+
+    def interrupted_at_the_second_case(preset, batch, mode, amp, device, args):
+        timed.append(batch)
+        if len(timed) == 2:
+            raise KeyboardInterrupt
+        return {"preset": preset, "batch": batch, "mode": mode, "step_mode": "eager", "dtype": amp, "images_per_s": 500.0,
+                "ms_per_step": 2.0 * batch, "peak_mib": 10.0}
+
+    monkeypatch.setattr(bench_train, "run_case", interrupted_at_the_second_case)
+    out, markdown = tmp_path / "t.json", tmp_path / "t.md"
+    assert bench_train.main(["--device", "cpu", "--presets", "mnist-quick", "--batch-sizes", "8,16", "--modes", "reference",
+                             "--json", str(out), "--markdown", str(markdown)]) == 130
+    written = json.loads(out.read_text())
+    assert written["metadata"]["partial"] is True and [r["batch"] for r in written["results"]] == [8]
+    assert "| mnist-quick | 8 |" in markdown.read_text() and "| 16 |" not in markdown.read_text()
 
 
 def test_the_convergence_benchmark_keeps_the_first_run_when_the_second_is_stopped(tmp_path, monkeypatch):
@@ -298,6 +375,21 @@ def test_the_opt_in_parts_run_only_when_named(tmp_path, monkeypatch):
          "epochs": 20.0, "wall_s": 31.4}]}))
     assert "convergence batch 1024 (cuda-graph, bf16): test bound 91.23 nats after 20.0 epochs in 31 s" \
         in suite.headline(tmp_path)
+
+
+def test_a_part_stopped_at_its_limit_gets_sigint_and_time_to_write_what_it_has(tmp_path, monkeypatch):
+    """A part past its limit is sent SIGINT first (pytest then writes its XML, the benchmarks their tables) and
+    SIGKILL after STOP_GRACE_S; one that ignores SIGINT is killed all the same."""
+    suite = import_bench("suite")
+    monkeypatch.setattr(suite, "STOP_GRACE_S", 2)
+    kept = tmp_path / "kept.txt"
+    writes_on_sigint = [sys.executable, "-c", "import pathlib, time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+                        f"    pathlib.Path({str(kept)!r}).write_text('what it had')"]
+    ignores_sigint = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"]
+    start = time.perf_counter()
+    results = suite.run_stage([("polite", writes_on_sigint, 3, {}), ("deaf", ignores_sigint, 3, {})], tmp_path)
+    assert [r["status"] for r in results] == ["timed out after 3 s", "timed out after 3 s"]
+    assert kept.read_text() == "what it had" and time.perf_counter() - start < 15
 
 
 def test_a_budget_stops_parts_when_it_is_spent_and_starts_no_stage_after(tmp_path, monkeypatch):
@@ -604,6 +696,26 @@ def test_a_candidate_that_loses_the_device_stops_the_tuner_with_every_row_kept(t
     assert len(rows) >= 2 and [r["status"] for r in rows] == ["ok"] * (len(rows) - 1) + ["failed"]
     assert rows[-1]["device_lost"] and rows[-1]["reason"] == (
         "the device was lost: RuntimeError: CUDA error: an illegal memory access was encountered")
+
+
+def test_an_interrupted_tuner_writes_the_candidates_it_tried(tmp_path, monkeypatch):
+    """Ctrl-C, or the suite's SIGINT at the part's time limit, in the middle of a target: the candidates tried so far
+    are written (partial, the target without a summary, so --resume searches it again) and the exit status is 130."""
+    tune = import_bench("tune_attention")
+    evaluate, tried = tune.evaluate, []
+
+    def interrupted_at_the_third(*args, **kwargs):
+        tried.append(1)
+        if len(tried) == 3:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(tune, "evaluate", interrupted_at_the_third)
+    out = tmp_path / "tune.json"
+    assert tune.main(["--quick", "--device", "cpu", "--ops", "write", "--kernels", "fwd", "--json", str(out)]) == 130
+    result = json.loads(out.read_text())
+    assert result["metadata"]["partial"] is True and result["summary"] == []
+    assert len(result["results"]) == 2 and all(r["status"] == "ok" for r in result["results"])
 
 
 def test_the_tuner_reports_wrong_results(tmp_path):
