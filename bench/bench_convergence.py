@@ -5,7 +5,8 @@ run as `draw train` runs it on this device unless --baseline-backend / --baselin
 a CPU reference attention and the eager step, on CUDA the fused kernels and one CUDA graph per step) and
 the fast one (a large batch with the square-root learning-rate rule of `draw train`, plus any of
 --backend, --step, --amp bf16, --warmup-steps). Both train for the same number of epochs and are
-plotted against epochs (images seen) and against wall-clock seconds.
+plotted against epochs (images seen) and against wall-clock seconds. Their evaluations score the
+validation split (--eval-split, default valid): a recipe chosen by this comparison is not chosen on the test set.
 
     python bench/bench_convergence.py                                   # CPU: mnist-quick, its batch vs 512, 1 epoch
     python bench/bench_convergence.py --preset mnist-paper --fast-batch 1024 --epochs 20 \\
@@ -28,7 +29,7 @@ import common
 
 from draw import figures
 from draw.cli import BACKENDS, STEP_MODES
-from draw.config import get_preset
+from draw.config import EVAL_SPLITS, get_preset
 from draw.data import load_dataset
 from draw.distributed import process_group_from_environment
 from draw.rundir import read_metrics
@@ -36,7 +37,7 @@ from draw.train import scaled_lr, train
 
 
 def run(out: Path, preset_name: str, batch: int, epochs: float, device, *, backend: str, step_mode: str, amp: str,
-        warmup_steps: int, eval_every: int, seed: int, world) -> dict:
+        warmup_steps: int, eval_every: int, eval_split: str, seed: int, world) -> dict:
     preset = get_preset(preset_name)
     config = dataclasses.replace(
         preset.train,
@@ -46,6 +47,7 @@ def run(out: Path, preset_name: str, batch: int, epochs: float, device, *, backe
         epochs=epochs,
         steps=None,
         eval_every=eval_every,
+        eval_split=eval_split,
         log_every=max(1, 3200 // batch),
         checkpoint_every=10**9,
         seed=seed,
@@ -69,7 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--baseline-step", default="auto", choices=STEP_MODES, help="baseline: how the step runs (default auto)")
     parser.add_argument("--warmup-steps", type=int, default=0, help="fast run: linear learning-rate warm-up steps")
     parser.add_argument("--amp", default="none", choices=("none", "bf16"), help="fast run: bf16 autocast")
-    parser.add_argument("--evals", type=int, default=4, help="test-bound evaluations per run (default 4)")
+    parser.add_argument("--evals", type=int, default=4, help="held-out bound evaluations per run (default 4)")
+    parser.add_argument("--eval-split", default="valid", choices=EVAL_SPLITS,
+                        help="the split they score (default valid: the comparison chooses a recipe)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of both runs")
@@ -105,7 +109,7 @@ def compare(args, device, world) -> int:
         if world.is_main:
             common.log(f"{label}: {args.epochs} epochs")
         summaries[label] = run(dirs[label], args.preset, batch, args.epochs, device, backend=backend, step_mode=step_mode,
-                               amp=amp, warmup_steps=warmup, eval_every=max(1, steps // args.evals), seed=args.seed, world=world)
+                               amp=amp, warmup_steps=warmup, eval_every=max(1, steps // args.evals), eval_split=args.eval_split, seed=args.seed, world=world)
         if args.json and world.is_main and len(summaries) < len(runs):  # a run stopped in the next keeps this one's
             common.write_json(args.json, {**meta, "partial": True}, list(summaries.values()))
     if not world.is_main:
@@ -125,7 +129,8 @@ def compare(args, device, world) -> int:
     by_time = figures.save_loss_comparison(with_time, args.out / "convergence_seconds.png", x="seconds",
                                            title=f"{args.preset}: training loss by training time")
     for label, s in summaries.items():
-        print(f"{label}: test bound {s['test_bound_nats']:.2f} nats after {s['epochs']:.2f} epochs, {s['wall_s']:.0f} s")
+        print(f"{label}: {args.eval_split} bound {s[f'{args.eval_split}_bound_nats']:.2f} nats after {s['epochs']:.2f} "
+              f"epochs, {s['wall_s']:.0f} s")
     print(f"wrote {by_epoch} and {by_time}")
     if args.json:
         common.write_json(args.json, meta, list(summaries.values()))

@@ -297,6 +297,26 @@ def test_the_convergence_benchmark_keeps_the_first_run_when_the_second_is_stoppe
     assert result["metadata"]["partial"] is True and result["results"] == finished
 
 
+def test_the_convergence_benchmark_compares_on_the_validation_split(tmp_path, monkeypatch, capsys):
+    """The comparison chooses a recipe: both runs evaluate on the validation split unless --eval-split says test."""
+    bench_convergence = import_bench("bench_convergence")
+    monkeypatch.setattr(bench_convergence, "load_dataset", lambda *a, **k: types.SimpleNamespace(train=[0] * 1000))
+    monkeypatch.setattr(bench_convergence.figures, "save_loss_comparison", lambda *a, **k: "plot.png")
+    splits = []
+
+    def trained(out, *, train_config, **kwargs):
+        out.mkdir(parents=True)
+        (out / "metrics.jsonl").write_text("")
+        splits.append(train_config.eval_split)
+        return {"epochs": 1.0, f"{train_config.eval_split}_bound_nats": 90.0, "train_config": train_config.to_dict()}
+
+    monkeypatch.setattr(bench_convergence, "train", trained)
+    assert bench_convergence.main(["--device", "cpu", "--out", str(tmp_path / "a")]) == 0
+    assert bench_convergence.main(["--device", "cpu", "--out", str(tmp_path / "b"), "--eval-split", "test"]) == 0
+    assert splits == ["valid", "valid", "test", "test"]
+    assert "valid bound 90.00 nats after 1.00 epochs" in capsys.readouterr().out
+
+
 def test_the_suite_runs_correctness_side_by_side_and_timing_alone(tmp_path):
     """bench/suite.py on CUDA: verify and the CUDA tests share a stage; every timing part has one to itself."""
     suite = import_bench("suite")
@@ -371,9 +391,13 @@ def test_the_opt_in_parts_run_only_when_named(tmp_path, monkeypatch):
     assert "tune read fwd 16384x3x54x54 N 12 (auto): BLOCK_H=32 (1.50x the launchers' BLOCK_H=16; 14 tried, 0 wrong)" \
         in suite.headline(tmp_path)
     (tmp_path / "convergence.json").write_text(json.dumps({"results": [
-        {"train_config": {"batch_size": 1024, "amp": "bf16"}, "step_mode": "cuda-graph", "test_bound_nats": 91.234,
-         "epochs": 20.0, "wall_s": 31.4}]}))
-    assert "convergence batch 1024 (cuda-graph, bf16): test bound 91.23 nats after 20.0 epochs in 31 s" \
+        {"train_config": {"batch_size": 1024, "amp": "bf16", "eval_split": "valid"}, "step_mode": "cuda-graph",
+         "valid_bound_nats": 91.234, "epochs": 20.0, "wall_s": 31.4},
+        {"train_config": {"batch_size": 100, "amp": "none"}, "step_mode": "cuda-graph", "test_bound_nats": 90.5,
+         "epochs": 20.0, "wall_s": 60.0}]}))  # a record from before eval_split: the test split
+    assert "convergence batch 1024 (cuda-graph, bf16): valid bound 91.23 nats after 20.0 epochs in 31 s" \
+        in suite.headline(tmp_path)
+    assert "convergence batch 100 (cuda-graph, none): test bound 90.50 nats after 20.0 epochs in 60 s" \
         in suite.headline(tmp_path)
 
 
