@@ -4,13 +4,11 @@
     start_run   a new run (configs given) or a resumed one (configs read from the checkpoint);
     run_loop    steps (draw/step.py), a training record every log_every steps, an evaluation on the held-out
                 split (eval_split: test or valid) every eval_every, a checkpoint every checkpoint_every; stops
-                on a step boundary on the
-                first SIGINT, SIGTERM or SIGHUP, after saving a checkpoint;
+                on a step boundary on the first SIGINT, SIGTERM or SIGHUP, after saving a checkpoint;
     finish_run  summary.json and the figures.
 With --ema the run keeps a moving average of the weights (draw/average.py) beside the trained ones: the
 evaluations score both (the average's as test_bound / test_error, or valid_..., the trained weights' with
-"_trained"),
-and the figures and `draw eval` / `draw sample` use the average.
+"_trained"), and the figures and `draw eval` / `draw sample` use the average.
 A checkpoint is written only when every weight is finite, so a diverging run keeps its last good one.
 Under torchrun every rank runs these with its `World` (draw/distributed.py): rank 0 alone holds the lock,
 reads and writes the run directory and logs; a stop is agreed by all ranks, an error in one ends all.

@@ -398,7 +398,7 @@ def test_save_loss_comparison(tmp_path):
 def test_test_bounds_are_placed_on_an_epoch_axis():
     records = [{"step": s, "loss": 1.0, "epoch": s / 50} for s in range(0, 200, 10)]
     records.append({"step": 100, "test_bound": 90.0})
-    xs, ys = figures._bound_series(records, "epoch")
+    xs, ys = figures._bound_series(records, "epoch", "test")
     assert xs.tolist() == [2.0] and ys.tolist() == [90.0]
 
 
