@@ -299,9 +299,9 @@ def test_the_loss_curve_gains_a_gradient_panel_when_the_records_hold_gradient_no
         assert a.size[0] == b.size[0] and b.size[1] > a.size[1] * 1.2
 
 
-def test_with_a_weight_average_the_loss_curve_shows_both_bounds(tmp_path, monkeypatch):
-    """--ema runs record the weight average's bound (test_bound) and the trained weights' (test_bound_trained):
-    both are plotted and labelled; a run without it keeps its one label."""
+@pytest.fixture
+def plotted_labels(monkeypatch):
+    """{figure file's stem: the labels of its plotted lines}, filled as the figures are saved."""
     labels = {}
     finish = figures._finish
 
@@ -310,27 +310,25 @@ def test_with_a_weight_average_the_loss_curve_shows_both_bounds(tmp_path, monkey
         return finish(fig, ax, limits, path)
 
     monkeypatch.setattr(figures, "_finish", kept)
+    return labels
+
+
+def test_with_a_weight_average_the_loss_curve_shows_both_bounds(tmp_path, plotted_labels):
+    """--ema runs record the weight average's bound (test_bound) and the trained weights' (test_bound_trained):
+    both are plotted and labelled; a run without it keeps its one label."""
     records = [dict(r, test_bound_trained=r["test_bound"] + 1.5) if "test_bound" in r else r for r in synthetic_records()]
     figures.save_loss_curve(records, tmp_path / "average.png")
     figures.save_loss_curve(synthetic_records(), tmp_path / "plain.png")
     last = [r for r in records if "test_bound" in r][-1]
-    assert f"test bound, weight average (last {last['test_bound']:.2f})" in labels["average"]
-    assert f"test bound, trained weights (last {last['test_bound_trained']:.2f})" in labels["average"]
-    assert f"test bound (last {last['test_bound']:.2f})" in labels["plain"]
-    assert not any("trained" in label for label in labels["plain"])
+    assert f"test bound, weight average (last {last['test_bound']:.2f})" in plotted_labels["average"]
+    assert f"test bound, trained weights (last {last['test_bound_trained']:.2f})" in plotted_labels["average"]
+    assert f"test bound (last {last['test_bound']:.2f})" in plotted_labels["plain"]
+    assert not any("trained" in label for label in plotted_labels["plain"])
 
 
-def test_a_run_evaluated_on_the_validation_split_is_plotted_with_its_figures(tmp_path, monkeypatch):
+def test_a_run_evaluated_on_the_validation_split_is_plotted_with_its_figures(tmp_path, plotted_labels):
     """--eval-split valid: records hold valid_bound / valid_error; the loss curve, the comparison and the error
     curve plot those under "valid", and the last evaluation's split wins in a run that switched."""
-    labels = {}
-    finish = figures._finish
-
-    def kept(fig, ax, limits, path):
-        labels[pathlib.Path(path).stem] = [line.get_label() for line in ax.get_lines()]
-        return finish(fig, ax, limits, path)
-
-    monkeypatch.setattr(figures, "_finish", kept)
     rename = lambda r, old, new: {(new + k[len(old):] if k.startswith(old) else k): v for k, v in r.items()}
     valid = [rename(r, "test_", "valid_") for r in synthetic_records()]
     switched = synthetic_records() + [{"step": 1000, "valid_bound": 50.0}]
@@ -339,10 +337,10 @@ def test_a_run_evaluated_on_the_validation_split_is_plotted_with_its_figures(tmp
     figures.save_loss_comparison({"a": valid}, tmp_path / "comparison.png")
     figures.save_error_curve([rename(r, "test_", "valid_") for r in classifier_records()], tmp_path / "error.png")
     last = [r["valid_bound"] for r in valid if "valid_bound" in r][-1]
-    assert f"valid bound (last {last:.2f})" in labels["valid"] and not any("test" in x for x in labels["valid"])
-    assert "valid bound (last 50.00)" in labels["switched"] and not any("test" in x for x in labels["switched"])
-    assert f"a: valid bound (last {last:.2f})" in labels["comparison"]
-    assert any(x.startswith("valid error (last ") for x in labels["error"])
+    assert f"valid bound (last {last:.2f})" in plotted_labels["valid"] and not any("test" in x for x in plotted_labels["valid"])
+    assert "valid bound (last 50.00)" in plotted_labels["switched"] and not any("test" in x for x in plotted_labels["switched"])
+    assert f"a: valid bound (last {last:.2f})" in plotted_labels["comparison"]
+    assert any(x.startswith("valid error (last ") for x in plotted_labels["error"])
     assert figures._held_out_split([{"step": 1, "loss": 2.0}]) == "test"  # no evaluation yet
 
 
