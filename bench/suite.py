@@ -205,6 +205,7 @@ def run_stage(stage: list[Part], out: pathlib.Path, deadline: float | None = Non
             log_path = out / f"{name}.log"
             log = open(log_path, "w")
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                       preexec_fn=_stoppable_by_sigint,
                                        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **env})
             running.append((name, limit_s, process, log, log_path, time.perf_counter()))
     except SuiteStopped as reason:  # the parts started so far are stopped below
@@ -241,6 +242,13 @@ def run_stage(stage: list[Part], out: pathlib.Path, deadline: float | None = Non
 
 
 STOP_GRACE_S = 10  # a part stopped at its limit has this long after SIGINT to write what it has, before SIGKILL
+
+
+def _stoppable_by_sigint() -> None:
+    """Run in each part's process before its command: SIGINT at its default action, which a Python part turns into
+    KeyboardInterrupt. A suite started as a background job (`cmd &`, nohup) has SIGINT ignored, and its parts
+    would inherit that and never hear _kill's SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _kill(process: subprocess.Popen) -> None:

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -403,7 +404,8 @@ def test_the_opt_in_parts_run_only_when_named(tmp_path, monkeypatch):
 
 def test_a_part_stopped_at_its_limit_gets_sigint_and_time_to_write_what_it_has(tmp_path, monkeypatch):
     """A part past its limit is sent SIGINT first (pytest then writes its XML, the benchmarks their tables) and
-    SIGKILL after STOP_GRACE_S; one that ignores SIGINT is killed all the same."""
+    SIGKILL after STOP_GRACE_S; one that ignores SIGINT is killed all the same. The suite runs here with SIGINT
+    ignored, as in a background job: its parts start with SIGINT at its default all the same."""
     suite = import_bench("suite")
     monkeypatch.setattr(suite, "STOP_GRACE_S", 2)
     kept = tmp_path / "kept.txt"
@@ -411,7 +413,11 @@ def test_a_part_stopped_at_its_limit_gets_sigint_and_time_to_write_what_it_has(t
                         f"    pathlib.Path({str(kept)!r}).write_text('what it had')"]
     ignores_sigint = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"]
     start = time.perf_counter()
-    results = suite.run_stage([("polite", writes_on_sigint, 3, {}), ("deaf", ignores_sigint, 3, {})], tmp_path)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        results = suite.run_stage([("polite", writes_on_sigint, 3, {}), ("deaf", ignores_sigint, 3, {})], tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert [r["status"] for r in results] == ["timed out after 3 s", "timed out after 3 s"]
     assert kept.read_text() == "what it had" and time.perf_counter() - start < 15
 
@@ -523,7 +529,6 @@ def test_a_signal_stops_the_suite_its_parts_and_keeps_the_record(tmp_path, monke
     sessions of their own, which the signal does not reach), the finished stages and the stopped part are
     recorded in DIR/suite.json, and the suite exits 143 with its own handlers put back. A SIGINT inherited
     as ignored (a background job) stays ignored while it runs."""
-    import signal
     import threading
 
     suite = import_bench("suite")
