@@ -455,8 +455,9 @@ def main(argv=None) -> int:
         common.log(f"triton provider skipped: {triton_reason}")
 
     meta = common.metadata(device, copy_bandwidth_gbps=round(copy_gbps, 2), copy_buffer_mib=copy_mib, dtype="float32")
-    rows, skipped, interrupted = [], [], False
-    try:  # Ctrl-C (or the suite's SIGINT at a part's time limit): the tables below are written from what was measured
+    rows, skipped = [], []
+
+    def measure():
         for size in sizes:
             for op in args.ops:
                 for mode in args.modes:
@@ -466,11 +467,8 @@ def main(argv=None) -> int:
                         add_speedups(rows)
                         if args.json:  # after every case: a run stopped by a time limit keeps what it measured
                             common.write_json(args.json, {**meta, "partial": True}, rows, skipped=skipped)
-    except KeyboardInterrupt:
-        interrupted = True
-        common.log(f"interrupted: writing the {len(rows)} rows measured so far")
-    if interrupted:
-        meta["partial"] = True
+
+    interrupted = common.measured_until_interrupted(measure, meta, rows)  # the tables below: what was measured
 
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']}")
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s ({copy_mib} MiB buffer)")
@@ -500,7 +498,7 @@ def main(argv=None) -> int:
             plot(rows, copy_gbps, args.plot)
         else:
             common.log("--plot: no results to plot")
-    return 130 if interrupted else 0
+    return common.EXIT_INTERRUPTED if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -224,8 +224,7 @@ def main(argv=None) -> int:
         common.log(f"SKIPPED {preset} {batch or ''} {mode or ''} {amp or ''}: {reason}".replace("  ", " "))
         skipped.append({"preset": preset, "batch": batch, "mode": mode, "dtype": amp, "reason": reason})
 
-    interrupted = False
-    try:  # Ctrl-C (or the suite's SIGINT at a part's time limit): the tables below are written from what was measured
+    def measure():
         for preset in presets:
             if preset not in PRESETS:
                 skip(preset, None, None, None, f"not in draw.config.PRESETS ({', '.join(sorted(PRESETS))})")
@@ -255,10 +254,8 @@ def main(argv=None) -> int:
                             f"{preset} batch {batch} {mode} {amp}: {row['images_per_s']:,.0f} images/s, "
                             f"{row['ms_per_step']:.1f} ms/step, peak {row['peak_mib']:,.0f} MiB"
                         )
-    except KeyboardInterrupt:
-        interrupted = True
-        meta["partial"] = True
-        common.log(f"interrupted: writing the {len(rows)} cases measured so far")
+
+    interrupted = common.measured_until_interrupted(measure, meta, rows)  # the tables below: what was measured
     add_speedups(rows)
 
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']}")
@@ -278,7 +275,7 @@ def main(argv=None) -> int:
             plot(rows, args.plot)
         else:
             common.log("--plot: no results to plot")
-    return 130 if interrupted else 0
+    return common.EXIT_INTERRUPTED if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -143,6 +143,22 @@ def cpu_median_ms(fn: Callable[[], object], *, warmup: int = 3, reps: int = 20, 
     return statistics.median(times)
 
 
+EXIT_INTERRUPTED = 130  # a benchmark stopped by SIGINT, its tables written from what it measured
+
+
+def measured_until_interrupted(measure: Callable[[], object], meta: dict, rows: Sequence[dict]) -> bool:
+    """Run measure(). A KeyboardInterrupt (Ctrl-C, or bench/suite.py's SIGINT at a part's time limit) ends the
+    measuring, not the script: `meta` is marked partial and the script goes on to write its tables from `rows` as
+    they stand, then exits EXIT_INTERRUPTED. Returns whether it was interrupted."""
+    try:
+        measure()
+    except KeyboardInterrupt:
+        meta["partial"] = True
+        log(f"interrupted: writing the {len(rows)} rows measured so far")
+        return True
+    return False
+
+
 def warm_up_step(step: Callable[[int], object], settled: Callable[[], bool], device: torch.device, *, steps: int,
                  seconds: float) -> tuple[int, float]:
     """Run a training step untimed until it has compiled or been captured (`settled()`: the GPU idles while the

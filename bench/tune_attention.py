@@ -380,7 +380,7 @@ def main(argv=None) -> int:
                 write_results(args, meta, rows, summaries, partial=True)
                 common.log(f"interrupted in {target.name}: the candidates tried so far are in {args.json or 'the log'}; "
                            "--resume searches this target again")
-                return 130
+                return common.EXIT_INTERRUPTED
         write_results(args, meta, rows, summaries, partial=lost is not None)
         if lost is not None:
             common.log(f"stopped: {lost}; the rows so far are in {args.json or 'the log'}, and this target (with the "

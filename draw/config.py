@@ -17,6 +17,13 @@ AMP_MODES = ("none", "bf16")
 # The held-out split a run's periodic evaluations score ("test", or "valid" to choose settings without looking at
 # the test set); their records and the summary name their figures after it: test_bound, valid_bound, ...
 EVAL_SPLITS = ("test", "valid")
+
+
+def record_split(record: dict) -> str | None:
+    """The held-out split a metrics record scored (its keys' prefix: test_bound -> "test"); None for a training
+    record."""
+    return next((split for split in EVAL_SPLITS if any(key.startswith(f"{split}_") for key in record)), None)
+
 MAX_SEED = 2**32 - 1
 
 

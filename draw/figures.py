@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from draw.atomic import atomic_write
-from draw.config import EVAL_SPLITS
+from draw.config import record_split
 from draw.kernels.reference import attention_grid
 
 __all__ = [
@@ -389,12 +389,8 @@ def _series(records: list[dict], x: str, y: str) -> tuple[np.ndarray, np.ndarray
 
 
 def _held_out_split(records: list[dict]) -> str:
-    """The split the run's last evaluation record scored ("test" or "valid": its keys' prefix); "test" if none."""
-    for record in reversed(records):
-        for split in EVAL_SPLITS:
-            if any(key.startswith(f"{split}_") for key in record):
-                return split
-    return "test"
+    """The split the run's last evaluation record scored ("test" or "valid"); "test" if none."""
+    return next((split for split in map(record_split, reversed(records)) if split is not None), "test")
 
 
 def _smooth(values: np.ndarray, window: int | None = None) -> np.ndarray:

@@ -32,7 +32,7 @@ from draw import figures
 from draw.atomic import atomic_write_text
 from draw.checkpoint import (CheckpointError, build_model, check_training_state, config_from_checkpoint, finite_weights,
                              load_checkpoint, model_from_checkpoint, save_checkpoint)
-from draw.config import EVAL_SPLITS, ClassifierConfig, DRAWConfig, TrainConfig, model_kind
+from draw.config import EVAL_SPLITS, ClassifierConfig, DRAWConfig, TrainConfig, model_kind, record_split
 from draw.data import Dataset, load_dataset, random_crop, to_float
 from draw.distributed import SINGLE, World, check_global_batch, failing_together
 from draw.evaluate import evaluate_bound, evaluate_classifier
@@ -490,7 +490,7 @@ def _evaluate(run: Run, step: int) -> dict:
 
 def _headline(record: dict) -> str:
     """An evaluation record in words: "test bound 89.48 nats (L_x ..., L_z ...)", "valid error 3.24 % (...)"."""
-    split = next(s for s in EVAL_SPLITS if any(key.startswith(f"{s}_") for key in record))
+    split = record_split(record)
     scores = {key[len(split) + 1:]: value for key, value in record.items() if key.startswith(f"{split}_")}
     if "bound" in scores:
         line = f"{split} bound {scores['bound']:.2f} nats (L_x {scores['l_x']:.2f}, L_z {scores['l_z']:.2f})"
@@ -594,7 +594,7 @@ def finish_run(run: Run, *, make_figures: bool = True) -> dict:
     split = run.config.eval_split
     if run.last_eval is None:  # a resumed run that was already finished: its last evaluation (of this split) stands
         evals = run.world.from_main(lambda: [r for r in run.metrics.records()
-                                             if any(k.startswith(f"{split}_") for k in r) and r["step"] == run.total_steps])
+                                             if record_split(r) == split and r["step"] == run.total_steps])
         if evals:
             log.info(f"{run.out_dir} is already trained to step {run.total_steps}")
         run.last_eval = evals[-1] if evals else _evaluate(run, run.total_steps)  # else: ended here, at its checkpoint
