@@ -8,6 +8,8 @@ Providers, all measured in one run on the same inputs:
     triton    backend="triton", the fused kernels; CUDA only (skipped with a message otherwise)
     triton-sum  the same kernels forced to contract by broadcast-and-sum (DRAW_TRITON_CONTRACTION=sum),
               where "triton" takes tl.dot from N >= 5 (kernels/triton_attention.py): the two forms side by side
+    triton-ahead  the same kernels with each row loop loading one block ahead (DRAW_TRITON_LAUNCH=LOAD_AHEAD=1,
+              after any launch settings the run set), against "triton" in its "x triton" column
     triton-pair  write-read only: the fused write and the fused read as two ops (two launches each way and
               autograd's add of the canvas's two gradients), what write_read replaces
 Modes: "fwd" (forward alone) and "fwd+bwd" (forward, then torch.autograd.grad with a fixed random grad_out).
@@ -32,8 +34,9 @@ from draw import kernels
 
 OPS = ("read", "write", "write-read")
 MODES = ("fwd", "fwd+bwd")
-PROVIDERS = ("eager", "compiled", "triton", "triton-sum", "triton-pair")
-TRITON_PROVIDERS = ("triton", "triton-sum", "triton-pair")
+PROVIDERS = ("eager", "compiled", "triton", "triton-sum", "triton-ahead", "triton-pair")
+TRITON_PROVIDERS = ("triton", "triton-sum", "triton-ahead", "triton-pair")
+VARIANTS = ("triton-sum", "triton-ahead")  # the fused kernels launched otherwise: their rows say "x triton"
 ONLY_FOR = {"triton-pair": "write-read"}  # providers that run one op alone
 REL_ERR_WARN = 1e-3  # a provider whose forward differs from eager by more than this (relative) is flagged
 
@@ -342,8 +345,7 @@ def run_case(op, mode, size, providers, device, args, copy_gbps, triton_reason, 
         if provider in TRITON_PROVIDERS and triton_reason:
             skipped.append({"op": op, "mode": mode, "size": size.name, "provider": provider, "reason": triton_reason})
             continue
-        # the launchers read the contraction at every launch: forced to "sum" for triton-sum's calls only
-        with mock.patch.dict(os.environ, {"DRAW_TRITON_CONTRACTION": "sum"} if provider == "triton-sum" else {}):
+        with mock.patch.dict(os.environ, provider_environment(provider)):
             try:
                 ops = provider_ops(provider)
                 forward = bind(ops, case)
@@ -366,12 +368,27 @@ def run_case(op, mode, size, providers, device, args, copy_gbps, triton_reason, 
     common.free_memory(device)
 
 
+def provider_environment(provider: str) -> dict:
+    """The variables set for a provider's calls alone (the launchers read them at every launch): triton-sum's
+    contraction, triton-ahead's LOAD_AHEAD=1 after whatever DRAW_TRITON_LAUNCH the run set."""
+    if provider == "triton-sum":
+        return {"DRAW_TRITON_CONTRACTION": "sum"}
+    if provider == "triton-ahead":
+        launch = os.environ.get("DRAW_TRITON_LAUNCH", "").strip()
+        return {"DRAW_TRITON_LAUNCH": ",".join(filter(None, (launch, "LOAD_AHEAD=1")))}
+    return {}
+
+
 def add_speedups(rows: list[dict]) -> None:
     """vs_eager / vs_compiled / vs_pair (write-read: the two fused ops apart): that provider's time over
-    this row's, same op, mode, size and timer."""
+    this row's, same op, mode, size and timer; vs_triton on the VARIANTS' rows: the launched kernels' time
+    over theirs (above 1: the variant is faster)."""
     by_key = {(r["op"], r["mode"], r["size"], r["timer"], r["provider"]): r["ms"] for r in rows}
     for r in rows:
-        for baseline in ("eager", "compiled", "pair"):
+        for baseline in ("eager", "compiled", "pair", "triton"):
+            if baseline == "triton" and r["provider"] not in VARIANTS:
+                r["vs_triton"] = None
+                continue
             ms = by_key.get((r["op"], r["mode"], r["size"], r["timer"], "triton-pair" if baseline == "pair" else baseline))
             r[f"vs_{baseline}"] = ms / r["ms"] if ms else None
 
@@ -390,6 +407,7 @@ COLUMNS = (
     ("vs_eager", "x eager"),
     ("vs_compiled", "x compiled"),
     ("vs_pair", "x pair"),
+    ("vs_triton", "x triton"),
 )
 
 
@@ -424,7 +442,7 @@ def parse_args(argv=None):
     p.add_argument("--ops", type=common.split_list, default=list(OPS), help="comma-separated ops: read,write,write-read")
     p.add_argument("--modes", type=common.split_list, default=list(MODES), help="comma-separated modes: fwd,fwd+bwd")
     p.add_argument("--providers", type=common.split_list, default=list(PROVIDERS),
-                   help="comma-separated providers: eager,compiled,triton,triton-sum,triton-pair (the triton ones: CUDA only, "
+                   help="comma-separated providers: eager,compiled,triton,triton-sum,triton-ahead,triton-pair (the triton ones: CUDA only, "
                    "skipped otherwise)")
     p.add_argument("--copy-mib", type=int, default=None,
                    help="size of the copy-bandwidth buffer in MiB; default 1024 on CUDA, 64 on CPU")

@@ -24,6 +24,8 @@ side, since they time nothing and mostly compile; every timing part runs alone. 
                 two fused ops apart: triton-pair)
     attention-2warps  the fused kernels at the launch-bound sizes with 2 warps per program
                 (DRAW_TRITON_NUM_WARPS=2), against the launched warps in the summary
+    attention-ahead  the fused kernels at the bandwidth-bound sizes (16,384 images) as launched and loading one row
+                block ahead (triton, triton-ahead: DRAW_TRITON_LAUNCH=LOAD_AHEAD=1), against each other in the summary
     attention-large  bench_attention.py at the middle and bandwidth-bound sizes, 16,384 images (compiled, triton,
                 triton-pair)
     train       bench_train.py: mnist-paper at batch 100, 1024, 4096 as one CUDA graph, fp32 and bf16
@@ -108,6 +110,9 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
         [("attention-2warps", attention + ["--sizes", "launch", "--providers", "triton", "--rep-ms", "50",
                                            "--json", str(out / "attention-2warps.json")], 60,
           {"DRAW_TRITON_NUM_WARPS": "2"})],
+        [("attention-ahead", attention + ["--sizes", AHEAD_SIZES, "--providers", "triton,triton-ahead", "--rep-ms", "100",
+                                          "--json", str(out / "attention-ahead.json"),
+                                          "--markdown", str(out / "attention-ahead.md")], 150, {})],
         [("attention-large", attention + ["--sizes", LARGE_SIZES, "--providers", "compiled,triton,triton-pair",
                                           "--rep-ms", "100", "--json", str(out / "attention-large.json"),
                                           "--markdown", str(out / "attention-large.md")], 300, {})],
@@ -146,6 +151,7 @@ OPT_IN = ("convergence", "tune-100", "tune")  # parts that run only when --only 
 # attention-large's sizes: the middle one and the bandwidth-bound ones at 16,384 images (at 65,536 the same
 # kernels ran 3.9-4.1x as long on an H100, bench/RESULTS.md: the same GB/s for four times the suite's time)
 LARGE_SIZES = "middle,16384x3x54x54,16384x1x100x100"
+AHEAD_SIZES = "16384x3x54x54,16384x1x100x100"  # row loops of 4 and 7 trips forward, where loading ahead can pay
 
 
 def parts(quick: bool, out: pathlib.Path) -> list[Part]:
@@ -309,6 +315,10 @@ def headline(out: pathlib.Path) -> list[str]:
         if r.get("provider") == "triton" and r.get("ms"):
             vs = launched_ms.get((r["op"], r["mode"], r["size"], r["timer"]), float("nan")) / r["ms"]
             lines.append(f"attention {r['op']} {r['mode']} {r['size']}: 2 warps {vs:.2f}x the launched warps ({r['timer']})")
+    for r in _rows(out / "attention.json") + _rows(out / "attention-ahead.json"):
+        if r.get("provider") == "triton-ahead" and r.get("vs_triton"):
+            lines.append(f"attention {r['op']} {r['mode']} {r['size']}: loading one block ahead {r['ms']:.4f} ms, "
+                         f"{r['vs_triton']:.2f}x the launched kernels ({r['timer']})")
     tunes = [out / "tune-100.json", out / "tune.json"]
     for t in [t for tune in tunes if tune.is_file() for t in json.loads(tune.read_text()).get("summary", [])]:
         speedup = f"{t['speedup']:.2f}x" if t.get("speedup") else "untimed"

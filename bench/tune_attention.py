@@ -4,8 +4,8 @@ stages, each candidate checked against the reference before it is timed.
 A target is one op (read, write, write-read), one size (bench_attention.py's sizes) and one kernel:
 "fwd", the forward kernel timed alone, or "bwd", the backward kernel timed as forward + backward with
 the forward kept at the launchers' settings. From the launchers' own settings the search changes one
-setting at a time (BLOCK_H, BLOCK_W, num_warps, num_stages, the register cap maxnreg; LAUNCH_SETTINGS in
-kernels/triton_attention.py), moves to the fastest neighbour while that gains more than --min-gain, and
+setting at a time (BLOCK_H, BLOCK_W, num_warps, num_stages, the register cap maxnreg, LOAD_AHEAD; LAUNCH_SETTINGS
+in kernels/triton_attention.py), moves to the fastest neighbour while that gains more than --min-gain, and
 stops after --rounds rounds or --target-budget seconds. Each candidate first runs against the reference
 backend on the same inputs. A candidate whose forward or any gradient is further off than --tolerance
 (relative to the largest element) is recorded as wrong and never chosen, so the search also checks
@@ -42,7 +42,7 @@ import common  # noqa: E402
 from draw.kernels import triton_attention as ta  # noqa: E402
 
 KERNELS = ("fwd", "bwd")
-SEARCHED = ("BLOCK_H", "BLOCK_W", "num_warps", "num_stages", "maxnreg")
+SEARCHED = ("BLOCK_H", "BLOCK_W", "num_warps", "num_stages", "maxnreg", "LOAD_AHEAD")
 # register caps tried (none by default): the 3x54x54 read kernels hold 96-255 registers, 2-4 programs per SM;
 # compiled for sm_90, a cap of 80 or 96 gives 5-6 at a few bytes of spills (bench/kernel_report.py --maxnreg)
 MAXNREG = [64, 80, 96, 128]
@@ -83,8 +83,9 @@ def start_settings(config: dict) -> dict:
 
 def search_space(config: dict, height: int, width: int, timed: bool = True) -> dict:
     """Values tried per setting: rows and columns from 16 (tl.dot; 4 rows for "sum") to the padded image,
-    at least an eighth of its width; warps 1-8, stages 1-4 and the register caps MAXNREG only when timed
-    (the code's results do not depend on them, and Triton's interpreter ignores them)."""
+    at least an eighth of its width; LOAD_AHEAD 0 and 1 (other code: checked untimed too); warps 1-8, stages
+    1-4 and the register caps MAXNREG only when timed (the code's results do not depend on them, and Triton's
+    interpreter ignores them)."""
     low = max(ta.min_block(config), 4)
     rows = max(triton.next_power_of_2(height), low)
     cols = max(triton.next_power_of_2(width), low)
@@ -92,7 +93,8 @@ def search_space(config: dict, height: int, width: int, timed: bool = True) -> d
             "BLOCK_W": [v for v in ta.LAUNCH_SETTINGS["BLOCK_W"] if max(low, cols // 8) <= v <= cols],
             "num_warps": [1, 2, 4, 8] if timed else [config["num_warps"]],
             "num_stages": [1, 2, 3, 4] if timed else [config["num_stages"]],
-            "maxnreg": MAXNREG if timed else []}
+            "maxnreg": MAXNREG if timed else [],
+            "LOAD_AHEAD": [0, 1]}
 
 
 def neighbours(current: dict, space: dict, max_area: int) -> list[dict]:

@@ -53,8 +53,9 @@ launch (contraction(); DRAW_TRITON_CONTRACTION=auto|sum|dot overrides it): "dot"
 sm_90 code runs 1.4-8x fewer warp instructions per pixel (bench/kernel_report.py).
 The program layout above is the "sum" one; "dot" takes rows in blocks of at least 16 (_dot_launch_config).
 The launchers choose the blocks, the warps (fewer where a batch of small images fills the GPU:
-_batch_warps) and one pipeline stage (_NUM_STAGES); DRAW_TRITON_LAUNCH replaces any of them for
-measuring (launch_overrides; bench/tune_attention.py searches them).
+_batch_warps), one pipeline stage (_NUM_STAGES) and whether each row loop loads its next block while it
+works on this one (_LOAD_AHEAD); DRAW_TRITON_LAUNCH replaces any of them for measuring (launch_overrides;
+bench/tune_attention.py searches them).
 
 Autograd: in eager code the ops are torch.autograd.Functions calling the launchers (the least host time
 per call); under torch.compile they are torch.library custom ops, opaque to the compiler.
@@ -138,6 +139,12 @@ _WRITE_READ_BACKWARD_WIDTH = 64
 # 2026-11-23, bench/tune_attention.py) 2-4 stages ran as fast or up to 1.23x slower at 28x28 and 1.1-2.1x
 # slower at 3x54x54, N 12.
 _NUM_STAGES = 1
+# Row loops that load one block ahead (LOAD_AHEAD = 1: _block_and_next): each trip issues the next block's
+# loads into registers before its own arithmetic, so a program has a load in flight while it computes; with 0
+# it waits for each block's loads at the top of each trip. One stage (above) has no other prefetch. Whether it
+# pays is not yet measured, so the launchers keep 0; DRAW_TRITON_LAUNCH=LOAD_AHEAD=1 (bench_attention.py's
+# triton-ahead provider, bench/tune_attention.py) turns it on. Loops of one trip (28x28 forward) gain nothing.
+_LOAD_AHEAD = 0
 # Warps where the batch fills the GPU. A program owns one (image, channel); on one H100 (bench/RESULTS.md,
 # 2026-11-23) with 1,024 28x28 images, one warp per program ran every fused kernel 1.2-2.3x faster than
 # the launchers' 4 or 8 (the mnist-paper CUDA-graph step: 52,379 -> 60,435 images/s), and with 100
@@ -274,6 +281,41 @@ def _row_block(row_start, mask_w, mu_y, sigma2, z_y, offs_n, height, N: tl.const
     mask = (offs_h < height)[:, None] & mask_w[None, :]
     gauss_y, offset_y, exponent_y = _gaussian_terms(mu_y, sigma2, offs_n, offs_h, height, N, COMPUTE_DTYPE)
     return offs_h, mask, gauss_y / z_y[:, None], offset_y, exponent_y
+
+
+@triton.jit
+def _image_block(base, stride_h, stride_w, row_start, offs_w, mask_w, height, BLOCK_H: tl.constexpr):
+    """The [BLOCK_H, BLOCK_W] block of one image from row row_start, in the columns offs_w, as stored (0
+    outside the image: rows past H, columns past W)."""
+    offs_h = row_start + tl.arange(0, BLOCK_H)
+    mask = (offs_h < height)[:, None] & mask_w[None, :]
+    return tl.load(base + offs_h[:, None] * stride_h + offs_w[None, :] * stride_w, mask=mask, other=0.0)
+
+
+@triton.jit
+def _first_block(base, stride_h, stride_w, offs_w, mask_w, height, BLOCK_H: tl.constexpr, LOAD_AHEAD: tl.constexpr):
+    """With LOAD_AHEAD (a row loop that loads one block ahead: _block_and_next), the loop's first block, loaded
+    before the loop; without, a placeholder the loop carries unread."""
+    if LOAD_AHEAD:
+        block = _image_block(base, stride_h, stride_w, 0, offs_w, mask_w, height, BLOCK_H)
+    else:
+        block = 0.0
+    return block
+
+
+@triton.jit
+def _block_and_next(ahead, base, stride_h, stride_w, row_start, offs_w, mask_w, height, BLOCK_H: tl.constexpr,
+                    LOAD_AHEAD: tl.constexpr):
+    """(the block of rows from row_start, what the loop carries to the next block). With LOAD_AHEAD, the block is
+    `ahead`, loaded one trip before, and the next block's load is issued now, so that it is in flight while
+    this block's arithmetic runs (past the last row its mask is empty and it reads nothing); without, the
+    block is loaded now and `ahead` passes through."""
+    if LOAD_AHEAD:
+        block = ahead
+        ahead = _image_block(base, stride_h, stride_w, row_start + BLOCK_H, offs_w, mask_w, height, BLOCK_H)
+    else:
+        block = _image_block(base, stride_h, stride_w, row_start, offs_w, mask_w, height, BLOCK_H)
+    return block, ahead
 
 
 @triton.jit
@@ -443,6 +485,7 @@ def _attention_read_forward_kernel(
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     COL_TILES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, HAS_CANVAS: tl.constexpr, CONTRACT: tl.constexpr,
     HAS_WRITE: tl.constexpr, NW: tl.constexpr, BLOCK_NW: tl.constexpr, CONTRACT_W: tl.constexpr,
+    LOAD_AHEAD: tl.constexpr,
 ):
     # Program (b, c) owns out[b, :, c] = gamma * F_Y [x, x_hat] F_X^T, both [N, N] glimpses.
     # HAS_CANVAS = False is the glimpse of x alone: canvas_ptr is never read, out is [B, C, N, N]
@@ -476,17 +519,21 @@ def _attention_read_forward_kernel(
             _offs_w, _mask_w, f_xw = _column_tile(tile, mu_xw, sigma2_w, z_xw, offs_nw, width, NW, BLOCK_W,
                                                   COMPUTE_DTYPE)
             w_fx = _mm(w, f_xw, CONTRACT_W)  # w F_X,w: [BLOCK_NW(j), BLOCK_W]
+        x_ahead = _first_block(x_base, stride_xh, stride_xw, offs_w, mask_w, height, BLOCK_H, LOAD_AHEAD)
+        c_ahead = _first_block(c_base, stride_ch, stride_cw, offs_w, mask_w, height, BLOCK_H, LOAD_AHEAD and HAS_CANVAS)
         for row_start in range(0, height, BLOCK_H):  # f_x: [BLOCK_N(i), BLOCK_W]
             offs_h = row_start + tl.arange(0, BLOCK_H)
             mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
             gauss_y = _gaussian_rows(mu_y, sigma2, offs_n, offs_h, height, N, COMPUTE_DTYPE)
             f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
-            x = tl.load(x_base + offs_h[:, None] * stride_xh + offs_w[None, :] * stride_xw,
-                        mask=mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
+            x, x_ahead = _block_and_next(x_ahead, x_base, stride_xh, stride_xw, row_start, offs_w, mask_w, height,
+                                         BLOCK_H, LOAD_AHEAD)
+            x = x.to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
             # (with a canvas, the statements run in the order the compiler was tuned on: loads first)
             if HAS_CANVAS:
-                logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
-                                 mask=mask, other=0.0).to(COMPUTE_DTYPE)
+                logits, c_ahead = _block_and_next(c_ahead, c_base, stride_ch, stride_cw, row_start, offs_w, mask_w,
+                                                  height, BLOCK_H, LOAD_AHEAD)
+                logits = logits.to(COMPUTE_DTYPE)
                 if HAS_WRITE:  # c_t = c_{t-1} + (1 / gamma_w) F_Y,w^T w F_X,w  (29), (8)
                     f_yw = _gaussian_rows(mu_yw, sigma2_w, offs_nw, offs_h, height, NW, COMPUTE_DTYPE) / z_yw[:, None]
                     new_logits = _cast_for_store(logits + _mm_tn(f_yw, w_fx, CONTRACT_W) / gamma_w, new_canvas_ptr)
@@ -527,6 +574,7 @@ def _attention_read_backward_kernel(
     COL_TILES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, HAS_CANVAS: tl.constexpr, STORE_GRAD_X: tl.constexpr,
     STORE_GRAD_CANVAS: tl.constexpr, CONTRACT: tl.constexpr,
     HAS_WRITE: tl.constexpr, NW: tl.constexpr, BLOCK_NW: tl.constexpr, CONTRACT_W: tl.constexpr,
+    LOAD_AHEAD: tl.constexpr,
 ):
     # Program (b, c) owns dx[b, c], dcanvas[b, c] (contiguous [B, C, H, W]) and the partial
     # parameter gradient of channel c, grad_params[b, c, :] ([B, C, 5], rows strided by stride_db).
@@ -567,7 +615,6 @@ def _attention_read_backward_kernel(
         r_yw, dfo_yw, fo_yw, dfe_yw, fe_yw = _zero_moments(BLOCK_NW, COMPUTE_DTYPE)
         r_xw, dfo_xw, fo_xw, dfe_xw, fe_xw = _zero_moments(BLOCK_NW, COMPUTE_DTYPE)
         d_w = tl.zeros([BLOCK_NW, BLOCK_NW], dtype=COMPUTE_DTYPE)  # (F_Y,w D) F_X,w^T, summed over tiles
-        n_base = grad_new_canvas_ptr + pid_b * stride_nb + pid_c * stride_nc
 
     g_mask = (offs_n < N)[:, None] & (offs_n < N)[None, :]  # padded [BLOCK_N, BLOCK_N] tile
     g_base = (grad_out_ptr + pid_b * stride_gb + pid_c * stride_gc
@@ -578,6 +625,7 @@ def _attention_read_backward_kernel(
 
     x_base = x_ptr + pid_b * stride_xb + pid_c * stride_xc
     c_base = canvas_ptr + pid_b * stride_cb + pid_c * stride_cc
+    n_base = grad_new_canvas_ptr + pid_b * stride_nb + pid_c * stride_nc  # read with HAS_WRITE only
     grad_base = (pid_b * tl.num_programs(1) + pid_c) * height * width  # contiguous [B, C, H, W]
     r_y, dfo_y, fo_y, dfe_y, fe_y = _zero_moments(BLOCK_N, COMPUTE_DTYPE)  # _add_row_moments, per axis
     r_x, dfo_x, fo_x, dfe_x, fe_x = _zero_moments(BLOCK_N, COMPUTE_DTYPE)
@@ -586,15 +634,20 @@ def _attention_read_backward_kernel(
         fy_err = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y x_hat  [j, w]
         if HAS_WRITE:
             fy_d = tl.zeros([BLOCK_NW, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y,w D  [j, w]
+        x_ahead = _first_block(x_base, stride_xh, stride_xw, offs_w, mask_w, height, BLOCK_H, LOAD_AHEAD)
+        c_ahead = _first_block(c_base, stride_ch, stride_cw, offs_w, mask_w, height, BLOCK_H, LOAD_AHEAD and HAS_CANVAS)
+        n_ahead = _first_block(n_base, stride_nh, stride_nw, offs_w, mask_w, height, BLOCK_H, LOAD_AHEAD and HAS_WRITE)
         for row_start in range(0, height, BLOCK_H):
             offs_h, mask, f_y, offset_y, exponent_y = _row_block(row_start, mask_w, mu_y, sigma2, z_y, offs_n, height,
                                                                  N, BLOCK_H, COMPUTE_DTYPE)
-            x = tl.load(x_base + offs_h[:, None] * stride_xh + offs_w[None, :] * stride_xw,
-                        mask=mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
+            x, x_ahead = _block_and_next(x_ahead, x_base, stride_xh, stride_xw, row_start, offs_w, mask_w, height,
+                                         BLOCK_H, LOAD_AHEAD)
+            x = x.to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
             # d img_k = gamma (F_Y^T G_k) F_X: [BLOCK_H, BLOCK_N(i)], then [BLOCK_H, BLOCK_W]
             if HAS_CANVAS:
-                logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
-                                 mask=mask, other=0.0).to(COMPUTE_DTYPE)
+                logits, c_ahead = _block_and_next(c_ahead, c_base, stride_ch, stride_cw, row_start, offs_w, mask_w,
+                                                  height, BLOCK_H, LOAD_AHEAD)
+                logits = logits.to(COMPUTE_DTYPE)
                 sig = 1 / (1 + tl.exp(-logits))
                 x_hat = tl.where(mask, x - sig, 0.0)
                 d_err = gamma * _mm(_mm_tn(f_y, g_err, CONTRACT), f_x, CONTRACT)
@@ -607,8 +660,9 @@ def _attention_read_backward_kernel(
             if STORE_GRAD_CANVAS or HAS_WRITE:  # (only with HAS_CANVAS)
                 d_logits = -d_err * sig * (1 - sig)  # d x_hat / d canvas = -sigmoid'(canvas)
                 if HAS_WRITE:  # D = dL/dc_t, and the write's backward on it
-                    d_logits += tl.load(n_base + offs_h[:, None] * stride_nh + offs_w[None, :] * stride_nw,
-                                        mask=mask, other=0.0).to(COMPUTE_DTYPE)
+                    d_new, n_ahead = _block_and_next(n_ahead, n_base, stride_nh, stride_nw, row_start, offs_w, mask_w,
+                                                     height, BLOCK_H, LOAD_AHEAD)
+                    d_logits += d_new.to(COMPUTE_DTYPE)
                     _offs_h, _mask, f_yw, offset_yw, exponent_yw = _row_block(
                         row_start, mask_w, mu_yw, sigma2_w, z_yw, offs_nw, height, NW, BLOCK_H, COMPUTE_DTYPE)
                     d_fxw = _mm_nt(d_logits, f_xw, CONTRACT_W)  # D F_X,w^T: [BLOCK_H, BLOCK_NW(i)]
@@ -679,7 +733,7 @@ def _attention_write_forward_kernel(
     stride_pb, stride_pk,
     stride_cb, stride_cc, stride_ch, stride_cw,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    COL_TILES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, CONTRACT: tl.constexpr,
+    COL_TILES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, CONTRACT: tl.constexpr, LOAD_AHEAD: tl.constexpr,
 ):
     # Program (b, c) owns out[b, c] = canvas[b, c] + (1 / gamma) F_Y^T w[b, c] F_X, [H, W],
     # written in tiles of BLOCK_H rows by BLOCK_W columns (out is contiguous [B, C, H, W]).
@@ -704,14 +758,16 @@ def _attention_write_forward_kernel(
     out_base = out_ptr + (pid_b * tl.num_programs(1) + pid_c) * height * width
     for tile in range(0, COL_TILES):
         w_fx = _mm(w, f_x, CONTRACT)  # w F_X: [BLOCK_N(j), BLOCK_W]
+        c_ahead = _first_block(c_base, stride_ch, stride_cw, offs_w, mask_w, height, BLOCK_H, LOAD_AHEAD)
         for row_start in range(0, height, BLOCK_H):
             offs_h = row_start + tl.arange(0, BLOCK_H)
             mask = (offs_h < height)[:, None] & mask_w[None, :]  # rows past H (last block), cols past W
             gauss_y = _gaussian_rows(mu_y, sigma2, offs_n, offs_h, height, N, COMPUTE_DTYPE)
             f_y = gauss_y / z_y[:, None]  # [BLOCK_N(j), BLOCK_H]  (26)
             written = _mm_tn(f_y, w_fx, CONTRACT)  # F_Y^T w F_X: [BLOCK_H, BLOCK_W]
-            logits = tl.load(c_base + offs_h[:, None] * stride_ch + offs_w[None, :] * stride_cw,
-                             mask=mask, other=0.0).to(COMPUTE_DTYPE)
+            logits, c_ahead = _block_and_next(c_ahead, c_base, stride_ch, stride_cw, row_start, offs_w, mask_w, height,
+                                              BLOCK_H, LOAD_AHEAD)
+            logits = logits.to(COMPUTE_DTYPE)
             new_logits = logits + written / gamma  # (29), (8)
             tl.store(out_base + offs_h[:, None] * width + offs_w[None, :],
                      _cast_for_store(new_logits, out_ptr), mask=mask)
@@ -727,7 +783,7 @@ def _attention_write_backward_kernel(
     stride_gb, stride_gc, stride_gh, stride_gw,
     stride_ob, stride_db,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    COL_TILES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, CONTRACT: tl.constexpr,
+    COL_TILES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, CONTRACT: tl.constexpr, LOAD_AHEAD: tl.constexpr,
 ):
     # Program (b, c) owns dpatch[b, c] ([B, C, N, N], rows strided by stride_ob) and the partial
     # parameter gradient of channel c, grad_params[b, c, :] ([B, C, 5], rows strided by stride_db). With G = dL/dnew_canvas:
@@ -760,11 +816,13 @@ def _attention_write_backward_kernel(
     d_w = tl.zeros([BLOCK_N, BLOCK_N], dtype=COMPUTE_DTYPE)  # (F_Y G) F_X^T, summed over tiles
     for tile in range(0, COL_TILES):
         fy_g = tl.zeros([BLOCK_N, BLOCK_W], dtype=COMPUTE_DTYPE)  # F_Y G  [j, w]
+        g_ahead = _first_block(g_base, stride_gh, stride_gw, offs_w, mask_w, height, BLOCK_H, LOAD_AHEAD)
         for row_start in range(0, height, BLOCK_H):
             offs_h, mask, f_y, offset_y, exponent_y = _row_block(row_start, mask_w, mu_y, sigma2, z_y, offs_n, height,
                                                                  N, BLOCK_H, COMPUTE_DTYPE)
-            g = tl.load(g_base + offs_h[:, None] * stride_gh + offs_w[None, :] * stride_gw,
-                        mask=mask, other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
+            g, g_ahead = _block_and_next(g_ahead, g_base, stride_gh, stride_gw, row_start, offs_w, mask_w, height,
+                                         BLOCK_H, LOAD_AHEAD)
+            g = g.to(COMPUTE_DTYPE)  # [BLOCK_H, BLOCK_W]
             g_fx = _mm_nt(g, f_x, CONTRACT)  # G F_X^T: [BLOCK_H, BLOCK_N(i)]
             df_y = inv_gamma * _mm_nt(w, g_fx, CONTRACT)  # [BLOCK_N(j), BLOCK_H], this tile's share
             r_y, dfo_y, fo_y, dfe_y, fe_y = _add_row_moments(r_y, dfo_y, fo_y, dfe_y, fe_y, df_y, f_y, offset_y,
@@ -840,6 +898,7 @@ LAUNCH_SETTINGS = {
     "num_warps": (1, 2, 4, 8, 16),
     "num_stages": (1, 2, 3, 4, 5),
     "maxnreg": (32, 40, 48, 56, 64, 72, 80, 96, 112, 128, 168, 255),
+    "LOAD_AHEAD": (0, 1),
 }
 
 
@@ -940,6 +999,7 @@ def _sum_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
     num_warps = 4 if row_elements <= (256 if backward else 2048) else 8
     return {"N": n, "BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_W": block_w,
             "COL_TILES": triton.cdiv(width, block_w), "num_warps": num_warps, "num_stages": _NUM_STAGES,
+            "LOAD_AHEAD": _LOAD_AHEAD,
             "CONTRACT": "sum"}
 
 
@@ -959,6 +1019,7 @@ def _dot_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
     num_warps = 4 if block_w <= 32 and not backward else 8
     return {"N": n, "BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_W": block_w,
             "COL_TILES": triton.cdiv(width, block_w), "num_warps": num_warps, "num_stages": _NUM_STAGES,
+            "LOAD_AHEAD": _LOAD_AHEAD,
             "CONTRACT": "dot"}
 
 

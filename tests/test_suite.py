@@ -89,6 +89,39 @@ def test_the_suite_summary_compares_two_warps_with_the_launched_warps(tmp_path):
     assert "attention-2warps" in [name for name, *_ in suite.parts(False, tmp_path)]
 
 
+def test_the_suite_summary_compares_loading_ahead_with_the_launched_kernels(tmp_path):
+    """bench/suite.py's headline: each triton-ahead row (the attention-ahead part's, or attention's) against the
+    launched kernels timed beside it in the same run (bench_attention.py's vs_triton), case by case."""
+    suite, bench_attention = import_bench("suite"), import_bench("bench_attention")
+    case = {"op": "read", "mode": "fwd", "size": "16384x3x54x54", "timer": "do_bench"}
+    rows = [{**case, "provider": "triton", "ms": 2.8}, {**case, "provider": "triton-ahead", "ms": 1.4},
+            {**case, "provider": "compiled", "ms": 2.9}]
+    bench_attention.add_speedups(rows)
+    assert [r["vs_triton"] for r in rows] == [None, 2.0, None]  # only the variants of the fused kernels
+    (tmp_path / "attention-ahead.json").write_text(json.dumps({"results": rows}))
+    lines = suite.headline(tmp_path)
+    assert "attention read fwd 16384x3x54x54: loading one block ahead 1.4000 ms, 2.00x the launched kernels (do_bench)" \
+        in lines
+    names = [name for name, *_ in suite.parts(False, tmp_path)]
+    assert names.index("attention-2warps") < names.index("attention-ahead") < names.index("attention-large")
+
+
+def test_triton_ahead_adds_load_ahead_to_the_runs_launch_settings(monkeypatch):
+    """bench_attention.py's triton-ahead provider sets LOAD_AHEAD=1 for its own calls, after any DRAW_TRITON_LAUNCH the
+    run set (which the launchers accept), and triton-sum its contraction; the others change nothing."""
+    bench_attention = import_bench("bench_attention")
+    from draw.kernels import triton_attention
+
+    monkeypatch.delenv("DRAW_TRITON_LAUNCH", raising=False)
+    assert bench_attention.provider_environment("triton-ahead") == {"DRAW_TRITON_LAUNCH": "LOAD_AHEAD=1"}
+    monkeypatch.setenv("DRAW_TRITON_LAUNCH", "bwd.num_warps=4 ")
+    launch = bench_attention.provider_environment("triton-ahead")["DRAW_TRITON_LAUNCH"]
+    assert launch == "bwd.num_warps=4,LOAD_AHEAD=1"
+    assert triton_attention.parse_launch_settings(launch) == [("bwd", "num_warps", 4), ("", "LOAD_AHEAD", 1)]
+    assert bench_attention.provider_environment("triton-sum") == {"DRAW_TRITON_CONTRACTION": "sum"}
+    assert bench_attention.provider_environment("triton") == bench_attention.provider_environment("compiled") == {}
+
+
 @pytest.mark.parametrize("part, row, line", [
     # attention-large times no triton-sum: its lines compare with what it timed, and no figure is NaN
     ("attention-large", {"size": "16384x3x54x54", "timer": "do_bench", "ms": 2.0, "gbps": 600.0, "pct_copy": 20.0,
@@ -669,7 +702,7 @@ def test_the_launch_count_sees_each_fused_kernel_and_one_weight_gradient_per_map
 
 def test_the_tuner_checks_every_neighbour_on_cpu(tmp_path):
     """bench/tune_attention.py --quick: every op and kernel, the launchers' settings and each single change
-    of rows or columns, checked against the reference in Triton's interpreter (untimed on a CPU)."""
+    of rows, columns or LOAD_AHEAD, checked against the reference in Triton's interpreter (untimed on a CPU)."""
     tune = import_bench("tune_attention")
     out = tmp_path / "tune.json"
     interpreter_tile = tune.ta._INTERPRETER_TILE
@@ -683,6 +716,7 @@ def test_the_tuner_checks_every_neighbour_on_cpu(tmp_path):
     assert sum(s["tried"] for s in summary) == len(rows)
     assert all(r["status"] == "ok" and r["rel_err"] <= 1e-4 and r["ms"] is None for r in rows)
     assert sum(r["launchers"] for r in rows) == len(summary)
+    assert sum("LOAD_AHEAD=1" in r["settings"] for r in rows) == len(summary)  # every kernel loading ahead, once
     assert (tmp_path / "tune.md").read_text().startswith("# Attention launch settings")
 
 
@@ -761,14 +795,15 @@ def test_the_tuner_descends_to_the_fastest_settings(monkeypatch):
     """The search moves to the fastest neighbour while it gains more than --min-gain, never to a wrong or
     failed candidate, and stops at a local optimum (times from a stand-in for the GPU)."""
     tune = import_bench("tune_attention")
-    best = {"BLOCK_H": 32, "BLOCK_W": 32, "num_warps": 4, "num_stages": 2, "maxnreg": 96}
+    best = {"BLOCK_H": 32, "BLOCK_W": 32, "num_warps": 4, "num_stages": 2, "LOAD_AHEAD": 1, "maxnreg": 96}
     faulty = {**best, "BLOCK_H": 64}  # a neighbour of the best: would time fastest, but gives wrong results
 
     def fake_evaluate(target, settings, case, reference, args, device, copy_gbps):
         current = settings or tune.start_settings(target.launcher_config(device))
         # each step away from `best` (a power of two in a block or the warps, one pipeline stage, another
-        # register cap or none) costs 10 %
-        steps = abs(current["num_stages"] - best["num_stages"]) + (current.get("maxnreg") != best["maxnreg"]) + sum(
+        # register cap or none, loading ahead or not) costs 10 %
+        steps = abs(current["num_stages"] - best["num_stages"]) + (current.get("maxnreg") != best["maxnreg"]) + (
+            current["LOAD_AHEAD"] != best["LOAD_AHEAD"]) + sum(
             abs(current[k].bit_length() - best[k].bit_length()) for k in ("BLOCK_H", "BLOCK_W", "num_warps"))
         wrong = current == faulty
         return {"op": target.op, "size": target.size.name, "kernel": target.kernel, "contraction": target.contraction,
@@ -798,4 +833,4 @@ def test_the_tuner_descends_to_the_fastest_settings(monkeypatch):
     unchanged = {**summary, "size": "1x1x28x28", "best_settings": "launchers'"}
     assert tune.launch_lines([summary, backward, unchanged]) == [
         "read 2x1x54x54 (auto): DRAW_TRITON_LAUNCH=fwd.BLOCK_H=32,fwd.BLOCK_W=32,fwd.num_warps=4,fwd.num_stages=2,"
-        "fwd.maxnreg=96,bwd.num_warps=2"]
+        "fwd.LOAD_AHEAD=1,fwd.maxnreg=96,bwd.num_warps=2"]

@@ -428,6 +428,7 @@ def test_launch_overrides(monkeypatch):
     monkeypatch.setenv("DRAW_TRITON_LAUNCH", "")
     own = config(12, 54, 54, True, f32)
     assert own["num_stages"] == 1 and own == triton_attention._chosen_config(12, 54, 54, True, f32)
+    assert own["LOAD_AHEAD"] == 0 == read_config(12, 54, 54, False, f32, write_n=12)["LOAD_AHEAD"]  # until measured
 
     monkeypatch.setenv("DRAW_TRITON_LAUNCH", " BLOCK_H=32, bwd.BLOCK_W=16,fwd.num_warps=2,num_stages=2 ")
     forward, backward = config(12, 54, 54, False, f32), config(12, 54, 54, True, f32)
@@ -442,7 +443,10 @@ def test_launch_overrides(monkeypatch):
     assert config(12, 54, 54, True, f32)["num_warps"] == 1 and config(12, 54, 54, False, f32)["num_warps"] == 2
     monkeypatch.setenv("DRAW_TRITON_LAUNCH", "fwd.maxnreg=80")  # a register cap: absent unless set
     assert config(12, 54, 54, False, f32)["maxnreg"] == 80 and "maxnreg" not in config(12, 54, 54, True, f32)
-    for bad in ("BLOCK_H=24", "BLOCK_H", "rows=8", "up.BLOCK_H=8", "num_warps=32", "BLOCK_W=x", "maxnreg=81",
+    monkeypatch.setenv("DRAW_TRITON_LAUNCH", "bwd.LOAD_AHEAD=1")
+    assert config(12, 54, 54, True, f32)["LOAD_AHEAD"] == read_config(12, 54, 54, True, f32, write_n=12)["LOAD_AHEAD"] == 1
+    assert config(12, 54, 54, False, f32)["LOAD_AHEAD"] == 0
+    for bad in ("LOAD_AHEAD=2", "BLOCK_H=24", "BLOCK_H", "rows=8", "up.BLOCK_H=8", "num_warps=32", "BLOCK_W=x", "maxnreg=81",
                 ".BLOCK_H=16", "BLOCK_W=\u0661\u0666", "BLOCK_H=\u00b2"):  # no direction before "."; ASCII digits
         monkeypatch.setenv("DRAW_TRITON_LAUNCH", bad)
         with pytest.raises(ValueError, match=f"DRAW_TRITON_LAUNCH entry {bad!r}"):
@@ -458,13 +462,16 @@ def test_launch_overrides(monkeypatch):
     ("fwd.BLOCK_H=2,fwd.BLOCK_W=64,bwd.BLOCK_H=64,bwd.BLOCK_W=8", "sum", f64),
     ("BLOCK_H=16,BLOCK_W=16", "dot", f32),  # tl.dot's smallest blocks: 3 column tiles, 2 row blocks
     ("BLOCK_H=64,BLOCK_W=64,num_warps=1,num_stages=3,maxnreg=64", "dot", f32),
+    ("BLOCK_H=4,BLOCK_W=8,LOAD_AHEAD=1", "sum", f64),  # each row loop loading one block ahead, over 5 tiles
+    ("BLOCK_H=16,BLOCK_W=16,LOAD_AHEAD=1", "dot", f32),
+    ("BLOCK_H=8,BLOCK_W=16,LOAD_AHEAD=1", "sum", torch.bfloat16),  # the blocks carried in their stored dtype
 ])
 def test_right_at_any_launch_settings(monkeypatch, launch, contract, dtype):
     """Every setting DRAW_TRITON_LAUNCH accepts gives the reference's values and gradients (what
     bench/tune_attention.py relies on when it times them): read, glimpse, write and write-read, odd shapes."""
     monkeypatch.setenv("DRAW_TRITON_LAUNCH", launch)
     monkeypatch.setenv("DRAW_TRITON_CONTRACTION", contract)
-    rel = None if dtype == f64 else 1e-5
+    rel = {f64: None, f32: 1e-5, torch.bfloat16: 2e-2}[dtype]  # bf16: its rounding of each output (test_half_precision)
     x, canvas, params, patch = make_inputs(2, 2, 19, 37, 5, dtype=dtype, seed=7)
     check_read(x, canvas, params, 6, rel=rel, baseline=rel is not None)
     check_glimpse(x, params, 3, rel=rel, baseline=rel is not None)
