@@ -942,16 +942,18 @@ def min_block(config: dict) -> int:
     return _DOT_MIN if "dot" in (config["CONTRACT"], config.get("CONTRACT_W")) else 1
 
 
-def _with_overrides(config: dict, width: int, backward: bool) -> dict:
-    """config with launch_overrides() applied (COL_TILES follows BLOCK_W); tl.dot needs blocks of 16."""
+def _with_overrides(config: dict, height: int, width: int, backward: bool) -> dict:
+    """config with launch_overrides() applied (COL_TILES follows BLOCK_W); tl.dot needs blocks of 16. A row loop
+    of one trip has no next block: LOAD_AHEAD is then 0, whatever was asked (it would only cost registers)."""
     overrides = launch_overrides(backward)
-    if not overrides:
-        return config
-    config = {**config, **overrides}
-    config["COL_TILES"] = triton.cdiv(width, config["BLOCK_W"])
-    if min(config["BLOCK_H"], config["BLOCK_W"]) < min_block(config):
-        raise ValueError(f"DRAW_TRITON_LAUNCH: BLOCK_H={config['BLOCK_H']}, BLOCK_W={config['BLOCK_W']}, but the "
-                         f"tl.dot contraction needs both >= {_DOT_MIN} (or DRAW_TRITON_CONTRACTION=sum)")
+    if overrides:
+        config = {**config, **overrides}
+        config["COL_TILES"] = triton.cdiv(width, config["BLOCK_W"])
+        if min(config["BLOCK_H"], config["BLOCK_W"]) < min_block(config):
+            raise ValueError(f"DRAW_TRITON_LAUNCH: BLOCK_H={config['BLOCK_H']}, BLOCK_W={config['BLOCK_W']}, but the "
+                             f"tl.dot contraction needs both >= {_DOT_MIN} (or DRAW_TRITON_CONTRACTION=sum)")
+    if config["LOAD_AHEAD"] and height <= config["BLOCK_H"]:
+        config = {**config, "LOAD_AHEAD": 0}
     return config
 
 
@@ -960,7 +962,7 @@ def _launch_config(n: int, height: int, width: int, backward: bool, compute_dtyp
     """Block sizes (powers of two), warps and contraction for an n-grid over H x W images, `programs`
     of them launched on `device` (_batch_warps), with the launch_overrides() applied."""
     config = _batch_warps(_chosen_config(n, height, width, backward, compute_dtype), height, width, device, programs)
-    return _with_overrides(config, width, backward)
+    return _with_overrides(config, height, width, backward)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1106,7 +1108,7 @@ def _read_config(n: int, height: int, width: int, backward: bool, compute_dtype:
     config = _batch_warps(config, height, width, device, programs)
     if write_n is None:
         config = {**config, "HAS_WRITE": False, "NW": 1, "BLOCK_NW": 2, "CONTRACT_W": "sum"}
-        return _with_overrides(config, width, backward)
+        return _with_overrides(config, height, width, backward)
     write = _chosen_config(write_n, height, width, backward, compute_dtype)
     floor = _DOT_MIN if "dot" in (config["CONTRACT"], write["CONTRACT"]) else 1
     block_h = max(min(config["BLOCK_H"], write["BLOCK_H"]), floor)
@@ -1114,7 +1116,7 @@ def _read_config(n: int, height: int, width: int, backward: bool, compute_dtype:
     block_w = max(min(block_w, _WRITE_READ_BACKWARD_WIDTH) if backward else block_w, floor)
     config = {**config, "BLOCK_H": block_h, "BLOCK_W": block_w, "COL_TILES": triton.cdiv(width, block_w),
               "HAS_WRITE": True, "NW": write_n, "BLOCK_NW": write["BLOCK_N"], "CONTRACT_W": write["CONTRACT"]}
-    return _with_overrides(config, width, backward)
+    return _with_overrides(config, height, width, backward)
 
 
 def _launch_read_forward(x, canvas, params, n: int, write=None, dtype: torch.dtype | None = None):

@@ -446,6 +446,9 @@ def test_launch_overrides(monkeypatch):
     monkeypatch.setenv("DRAW_TRITON_LAUNCH", "bwd.LOAD_AHEAD=1")
     assert config(12, 54, 54, True, f32)["LOAD_AHEAD"] == read_config(12, 54, 54, True, f32, write_n=12)["LOAD_AHEAD"] == 1
     assert config(12, 54, 54, False, f32)["LOAD_AHEAD"] == 0
+    monkeypatch.setenv("DRAW_TRITON_LAUNCH", "LOAD_AHEAD=1")  # a row loop of one trip has no next block to load
+    assert (config(2, 28, 28, False, f32)["BLOCK_H"], config(2, 28, 28, False, f32)["LOAD_AHEAD"]) == (32, 0)
+    assert config(2, 28, 28, True, f32)["LOAD_AHEAD"] == config(12, 54, 54, False, f32)["LOAD_AHEAD"] == 1
     for bad in ("LOAD_AHEAD=2", "BLOCK_H=24", "BLOCK_H", "rows=8", "up.BLOCK_H=8", "num_warps=32", "BLOCK_W=x", "maxnreg=81",
                 ".BLOCK_H=16", "BLOCK_W=\u0661\u0666", "BLOCK_H=\u00b2"):  # no direction before "."; ASCII digits
         monkeypatch.setenv("DRAW_TRITON_LAUNCH", bad)
