@@ -9,7 +9,8 @@ Providers, all measured in one run on the same inputs:
     triton-sum  the same kernels forced to contract by broadcast-and-sum (DRAW_TRITON_CONTRACTION=sum),
               where "triton" takes tl.dot from N >= 5 (kernels/triton_attention.py): the two forms side by side
     triton-ahead  the same kernels with each row loop loading one block ahead (DRAW_TRITON_LAUNCH=LOAD_AHEAD=1,
-              after any launch settings the run set), against "triton" in its "x triton" column
+              after any launch settings the run set), against "triton" in its "x triton" column; only when
+              --providers names it
     triton-pair  write-read only: the fused write and the fused read as two ops (two launches each way and
               autograd's add of the canvas's two gradients), what write_read replaces
 Modes: "fwd" (forward alone) and "fwd+bwd" (forward, then torch.autograd.grad with a fixed random grad_out).
@@ -36,6 +37,8 @@ OPS = ("read", "write", "write-read")
 MODES = ("fwd", "fwd+bwd")
 PROVIDERS = ("eager", "compiled", "triton", "triton-sum", "triton-ahead", "triton-pair")
 TRITON_PROVIDERS = ("triton", "triton-sum", "triton-ahead", "triton-pair")
+DEFAULT_PROVIDERS = [p for p in PROVIDERS if p != "triton-ahead"]  # triton-ahead only when asked for: at 28x28
+# the forward loops run one trip, where it launches the same kernels as triton
 VARIANTS = ("triton-sum", "triton-ahead")  # the fused kernels launched otherwise: their rows say "x triton"
 ONLY_FOR = {"triton-pair": "write-read"}  # providers that run one op alone
 REL_ERR_WARN = 1e-3  # a provider whose forward differs from eager by more than this (relative) is flagged
@@ -441,8 +444,9 @@ def parse_args(argv=None):
                    "like 1024x1x28x28; default: small on CPU, launch,middle,bandwidth on CUDA")
     p.add_argument("--ops", type=common.split_list, default=list(OPS), help="comma-separated ops: read,write,write-read")
     p.add_argument("--modes", type=common.split_list, default=list(MODES), help="comma-separated modes: fwd,fwd+bwd")
-    p.add_argument("--providers", type=common.split_list, default=list(PROVIDERS),
-                   help="comma-separated providers: eager,compiled,triton,triton-sum,triton-ahead,triton-pair (the triton ones: CUDA only, "
+    p.add_argument("--providers", type=common.split_list, default=DEFAULT_PROVIDERS,
+                   help="comma-separated providers: eager,compiled,triton,triton-sum,triton-ahead,triton-pair (default: all but "
+                   "triton-ahead; the triton ones: CUDA only, "
                    "skipped otherwise)")
     p.add_argument("--copy-mib", type=int, default=None,
                    help="size of the copy-bandwidth buffer in MiB; default 1024 on CUDA, 64 on CPU")

@@ -2,7 +2,7 @@
 the training step, and write everything (JSON, markdown, logs) into one directory, a summary last.
 
     python bench/suite.py --out results/h100            # a CUDA machine: the full record
-    python bench/suite.py --budget 560 --out results/h100 --only verify,cuda-tests,attention,attention-2warps  # in parts,
+    python bench/suite.py --budget 560 --out results/h100 --only verify,cuda-tests,attention,attention-2warps,attention-ahead  # in parts,
     python bench/suite.py --budget 560 --out results/h100 --only attention-large,train,train-unfused,profile-100,profile-1024
     python bench/suite.py --budget 560 --out results/h100 --only train-eager,train-compiled,tune-100  # into one DIR
     python bench/suite.py --quick --out /tmp/suite      # any machine: tiny sizes, the interpreter for the kernels
@@ -112,7 +112,7 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
           {"DRAW_TRITON_NUM_WARPS": "2"})],
         [("attention-ahead", attention + ["--sizes", AHEAD_SIZES, "--providers", "triton,triton-ahead", "--rep-ms", "100",
                                           "--json", str(out / "attention-ahead.json"),
-                                          "--markdown", str(out / "attention-ahead.md")], 150, {})],
+                                          "--markdown", str(out / "attention-ahead.md")], 240, {})],
         [("attention-large", attention + ["--sizes", LARGE_SIZES, "--providers", "compiled,triton,triton-pair",
                                           "--rep-ms", "100", "--json", str(out / "attention-large.json"),
                                           "--markdown", str(out / "attention-large.md")], 300, {})],
@@ -315,7 +315,7 @@ def headline(out: pathlib.Path) -> list[str]:
         if r.get("provider") == "triton" and r.get("ms"):
             vs = launched_ms.get((r["op"], r["mode"], r["size"], r["timer"]), float("nan")) / r["ms"]
             lines.append(f"attention {r['op']} {r['mode']} {r['size']}: 2 warps {vs:.2f}x the launched warps ({r['timer']})")
-    for r in _rows(out / "attention.json") + _rows(out / "attention-ahead.json"):
+    for r in _rows(out / "attention-ahead.json"):
         if r.get("provider") == "triton-ahead" and r.get("vs_triton"):
             lines.append(f"attention {r['op']} {r['mode']} {r['size']}: loading one block ahead {r['ms']:.4f} ms, "
                          f"{r['vs_triton']:.2f}x the launched kernels ({r['timer']})")

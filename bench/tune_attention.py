@@ -97,13 +97,17 @@ def search_space(config: dict, height: int, width: int, timed: bool = True) -> d
             "LOAD_AHEAD": [0, 1]}
 
 
-def neighbours(current: dict, space: dict, max_area: int) -> list[dict]:
-    """current with one setting changed, blocks no larger than max_area elements (register use grows with it)."""
+def neighbours(current: dict, space: dict, max_area: int, height: int) -> list[dict]:
+    """current with one setting changed, blocks no larger than max_area elements (register use grows with it),
+    each as the launchers would run it on images `height` rows tall: LOAD_AHEAD 0 where the rows are one block
+    (ta._with_overrides), so that no candidate is the same launch as another or as current."""
     found = []
     for key in SEARCHED:
         for value in space[key]:
             candidate = {**current, key: value}
-            if value != current.get(key) and candidate["BLOCK_H"] * candidate["BLOCK_W"] <= max_area:
+            if "LOAD_AHEAD" in candidate and candidate["BLOCK_H"] >= height:
+                candidate["LOAD_AHEAD"] = 0
+            if candidate != current and candidate not in found and candidate["BLOCK_H"] * candidate["BLOCK_W"] <= max_area:
                 found.append(candidate)
     return found
 
@@ -217,7 +221,7 @@ def tune(target: Target, args, device, copy_gbps, rows: list) -> dict:
         tried = {settings_text(current)}
         for round_ in range(1, args.rounds + 1):
             round_best, round_settings = None, None
-            for candidate in neighbours(current, space, max_area):
+            for candidate in neighbours(current, space, max_area, target.size.height):
                 if time.perf_counter() > deadline:
                     break
                 if settings_text(candidate) in tried:

@@ -720,6 +720,19 @@ def test_the_tuner_checks_every_neighbour_on_cpu(tmp_path):
     assert (tmp_path / "tune.md").read_text().startswith("# Attention launch settings")
 
 
+def test_the_tuners_candidates_load_ahead_only_where_a_loop_has_a_next_block():
+    """bench/tune_attention.py's neighbours: LOAD_AHEAD=1 only with fewer rows a block than the image has (the
+    launchers run a one-block loop with 0), and never a candidate that is the same launch as another or as the
+    current settings."""
+    tune = import_bench("tune_attention")
+    current = {"BLOCK_H": 16, "BLOCK_W": 32, "num_warps": 4, "num_stages": 1, "LOAD_AHEAD": 0}
+    space = {"BLOCK_H": [16, 32], "BLOCK_W": [32], "num_warps": [4], "num_stages": [1], "maxnreg": [], "LOAD_AHEAD": [0, 1]}
+    assert tune.neighbours(current, space, 4096, height=28) == [{**current, "BLOCK_H": 32}, {**current, "LOAD_AHEAD": 1}]
+    assert tune.neighbours({**current, "BLOCK_H": 32}, space, 4096, height=28) == [current]  # 32 rows hold all 28
+    assert tune.neighbours({**current, "BLOCK_H": 32}, space, 4096, height=54) == [
+        current, {**current, "BLOCK_H": 32, "LOAD_AHEAD": 1}]
+
+
 def test_the_tuner_resumes_a_run_split_in_parts(tmp_path, capsys):
     """--resume keeps the targets already in --json and searches only the others."""
     tune = import_bench("tune_attention")
@@ -796,7 +809,8 @@ def test_the_tuner_descends_to_the_fastest_settings(monkeypatch):
     failed candidate, and stops at a local optimum (times from a stand-in for the GPU)."""
     tune = import_bench("tune_attention")
     best = {"BLOCK_H": 32, "BLOCK_W": 32, "num_warps": 4, "num_stages": 2, "LOAD_AHEAD": 1, "maxnreg": 96}
-    faulty = {**best, "BLOCK_H": 64}  # a neighbour of the best: would time fastest, but gives wrong results
+    # a neighbour of the best (64 rows hold all 54: no loading ahead): would time fastest, but gives wrong results
+    faulty = {**best, "BLOCK_H": 64, "LOAD_AHEAD": 0}
 
     def fake_evaluate(target, settings, case, reference, args, device, copy_gbps):
         current = settings or tune.start_settings(target.launcher_config(device))

@@ -467,7 +467,7 @@ def test_launch_overrides(monkeypatch):
     ("BLOCK_H=64,BLOCK_W=64,num_warps=1,num_stages=3,maxnreg=64", "dot", f32),
     ("BLOCK_H=4,BLOCK_W=8,LOAD_AHEAD=1", "sum", f64),  # each row loop loading one block ahead, over 5 tiles
     ("BLOCK_H=16,BLOCK_W=16,LOAD_AHEAD=1", "dot", f32),
-    ("BLOCK_H=8,BLOCK_W=16,LOAD_AHEAD=1", "sum", torch.bfloat16),  # the blocks carried in their stored dtype
+    ("BLOCK_H=16,BLOCK_W=32,LOAD_AHEAD=1", "dot", torch.bfloat16),  # the blocks carried in their stored dtype
 ])
 def test_right_at_any_launch_settings(monkeypatch, launch, contract, dtype):
     """Every setting DRAW_TRITON_LAUNCH accepts gives the reference's values and gradients (what
@@ -910,6 +910,12 @@ def test_double_backward_raises_clearly():
 def run_kernel_report(*args, write: bool = False, check: bool = True):
     """bench/kernel_report.py in a process without Triton's interpreter (it compiles for sm_90): --no-write
     unless write (then args name the --json and --markdown paths); check: it must succeed."""
+    return run_compiling("kernel_report.py", *args, *([] if write else ["--no-write"]), check=check)
+
+
+def run_compiling(script: str, *args, check: bool = True, launch: str = ""):
+    """bench/<script> in a process without Triton's interpreter (it compiles for sm_90), with DRAW_TRITON_LAUNCH
+    set to `launch`; check: it must succeed."""
     import pathlib
     import subprocess
     import sys
@@ -918,11 +924,26 @@ def run_kernel_report(*args, write: bool = False, check: bool = True):
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "bench/kernel_report.py", *args, *([] if write else ["--no-write"])],
-                            cwd=root, env=env,
+    env["DRAW_TRITON_LAUNCH"] = launch
+    result = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=root, env=env,
                             capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0 or not check, result.stderr[-4000:]
     return result
+
+
+def test_loading_ahead_keeps_the_row_loops_loads_in_flight_through_a_trip():
+    """Read backward at 3x54x54, N 12 (4 trips of 16 rows) compiled for sm_90 (bench/sass_loads.py): with
+    LOAD_AHEAD=1 every global load in the row loop is first read more than halfway through the trip, the next
+    trip's block being loaded while this one is worked on, and later than any load is read with 0."""
+    import re
+
+    first_reads = {}
+    for launch in ("LOAD_AHEAD=0", "LOAD_AHEAD=1"):
+        out = run_compiling("sass_loads.py", "--kernels", "read bwd", "--sizes", "svhn", launch=launch).stdout
+        loads = re.findall(r"issued at [\d.]+, first read at ([\d.]+)", out)
+        assert len(loads) >= 4, out  # x and the canvas, in 16 x 64 blocks
+        first_reads[launch] = [float(read) for read in loads]
+    assert min(first_reads["LOAD_AHEAD=1"]) > max(0.5, max(first_reads["LOAD_AHEAD=0"])), first_reads
 
 
 @pytest.mark.slow
