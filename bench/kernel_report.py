@@ -213,14 +213,33 @@ def _opcode(instruction: str) -> str:
     return "MMA" if opcode in ("HMMA", "HGMMA", "DMMA") else opcode
 
 
-def sass_counts(cubin: bytes, loop_trips: int, outer_trips: int = 1) -> dict:
-    """count_sass on the cubin's machine code (cuobjdump -sass)."""
+def sass_of(cubin: bytes) -> str:
+    """The cubin's machine code as cuobjdump -sass lists it."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
+        return subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
                               check=True).stdout
-    return count_sass(sass, loop_trips, outer_trips)
+
+
+def sass_counts(cubin: bytes, loop_trips: int, outer_trips: int = 1) -> dict:
+    """count_sass on the cubin's machine code (cuobjdump -sass)."""
+    return count_sass(sass_of(cubin), loop_trips, outer_trips)
+
+
+def sass_listing(sass: str) -> list[tuple[int, str]]:
+    """(address, text) of every machine instruction in a cuobjdump -sass listing."""
+    return [(int(address, 16), text.strip()) for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+
+
+def sass_loops(listing: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """The loops of a sass_listing: (a backward branch's target, the branch's address)."""
+    loops = []
+    for address, text in listing:
+        target = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address:
+            loops.append((int(target.group(1), 16), address))
+    return loops
 
 
 def count_sass(sass: str, loop_trips: int, outer_trips: int = 1) -> dict:
@@ -228,19 +247,14 @@ def count_sass(sass: str, loop_trips: int, outer_trips: int = 1) -> dict:
     the OPCODE_COLUMNS, and the dynamic count per program estimated as every instruction times the trips
     of each loop around it. A loop is a backward branch's target to the branch; one with no loop inside
     runs loop_trips times (the row blocks), one with a loop inside outer_trips times (the column tiles)."""
-    listing = [(int(address, 16), text.strip())
-               for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    listing = sass_listing(sass)
     instructions = [text for _, text in listing]
     local = [i for i in instructions if re.search(r"\b(LDL|STL)\b", i)]
     counts = {"sass_instructions": len(instructions), "sass_local": len(local)}
     opcodes = [_opcode(i) for i in instructions]
     for opcode, column in OPCODE_COLUMNS.items():
         counts[column] = sum(op == opcode for op in opcodes)
-    loops = []  # (first address, branch address)
-    for address, text in listing:
-        target = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", text)
-        if target and int(target.group(1), 16) < address:
-            loops.append((int(target.group(1), 16), address))
+    loops = sass_loops(listing)  # (first address, branch address)
     trips = [outer_trips if any(a <= b0 and b1 <= b and (b0, b1) != (a, b) for b0, b1 in loops) else loop_trips
              for a, b in loops]
     dynamic = dynamic_local = 0
@@ -279,16 +293,25 @@ def occupancy(registers: int, num_warps: int, shared: int) -> dict:
 
 
 
+def compile_launch(variant: str, size: Size, n: int, dtype_name: str, num_warps: int | None = None,
+                   write_n: int | None = None, maxnreg: int | None = None):
+    """Compile `variant` for sm_ARCH as its launcher launches it for one batch item of `size` (record_launch);
+    num_warps and maxnreg, when given, replace the launch's. Returns (the compiled kernel, ptxas's log, the
+    launch's keyword arguments, whether the warps were replaced)."""
+    kernel, args, kwargs = record_launch(variant, size, n, DTYPES[dtype_name], write_n)
+    signature, constexprs, attrs, launched_warps = specialise(kernel, args, kwargs)
+    compiled, log = compile_with_ptxas_log(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
+                                           num_warps or launched_warps, kwargs.get("num_stages"),
+                                           maxnreg or kwargs.get("maxnreg"))
+    return compiled, log, kwargs, num_warps is not None
+
+
 def report_one(variant: str, size: Size, n: int, dtype_name: str, num_warps: int | None = None,
                write_n: int | None = None, maxnreg: int | None = None) -> dict:
     """One kernel as the launcher launches it; num_warps and maxnreg, when given, replace the launch's
     warps and register cap; write_n: the write's grid of a write-read (n is the read's)."""
-    kernel, args, kwargs = record_launch(variant, size, n, DTYPES[dtype_name], write_n)
-    signature, constexprs, attrs, launched_warps = specialise(kernel, args, kwargs)
-    forced, num_warps = num_warps is not None, num_warps or launched_warps
-    maxnreg = maxnreg or kwargs.get("maxnreg")
-    compiled, log = compile_with_ptxas_log(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
-                                           num_warps, kwargs.get("num_stages"), maxnreg)
+    compiled, log, kwargs, forced = compile_launch(variant, size, n, dtype_name, num_warps, write_n, maxnreg)
+    num_warps, maxnreg = compiled.metadata.num_warps, maxnreg or kwargs.get("maxnreg")
     row = {"kernel": variant if write_n is None else f"{variant} (write n {write_n})",
            "size": f"{size.channels}x{size.height}x{size.width}", "n": n, "dtype": dtype_name,
            "contract": contraction_label(kwargs), "num_warps": num_warps, "warps_forced": forced,

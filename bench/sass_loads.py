@@ -13,28 +13,16 @@ trip, counted as 1.00).
 
 import argparse
 import re
-import subprocess
 import sys
-import tempfile
-import pathlib
 
 import kernel_report as kr
-from triton.compiler import ASTSource
 
-_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
-_BRANCH = re.compile(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)")
 _LOAD = re.compile(r"\bLDG(?:\.\w+)*\s+(R\d+)")
 
 
-def instructions(sass: str) -> list[tuple[int, str]]:
-    """(address, text) of every machine instruction in cuobjdump -sass output."""
-    return [(int(address, 16), text.strip()) for address, text in _INSTRUCTION.findall(sass)]
-
-
-def row_loop(code: list[tuple[int, str]]) -> tuple[int, int]:
-    """(first, last) address of the longest loop: a branch back to an earlier address, and that address."""
-    loops = [(int(m.group(1), 16), address) for address, text in code
-             if (m := _BRANCH.search(text)) and int(m.group(1), 16) < address]
+def row_loop(listing: list[tuple[int, str]]) -> tuple[int, int]:
+    """(first, last) address of the longest loop of a kernel_report.sass_listing."""
+    loops = kr.sass_loops(listing)
     if not loops:
         raise ValueError("no loop in this kernel's machine code")
     return max(loops, key=lambda loop: loop[1] - loop[0])
@@ -51,9 +39,9 @@ def _sources(text: str) -> str:
 def loads_in_loop(sass: str) -> dict:
     """The row loop's length and, per global load in it, where it is issued and first read (fractions of the
     loop) and the opcode that reads it."""
-    code = instructions(sass)
-    first, last = row_loop(code)
-    body = [(address, text) for address, text in code if first <= address <= last]
+    listing = kr.sass_listing(sass)
+    first, last = row_loop(listing)
+    body = [(address, text) for address, text in listing if first <= address <= last]
     span = max(last - first, 1)
     loads = []
     for index, (address, text) in enumerate(body):
@@ -63,7 +51,7 @@ def loads_in_loop(sass: str) -> dict:
         register = re.compile(rf"\b{match.group(1)}\b")
         reader = next(((a, t) for a, t in body[index + 1:] if register.search(_sources(t))), None)
         loads.append({"issued": (address - first) / span, "first_read": (reader[0] - first) / span if reader else 1.0,
-                      "reader": reader[1].lstrip("@!PT0123456789 ").split()[0] if reader else "next trip"})
+                      "reader": kr._opcode(reader[1]) if reader else "next trip"})
     return {"loop_instructions": len(body), "loads": loads}
 
 
@@ -77,16 +65,9 @@ def grids(variant: str, size: kr.Size) -> tuple[int, int | None]:
 
 def compiled_sass(variant: str, size: kr.Size, dtype_name: str) -> str:
     """cuobjdump -sass of `variant` as the launcher launches it at `size` (kernel_report's compile)."""
-    kernel, args, kwargs = kr.record_launch(variant, size, *grids(variant, size)[:1], kr.DTYPES[dtype_name],
-                                            grids(variant, size)[1])
-    signature, constexprs, attrs, num_warps = kr.specialise(kernel, args, kwargs)
-    compiled, _log = kr.compile_with_ptxas_log(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
-                                               num_warps, kwargs.get("num_stages"), kwargs.get("maxnreg"))
-    with tempfile.TemporaryDirectory() as folder:
-        path = pathlib.Path(folder) / "kernel.cubin"
-        path.write_bytes(compiled.asm["cubin"])
-        return subprocess.run([kr._tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
-                              check=True).stdout
+    n, write_n = grids(variant, size)
+    compiled, _log, _kwargs, _forced = kr.compile_launch(variant, size, n, dtype_name, write_n=write_n)
+    return kr.sass_of(compiled.asm["cubin"])
 
 
 def main(argv=None) -> int:
