@@ -191,8 +191,8 @@ def test_mixed_dtypes_give_the_references_dtypes(mu_dtype, other_dtype):
     (torch.compile takes the reference, so a compiled run and an eager one keep one dtype), with the same values:
     both compute in that dtype."""
     g = torch.Generator().manual_seed(0)
-    mu = torch.randn(3, 5, generator=g).to(mu_dtype)
-    log_sigma, eps = (0.3 * torch.randn(3, 5, generator=g, dtype=other_dtype) for _ in range(2))
+    mu = torch.randn(3, 5, generator=g).to(DEVICE, mu_dtype)
+    log_sigma, eps = ((0.3 * torch.randn(3, 5, generator=g, dtype=other_dtype)).to(DEVICE) for _ in range(2))
     outputs = {backend: kernels.latent_sample(mu, log_sigma, eps, backend=backend) for backend in ("reference", "triton")}
     (z_ref, terms_ref), (z, terms) = outputs["reference"], outputs["triton"]
     assert z.dtype == z_ref.dtype == mu_dtype

@@ -204,12 +204,11 @@ def test_a_place_with_a_second_consumer_is_never_overwritten(second_consumer, in
 
     g = torch.Generator().manual_seed(0)
     batch, hidden, inputs, width = 3, 2, 4, 5
-    w_dec = torch.randn(8 * hidden, width, generator=g, dtype=torch.float64, requires_grad=True)
-    b_dec = torch.randn(8 * hidden, generator=g, dtype=torch.float64, requires_grad=True)
-    w_in = torch.randn(4 * hidden, inputs, generator=g, dtype=torch.float64, requires_grad=True)
-    h_dec, x = (torch.randn(batch, n, generator=g, dtype=torch.float64) for n in (width, inputs))
-    c = torch.randn(batch, hidden, generator=g, dtype=torch.float64)
-    weights = torch.sin(torch.arange(batch * hidden, dtype=torch.float64)).view(batch, hidden)
+    w_dec, b_dec, w_in = (torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+                          for shape in ((8 * hidden, width), (8 * hidden,), (4 * hidden, inputs)))
+    h_dec, x = (torch.randn(batch, n, generator=g, dtype=torch.float64).to(DEVICE) for n in (width, inputs))
+    c = torch.randn(batch, hidden, generator=g, dtype=torch.float64).to(DEVICE)
+    weights = torch.sin(torch.arange(batch * hidden, dtype=torch.float64, device=DEVICE)).view(batch, hidden)
 
     def gradients(backend):
         dec, from_x = RecurrentLinear(w_dec, b_dec), RecurrentLinear(w_in)
@@ -234,9 +233,9 @@ def test_a_double_backward_through_the_fused_model_is_refused_not_wrong():
 
     torch.manual_seed(0)
     config = DRAWConfig(height=6, width=5, channels=1, T=2, enc_size=3, dec_size=3, z_size=2, read_n=2, write_n=2)
-    model = DRAW(config, backend="triton").double()
-    x = torch.rand(2, 1, 6, 5, dtype=torch.float64)
-    out = model(x, noise=torch.randn(config.T, 2, config.z_size, dtype=torch.float64))
+    model = DRAW(config, backend="triton").double().to(DEVICE)
+    x = torch.rand(2, 1, 6, 5, dtype=torch.float64).to(DEVICE)
+    out = model(x, noise=torch.randn(config.T, 2, config.z_size, dtype=torch.float64).to(DEVICE))
     params = list(model.parameters())
     first = torch.autograd.grad(out.loss, params, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
