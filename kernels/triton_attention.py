@@ -141,10 +141,13 @@ _WRITE_READ_BACKWARD_WIDTH = 64
 _NUM_STAGES = 1
 # Row loops that load one block ahead (LOAD_AHEAD = 1: _block_and_next): each trip issues the next block's
 # loads into registers before its own arithmetic, so a program has a load in flight while it computes; with 0
-# it waits for each block's loads at the top of each trip. One stage (above) has no other prefetch. Whether it
-# pays is not yet measured, so the launchers keep 0; DRAW_TRITON_LAUNCH=LOAD_AHEAD=1 (bench_attention.py's
-# triton-ahead provider, bench/tune_attention.py) turns it on. Loops of one trip (28x28 forward) gain nothing.
-_LOAD_AHEAD = 0
+# it waits for each block's loads at the top of each trip. One stage (above) has no other prefetch. On one H100
+# (bench/RESULTS.md, 2026-11-24, do_bench) at 16384x3x54x54 and 16384x1x100x100, N 12: read forward ran 1.08x and
+# 1.38x as fast with 1, read forward + backward 1.25x and 1.30x, write-read forward + backward 1.06x and 1.15x,
+# write forward + backward 1.02x and 1.03x; write forward, whose one load a trip feeds only an add before its
+# store, 0.99x and 0.90x. So the read kernels (read, glimpse, write-read) and the write backward load ahead and
+# the write forward does not. Loops of one trip (28x28 forward) keep 0 (_with_overrides).
+_LOAD_AHEAD = {"read": 1, "write forward": 0, "write backward": 1}
 # Warps where the batch fills the GPU. A program owns one (image, channel); on one H100 (bench/RESULTS.md,
 # 2026-11-23) with 1,024 28x28 images, one warp per program ran every fused kernel 1.2-2.3x faster than
 # the launchers' 4 or 8 (the mnist-paper CUDA-graph step: 52,379 -> 60,435 images/s), and with 100
@@ -959,9 +962,11 @@ def _with_overrides(config: dict, height: int, width: int, backward: bool) -> di
 
 def _launch_config(n: int, height: int, width: int, backward: bool, compute_dtype: torch.dtype,
                    device: torch.device | None = None, programs: int = 0) -> dict:
-    """Block sizes (powers of two), warps and contraction for an n-grid over H x W images, `programs`
-    of them launched on `device` (_batch_warps), with the launch_overrides() applied."""
+    """The write kernels' launch settings: block sizes (powers of two), warps and contraction for an n-grid over
+    H x W images, `programs` of them launched on `device` (_batch_warps), whether the row loops load ahead
+    (_LOAD_AHEAD), with the launch_overrides() applied."""
     config = _batch_warps(_chosen_config(n, height, width, backward, compute_dtype), height, width, device, programs)
+    config = {**config, "LOAD_AHEAD": _LOAD_AHEAD["write backward" if backward else "write forward"]}
     return _with_overrides(config, height, width, backward)
 
 
@@ -1001,7 +1006,6 @@ def _sum_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
     num_warps = 4 if row_elements <= (256 if backward else 2048) else 8
     return {"N": n, "BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_W": block_w,
             "COL_TILES": triton.cdiv(width, block_w), "num_warps": num_warps, "num_stages": _NUM_STAGES,
-            "LOAD_AHEAD": _LOAD_AHEAD,
             "CONTRACT": "sum"}
 
 
@@ -1021,7 +1025,6 @@ def _dot_launch_config(n: int, height: int, width: int, backward: bool) -> dict:
     num_warps = 4 if block_w <= 32 and not backward else 8
     return {"N": n, "BLOCK_N": block_n, "BLOCK_H": block_h, "BLOCK_W": block_w,
             "COL_TILES": triton.cdiv(width, block_w), "num_warps": num_warps, "num_stages": _NUM_STAGES,
-            "LOAD_AHEAD": _LOAD_AHEAD,
             "CONTRACT": "dot"}
 
 
@@ -1092,7 +1095,7 @@ def _sum_channels(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _read_config(n: int, height: int, width: int, backward: bool, compute_dtype: torch.dtype,
                  write_n: int | None = None, device: torch.device | None = None, programs: int = 0) -> dict:
-    """The read kernels' launch settings (_launch_config: `programs` of them on `device`, tl.dot reads of
+    """The read kernels' launch settings (as _launch_config's: `programs` of them on `device`, tl.dot reads of
     images _DOT_FOUR_WARPS_WIDTHS columns wide in 4 warps, launch_overrides() applied last), and their
     HAS_WRITE constexprs: a write with a write_n-grid made in the same launch, or none. With a write, one
     block of rows and columns serves both ops: the smaller of the two ops' own, and at least _DOT_MIN if
@@ -1105,7 +1108,7 @@ def _read_config(n: int, height: int, width: int, backward: bool, compute_dtype:
     config = _chosen_config(n, height, width, backward, compute_dtype)
     if config["CONTRACT"] == "dot" and width in _DOT_FOUR_WARPS_WIDTHS:
         config["num_warps"] = 4
-    config = _batch_warps(config, height, width, device, programs)
+    config = {**_batch_warps(config, height, width, device, programs), "LOAD_AHEAD": _LOAD_AHEAD["read"]}
     if write_n is None:
         config = {**config, "HAS_WRITE": False, "NW": 1, "BLOCK_NW": 2, "CONTRACT_W": "sum"}
         return _with_overrides(config, height, width, backward)

@@ -427,8 +427,10 @@ def test_launch_overrides(monkeypatch):
     config, read_config = triton_attention._launch_config, triton_attention._read_config
     monkeypatch.setenv("DRAW_TRITON_LAUNCH", "")
     own = config(12, 54, 54, True, f32)
-    assert own["num_stages"] == 1 and own == triton_attention._chosen_config(12, 54, 54, True, f32)
-    assert own["LOAD_AHEAD"] == 0 == read_config(12, 54, 54, False, f32, write_n=12)["LOAD_AHEAD"]  # until measured
+    assert own["num_stages"] == 1 and own == {**triton_attention._chosen_config(12, 54, 54, True, f32), "LOAD_AHEAD": 1}
+    # loading ahead: the read kernels and the write backward, not the write forward (measured: _LOAD_AHEAD)
+    assert read_config(12, 54, 54, False, f32, write_n=12)["LOAD_AHEAD"] == read_config(12, 100, 100, True, f32)["LOAD_AHEAD"] == 1
+    assert config(12, 54, 54, False, f32)["LOAD_AHEAD"] == 0
 
     monkeypatch.setenv("DRAW_TRITON_LAUNCH", " BLOCK_H=32, bwd.BLOCK_W=16,fwd.num_warps=2,num_stages=2 ")
     forward, backward = config(12, 54, 54, False, f32), config(12, 54, 54, True, f32)
@@ -443,9 +445,9 @@ def test_launch_overrides(monkeypatch):
     assert config(12, 54, 54, True, f32)["num_warps"] == 1 and config(12, 54, 54, False, f32)["num_warps"] == 2
     monkeypatch.setenv("DRAW_TRITON_LAUNCH", "fwd.maxnreg=80")  # a register cap: absent unless set
     assert config(12, 54, 54, False, f32)["maxnreg"] == 80 and "maxnreg" not in config(12, 54, 54, True, f32)
-    monkeypatch.setenv("DRAW_TRITON_LAUNCH", "bwd.LOAD_AHEAD=1")
-    assert config(12, 54, 54, True, f32)["LOAD_AHEAD"] == read_config(12, 54, 54, True, f32, write_n=12)["LOAD_AHEAD"] == 1
-    assert config(12, 54, 54, False, f32)["LOAD_AHEAD"] == 0
+    monkeypatch.setenv("DRAW_TRITON_LAUNCH", "bwd.LOAD_AHEAD=0")
+    assert config(12, 54, 54, True, f32)["LOAD_AHEAD"] == read_config(12, 54, 54, True, f32, write_n=12)["LOAD_AHEAD"] == 0
+    assert read_config(12, 54, 54, False, f32)["LOAD_AHEAD"] == 1
     monkeypatch.setenv("DRAW_TRITON_LAUNCH", "LOAD_AHEAD=1")  # a row loop of one trip has no next block to load
     assert (config(2, 28, 28, False, f32)["BLOCK_H"], config(2, 28, 28, False, f32)["LOAD_AHEAD"]) == (32, 0)
     assert config(2, 28, 28, True, f32)["LOAD_AHEAD"] == config(12, 54, 54, False, f32)["LOAD_AHEAD"] == 1
@@ -654,7 +656,10 @@ def test_the_write_intensity_gradient_does_not_underflow_where_gamma_is_huge():
     for backend in ("reference", "triton"):
         leaf = params.clone().requires_grad_()
         (grad,) = torch.autograd.grad(kernels.write(patch, leaf, canvas, backend=backend), leaf, upstream)
-        torch.testing.assert_close(grad[:, 4], expected, rtol=1e-12, atol=0, msg=backend)
+        if backend == "triton" and ON_CUDA:  # compiled, float64 is as close as F64_REL_CUDA
+            torch.testing.assert_close(grad[:, 4], expected, rtol=F64_REL_CUDA, atol=0)
+        else:
+            torch.testing.assert_close(grad[:, 4], expected, rtol=1e-12, atol=0, msg=backend)
 
 
 # ---------------------------------------------------------------------------------------------
