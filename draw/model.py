@@ -156,8 +156,10 @@ class DRAW(nn.Module):
         params or None, encoder input gates from h_dec, decoder hidden gates); one backward for all of
         them (their gradients side by side, in the map's rows: draw/recurrent_linear.py)."""
         enc_from_dec, dec_hidden, patch, *parts = from_dec(h_dec, split=proj.dec_sizes)
-        write_params = parts.pop(0) if self.config.write_attn else None
-        read_params = parts.pop(0) if self.config.read_attn else None
+        parts = iter(parts)  # (write params, read params), each where its attention is on; torch 2.11's compiler
+        # made the starred target a tuple (no pop)
+        write_params = next(parts) if self.config.write_attn else None
+        read_params = next(parts) if self.config.read_attn else None
         return patch, write_params, read_params, enc_from_dec, dec_hidden
 
     def _split_enc(self, proj: Projections, from_enc: RecurrentLinear, h_enc: torch.Tensor):
