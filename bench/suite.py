@@ -90,9 +90,10 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
     workers = ["-n", "8"] if importlib.util.find_spec("xdist") else []
     attention = [py, str(BENCH / "bench_attention.py")]
     train = [py, str(BENCH / "bench_train.py"), "--presets", "mnist-paper"]
-    # limits from one H100 (bench/RESULTS.md, 2026-11-22 and -23): the full verify sweep passed 200 s, the
-    # quick one (155 cases, 8 workers) 42 s, the CUDA tests 156 s with 8 workers, compiling the step 118 s;
-    # attention-large with triton-sum too passed 240 s (its bandwidth-size rows take 50-90 ms a call)
+    # limits from one H100 (bench/RESULTS.md, 2026-11-22 to -24): the full verify sweep passed 200 s, the
+    # quick one (188 cases, 8 workers) 53 s, the CUDA tests 176-202 s with 8 workers, compiling the step 118 s;
+    # attention-large with triton-sum too passed 240 s (its bandwidth-size rows take 50-90 ms a call);
+    # attention, timed by wall time and by CUDA-graph replays, 274 s (attention-2warps times one provider of its five)
     return [
         [("verify", [py, "-m", "draw", "verify", "--quick", "--json", str(out / "verify.json")], 300, {}),
          ("cuda-tests", [py, "-m", "pytest", "-q", "-rfs", *workers, str(ROOT / "tests" / "test_triton_attention.py"),
@@ -106,9 +107,9 @@ def stages(quick: bool, out: pathlib.Path) -> list[list[Part]]:
                          f"--junitxml={out / 'cuda-tests.xml'}"], 360, {})],
         [("attention", attention + ["--sizes", "launch", "--rep-ms", "50", "--json", str(out / "attention.json"),
                                     "--markdown", str(out / "attention.md"), "--plot", str(out / "attention.png")],
-          300, {})],
+          420, {})],
         [("attention-2warps", attention + ["--sizes", "launch", "--providers", "triton", "--rep-ms", "50",
-                                           "--json", str(out / "attention-2warps.json")], 60,
+                                           "--json", str(out / "attention-2warps.json")], 120,
           {"DRAW_TRITON_NUM_WARPS": "2"})],
         [("attention-ahead", attention + ["--sizes", AHEAD_SIZES, "--providers", "triton,triton-ahead", "--rep-ms", "100",
                                           "--json", str(out / "attention-ahead.json"),
