@@ -716,7 +716,16 @@ def test_the_tuner_checks_every_neighbour_on_cpu(tmp_path):
     assert sum(s["tried"] for s in summary) == len(rows)
     assert all(r["status"] == "ok" and r["rel_err"] <= 1e-4 and r["ms"] is None for r in rows)
     assert sum(r["launchers"] for r in rows) == len(summary)
-    assert sum("LOAD_AHEAD=1" in r["settings"] for r in rows) == len(summary)  # every kernel loading ahead, once
+    # every kernel tried once with LOAD_AHEAD alone the other way from its launchers' (who load ahead in all but the
+    # write forward); a block of every row also turns it off (one trip)
+    def settings(text):
+        return dict(entry.split("=") for entry in text.split(","))
+
+    launched = {(s["op"], s["kernel"]): settings(s["launchers_settings"]) for s in summary}
+    assert [own["LOAD_AHEAD"] for own in launched.values()] == ["1", "1", "0", "1", "1", "1"]
+    changes = [{key for key, value in settings(r["settings"]).items() if launched[r["op"], r["kernel"]][key] != value}
+               for r in rows if r["settings"] != "launchers'"]
+    assert changes.count({"LOAD_AHEAD"}) == len(summary)
     assert (tmp_path / "tune.md").read_text().startswith("# Attention launch settings")
 
 

@@ -977,17 +977,20 @@ def test_kernels_compile_for_sm90(tmp_path):
 @pytest.mark.skipif(ON_CUDA, reason="with CUDA every kernel is compiled and run by the tests above")
 def test_write_read_compiles_for_sm90_without_spills(tmp_path):
     """The fused write-then-read, forward and backward, as DRAW launches it at 28x28 (write N 5 with
-    tl.dot, read N 2 summed; bench/kernel_report.py): no spills in fp32 or bf16, and only the write's
+    tl.dot, read N 2 summed; bench/kernel_report.py): no spills forward in fp32 or bf16, and backward, which
+    loads one block ahead, at most 64 B a thread (24 B with triton 3.9, 56 B with 3.6; none without loading
+    ahead, which on an H100 ran the mnist-paper step within -1.4 to +2.9 % of it); and only the write's
     tl.dots in the compiled code (2 forward, 5 backward): no summed product of the read's part turned into
     a dot (triton 3.6 rewrote such products into TF32 dots, which gave wrong gradients on an H100)."""
     import json
 
     path = tmp_path / "report.json"
-    result = run_kernel_report("--sizes", "mnist", "--dtypes", "fp32,bf16", "--contractions", "auto",
-                               "--kernels", "write-read fwd,write-read bwd", "--json", str(path),
-                               "--markdown", str(tmp_path / "report.md"), write=True)
-    assert "0 of 4 kernels spill: none" in result.stdout, result.stdout[-4000:]
+    run_kernel_report("--sizes", "mnist", "--dtypes", "fp32,bf16", "--contractions", "auto",
+                      "--kernels", "write-read fwd,write-read bwd", "--json", str(path),
+                      "--markdown", str(tmp_path / "report.md"), write=True)
     rows = json.loads(path.read_text())["results"]
+    spills = {(row["kernel"].split()[1], row["dtype"]): max(row["spill_stores"], row["spill_loads"]) for row in rows}
+    assert spills[("fwd", "fp32")] == spills[("fwd", "bf16")] == 0 and max(spills.values()) <= 64, spills
     assert {row["contract"] for row in rows} == {"sum/dot"}  # each op in its own contraction
     assert sorted((row["kernel"].split()[1], row["ttgir_dots"]) for row in rows) == [
         ("bwd", 5), ("bwd", 5), ("fwd", 2), ("fwd", 2)]
