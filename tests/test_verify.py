@@ -301,3 +301,16 @@ def test_the_documented_case_counts_are_the_sweeps():
     assert re.search(rf"\({count('quick', False)} cases, 2-core EPYC\)", readme)
     assert f"the default sweep has {count('quick', True)} cases" in readme
     assert f"(now {count('full', True)} cases" in readme
+
+
+def test_the_pixel_centre_cases_put_every_filter_centre_on_a_pixel_exactly():
+    """A one-pixel filter (sigma^2 at its floor) flips between a pixel and none with the last bit of its centre,
+    so the cases "on pixel centres" need grids whose centres are exact in any arithmetic: a whole spacing
+    (max(H, W) - 1) / (N - 1) for the read's grid and the write's. (Written with N 14 over 13x13, the end
+    centres were 1 and 13 only up to rounding, and an H100 failed all six checks of that case.)"""
+    cases = [case for case in verify.build_sweep("full", list(verify.DTYPES), cuda=True)
+             if "pixel_centres" in case.degenerate]
+    assert {case.op for case in cases} == set(verify.ATTENTION_OPS)
+    for case in cases:
+        for n in {case.n, case.write_n or case.n}:
+            assert n > 1 and (max(case.height, case.width) - 1) % (n - 1) == 0, (case.name, n)
