@@ -196,7 +196,7 @@ def build_sweep(sweep: str, dtypes, cuda: bool) -> list[Case]:
         cases += [attention_case(op, *ODD_SHAPES[n % len(ODD_SHAPES)], n, "fp32") for n in range(1, 17)]
     for op in ATTENTION_OPS:
         # write-read writes with N 3 too: its centres then fall on pixel centres exactly (with N 14 they are
-        # 12/13 px apart, and one-pixel filters flip with the last bit of a centre: an FMA on a GPU flips them)
+        # 12/13 px apart, and one-pixel filters flip with the last bit of a centre: an H100 flipped them, FMA or not)
         cases += [attention_case(op, 2, 1, 13, 13, 3, "fp32", degenerate, write_n=3) for degenerate in DEGENERATE_PARAMS]
     cases += [latent_case(b, z, "fp32") for b, z in LATENT_SHAPES]
     cases += [latent_case(5, 9, "fp32", degenerate) for degenerate in DEGENERATE_LOG_SIGMA]
