@@ -100,13 +100,11 @@ def search_space(config: dict, height: int, width: int, timed: bool = True) -> d
 def neighbours(current: dict, space: dict, max_area: int, height: int) -> list[dict]:
     """current with one setting changed, blocks no larger than max_area elements (register use grows with it),
     each as the launchers would run it on images `height` rows tall: LOAD_AHEAD 0 where the rows are one block
-    (ta._with_overrides), so that no candidate is the same launch as another or as current."""
+    (ta.no_load_ahead_in_one_trip), so that no candidate is the same launch as another or as current."""
     found = []
     for key in SEARCHED:
         for value in space[key]:
-            candidate = {**current, key: value}
-            if "LOAD_AHEAD" in candidate and candidate["BLOCK_H"] >= height:
-                candidate["LOAD_AHEAD"] = 0
+            candidate = ta.no_load_ahead_in_one_trip({**current, key: value}, height)
             if candidate != current and candidate not in found and candidate["BLOCK_H"] * candidate["BLOCK_W"] <= max_area:
                 found.append(candidate)
     return found

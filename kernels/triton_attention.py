@@ -945,9 +945,17 @@ def min_block(config: dict) -> int:
     return _DOT_MIN if "dot" in (config["CONTRACT"], config.get("CONTRACT_W")) else 1
 
 
+def no_load_ahead_in_one_trip(settings: dict, height: int) -> dict:
+    """settings with LOAD_AHEAD 0 where a block holds every row of an image `height` rows tall: a row loop of one
+    trip has no next block, and loading it would only cost registers (the launchers' rule, and the tuner's)."""
+    if settings.get("LOAD_AHEAD") and height <= settings["BLOCK_H"]:
+        return {**settings, "LOAD_AHEAD": 0}
+    return settings
+
+
 def _with_overrides(config: dict, height: int, width: int, backward: bool) -> dict:
     """config with launch_overrides() applied (COL_TILES follows BLOCK_W); tl.dot needs blocks of 16. A row loop
-    of one trip has no next block: LOAD_AHEAD is then 0, whatever was asked (it would only cost registers)."""
+    of one trip loads nothing ahead, whatever was asked (no_load_ahead_in_one_trip)."""
     overrides = launch_overrides(backward)
     if overrides:
         config = {**config, **overrides}
@@ -955,9 +963,7 @@ def _with_overrides(config: dict, height: int, width: int, backward: bool) -> di
         if min(config["BLOCK_H"], config["BLOCK_W"]) < min_block(config):
             raise ValueError(f"DRAW_TRITON_LAUNCH: BLOCK_H={config['BLOCK_H']}, BLOCK_W={config['BLOCK_W']}, but the "
                              f"tl.dot contraction needs both >= {_DOT_MIN} (or DRAW_TRITON_CONTRACTION=sum)")
-    if config["LOAD_AHEAD"] and height <= config["BLOCK_H"]:
-        config = {**config, "LOAD_AHEAD": 0}
-    return config
+    return no_load_ahead_in_one_trip(config, height)
 
 
 def _launch_config(n: int, height: int, width: int, backward: bool, compute_dtype: torch.dtype,
